@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   create .venv, install, run the CPU demo (the main job)
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench lint
+setup: $(VENV)/.installed
+
+# torch first and pinned: an unpinned torch (or one pulled in by a dependency) is a multi-GB CUDA build.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[cpu,dev,launch]"
+	@command -v shellcheck >/dev/null || (command -v apt-get >/dev/null && \
+		(apt-get install -y -q shellcheck >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q shellcheck >/dev/null)) \
+		|| echo "shellcheck not installed: the sbatch lint test will skip")
+	touch $@
+
+demo: setup
+	$(BIN)/python examples/cpu_demo/run_demo.py
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check rlad_megatron tests tools bench

@@ -1,0 +1,64 @@
+"""`rlad`: one console script, one subcommand per job.
+
+Each subcommand lives in the package that owns it and exposes `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their subcommand runs, so `rlad --help`
+stays fast and never imports Megatron.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help, issue that delivers it)
+COMMANDS = {
+    "train": ("rlad_megatron.train_cli", "train a student (RLAD, GRPO, KDRL, OPD, GKD, SFT) from a recipe", 7),
+    "eval": ("rlad_megatron.eval.cli", "avg@k / pass@k of a checkpoint on a dataset or task", 6),
+    "convert": ("rlad_megatron.conversion.cli", "convert checkpoints between Hugging Face and Megatron formats", 4),
+    "serve": ("rlad_megatron.rollout.server", "serve a HF checkpoint over SGLang's native HTTP API (embedded engine)", 5),
+    "plan": ("rlad_megatron.launch.plan", "memory and time plan of a recipe on a GPU cluster", 8),
+    "render": ("rlad_megatron.launch.render", "render the sbatch job of a recipe (DRY_RUN prints the topology)", 8),
+    "report": ("rlad_megatron.report", "plots and a markdown table comparing run folders", 7),
+}
+
+
+def _load(name: str):
+    module, _, issue = COMMANDS[name]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation on Megatron-Core.")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text, issue) in COMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        mod = _load(name) if name in sys.argv[1:2] else None
+        if mod is not None:
+            mod.add_arguments(sub)
+        sub.set_defaults(_command=name)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0]] + argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_command", None):
+        parser.print_help()
+        return 2
+    mod = _load(args._command)
+    if mod is None:
+        print(f"rlad {args._command}: not available yet (issue #{COMMANDS[args._command][2]} delivers it)", file=sys.stderr)
+        return 2
+    return int(mod.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

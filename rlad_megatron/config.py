@@ -1,0 +1,453 @@
+"""The schema of a run: typed dataclasses, loaded from YAML recipes with dotted overrides.
+
+One `RunConfig` describes a whole run. Recipes (YAML) are merged onto the dataclass
+defaults with OmegaConf structured configs, which rejects unknown keys and wrong types;
+each dataclass then validates its own values in `__post_init__` and raises `ValueError`
+naming the field and the allowed values. The resolved config is written to
+`<run_dir>/config.yaml` by `save_config`.
+
+Upstream knobs (Megatron `TransformerConfig` fields, SGLang server arguments) are passed
+through as dicts (`model.megatron`, `rollout.server_args`) instead of being re-declared.
+
+Pure module: imports only stdlib, omegaconf and yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ALGORITHMS = ("grpo", "kdrl", "opd", "gkd", "sft", "rlad")
+
+
+def _choice(obj: Any, name: str, allowed: Sequence[Any]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(f"{_section(obj)}.{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check(obj: Any, name: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{_section(obj)}.{name}={getattr(obj, name)!r} is invalid: must be {rule}")
+
+
+def _section(obj: Any) -> str:
+    return getattr(obj, "_SECTION", type(obj).__name__)
+
+
+@dataclass
+class ModelConfig:
+    _SECTION = "model"
+    student: str = ""
+    """Hugging Face folder of the student (config.json, safetensors, tokenizer files)."""
+    teacher: str = ""
+    """Hugging Face folder of the frozen teacher; required by rlad, kdrl, opd, gkd (and sft trace generation)."""
+    reference: str = ""
+    """Optional frozen reference model for the reference-KL term; empty means the initial student."""
+    params_dtype: str = "float32"
+    """Trainer parameter dtype: float32, bfloat16 or float16."""
+    transformer_impl: str = "auto"
+    """Layer spec: `local` (Megatron's torch layers, CPU and GPU), `transformer_engine` (GPU only), or `auto`
+    (Transformer Engine when CUDA and TE are present, local otherwise)."""
+    fp8: str = ""
+    """FP8 recipe for Transformer Engine layers: '' (off), 'hybrid' or 'e4m3'. GPU only."""
+    megatron: Dict[str, Any] = field(default_factory=dict)
+    """Extra Megatron `TransformerConfig` fields passed through verbatim (e.g. recompute_granularity)."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "params_dtype", ("float32", "bfloat16", "float16"))
+        _choice(self, "transformer_impl", ("auto", "local", "transformer_engine"))
+        _choice(self, "fp8", ("", "hybrid", "e4m3"))
+
+
+@dataclass
+class ParallelConfig:
+    _SECTION = "parallel"
+    tensor_model_parallel_size: int = 1
+    """Tensor parallel size (Megatron's name). Must divide attention heads and KV heads."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallel size. Must divide the number of layers."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
+    context_parallel_size: int = 1
+    """Context parallel size; only 1 is supported by the CPU path."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, gloo without), nccl or gloo."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _choice(self, "backend", ("auto", "nccl", "gloo"))
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1")
+
+
+@dataclass
+class AlgorithmConfig:
+    _SECTION = "algorithm"
+    name: str = "rlad"
+    """Objective: grpo, kdrl, opd, gkd, sft or rlad (see docs/algorithms.md)."""
+    group_size: int = 8
+    """Responses sampled per prompt (G)."""
+    advantage_scale: str = "std"
+    """Group advantage normalisation: 'std' (GRPO) or 'none' (Dr. GRPO: mean-centred only)."""
+    advantage_eps: float = 1e-6
+    """Added to the group std before dividing."""
+    clip_low: float = 0.2
+    """Lower clip: ratio is clipped at 1 - clip_low."""
+    clip_high: float = 0.28
+    """Upper clip: ratio is clipped at 1 + clip_high (asymmetric, DAPO / RLAD default)."""
+    aggregation: str = "seq_mean_token_mean"
+    """Loss aggregation: 'seq_mean_token_mean' (RLAD Eq. 1/4) or 'token_mean' (DAPO, KDRL)."""
+    alpha: float = 0.5
+    """TRRD weight of the OLD STUDENT in the anchor; 1.0 is exactly GRPO, 0 anchors on the teacher."""
+    teacher_log_ratio_clamp: float = 1.0
+    """TRRD clamps (lp - lp_T) to [-c, c]; 0 disables the clamp."""
+    clamp_mode: str = "detached"
+    """'detached': clamp a detached copy (gradient is always r*A*grad lp); 'live': gradient through the clamp."""
+    ref_kl_coef: float = 0.0
+    """Coefficient of the optional reference-KL term (0 = off)."""
+    ref_kl_estimator: str = "k3"
+    """Estimator for the reference KL: k1, k2 or k3."""
+    kd_estimator: str = "k2"
+    """KDRL reverse-KL estimator: k2 / k3 as a loss, k1 folded into the token advantage."""
+    kd_coef: float = 2e-3
+    """KDRL beta for the constant schedule."""
+    kd_schedule: str = "constant"
+    """KDRL beta schedule: 'constant' or 'annealed' (beta_t = max(start - decay * step, min))."""
+    kd_coef_start: float = 5e-3
+    """Annealed schedule: beta at step 0."""
+    kd_coef_decay: float = 5e-5
+    """Annealed schedule: beta decrease per step."""
+    kd_coef_min: float = 1e-3
+    """Annealed schedule: floor of beta."""
+    kd_reward_mask: bool = False
+    """KDRL reward-guided masking: no KD term on responses whose reward marks them correct."""
+    correct_reward_threshold: float = 1.0
+    """A response counts as correct when its reward >= this (reward-guided masking, offline-distillation filter)."""
+    opd_coef: float = 1.0
+    """On-policy distillation: per-token advantage is -opd_coef * (lp - lp_T)."""
+    opd_reward_coef: float = 0.0
+    """On-policy distillation: weight of the group-normalised task reward added to the advantage."""
+    gkd_top_k: int = 8
+    """GKD: number of teacher top-k tokens per position."""
+    gkd_divergence: str = "jsd"
+    """GKD divergence on the renormalised top-k: forward_kl, reverse_kl or jsd."""
+    gkd_jsd_beta: float = 0.5
+    """GKD generalised JSD interpolation weight (0 -> forward KL, 1 -> reverse KL)."""
+    drop_final_eos_from_teacher: bool = False
+    """Exclude the final EOS token from every teacher term (teacher and student may end turns differently)."""
+    dynamic_sampling: bool = False
+    """Drop zero-advantage groups and over-sample replacements (DAPO-style), up to max_resample_rounds."""
+    max_resample_rounds: int = 3
+    """Dynamic sampling: extra generation rounds before training on what was collected."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "name", ALGORITHMS)
+        _check(self, "group_size", self.group_size >= 1, ">= 1")
+        _choice(self, "advantage_scale", ("std", "none"))
+        _choice(self, "aggregation", ("seq_mean_token_mean", "token_mean"))
+        _check(self, "alpha", 0.0 <= self.alpha <= 1.0, "in [0, 1]")
+        _check(self, "clip_low", 0.0 < self.clip_low < 1.0, "in (0, 1)")
+        _check(self, "clip_high", self.clip_high > 0.0, "> 0")
+        _check(self, "teacher_log_ratio_clamp", self.teacher_log_ratio_clamp >= 0.0, ">= 0")
+        _choice(self, "clamp_mode", ("detached", "live"))
+        _choice(self, "ref_kl_estimator", ("k1", "k2", "k3"))
+        _choice(self, "kd_estimator", ("k1", "k2", "k3"))
+        _choice(self, "kd_schedule", ("constant", "annealed"))
+        _choice(self, "gkd_divergence", ("forward_kl", "reverse_kl", "jsd"))
+        _check(self, "gkd_top_k", self.gkd_top_k >= 1, ">= 1")
+        _check(self, "gkd_jsd_beta", 0.0 <= self.gkd_jsd_beta <= 1.0, "in [0, 1]")
+        for name in ("kd_coef", "kd_coef_start", "kd_coef_decay", "kd_coef_min", "ref_kl_coef", "opd_coef"):
+            _check(self, name, getattr(self, name) >= 0.0, ">= 0")
+
+
+@dataclass
+class EngineConfig:
+    """An inference fleet: the rollout engine (student) or the teacher scorer."""
+
+    _SECTION = "engine"
+    kind: str = "auto"
+    """'embedded' (in-process torch engine), 'http' (existing SGLang-compatible servers at `urls`),
+    'sglang' (launch an SGLang fleet; GPU only), or 'auto' (sglang with CUDA, embedded otherwise)."""
+    urls: List[str] = field(default_factory=list)
+    """Server base URLs for kind=http (a router URL or the servers themselves)."""
+    num_servers: int = 1
+    """kind=sglang: servers to launch."""
+    server_args: Dict[str, Any] = field(default_factory=dict)
+    """kind=sglang: SGLang server arguments passed through (e.g. {tp: 8, mem_fraction_static: 0.8})."""
+    api_key: str = ""
+    """Bearer key sent to the servers; read from the environment variable named by api_key_env if empty."""
+    api_key_env: str = "RLAD_API_KEY"
+    """Environment variable holding the API key (never written to logs or the saved config)."""
+    max_concurrency: int = 64
+    """Requests in flight per fleet."""
+    request_timeout_s: float = 300.0
+    """Per-request timeout."""
+    max_retries: int = 3
+    """Retries (with backoff, on another server when possible) before a request fails the step."""
+    max_batch_size: int = 64
+    """Embedded engine: sequences decoded together."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "kind", ("auto", "embedded", "http", "sglang"))
+        _check(self, "num_servers", self.num_servers >= 1, ">= 1")
+        _check(self, "max_concurrency", self.max_concurrency >= 1, ">= 1")
+        _check(self, "request_timeout_s", self.request_timeout_s > 0, "> 0")
+        _check(self, "max_retries", self.max_retries >= 0, ">= 0")
+        if self.kind == "http" and not self.urls:
+            raise ValueError(f"{self._SECTION}.urls must list at least one server when {self._SECTION}.kind='http'")
+
+
+@dataclass
+class RolloutConfig(EngineConfig):
+    _SECTION = "rollout"
+    temperature: float = 1.0
+    """Sampling temperature; the trainer divides its logits by the same value (see docs/rollout.md)."""
+    top_p: float = 1.0
+    """Nucleus sampling; log-probs are of the temperature-scaled distribution before top-p/top-k."""
+    top_k: int = -1
+    """Top-k sampling; -1 disables it (SGLang's convention)."""
+    max_new_tokens: int = 256
+    """Response length budget."""
+    stop_token_ids: List[int] = field(default_factory=list)
+    """Extra stop tokens besides the tokenizer's EOS."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "temperature", self.temperature > 0, "> 0")
+        _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "top_k", self.top_k == -1 or self.top_k >= 1, "-1 or >= 1")
+        _check(self, "max_new_tokens", self.max_new_tokens >= 1, ">= 1")
+
+
+@dataclass
+class TeacherConfig(EngineConfig):
+    _SECTION = "teacher"
+
+
+@dataclass
+class DataConfig:
+    _SECTION = "data"
+    train: str = ""
+    """Training prompts: a .jsonl / .parquet file, a `datasets` folder, `task:<name>` (procedural task) or
+    `reasoning_gym:<task>`."""
+    eval: str = ""
+    """Held-out prompts, same forms as `train`; empty disables periodic eval."""
+    prompt_key: str = "prompt"
+    """Row field holding the prompt (a string, or a list of chat messages)."""
+    answer_key: str = "answer"
+    """Row field holding the reference answer / label."""
+    metadata_keys: List[str] = field(default_factory=list)
+    """Extra row fields kept with each sample (e.g. difficulty) and reported per value in eval."""
+    template: str = "chat"
+    """'chat' (tokenizer.apply_chat_template), 'plain' (plain_template.format(prompt=...)) or 'none'."""
+    plain_template: str = "{prompt}"
+    """Used when template='plain'."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (in tokens) are bad rows."""
+    bad_rows: str = "error"
+    """Bad-row policy: 'error' (stop before training, listing file/row/field) or 'skip' (drop and count)."""
+    task_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Options for task: / reasoning_gym: sources (size, difficulty, ...)."""
+    shuffle: bool = True
+    """Shuffle prompt order each epoch (seeded, resumable)."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "template", ("chat", "plain", "none"))
+        _choice(self, "bad_rows", ("error", "skip"))
+        _check(self, "max_prompt_length", self.max_prompt_length >= 1, ">= 1")
+
+
+@dataclass
+class RewardConfig:
+    _SECTION = "reward"
+    name: str = "auto"
+    """Reward function: math, knights_knaves, task:<name>, reasoning_gym:<task>, or auto (from data.train)."""
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Options of the reward function (e.g. K&K format / answer scores)."""
+    timeout_s: float = 5.0
+    """Per-response verification timeout (math-verify runs in a separate process)."""
+    length_penalty: float = 0.0
+    """Shaping: subtract length_penalty * (response tokens / max_new_tokens); 0 = off."""
+
+
+@dataclass
+class TrainConfig:
+    _SECTION = "train"
+    num_steps: int = 100
+    """RL steps (one rollout batch each)."""
+    prompts_per_step: int = 32
+    """Prompts sampled per step; the batch holds prompts_per_step * group_size responses."""
+    num_minibatches: int = 1
+    """Optimizer steps per rollout batch per epoch (PPO mini-batches)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (dynamic micro-batching)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the decay."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    lr_decay_style: str = "constant"
+    """constant, linear or cosine (Megatron's OptimizerParamScheduler styles)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    clip_grad: float = 1.0
+    """Gradient-norm clip; 0 disables."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
+    save_rollouts: bool = False
+    """Write every step's rollouts to <run_dir>/rollouts/step_N.jsonl (replayable by mode=train_only)."""
+    mode: str = "full"
+    """full, rollout_only (generate + score + save, no training) or train_only (replay saved rollouts)."""
+    rollout_dir: str = ""
+    """mode=train_only: folder of saved rollouts to replay."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "prompts_per_step", "num_minibatches", "ppo_epochs", "micro_batch_tokens"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        _check(self, "lr", self.lr >= 0, ">= 0")
+        _choice(self, "lr_decay_style", ("constant", "linear", "cosine"))
+        _choice(self, "mode", ("full", "rollout_only", "train_only"))
+        _check(self, "max_bad_steps", self.max_bad_steps >= 1, ">= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    _SECTION = "checkpoint"
+    interval: int = 50
+    """Save every N steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    save_hf: bool = True
+    """Also export the final student as a Hugging Face folder (<run_dir>/hf_final)."""
+
+
+@dataclass
+class EvalConfig:
+    _SECTION = "eval"
+    interval: int = 0
+    """Evaluate on data.eval every N steps (0 = only before and after training)."""
+    num_samples: int = 4
+    """k responses per prompt (avg@k, pass@k)."""
+    temperature: float = 0.6
+    """Eval sampling temperature."""
+    top_p: float = 1.0
+    """Eval nucleus sampling."""
+    max_new_tokens: int = 256
+    """Eval response budget."""
+    max_prompts: int = 0
+    """Cap on eval prompts (0 = all)."""
+
+
+@dataclass
+class LoggingConfig:
+    _SECTION = "logging"
+    tensorboard: bool = True
+    """Write tensorboard scalars to <run_dir>/tb."""
+    progress_bar: bool = True
+    """Rich progress bar with ETA and live reward."""
+    rollout_samples: int = 4
+    """Responses per step written to <run_dir>/samples.jsonl for reading."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run. Sections mirror the packages that read them."""
+
+    run_dir: str = "runs/default"
+    """Output folder: resolved config, checkpoints, tensorboard, samples, eval reports."""
+    seed: int = 1234
+    """Seed for data order, sampling and initialisation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _valid_keys(path: str) -> List[str]:
+    cls: Any = RunConfig
+    for part in [p for p in path.split(".") if p][:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):
+            return []
+        cls = fields[part].default_factory
+    return sorted(f.name for f in dataclasses.fields(cls))
+
+
+def _friendly(err: OmegaConfBaseException) -> ValueError:
+    key = getattr(err, "full_key", "") or ""
+    msg = str(err).splitlines()[0]
+    if "Key '" in msg and "not in" in msg or "ConfigKeyError" in type(err).__name__:
+        return ValueError(f"unknown config key '{key}'; valid keys here: {', '.join(_valid_keys(key))}")
+    return ValueError(f"bad value for config key '{key}': {msg}")
+
+
+def parse_overrides(overrides: Sequence[str]) -> List[str]:
+    """Accept `a.b=1` and `--set a.b=1` forms; return dotlist entries."""
+    out: List[str] = []
+    it = iter(overrides)
+    for item in it:
+        if item == "--set":
+            item = next(it, "")
+        elif item.startswith("--set="):
+            item = item[len("--set="):]
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        out.append(item)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- YAML recipe <- dotted overrides, type-checked and validated."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if path is not None:
+            recipe = OmegaConf.load(Path(path))
+            cfg = OmegaConf.merge(cfg, recipe)
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(parse_overrides(overrides)))
+        return OmegaConf.to_object(cfg)  # runs every __post_init__
+    except OmegaConfBaseException as err:
+        raise _friendly(err) from None
+
+
+def to_dict(cfg: RunConfig, *, redact: bool = True) -> Dict[str, Any]:
+    """Plain dict of the config; secrets (api_key fields) are redacted unless asked not to."""
+    data = dataclasses.asdict(cfg)
+    if redact:
+        for section in ("rollout", "teacher"):
+            if data[section].get("api_key"):
+                data[section]["api_key"] = "<redacted>"
+    return data
+
+
+def save_config(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
+    """Write the resolved (redacted) config to <run_dir>/config.yaml and return its path."""
+    out = Path(run_dir or cfg.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+    tmp.replace(path)
+    return path
