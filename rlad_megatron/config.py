@@ -14,6 +14,7 @@ Pure module: imports only stdlib, omegaconf and yaml.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -364,6 +365,83 @@ class LoggingConfig:
     """Responses per step written to <run_dir>/samples.jsonl for reading."""
 
 
+GPU_TYPES = ("h100", "h200", "a100", "b200")
+
+
+@dataclass
+class LaunchConfig:
+    """Where the run goes on a cluster: node counts, node roles, ports and the Slurm job.
+
+    Read by `rlad render` (sbatch), `rlad plan` (capacity) and examples/nemo_run. Node-role counts of 0
+    are chosen automatically (see docs/launch.md); on one node all roles share its GPUs."""
+
+    _SECTION = "launch"
+    nodes: int = 1
+    """Nodes in the job."""
+    gpus_per_node: int = 8
+    """GPUs per node."""
+    gpu: str = "h100"
+    """GPU type for `rlad plan` and the sbatch constraint: h100, h200, a100 or b200."""
+    trainer_nodes: int = 0
+    """Nodes running the Megatron trainer (torchrun); 0 = automatic."""
+    rollout_nodes: int = 0
+    """Nodes running the student's SGLang rollout servers and their router; 0 = automatic."""
+    teacher_nodes: int = 0
+    """Nodes running the teacher's SGLang servers and their router; 0 = automatic (none if the algorithm
+    needs no teacher)."""
+    rollout_tp: int = 1
+    """Tensor-parallel size of each rollout SGLang server (--tp-size)."""
+    teacher_tp: int = 8
+    """Tensor-parallel size of each teacher SGLang server (8 fits a 70B bf16 teacher on one H100 node;
+    larger than gpus_per_node spans several nodes)."""
+    master_port: int = 29500
+    """torchrun rendezvous port on the first trainer node."""
+    rollout_port: int = 30000
+    """Port of the first rollout server on a node; further servers on the same node count up."""
+    teacher_port: int = 31000
+    """Port of the first teacher server on a node; further servers on the same node count up."""
+    rollout_router_port: int = 30800
+    """Port of the rollout router (sglang_router) on the first rollout node."""
+    teacher_router_port: int = 31800
+    """Port of the teacher router on the first teacher node."""
+    container_image: str = ""
+    """Container image for pyxis/enroot (srun --container-image); empty runs on the host environment."""
+    container_mounts: List[str] = field(default_factory=list)
+    """pyxis mounts, 'host_path:container_path' each."""
+    partition: str = ""
+    """Slurm partition (#SBATCH --partition); empty = cluster default."""
+    account: str = ""
+    """Slurm account (#SBATCH --account); empty = user default."""
+    time_limit: str = "04:00:00"
+    """Slurm wall time (HH:MM:SS or D-HH:MM:SS)."""
+    job_name: str = "rlad"
+    """Slurm job name."""
+    health_timeout_s: int = 1800
+    """Seconds to wait for every server's /health_generate before training starts."""
+    env: Dict[str, str] = field(default_factory=dict)
+    """Extra environment exported on every node (e.g. NCCL_IB_HCA, NCCL_SOCKET_IFNAME)."""
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node", "rollout_tp", "teacher_tp"):
+            _check(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("trainer_nodes", "rollout_nodes", "teacher_nodes"):
+            _check(self, name, getattr(self, name) >= 0, ">= 0 (0 = automatic)")
+        _choice(self, "gpu", GPU_TYPES)
+        ports = ("master_port", "rollout_port", "teacher_port", "rollout_router_port", "teacher_router_port")
+        for name in ports:
+            _check(self, name, 1024 <= getattr(self, name) <= 65535, "a port in [1024, 65535]")
+        if len({getattr(self, n) for n in ports}) != len(ports):
+            raise ValueError(f"launch ports {[getattr(self, n) for n in ports]} must all differ")
+        fixed = self.trainer_nodes + self.rollout_nodes + self.teacher_nodes
+        _check(self, "nodes", fixed <= self.nodes, f">= trainer_nodes + rollout_nodes + teacher_nodes ({fixed})")
+        _check(self, "time_limit", bool(re.fullmatch(r"(\d+-)?\d{1,3}:\d\d(:\d\d)?", self.time_limit)),
+               "HH:MM:SS or D-HH:MM:SS")
+        _check(self, "health_timeout_s", self.health_timeout_s >= 1, ">= 1")
+        for mount in self.container_mounts:
+            if ":" not in mount:
+                raise ValueError(f"launch.container_mounts entry {mount!r} must look like /host/path:/container/path")
+
+
 @dataclass
 class RunConfig:
     """A whole run. Sections mirror the packages that read them."""
@@ -383,6 +461,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def _valid_keys(path: str) -> List[str]:
