@@ -58,8 +58,12 @@ class ModelConfig:
     """FP8 recipe for Transformer Engine layers: '' (off), 'hybrid' or 'e4m3'. GPU only."""
     megatron: Dict[str, Any] = field(default_factory=dict)
     """Extra Megatron `TransformerConfig` fields passed through verbatim (e.g. recompute_granularity)."""
+    make_vocab_size_divisible_by: int = 128
+    """The trainer pads the vocabulary to a multiple of lcm(this, TP) (Megatron's knob); padded logit
+    columns are masked out of log-probs. A TP-independent value keeps checkpoints reshardable."""
 
     def __post_init__(self) -> None:
+        _check(self, "make_vocab_size_divisible_by", self.make_vocab_size_divisible_by >= 1, ">= 1")
         _choice(self, "params_dtype", ("float32", "bfloat16", "float16"))
         _choice(self, "transformer_impl", ("auto", "local", "transformer_engine"))
         _choice(self, "fp8", ("", "hybrid", "e4m3"))

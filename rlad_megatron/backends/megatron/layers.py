@@ -1,0 +1,88 @@
+"""Layer-spec pieces for Megatron's local (non-Transformer-Engine) spec: SDPA attention and norms.
+
+`SDPACoreAttention` replaces Megatron's `DotProductAttention`, which allocates with
+`torch.cuda.current_device()` and rejects packed sequences. It calls torch
+`scaled_dot_product_attention` (causal, GQA via `enable_gqa`) and supports Megatron's two layouts:
+- `sbhd` (no `packed_seq_params`): query/key/value `[s, b, heads, head_dim]` -> out `[s, b, heads*head_dim]`
+- `thd` (packed sequences, `packed_seq_params.qkv_format == "thd"`): `[t, heads, head_dim]` with
+  `cu_seqlens_q`; attention runs per sequence, so it never crosses sequence boundaries
+  -> out `[t, heads, head_dim]` (Megatron's attention reshapes it to `[t, 1, h]`).
+
+`SPNorm` builds torch RMSNorm / LayerNorm and marks its parameters `sequence_parallel` so that
+Megatron all-reduces their gradients over the TP group under sequence parallelism (Megatron's
+`WrappedTorchNorm` asserts `not config.sequence_parallel`). `QKNorm` is the same norm for Qwen3's
+per-head QK-norm: Megatron finds it by name (`q_layernorm` / `k_layernorm`) and sums its grads.
+
+Left out: attention dropout (RL/distillation fine-tuning uses 0), attention bias, sliding windows.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention through torch SDPA; constructor signature of Megatron's DotProductAttention."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection: Any = None) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPACoreAttention does not support context parallelism; use the TE spec")
+        self.softmax_scale = softmax_scale
+        self.gqa = config.num_query_groups is not None and config.num_query_groups != config.num_attention_heads
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                              enable_gqa=self.gqa)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention does not support attention_bias")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._forward_thd(query, key, value, packed_seq_params.cu_seqlens_q)
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s,b,h,d] -> [b,h,s,d]
+        out = self._attend(q, k, v)
+        return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
+
+    def _forward_thd(self, query, key, value, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        bounds: list[int] = cu_seqlens.tolist()
+        outs = []
+        for start, end in itertools.pairwise(bounds):
+            if end == start:
+                continue
+            q, k, v = (x[start:end].permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+            outs.append(self._attend(q, k, v)[0].permute(1, 0, 2))  # [len, h, d]
+        return torch.cat(outs, dim=0)
+
+
+def _torch_norm(config, hidden_size: int, eps: float) -> torch.nn.Module:
+    if config.normalization == "RMSNorm":
+        return torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+    if config.normalization == "LayerNorm":
+        return torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+    raise ValueError(f"normalization {config.normalization!r} is not supported by the local spec")
+
+
+class SPNorm:
+    """Factory with Megatron's norm signature; parameters carry `.sequence_parallel`."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        norm = _torch_norm(config, hidden_size, eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+class QKNorm:
+    """Per-head RMSNorm of queries/keys (Qwen3); replicated over TP, grads summed by name."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        return _torch_norm(config, hidden_size, eps)

@@ -1,0 +1,210 @@
+"""Build the Megatron-Core student (`GPTModel` chunks + `TransformerConfig`) from a Hugging Face config.
+
+Supported families (decoder-only, RMSNorm, SwiGLU, RoPE, GQA): Llama, Qwen2 (QKV bias),
+Qwen3 (QK-norm, explicit head_dim). `transformer_config_from_hf` maps the HF fields onto
+Megatron's; `build_model` returns the model chunks of this pipeline stage (one chunk: virtual
+pipeline stages are not used), with `pre_process` / `post_process` set per stage.
+
+Vocabulary padding: the embedding and output layer have `padded_vocab_size(vocab, divisible_by,
+tp)` rows, a multiple of `lcm(model.make_vocab_size_divisible_by, TP)`. With the default 128 the
+padded size does not depend on TP (for power-of-two TP <= 128), so checkpoints reshard across TP
+layouts. Padded rows are never targets; `logprobs.py` masks the padded logit columns.
+
+Layer specs: `local` = Megatron's local spec with `layers.SDPACoreAttention` and `layers.SPNorm`
+(CPU and GPU); `transformer_engine` = `get_gpt_layer_with_transformer_engine_spec` (GPU; imported
+lazily), with `fp8` from `model.fp8`. `model.megatron` is merged into TransformerConfig verbatim.
+
+Left out: RoPE scaling other than Llama-3 style, sliding-window attention, MoE, MTP, biases on MLP.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_config(hf_config_or_dir: Any):
+    """A transformers PretrainedConfig, or a folder / config.json path holding one."""
+    if not isinstance(hf_config_or_dir, (str, Path)):
+        return hf_config_or_dir
+    from transformers import AutoConfig
+
+    path = Path(hf_config_or_dir)
+    if path.is_file():
+        path = path.parent
+    if not (path / "config.json").exists():
+        raise ValueError(f"no config.json in {path}; model.student must be a Hugging Face model folder")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Smallest multiple of lcm(divisible_by, TP) that is >= vocab_size."""
+    multiple = math.lcm(max(divisible_by, 1), tensor_model_parallel_size)
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def rope_settings(hf_config) -> dict[str, Any]:
+    """RoPE base and scaling from the HF config (transformers 5 `rope_parameters` or 4.x `rope_theta`)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the HF config has neither rope_parameters['rope_theta'] nor rope_theta")
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    out: dict[str, Any] = {"rotary_base": float(theta), "rope_scaling": False}
+    if rope_type == "llama3":
+        factor = params.get("factor", scaling.get("factor", 8.0))
+        out.update(rope_scaling=True, rope_scaling_factor=float(factor))
+    elif rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, llama3")
+    return out
+
+
+def _check_layout(hf_config, tp: int, pp: int) -> None:
+    heads, kv_heads = hf_config.num_attention_heads, _kv_heads(hf_config)
+    layers = hf_config.num_hidden_layers
+    if heads % tp or kv_heads % tp:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={tp} must divide the attention heads ({heads}) and "
+            f"KV heads ({kv_heads}) of the model; choose a TP size dividing both"
+        )
+    if layers % pp:
+        raise ValueError(
+            f"parallel.pipeline_model_parallel_size={pp} must divide the number of layers ({layers})"
+        )
+
+
+def _kv_heads(hf_config) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def _check_family(hf_config) -> str:
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; only silu (SwiGLU)")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError("sliding-window attention is not supported; set use_sliding_window=False")
+    if getattr(hf_config, "mlp_bias", False):
+        raise ValueError("mlp_bias=True is not supported")
+    return model_type
+
+
+def _qkv_bias(hf_config, model_type: str) -> bool:
+    if model_type == "qwen2":
+        return True  # Qwen2 always has q/k/v biases (and no o_proj bias)
+    return bool(getattr(hf_config, "attention_bias", False))
+
+
+def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
+    """Megatron `TransformerConfig` for this HF config, dtype and parallel layout.
+
+    `model_cfg.megatron` entries override / extend the derived fields verbatim.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    model_type = _check_family(hf_config)
+    tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
+    _check_layout(hf_config, tp, pp)
+    dtype = _DTYPES[model_cfg.params_dtype]
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    on_cpu = not torch.cuda.is_available()
+    fields: dict[str, Any] = dict(  # noqa: C408  (keyword form mirrors TransformerConfig)
+        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size, num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=_kv_heads(hf_config), kv_channels=head_dim,
+        normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=_qkv_bias(hf_config, model_type), qk_layernorm=model_type == "qwen3",
+        hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        context_parallel_size=parallel_cfg.context_parallel_size,
+        sequence_parallel=parallel_cfg.sequence_parallel,
+        # The loss adapter normalises by global token / sequence counts itself (trainer.py).
+        calculate_per_token_loss=True,
+        use_cpu_initialization=on_cpu,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+    )
+    if _use_te(model_cfg) and model_cfg.fp8:
+        fields.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
+    fields.update(model_cfg.megatron or {})
+    return TransformerConfig(**fields)
+
+
+def _use_te(model_cfg) -> bool:
+    if model_cfg.transformer_impl == "local":
+        return False
+    if model_cfg.transformer_impl == "transformer_engine":
+        if not torch.cuda.is_available():
+            raise ValueError("model.transformer_impl='transformer_engine' needs CUDA; use 'local' or 'auto' on CPU")
+        return True
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(config, use_te: bool, vp_stage=None):
+    """Block spec: TE layers on GPU, or the local spec with SDPA attention and SP-capable norms."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    from rlad_megatron.backends.megatron.layers import QKNorm, SDPACoreAttention, SPNorm
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = SPNorm
+    sub.pre_mlp_layernorm = SPNorm
+    sub.self_attention.submodules.core_attention = SDPACoreAttention
+    if config.qk_layernorm:
+        sub.self_attention.submodules.q_layernorm = QKNorm
+        sub.self_attention.submodules.k_layernorm = QKNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SPNorm)
+
+
+def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn.Module]:
+    """Megatron model chunks (a list of one `GPTModel`) for this rank's pipeline stage.
+
+    Needs `init_parallel` first. Each chunk has `.config` (TransformerConfig) and
+    `.padded_vocab_size`; `.hf_config` is kept for conversion.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    hf_config = load_hf_config(hf_config_or_dir)
+    config = transformer_config_from_hf(hf_config, model_cfg, parallel_cfg)
+    use_te = _use_te(model_cfg)
+    vocab = padded_vocab_size(hf_config.vocab_size, model_cfg.make_vocab_size_divisible_by,
+                              parallel_cfg.tensor_model_parallel_size)
+    model = GPTModel(
+        config=config, transformer_layer_spec=layer_spec(config, use_te), vocab_size=vocab,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
+        parallel_output=True, share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope", **rope_settings(hf_config),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    model.padded_vocab_size = vocab
+    model.vocab_size_unpadded = hf_config.vocab_size
+    model.hf_config = hf_config
+    return [model]

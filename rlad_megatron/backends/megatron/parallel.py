@@ -1,0 +1,138 @@
+"""torch.distributed + Megatron parallel state from `parallel` config, on CPU (gloo) or GPU (nccl).
+
+`init_parallel(parallel_cfg, seed)` reads the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT, LOCAL_RANK); without it, it starts a single-process world on a free loopback port.
+It then calls `parallel_state.initialize_model_parallel` and seeds the model-parallel RNG tracker:
+Megatron's `model_parallel_cuda_manual_seed` with CUDA, the CPU tracker of `compat` without.
+The returned `ParallelContext` carries the process groups so callers pass them on explicitly.
+
+Left out: virtual pipeline stages, expert parallelism, context parallelism > 1 on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlad_megatron.backends.megatron import compat
+
+
+@dataclass
+class ParallelContext:
+    """Sizes, ranks and process groups of this rank (Megatron's names)."""
+
+    rank: int
+    world_size: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    data_parallel_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    device: torch.device
+    owns_process_group: bool = False
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline_model_parallel_size - 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _backend(parallel_cfg) -> str:
+    if parallel_cfg.backend != "auto":
+        if parallel_cfg.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("parallel.backend='nccl' needs CUDA; use 'gloo' or 'auto' on a CPU machine")
+        return parallel_cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_process_group(parallel_cfg) -> bool:
+    """Start torch.distributed unless already started. Returns True when this call started it."""
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = _backend(parallel_cfg)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return True
+
+
+def check_layout(parallel_cfg, world_size: int) -> int:
+    """Validate the layout against the world size; return the data-parallel size."""
+    tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
+    cp = parallel_cfg.context_parallel_size
+    if cp != 1 and not torch.cuda.is_available():
+        raise ValueError("parallel.context_parallel_size > 1 is not supported on CPU; set it to 1")
+    if world_size % (tp * pp * cp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor({tp}) x pipeline({pp}) x context({cp}) "
+            "parallel sizes; change the parallel.* sizes or the number of processes"
+        )
+    return world_size // (tp * pp * cp)
+
+
+def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
+    """Initialise torch.distributed and Megatron's parallel state; seed the model-parallel RNG."""
+    from megatron.core import parallel_state as mpu
+
+    compat.activate_cpu_compat()
+    owns = _init_process_group(parallel_cfg)
+    world_size = dist.get_world_size()
+    check_layout(parallel_cfg, world_size)
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
+        context_parallel_size=parallel_cfg.context_parallel_size,
+    )
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    if compat.is_active():
+        compat.install_cpu_rng_tracker(seed, tp_rank=tp_rank)
+    else:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
+    return ParallelContext(
+        rank=dist.get_rank(), world_size=world_size,
+        tensor_model_parallel_size=mpu.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
+        data_parallel_size=mpu.get_data_parallel_world_size(),
+        tp_rank=tp_rank, pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
+        tp_group=mpu.get_tensor_model_parallel_group(), pp_group=mpu.get_pipeline_model_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(),
+        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
+        owns_process_group=owns,
+    )
+
+
+def destroy_parallel(ctx: ParallelContext | None = None) -> None:
+    """Tear down Megatron's parallel state, and the process group when init_parallel started it."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized() and (ctx is None or ctx.owns_process_group):
+        dist.destroy_process_group()
