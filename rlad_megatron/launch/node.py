@@ -1,0 +1,220 @@
+"""The node agent: `srun --ntasks-per-node=1 python -m rlad_megatron.launch.node RECIPE [overrides]`.
+
+Every node of the job runs this one program. It recomputes the topology from the recipe (a pure function, so
+all nodes agree without talking), looks up its own node index (SLURM_NODEID) and starts what that node runs:
+SGLang servers, a fleet's router, and on trainer nodes `torchrun` once every server answers its health
+check. Trainer node 0 writes a done-file into the run folder when training ends; server-only nodes wait for
+it (or for SIGTERM) and then stop their servers. SIGTERM/SIGINT are forwarded to the children, so a
+preempted job stops cleanly; the requeued job resumes from the checkpoint in the run folder.
+
+Command construction is pure (`server_command`, `router_command`, `trainer_command`) and unit-tested; the
+process supervision below them is thin. Left out: restarting a crashed server (the job fails fast instead,
+with srun --kill-on-bad-exit).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from rlad_megatron.config import RunConfig, load_config
+from rlad_megatron.launch.env import slurm_node
+from rlad_megatron.launch.topology import DIST_INIT_PORT_OFFSET, Server, Topology, plan_topology, trainer_overrides
+
+Command = Tuple[Dict[str, str], List[str]]  # (extra environment, argv)
+
+
+def log(phase: str, message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    print(f"[{stamp}] [{phase}] {message}", flush=True)
+
+
+def _server_flags(server_args: Mapping[str, object]) -> List[str]:
+    """SGLang server_args dict -> CLI flags ({mem_fraction_static: 0.8, enable_x: True} -> --mem-fraction-static 0.8
+    --enable-x). Launch-owned flags are rejected so the topology stays the single source of TP and ports."""
+    owned = {"tp", "tp_size", "port", "host", "model_path", "nnodes", "node_rank", "dist_init_addr"}
+    flags: List[str] = []
+    for key, value in server_args.items():
+        if key in owned:
+            raise ValueError(f"server_args.{key} is set by the launcher (use launch.*_tp / launch.*_port); remove it")
+        if value is False or value is None:
+            continue
+        flags.append("--" + key.replace("_", "-"))
+        if value is not True:
+            flags.append(str(value))
+    return flags
+
+
+def server_command(server: Server, node: int, hosts: Sequence[str], model: str,
+                   server_args: Mapping[str, object], python: str = "python") -> Command:
+    """The SGLang server process of `server` on `node` (one process per node of a multi-node server)."""
+    argv = [python, "-m", "sglang.launch_server", "--model-path", model, "--tp-size", str(server.tp),
+            "--host", "0.0.0.0", "--port", str(server.port)]
+    if len(server.nodes) > 1:
+        argv += ["--nnodes", str(len(server.nodes)), "--node-rank", str(server.nodes.index(node)),
+                 "--dist-init-addr", f"{hosts[server.nodes[0]]}:{server.port + DIST_INIT_PORT_OFFSET}"]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, server.gpus))}
+    return env, argv + _server_flags(server_args)
+
+
+def router_command(topo: Topology, fleet: str, hosts: Sequence[str], timeout_s: int,
+                   python: str = "python") -> Command:
+    """The sglang_router process in front of one fleet."""
+    _, port = topo.routers[fleet]
+    argv = [python, "-m", "sglang_router.launch_router", "--host", "0.0.0.0", "--port", str(port),
+            "--policy", "cache_aware", "--worker-startup-timeout-secs", str(timeout_s),
+            "--worker-urls", *topo.server_urls(fleet, hosts)]
+    return {}, argv
+
+
+def trainer_command(topo: Topology, node: int, hosts: Sequence[str], recipe: str, overrides: Sequence[str],
+                    master_port: int) -> Command:
+    """torchrun on one trainer node; the trainer reaches the fleets through `trainer_overrides`."""
+    nproc = len(topo.trainer_gpus)
+    argv = ["torchrun", f"--nproc-per-node={nproc}"]
+    if len(topo.trainer_nodes) == 1:
+        argv += ["--standalone"]
+    else:
+        argv += [f"--nnodes={len(topo.trainer_nodes)}", f"--node-rank={topo.trainer_nodes.index(node)}",
+                 f"--master-addr={hosts[topo.trainer_nodes[0]]}", f"--master-port={master_port}"]
+    argv += ["-m", "rlad_megatron.cli", "train", recipe, *overrides, *trainer_overrides(topo, hosts)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, topo.trainer_gpus))}, argv
+
+
+def node_commands(cfg: RunConfig, topo: Topology, node: int, hosts: Sequence[str], recipe: str,
+                  overrides: Sequence[str], python: str = "python") -> Dict[str, List[Command]]:
+    """Everything `node` runs: {'servers': [...], 'routers': [...], 'trainer': [...]} (trainer has 0 or 1)."""
+    models = {"rollout": cfg.model.student, "teacher": cfg.model.teacher}
+    args = {"rollout": cfg.rollout.server_args, "teacher": cfg.teacher.server_args}
+    servers = [server_command(s, node, hosts, models[s.fleet], args[s.fleet], python)
+               for s in topo.servers if node in s.nodes]
+    routers = [router_command(topo, f, hosts, cfg.launch.health_timeout_s, python)
+               for f, (n, _) in sorted(topo.routers.items()) if n == node]
+    trainer = ([trainer_command(topo, node, hosts, recipe, overrides, cfg.launch.master_port)]
+               if node in topo.trainer_nodes else [])
+    return {"servers": servers, "routers": routers, "trainer": trainer}
+
+
+def health_urls(topo: Topology, hosts: Sequence[str]) -> List[str]:
+    """What must answer 200 before training: every server's /health_generate and every router's /health."""
+    servers = [f"{u}/health_generate" for f in topo.routers for u in topo.server_urls(f, hosts)]
+    return servers + [f"{u}/health" for u in topo.urls(hosts).values()]
+
+
+def wait_healthy(urls: Sequence[str], timeout_s: float, poll_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(urls)
+    while pending:
+        pending = [u for u in pending if not _ok(u)]
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} endpoint(s) not healthy after {timeout_s:.0f} s, e.g. {pending[0]}; "
+                               "see the server logs, or raise launch.health_timeout_s")
+        if pending:
+            time.sleep(poll_s)
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class Supervisor:
+    """Children of this node; SIGTERM/SIGINT are forwarded to all of them."""
+
+    def __init__(self) -> None:
+        self.procs: List[subprocess.Popen] = []
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def start(self, command: Command) -> subprocess.Popen:
+        env, argv = command
+        log("start", " ".join(argv))
+        proc = subprocess.Popen(argv, env={**os.environ, **env})
+        self.procs.append(proc)
+        return proc
+
+    def _on_signal(self, signum, _frame) -> None:
+        log("stop", f"signal {signum}: forwarding SIGTERM to {len(self.procs)} process(es)")
+        self.stopping = True
+        self.stop()
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def any_failed(self) -> Optional[subprocess.Popen]:
+        return next((p for p in self.procs if p.poll() not in (None, 0)), None)
+
+
+def done_file(cfg: RunConfig, env: Mapping[str, str]) -> Path:
+    """Per job attempt (a requeued job keeps its id but bumps SLURM_RESTART_COUNT)."""
+    job = env.get("SLURM_JOB_ID", "local")
+    return Path(cfg.run_dir) / "launch" / f"done.{job}.{env.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, hosts: Sequence[str],
+             env: Mapping[str, str]) -> int:
+    topo = plan_topology(cfg)
+    cmds = node_commands(cfg, topo, node, hosts, recipe, overrides)
+    sup = Supervisor()
+    for command in cmds["servers"] + cmds["routers"]:
+        sup.start(command)
+    done = done_file(cfg, env)
+    try:
+        if cmds["trainer"]:
+            log("health", f"waiting for {len(health_urls(topo, hosts))} endpoint(s)")
+            wait_healthy(health_urls(topo, hosts), float(env.get("RLAD_HEALTH_TIMEOUT_S", cfg.launch.health_timeout_s)))
+            log("train", "all servers healthy; starting the trainer")
+            code = sup.start(cmds["trainer"][0]).wait()
+            if node == topo.trainer_nodes[0] and not sup.stopping:
+                done.parent.mkdir(parents=True, exist_ok=True)
+                done.write_text(str(code))
+            return code
+        while not done.exists() and not sup.stopping:
+            failed = sup.any_failed()
+            if failed is not None:
+                log("error", f"{' '.join(map(str, failed.args))} exited with {failed.returncode}")
+                return failed.returncode
+            time.sleep(10)
+        return 0
+    finally:
+        log("stop", "stopping this node's processes")
+        sup.stop()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlad_megatron.launch.node", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--dry-run", action="store_true", help="print this node's commands and exit")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.recipe, args.overrides)
+    node, hosts = slurm_node()
+    if args.dry_run:
+        cmds = node_commands(cfg, plan_topology(cfg), node, hosts, args.recipe, args.overrides)
+        for kind, items in cmds.items():
+            for extra_env, cmd in items:
+                print(kind, " ".join(f"{k}={v}" for k, v in extra_env.items()), " ".join(cmd))
+        return 0
+    return run_node(cfg, args.recipe, args.overrides, node, hosts, os.environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
