@@ -1,0 +1,180 @@
+"""Sequence packing and dynamic micro-batching of variable-length samples (prompt + response).
+
+A sample of `P` prompt and `R` response tokens becomes `L - 1` input positions (`L = P + R`):
+input `ids[:-1]`, target `ids[1:]`. Response token `j` is the target at position `P - 1 + j`,
+so per-token values of the response (advantages, old / teacher / ref log-probs, ...) land on
+positions `P - 1 .. L - 2` and `mask` is 1 exactly there.
+
+Packing: samples are laid end to end in one row (`[1, T]`); `cu_seqlens` marks the boundaries
+so attention never crosses a sequence (Megatron's `thd` PackedSeqParams) and RoPE positions
+restart per sequence. The row is padded at the end (a padding "sequence" with mask 0) to a
+multiple of `pad_to_multiple` (TP under sequence parallelism) or to a fixed length (pipeline
+parallelism needs one activation shape for all micro-batches).
+
+Micro-batching: first-fit-decreasing by length into bins of `micro_batch_tokens` tokens; a sample
+longer than the budget gets a bin of its own. `split_for_data_parallel` first deals samples to
+data-parallel ranks, longest first, to the rank with the fewest tokens (deterministic, so every
+TP / PP rank of a DP replica computes the same packs).
+
+Batch keys follow `rlad_megatron.algorithms` (one spelling per concept): `tokens, position_ids,
+targets, mask, seq_weights` plus the per-token keys given by the caller (`advantages,
+old_logprobs, teacher_logprobs, ref_logprobs, rollout_logprobs`) and, for GKD,
+`teacher_topk_ids` / `teacher_topk_logprobs` `[1, T, K]`. Left out: context-parallel sharding.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rlad_megatron.types import Sample
+
+
+@dataclass
+class PackedBatch:
+    """One packed micro-batch. Tensors are `[1, T]` unless noted."""
+
+    tensors: dict[str, torch.Tensor]
+    cu_seqlens: torch.Tensor
+    """int32 `[num_sequences + 1]` boundaries (the padding tail counts as one sequence)."""
+    max_seqlen: int
+    sample_indices: list[int]
+    """Index (into the list given to `pack_samples`) of each packed sample, in row order."""
+    response_spans: list[tuple[int, int]] = field(default_factory=list)
+    """`[start, end)` positions in the row of each sample's response targets."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tensors["tokens"].shape[1])
+
+
+def sequence_length(sample: Sample) -> int:
+    """Input positions a sample occupies: prompt + response - 1."""
+    return len(sample.prompt_ids) + len(sample.response_ids) - 1
+
+
+def _check_sample(index: int, sample: Sample) -> None:
+    if not sample.prompt_ids:
+        raise ValueError(f"sample {index} has an empty prompt_ids; every sample needs at least one prompt token")
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of indices whose lengths sum to <= capacity (an oversized item gets its own bin)."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        size = lengths[index]
+        for b, load in enumerate(loads):
+            if load + size <= capacity:
+                bins[b].append(index)
+                loads[b] += size
+                break
+        else:
+            bins.append([index])
+            loads.append(size)
+    return [sorted(b) for b in bins]
+
+
+def split_for_data_parallel(samples: Sequence[Sample], data_parallel_size: int) -> list[list[int]]:
+    """Indices of the samples each DP rank trains on, balanced by token count."""
+    shards: list[list[int]] = [[] for _ in range(data_parallel_size)]
+    loads = [0] * data_parallel_size
+    order = sorted(range(len(samples)), key=lambda i: (-sequence_length(samples[i]), i))
+    for index in order:
+        rank = min(range(data_parallel_size), key=lambda r: (loads[r], r))
+        shards[rank].append(index)
+        loads[rank] += sequence_length(samples[index])
+    return [sorted(s) for s in shards]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pack_samples(samples: Sequence[Sample], per_token: dict[str, Sequence[Sequence[float]]] | None = None, *,
+                 pad_to_multiple: int = 1, pad_to_length: int = 0, topk: bool = False) -> PackedBatch:
+    """Pack samples into one row. `per_token[key][i]` holds one value per response token of sample i."""
+    per_token = per_token or {}
+    lengths = [sequence_length(s) for s in samples]
+    total = sum(lengths)
+    padded = max(_round_up(max(total, 1), pad_to_multiple), pad_to_length)
+    if pad_to_length and total > pad_to_length:
+        raise ValueError(f"packed length {total} exceeds pad_to_length={pad_to_length}")
+    cols = {k: torch.zeros(padded, dtype=torch.long) for k in ("tokens", "targets", "position_ids")}
+    floats = {k: torch.zeros(padded) for k in ("mask", "seq_weights", *per_token)}
+    topk_cols = _topk_buffers(samples, padded) if topk else {}
+    spans, offset, bounds = [], 0, [0]
+    for i, (sample, length) in enumerate(zip(samples, lengths)):
+        _check_sample(i, sample)
+        ids = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids), dtype=torch.long)
+        cols["tokens"][offset:offset + length] = ids[:-1]
+        cols["targets"][offset:offset + length] = ids[1:]
+        cols["position_ids"][offset:offset + length] = torch.arange(length)
+        start, n_resp = offset + len(sample.prompt_ids) - 1, len(sample.response_ids)
+        floats["mask"][start:start + n_resp] = 1.0
+        floats["seq_weights"][start:start + n_resp] = 1.0 / max(n_resp, 1)
+        for key, values in per_token.items():
+            _fill(floats[key], start, values[i], n_resp, key, i)
+        _fill_topk(topk_cols, start, sample, n_resp)
+        spans.append((start, start + n_resp))
+        offset += length
+        bounds.append(offset)
+    if padded > offset:
+        bounds.append(padded)  # the padding tail attends only to itself
+    tensors = {k: v.unsqueeze(0) for k, v in {**cols, **floats, **topk_cols}.items()}
+    seqlens = [b - a for a, b in itertools.pairwise(bounds)]
+    return PackedBatch(tensors=tensors, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+                       max_seqlen=max(seqlens), sample_indices=list(range(len(samples))), response_spans=spans)
+
+
+def _fill(buffer: torch.Tensor, start: int, values: Sequence[float] | None, n_resp: int, key: str, i: int) -> None:
+    if values is None:
+        raise ValueError(f"sample {i} has no {key}; it is required by the objective")
+    if len(values) != n_resp:
+        raise ValueError(f"sample {i}: {key} has {len(values)} values for {n_resp} response tokens")
+    buffer[start:start + n_resp] = torch.as_tensor(values, dtype=torch.float32)
+
+
+def _topk_buffers(samples: Sequence[Sample], padded: int) -> dict[str, torch.Tensor]:
+    k = max((len(row) for s in samples for row in (s.teacher_topk_ids or [])), default=0)
+    if k == 0:
+        raise ValueError("top-k distillation needs sample.teacher_topk_ids; the teacher returned none")
+    return {"teacher_topk_ids": torch.zeros(padded, k, dtype=torch.long),
+            "teacher_topk_logprobs": torch.zeros(padded, k)}
+
+
+def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp: int) -> None:
+    if not cols:
+        return
+    ids, lps = sample.teacher_topk_ids or [], sample.teacher_topk_logprobs or []
+    if len(ids) != n_resp or len(lps) != n_resp:
+        raise ValueError(f"teacher top-k lists cover {len(ids)} positions for {n_resp} response tokens")
+    cols["teacher_topk_ids"][start:start + n_resp] = torch.as_tensor(ids, dtype=torch.long)
+    cols["teacher_topk_logprobs"][start:start + n_resp] = torch.as_tensor(lps, dtype=torch.float32)
+
+
+def make_micro_batches(samples: Sequence[Sample], per_token: dict[str, Sequence[Sequence[float]]] | None,
+                       micro_batch_tokens: int, *, pad_to_multiple: int = 1, uniform_length: bool = False,
+                       topk: bool = False) -> list[PackedBatch]:
+    """Dynamic micro-batches by token budget; `sample_indices` refer to `samples`."""
+    per_token = per_token or {}
+    lengths = [sequence_length(s) for s in samples]
+    bins = first_fit_decreasing(lengths, micro_batch_tokens)
+    pad_len = _round_up(max((sum(lengths[i] for i in b) for b in bins), default=1), pad_to_multiple)
+    batches = []
+    for indices in bins:
+        sub = {k: [v[i] for i in indices] for k, v in per_token.items()}
+        batch = pack_samples([samples[i] for i in indices], sub, pad_to_multiple=pad_to_multiple,
+                             pad_to_length=pad_len if uniform_length else 0, topk=topk)
+        batch.sample_indices = list(indices)
+        batches.append(batch)
+    return batches
+
+
+def pad_samples(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    """Padded layout `[B, S]` (one sample per row, right padding) for reference computations."""
+    width = max(sequence_length(s) for s in samples)
+    rows = [pack_samples([s], pad_to_length=width) for s in samples]
+    return {k: torch.cat([r.tensors[k] for r in rows]) for k in ("tokens", "targets", "position_ids", "mask")}
