@@ -263,6 +263,10 @@ class DataConfig:
     """Options for task: / reasoning_gym: sources (size, difficulty, ...)."""
     shuffle: bool = True
     """Shuffle prompt order each epoch (seeded, resumable)."""
+    dataset_split: str = "train"
+    """Split to read from a `datasets` folder source."""
+    cache_dir: str = ""
+    """`datasets` cache for folder sources; empty = <folder>/.cache (never ~/.cache)."""
 
     def __post_init__(self) -> None:
         _choice(self, "template", ("chat", "plain", "none"))
@@ -281,6 +285,13 @@ class RewardConfig:
     """Per-response verification timeout (math-verify runs in a separate process)."""
     length_penalty: float = 0.0
     """Shaping: subtract length_penalty * (response tokens / max_new_tokens); 0 = off."""
+    num_workers: int = 1
+    """Reward worker processes (math-verify pool size; process pool for other rewards when > 1)."""
+
+    def __post_init__(self) -> None:
+        _check(self, "timeout_s", self.timeout_s > 0, "> 0")
+        _check(self, "length_penalty", self.length_penalty >= 0, ">= 0")
+        _check(self, "num_workers", self.num_workers >= 1, ">= 1")
 
 
 @dataclass
@@ -320,6 +331,10 @@ class TrainConfig:
     """full, rollout_only (generate + score + save, no training) or train_only (replay saved rollouts)."""
     rollout_dir: str = ""
     """mode=train_only: folder of saved rollouts to replay."""
+    offline_source: str = "teacher"
+    """Where offline distillation (algorithm sft) takes its responses: 'teacher' (group_size teacher generations
+    per prompt, kept when reward >= algorithm.correct_reward_threshold) or 'dataset' (each row's solution trace:
+    its `solution` field, or the procedural task's trace)."""
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "prompts_per_step", "num_minibatches", "ppo_epochs", "micro_batch_tokens"):
@@ -327,6 +342,7 @@ class TrainConfig:
         _check(self, "lr", self.lr >= 0, ">= 0")
         _choice(self, "lr_decay_style", ("constant", "linear", "cosine"))
         _choice(self, "mode", ("full", "rollout_only", "train_only"))
+        _choice(self, "offline_source", ("teacher", "dataset"))
         _check(self, "max_bad_steps", self.max_bad_steps >= 1, ">= 1")
 
 
@@ -356,6 +372,15 @@ class EvalConfig:
     """Eval response budget."""
     max_prompts: int = 0
     """Cap on eval prompts (0 = all)."""
+    batch_size: int = 64
+    """Prompts per engine.generate call during eval."""
+    breakdown_keys: List[str] = field(default_factory=lambda: ["difficulty"])
+    """Record metadata keys reported per value (nested dicts expand: difficulty -> difficulty.n_people)."""
+
+    def __post_init__(self) -> None:
+        _check(self, "num_samples", self.num_samples >= 1, ">= 1")
+        _check(self, "batch_size", self.batch_size >= 1, ">= 1")
+        _check(self, "max_prompts", self.max_prompts >= 0, ">= 0")
 
 
 @dataclass
