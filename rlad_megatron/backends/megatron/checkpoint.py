@@ -1,0 +1,150 @@
+"""Atomic, reshardable checkpoints of the trainer with Megatron `dist_checkpointing` (torch_dist).
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step_N/        a complete checkpoint (model, optimizer, scheduler, step, extra_state)
+    step_N.tmp/    a save in progress; never loaded, removed by the next save
+    latest         text file holding "step_N", replaced atomically (os.replace)
+
+A save writes everything into `step_N.tmp/`, all ranks meet at a barrier, then rank 0 renames
+the folder to `step_N/` and only then points `latest` at it. A crash at any point before the
+`os.replace` leaves `latest` on the previous complete checkpoint, so a half-written one is never
+loaded. Older checkpoints beyond `keep_last` are deleted after the pointer moved.
+
+Model and optimizer state are saved as sharded tensors, so a checkpoint loads under another
+TP / PP / DP layout. The distributed optimizer uses `distrib_optim_sharding_type="dp_reshardable"`
+(its `fully_reshardable` format fails on torch AdamW's per-param `step` in Megatron 0.16.1): that
+format reshards across DP sizes but not across TP / PP sizes; to change TP / PP with the
+distributed optimizer, load with `load_optimizer=False` (model, scheduler and extra_state only).
+`extra_state` (step, RNG states, data position, ...) is common state written by rank 0: it must be
+picklable and identical on all ranks.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlad_megatron.backends.megatron import compat
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_OPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _model_sharded_state_dict(trainer) -> dict[str, Any]:
+    chunks = trainer.unwrapped_model()
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool) -> dict[str, Any]:
+    state = _model_sharded_state_dict(trainer)
+    if with_optimizer:
+        model_state = dict(state)
+        with compat.cuda_to_cpu():
+            state["optimizer"] = trainer.optimizer.sharded_state_dict(
+                model_state if len(model_state) > 1 else model_state["model"],
+                is_loading=is_loading, metadata=_OPT_METADATA)
+    return state
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / "latest.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, root / "latest")
+
+
+def save_checkpoint(trainer, run_dir: str | Path, step: int, extra_state: dict | None = None,
+                    keep_last: int = 2) -> Path:
+    """Collective: every rank calls it. Returns the final `step_N` folder."""
+    from megatron.core import dist_checkpointing
+
+    root = checkpoint_root(run_dir)
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=True)
+    state.update(step=step, scheduler=trainer.scheduler.state_dict(), extra_state=dict(extra_state or {}),
+                 num_updates=trainer.num_updates)
+    dist_checkpointing.save(state, str(tmp), content_metadata=dict(_OPT_METADATA))
+    _barrier()  # every rank finished writing before the checkpoint becomes visible
+    if _is_rank0():
+        _publish(root, tmp, final)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_latest(root, final.name)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    latest = latest_checkpoint(root.parent)
+    for old in steps[:-keep_last]:
+        path = root / f"step_{old}"
+        if latest is None or path != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder `latest` points at, or None when there is no complete checkpoint."""
+    root = checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not _STEP_DIR.match(path.name) or not path.is_dir():
+        raise RuntimeError(f"{pointer} points at {path.name!r}, which is not a complete checkpoint folder")
+    return path
+
+
+def load_latest(trainer, run_dir: str | Path, *, load_optimizer: bool = True) -> tuple[int, dict] | None:
+    """Collective. Restore the latest complete checkpoint into `trainer`; (step, extra_state) or None."""
+    from megatron.core import dist_checkpointing
+
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(trainer.unwrapped_model()):
+        chunk.load_state_dict(loaded["model" if len(trainer.model) == 1 else f"model{i}"])
+    if load_optimizer:
+        # Megatron 0.16.1 distrib_optimizer.py:940 copies into views of leaf params in place.
+        with torch.no_grad(), compat.cuda_to_cpu():
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(loaded["scheduler"])
+    trainer.num_updates = int(loaded["num_updates"])
+    return int(loaded["step"]), dict(loaded["extra_state"])
