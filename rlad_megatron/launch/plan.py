@@ -1,0 +1,189 @@
+"""`rlad plan RECIPE.yaml --nodes N --gpus-per-node 8 --gpu h100`: will the run fit, how to split it, how long a step.
+
+Reads the recipe, places roles with `launch.topology` (the same placement `rlad render` uses), takes the
+architectures from each model folder's config.json (or the built-in table), and prints:
+memory per GPU for the student (configured layout, with and without the distributed optimizer and full
+recompute), for rollout and teacher servers (weights + KV cache at the configured batch and lengths), a
+recommended TP/PP/DP for the student, and the estimated time of one RL step by phase. Formulas and constants
+are in `capacity.py` and `hardware.py`. Mean prompt and response lengths are assumptions (flags) because the
+recipe holds only maxima; docs/scaling.md compares the estimates with published step times.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from rlad_megatron.config import RunConfig, load_config, parse_overrides
+from rlad_megatron.launch import capacity as cap
+from rlad_megatron.launch import hardware as hw
+from rlad_megatron.launch.topology import Topology, plan_topology
+
+
+def _recompute(cfg: RunConfig) -> bool:
+    return cfg.model.megatron.get("recompute_granularity") == "full"
+
+
+def num_microbatches(cfg: RunConfig, tokens_per_seq: float, dp: int) -> int:
+    """Packed micro-batches per DP rank per optimizer step."""
+    seqs = cfg.train.prompts_per_step * cfg.algorithm.group_size / cfg.train.num_minibatches
+    return max(1, math.ceil(seqs * tokens_per_seq / dp / cfg.train.micro_batch_tokens))
+
+
+def recommend_split(arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node: int, hbm_bytes: float,
+                    tokens_per_seq: float) -> Optional[Tuple[int, int, int, bool]]:
+    """(TP, PP, DP, recompute) with the fewest model-parallel GPUs that fits, TP (inside a node) before PP,
+    no recompute before recompute; None when nothing fits. Uses the distributed optimizer."""
+    options = []
+    for recompute in (False, True):
+        for tp in (1, 2, 4, 8):
+            for pp in range(1, arch.num_layers + 1):
+                ok = (tp <= gpus_per_node and arch.num_attention_heads % tp == 0
+                      and arch.num_key_value_heads % tp == 0 and arch.num_layers % pp == 0
+                      and num_gpus % (tp * pp) == 0)
+                if not ok:
+                    continue
+                dp = num_gpus // (tp * pp)
+                mem = cap.student_memory(arch, tp=tp, pp=pp, dp=dp, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                         num_microbatches=num_microbatches(cfg, tokens_per_seq, dp),
+                                         params_dtype=cfg.model.params_dtype, recompute=recompute)
+                if mem["total"] <= hbm_bytes:
+                    options.append((int(recompute), tp * pp, pp, tp, dp))
+    if not options:
+        return None
+    recompute, _, pp, tp, dp = min(options)
+    return tp, pp, dp, bool(recompute)
+
+
+def _server_report(arch: cap.Arch, gpu: hw.GPU, topo: Topology, fleet: str, cfg: RunConfig,
+                   seq_len: int, num_seqs: int) -> Dict[str, float]:
+    servers = topo.fleet(fleet)
+    tp = servers[0].tp
+    engine = cfg.rollout if fleet == "rollout" else cfg.teacher
+    # The HTTP client keeps at most max_concurrency requests in flight per fleet, spread over its servers.
+    concurrent = min(math.ceil(num_seqs / len(servers)), max(1, engine.max_concurrency // len(servers)))
+    fraction = float(engine.server_args.get("mem_fraction_static", hw.SGLANG_MEM_FRACTION))
+    mem = cap.server_memory(arch, tp=tp, hbm_gb=gpu.hbm_gb, concurrent_seqs=concurrent, seq_len=seq_len,
+                            mem_fraction=fraction)
+    return {**mem, "tp": tp, "num_servers": len(servers), "concurrent": concurrent}
+
+
+def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 0.5) -> Dict:
+    """Everything `rlad plan` prints, as a dict (bytes and seconds)."""
+    gpu = hw.gpu(cfg.launch.gpu)
+    topo = plan_topology(cfg)
+    student, student_src = cap.load_arch(cfg.model.student)
+    prompt_len = cfg.data.max_prompt_length * prompt_fill
+    response_len = cfg.rollout.max_new_tokens * response_fill
+    seq_len, max_seq = prompt_len + response_len, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    num_seqs = cfg.train.prompts_per_step * cfg.algorithm.group_size
+    trainer_gpus = len(topo.trainer_nodes) * len(topo.trainer_gpus)
+    par = cfg.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = trainer_gpus // (tp * pp * par.context_parallel_size)
+    mbs = num_microbatches(cfg, seq_len, dp)
+    layouts = {}
+    for dist in (False, True):
+        for rec in (False, True):
+            layouts[f"dist_opt={dist} recompute={rec}"] = cap.student_memory(
+                student, tp=tp, pp=pp, dp=dp, micro_batch_tokens=cfg.train.micro_batch_tokens, num_microbatches=mbs,
+                params_dtype=cfg.model.params_dtype, distributed_optimizer=dist, recompute=rec)
+    configured = layouts[f"dist_opt={par.use_distributed_optimizer} recompute={_recompute(cfg)}"]
+    hbm = gpu.hbm_gb * hw.GB
+    plan: Dict = {"gpu": gpu.name, "topology": topo.describe(), "student": dataclasses.asdict(student),
+                  "student_source": student_src, "student_params": student.num_params, "num_seqs": num_seqs,
+                  "mean_prompt": prompt_len, "mean_response": response_len, "trainer_gpus": trainer_gpus,
+                  "layout": {"tp": tp, "pp": pp, "dp": dp, "microbatches": mbs}, "student_memory": layouts,
+                  "student_fits": configured["total"] <= hbm, "hbm": hbm,
+                  "recommended": recommend_split(student, cfg, trainer_gpus, cfg.launch.gpus_per_node, hbm, seq_len)}
+    times: Dict[str, float] = {}
+    times["train"] = cap.train_seconds(student, gpu, num_gpus=trainer_gpus, num_seqs=num_seqs, seq_len=seq_len,
+                                       ppo_epochs=cfg.train.ppo_epochs, recompute=_recompute(cfg), pp=pp,
+                                       num_microbatches=mbs, reference_forward=cfg.algorithm.ref_kl_coef > 0)
+    if topo.fleet("rollout"):
+        rollout = _server_report(student, gpu, topo, "rollout", cfg, max_seq, num_seqs)
+        plan["rollout"] = rollout
+        times["generate"] = cap.generate_seconds(
+            student, gpu, tp=int(rollout["tp"]), num_servers=int(rollout["num_servers"]), num_seqs=num_seqs,
+            prompt_len=prompt_len, response_len=response_len, max_response_len=cfg.rollout.max_new_tokens,
+            seqs_at_once=int(min(rollout["seqs_at_once"], rollout["concurrent"])))
+        times["weight_sync"] = cap.sync_seconds(student, gpu, same_node=topo.nodes == 1)
+    if topo.fleet("teacher"):
+        teacher, plan["teacher_source"] = cap.load_arch(cfg.model.teacher)
+        plan["teacher_params"] = teacher.num_params
+        plan["teacher"] = _server_report(teacher, gpu, topo, "teacher", cfg, max_seq, num_seqs)
+        teacher_gpus = sum(s.tp for s in topo.fleet("teacher"))
+        times["teacher_score"] = cap.score_seconds(teacher, gpu, num_gpus=teacher_gpus, num_seqs=num_seqs,
+                                                   seq_len=seq_len)
+    times["total"] = sum(times.values())
+    plan["seconds"] = times
+    return plan
+
+
+def _gib(x: float) -> str:
+    return f"{x / hw.GIB:7.1f} GiB"
+
+
+def format_plan(plan: Dict) -> str:
+    lines = [plan["topology"], f"GPU: {plan['gpu']}, HBM {_gib(plan['hbm']).strip()}",
+             f"student: {plan['student']['name']} ({plan['student_params'] / 1e9:.2f} B params, from "
+             f"{plan['student_source']})",
+             f"batch: {plan['num_seqs']} sequences, assumed mean prompt {plan['mean_prompt']:.0f} + response "
+             f"{plan['mean_response']:.0f} tokens", f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs"]
+    for name, mem in plan["student_memory"].items():
+        parts = ", ".join(f"{k} {_gib(v).strip()}" for k, v in mem.items() if k != "total")
+        verdict = "fits" if mem["total"] <= plan["hbm"] else "DOES NOT FIT"
+        lines.append(f"  student/GPU [{name}]: total {_gib(mem['total'])} ({verdict}): {parts}")
+    rec = plan["recommended"]
+    lines.append(f"recommended student split: TP={rec[0]} PP={rec[1]} DP={rec[2]} recompute={rec[3]} "
+                 "(distributed optimizer)" if rec else "recommended student split: none fits; add trainer GPUs")
+    for fleet in ("rollout", "teacher"):
+        if fleet in plan:
+            s = plan[fleet]
+            lines.append(f"{fleet} server/GPU: {int(s['num_servers'])} server(s) tp {int(s['tp'])}: weights "
+                         f"{_gib(s['weights']).strip()}, KV pool {_gib(s['kv_pool']).strip()} holds "
+                         f"{int(s['seqs_at_once'])} full-length sequences, {int(s['concurrent'])} in flight per "
+                         f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}")
+    lines.append("estimated step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in plan["seconds"].items()))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides")
+    parser.add_argument("--nodes", type=int, help="launch.nodes")
+    parser.add_argument("--gpus-per-node", type=int, help="launch.gpus_per_node")
+    parser.add_argument("--gpu", help=f"launch.gpu: one of {sorted(hw.GPUS)}")
+    parser.add_argument("--prompt-fill", type=float, default=0.25, help="mean prompt length / max_prompt_length")
+    parser.add_argument("--response-fill", type=float, default=0.5, help="mean response length / max_new_tokens")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    extra: List[str] = []
+    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("gpu", "gpu")):
+        if getattr(args, flag) is not None:
+            extra.append(f"launch.{key}={getattr(args, flag)}")
+    try:
+        if not (0 < args.prompt_fill <= 1 and 0 < args.response_fill <= 1):
+            raise ValueError("--prompt-fill and --response-fill must be in (0, 1]")
+        cfg = load_config(args.recipe, parse_overrides(args.overrides) + extra)
+        plan = make_plan(cfg, args.prompt_fill, args.response_fill)
+    except ValueError as err:
+        print(f"rlad plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=1, default=str) if args.json else format_plan(plan))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlad plan")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
