@@ -1,0 +1,289 @@
+"""The outer training loop, readable top to bottom (`train(cfg)`; `rlad train` calls it).
+
+One step:
+  1. samples   <- source.collect(step)      prompts -> n rollouts each -> rewards (-> dynamic sampling)
+  2. teacher   <- score_samples(...)         teacher log-probs (or top-k) on the student's exact ids
+  3. (rank 0 drove steps 1-2; every trainer rank now gets the same samples by broadcast)
+  4. old / ref <- trainer.compute_logprobs   forward-only, before any update of this step
+  5. advantages <- objective.token_advantages(rewards, old and teacher log-probs)
+  6. update    <- trainer.train_step         ppo_epochs x num_minibatches optimizer steps;
+                                             a non-finite loss or gradient skips the update
+  7. sync      <- engine.update_weights      HF-named tensors exported from the Megatron shards
+  8. metrics, periodic eval, checkpoint (model, optimizer, scheduler, step, RNG, sampler, weights version)
+Per-algorithm differences live in the Objective's attributes (`needs_teacher`, `teacher_top_k`,
+`needs_old_logprobs`, `needs_ref`, `uses_rewards`) and in the sample source (rollouts.py); the
+loop never tests an algorithm name.
+
+Distributed design: rank 0 owns the engines (rollout, teacher, eval) and broadcasts each
+step's samples; all ranks run the Megatron step; weights are exported collectively and rank 0
+pushes them to its engine. Determinism: generation is seeded per (seed, step), so a resumed run
+on CPU reproduces the uninterrupted run's metrics step for step.
+Left out: asynchronous (off-policy) rollouts overlapping training; colocated GPU memory swapping.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from rlad_megatron import components as glue
+from rlad_megatron.config import RunConfig, save_config
+from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
+from rlad_megatron.rollouts import (Context, DatasetTraces, SavedRollouts, StudentRollouts, TeacherTraces,
+                                    save_rollouts)
+from rlad_megatron.types import Sample
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many consecutive non-finite steps); the last good checkpoint stays."""
+
+
+# Where samples come from, per algorithm: the one table that knows that sft trains off-policy.
+OFFLINE_SOURCES: Dict[str, Dict[str, Callable[[RunConfig], Any]]] = {
+    "sft": {"teacher": lambda cfg: TeacherTraces(), "dataset": lambda cfg: DatasetTraces(glue.trace_fn(cfg))},
+}
+
+
+def sample_source(cfg: RunConfig):
+    if cfg.train.mode == "train_only":
+        return SavedRollouts(cfg.train.rollout_dir)
+    offline = OFFLINE_SOURCES.get(cfg.algorithm.name)
+    return offline[cfg.train.offline_source](cfg) if offline else StudentRollouts()
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: RunConfig
+    objective: Any
+    ctx: Context
+    source: Any
+    trainer: Any = None
+    rank: int = 0
+    weights_version: int = 0
+    eval_records: Sequence[Dict[str, Any]] = ()
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: RunConfig, *, resume: Optional[bool] = None, advantage_hook=None) -> List[Dict[str, float]]:
+    """Train per `cfg`; returns the logged metrics of every step run. `advantage_hook(step, advantages)`
+    may rewrite advantages (tests inject NaN with it)."""
+    run = build_run(cfg)
+    obs = None
+    try:
+        start = restore(run, resume)
+        obs = Observer(cfg.run_dir, cfg.logging, cfg.train.num_steps, start) if run.rank == 0 else NullObserver()
+        history: List[Dict[str, float]] = []
+        if start == 0 and run.eval_records:
+            obs.log_eval(0, evaluate(run, 0))
+        bad_steps = 0
+        for step in range(start + 1, cfg.train.num_steps + 1):
+            timer = PhaseTimer()
+            samples, metrics = collect(run, step, timer)
+            if run.trainer is not None and samples:
+                metrics.update(optimize(run, samples, step, timer, advantage_hook))
+                bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+                if bad_steps:
+                    obs.echo(f"WARNING step {step}: non-finite loss or gradient; update skipped "
+                             f"({bad_steps}/{cfg.train.max_bad_steps} consecutive)")
+                    if bad_steps >= cfg.train.max_bad_steps:
+                        raise TrainingStopped(f"{bad_steps} consecutive non-finite steps (train.max_bad_steps); "
+                                              f"the last good checkpoint in {cfg.run_dir} is kept")
+                else:
+                    with timer("sync"):
+                        sync_weights(run, step)
+            metrics.update(timer.metrics())
+            metrics["throughput/tokens_per_s"] = sum(len(s.response_ids) for s in samples) / max(metrics["time/step"], 1e-9)
+            history.append(obs.log_step(step, metrics))
+            obs.log_samples(step, samples)
+            if _due(step, cfg.eval.interval, cfg.train.num_steps) and run.eval_records:
+                obs.log_eval(step, evaluate(run, step))
+            if _due(step, cfg.checkpoint.interval, cfg.train.num_steps) and bad_steps == 0:
+                checkpoint(run, step)
+        finish(run)
+        return history
+    finally:
+        if obs is not None:
+            obs.close()
+        glue.close(run)
+
+
+def _due(step: int, interval: int, last: int) -> bool:
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+def collect(run: Run, step: int, timer: PhaseTimer):
+    """Steps 1-3: samples with rewards and teacher scores, identical on every rank."""
+    samples: List[Sample] = []
+    metrics: Dict[str, float] = {}
+    if run.rank == 0:
+        with timer("generate"):
+            samples, metrics = run.source.collect(run.ctx, step)
+        if run.objective.needs_teacher and samples:
+            with timer("score"):
+                glue.score_teacher(run, samples)
+        metrics.update(sample_metrics(run.cfg, samples))
+        if run.cfg.train.save_rollouts or run.cfg.train.mode == "rollout_only":
+            save_rollouts(run.cfg.run_dir, step, samples)
+    samples = glue.broadcast(samples, run.rank)
+    return samples, metrics
+
+
+def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> Dict[str, float]:
+    if not samples:
+        return {"num_samples": 0.0}
+    rewards = np.array([s.reward for s in samples], dtype=np.float64)
+    lengths = np.array([len(s.response_ids) for s in samples], dtype=np.float64)
+    correct = [bool(s.reward_details.get("correct", s.reward >= cfg.algorithm.correct_reward_threshold))
+               for s in samples]
+    return {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "accuracy": float(np.mean(correct)),
+            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
+            "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
+            "num_samples": float(len(samples))}
+
+
+def optimize(run: Run, samples: List[Sample], step: int, timer: PhaseTimer, advantage_hook=None) -> Dict[str, float]:
+    """Steps 4-6: old / ref log-probs, advantages, ppo_epochs x num_minibatches optimizer steps."""
+    objective, trainer, cfg = run.objective, run.trainer, run.cfg
+    with timer("logprobs"):
+        if objective.needs_old_logprobs:
+            for sample, lps in zip(samples, trainer.compute_logprobs(samples, which="old")):
+                sample.old_logprobs = lps
+        if objective.needs_ref:
+            for sample, lps in zip(samples, trainer.compute_logprobs(samples, which="ref")):
+                sample.ref_logprobs = lps
+    advantages = compute_advantages(run, samples, step)
+    if advantage_hook is not None:
+        advantages = advantage_hook(step, advantages)
+    metrics: Dict[str, float] = {}
+    with timer("train"):
+        for epoch in range(cfg.train.ppo_epochs):
+            for index in minibatches(samples, cfg.train.num_minibatches):
+                out = trainer.train_step([samples[i] for i in index], [advantages[i] for i in index], step)
+                _accumulate(metrics, out)
+    metrics.update(objective.step_scalars(step))
+    metrics.update(_logprob_metrics(samples))
+    return metrics
+
+
+def compute_advantages(run: Run, samples: Sequence[Sample], step: int) -> List[List[float]]:
+    objective = run.objective
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
+    eos = set(glue.eos_ids(run.ctx.tokenizer))
+    per_seq = objective.token_advantages(
+        rewards, run.cfg.algorithm.group_size if objective.uses_rewards else 1,
+        seq_lens=[len(s.response_ids) for s in samples],
+        old_logprobs=[s.old_logprobs for s in samples] if objective.needs_old_logprobs else None,
+        teacher_logprobs=[s.teacher_logprobs for s in samples] if objective.needs_teacher else None,
+        ends_with_eos=[bool(s.response_ids) and s.response_ids[-1] in eos for s in samples], step=step)
+    return [a.tolist() for a in per_seq]
+
+
+def minibatches(samples: Sequence[Sample], num_minibatches: int) -> List[List[int]]:
+    """Sample indices of each minibatch; whole groups stay together (their advantages are relative)."""
+    groups: Dict[int, List[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.group_index, []).append(i)
+    ordered = [groups[k] for k in sorted(groups)]
+    count = max(1, min(num_minibatches, len(ordered)))
+    return [[i for g in ordered[m::count] for i in g] for m in range(count)]
+
+
+def _accumulate(metrics: Dict[str, float], out: Dict[str, float]) -> None:
+    """Means over the optimizer steps of one RL step; `skipped` is 1 if any update was skipped."""
+    n = metrics.get("optimizer_steps", 0.0) + 1
+    for key, value in out.items():
+        if key == "skipped":
+            metrics[key] = max(metrics.get(key, 0.0), float(value))
+        else:
+            metrics[key] = metrics.get(key, 0.0) + (float(value) - metrics.get(key, 0.0)) / n
+    metrics["optimizer_steps"] = n
+
+
+def _logprob_metrics(samples: Sequence[Sample]) -> Dict[str, float]:
+    """Rollout-vs-trainer mismatch and teacher gap on the sampled tokens (k1/k3 KL estimates)."""
+    out: Dict[str, float] = {}
+    pairs = {"rollout_vs_old": ("rollout_logprobs", "old_logprobs"),
+             "old_vs_teacher": ("old_logprobs", "teacher_logprobs")}
+    for name, (a, b) in pairs.items():
+        values = [(x, y) for s in samples if getattr(s, a, None) and getattr(s, b, None)
+                  for x, y in zip(getattr(s, a), getattr(s, b))]
+        if values:
+            diff = np.array([x - y for x, y in values])  # log p_a - log p_b on tokens sampled from p_a
+            out[f"kl/{name}_k1"] = float(diff.mean())
+            out[f"kl/{name}_k3"] = float(np.mean(np.exp(-diff) + diff - 1.0))
+    return out
+
+
+# ----------------------------------------------------------------------------- weights, eval, checkpoints
+def sync_weights(run: Run, step: int) -> None:
+    """Step 7: Megatron shards -> HF-named tensors -> rollout engine (collective export, rank 0 loads)."""
+    if run.ctx.rollout_engine is None and run.rank == 0:
+        return
+    glue.push_weights(run, version=step)
+    run.weights_version = step
+
+
+def evaluate(run: Run, step: int) -> Dict[str, float]:
+    return glue.evaluate(run, step) if run.rank == 0 else {}
+
+
+def rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def checkpoint(run: Run, step: int) -> None:
+    extra = {"step": step, "rng": rng_state(), "sampler": run.ctx.sampler.state_dict(),
+             "weights_version": run.weights_version}
+    glue.save(run, step, extra)
+
+
+def restore(run: Run, resume: Optional[bool]) -> int:
+    """Step of the latest complete checkpoint (0 for a fresh run); reloads everything it holds."""
+    found = glue.load(run) if resume is not False else None
+    if resume is False and glue.has_checkpoint(run):
+        raise ValueError(f"{run.cfg.run_dir} already holds checkpoints; resume (the default) or pick a new run_dir")
+    if found is None:
+        if resume:
+            raise ValueError(f"--resume: no complete checkpoint in {run.cfg.run_dir}")
+        return 0
+    step, extra = found
+    run.ctx.sampler.load_state_dict(extra["sampler"])
+    set_rng_state(extra["rng"])
+    sync_weights(run, extra.get("weights_version", step))
+    return int(step)
+
+
+def finish(run: Run) -> None:
+    if run.cfg.checkpoint.save_hf and run.trainer is not None:
+        glue.save_hf(run, Path(run.cfg.run_dir) / "hf_final")
+
+
+# ----------------------------------------------------------------------------- construction
+def build_run(cfg: RunConfig) -> Run:
+    """Seed, objective, data, reward, engines (rank 0) and the Megatron trainer."""
+    from rlad_megatron.algorithms.objectives import build_objective
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+    objective = build_objective(cfg.algorithm)
+    source = sample_source(cfg)
+    trainer = glue.build_trainer(cfg, objective) if cfg.train.mode != "rollout_only" else None
+    rank = glue.rank()
+    if rank == 0:
+        save_config(cfg)
+    ctx = glue.build_context(cfg, objective, source, with_engines=rank == 0)
+    run = Run(cfg=cfg, objective=objective, ctx=ctx, source=source, trainer=trainer, rank=rank)
+    run.eval_records = glue.eval_records(cfg) if rank == 0 and cfg.train.mode == "full" else ()
+    return run
+
