@@ -32,7 +32,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
 
 from rlad_megatron.launch import hardware as hw
 
@@ -103,7 +102,7 @@ def _table_key(folder: str) -> str:
     return max(matches, key=len) if matches else ""
 
 
-def load_arch(folder: str) -> Tuple[Arch, str]:
+def load_arch(folder: str) -> tuple[Arch, str]:
     """(architecture, where it came from). config.json when the folder has one, else the built-in table."""
     path = Path(folder) / "config.json"
     if folder and path.is_file():
@@ -138,7 +137,7 @@ def layer_activation_bytes(arch: Arch, tokens: int, tp: int) -> float:
 
 def student_memory(arch: Arch, *, tp: int, pp: int, dp: int, micro_batch_tokens: int, num_microbatches: int,
                    params_dtype: str = "bfloat16", distributed_optimizer: bool = True,
-                   recompute: bool = False) -> Dict[str, float]:
+                   recompute: bool = False) -> dict[str, float]:
     """Bytes per GPU of the trainer, by part: params_grads_optimizer, activations, logits, reserve, total."""
     states = stage_params(arch, tp, pp) * bytes_per_param(params_dtype, distributed_optimizer, dp)
     layers = math.ceil(arch.num_layers / pp)
@@ -161,7 +160,7 @@ def kv_bytes_per_token(arch: Arch, tp: int) -> float:
 
 
 def server_memory(arch: Arch, *, tp: int, hbm_gb: float, concurrent_seqs: int, seq_len: int,
-                  mem_fraction: float = hw.SGLANG_MEM_FRACTION) -> Dict[str, float]:
+                  mem_fraction: float = hw.SGLANG_MEM_FRACTION) -> dict[str, float]:
     """One SGLang server's GPU: weights, the KV pool left by mem_fraction, and what the batch needs."""
     weights = 2 * arch.num_params / tp
     pool = mem_fraction * hbm_gb * hw.GB - weights

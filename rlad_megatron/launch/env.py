@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise ValueError(f"environment variable {name}={env[name]!r} must be an integer") from None
 
 
-def discover(env: Optional[Mapping[str, str]] = None, default_port: int = 29500) -> DistEnv:
+def discover(env: Mapping[str, str] | None = None, default_port: int = 29500) -> DistEnv:
     """Rank / world / local rank / master of this process from torchrun or Slurm variables."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -55,7 +55,7 @@ def discover(env: Optional[Mapping[str, str]] = None, default_port: int = 29500)
                    "default")
 
 
-def ensure_torchrun_env(env: Optional[dict] = None) -> DistEnv:
+def ensure_torchrun_env(env: dict | None = None) -> DistEnv:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm when torchrun did not set them (srun-launched
     ranks), so `torch.distributed.init_process_group(init_method='env://')` works either way."""
     env = os.environ if env is None else env
@@ -65,7 +65,7 @@ def ensure_torchrun_env(env: Optional[dict] = None) -> DistEnv:
     return found
 
 
-def _split_top(text: str) -> List[str]:
+def _split_top(text: str) -> list[str]:
     """Split on commas that are outside brackets: 'a[1-2],b' -> ['a[1-2]', 'b']."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
@@ -78,7 +78,7 @@ def _split_top(text: str) -> List[str]:
     return [p for p in parts if p]
 
 
-def _expand_ranges(spec: str) -> List[str]:
+def _expand_ranges(spec: str) -> list[str]:
     out = []
     for item in spec.split(","):
         lo, _, hi = item.partition("-")
@@ -89,11 +89,11 @@ def _expand_ranges(spec: str) -> List[str]:
     return out
 
 
-def expand_hostlist(nodelist: str) -> List[str]:
+def expand_hostlist(nodelist: str) -> list[str]:
     """Slurm compressed host list -> host names, in order: 'gpu-[01-02,05],cpu1' -> [gpu-01, gpu-02, gpu-05, cpu1].
 
     Handles several bracket groups per name ('r[1-2]n[1-2]' -> r1n1, r1n2, r2n1, r2n2)."""
-    hosts: List[str] = []
+    hosts: list[str] = []
     for part in _split_top(nodelist.strip()):
         names = [""]
         for literal, bracket in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", part):
@@ -106,7 +106,7 @@ def expand_hostlist(nodelist: str) -> List[str]:
     return hosts
 
 
-def slurm_node(env: Optional[Mapping[str, str]] = None) -> Tuple[int, List[str]]:
+def slurm_node(env: Mapping[str, str] | None = None) -> tuple[int, list[str]]:
     """(index of this node in the job, all host names) from SLURM_NODEID and SLURM_JOB_NODELIST."""
     env = os.environ if env is None else env
     if "SLURM_JOB_NODELIST" not in env and "SLURM_NODELIST" not in env:

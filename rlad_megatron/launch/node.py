@@ -20,14 +20,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from rlad_megatron.config import RunConfig, load_config
 from rlad_megatron.launch.env import slurm_node
-from rlad_megatron.launch.topology import DIST_INIT_PORT_OFFSET, Server, Topology, plan_topology, trainer_overrides
+from rlad_megatron.launch.topology import (
+    DIST_INIT_PORT_OFFSET,
+    Server,
+    Topology,
+    plan_topology,
+    trainer_overrides,
+)
 
-Command = Tuple[Dict[str, str], List[str]]  # (extra environment, argv)
+Command = tuple[dict[str, str], list[str]]  # (extra environment, argv)
 
 
 def log(phase: str, message: str) -> None:
@@ -35,11 +41,11 @@ def log(phase: str, message: str) -> None:
     print(f"[{stamp}] [{phase}] {message}", flush=True)
 
 
-def _server_flags(server_args: Mapping[str, object]) -> List[str]:
+def _server_flags(server_args: Mapping[str, object]) -> list[str]:
     """SGLang server_args dict -> CLI flags ({mem_fraction_static: 0.8, enable_x: True} -> --mem-fraction-static 0.8
     --enable-x). Launch-owned flags are rejected so the topology stays the single source of TP and ports."""
     owned = {"tp", "tp_size", "port", "host", "model_path", "nnodes", "node_rank", "dist_init_addr"}
-    flags: List[str] = []
+    flags: list[str] = []
     for key, value in server_args.items():
         if key in owned:
             raise ValueError(f"server_args.{key} is set by the launcher (use launch.*_tp / launch.*_port); remove it")
@@ -88,7 +94,7 @@ def trainer_command(topo: Topology, node: int, hosts: Sequence[str], recipe: str
 
 
 def node_commands(cfg: RunConfig, topo: Topology, node: int, hosts: Sequence[str], recipe: str,
-                  overrides: Sequence[str], python: str = "python") -> Dict[str, List[Command]]:
+                  overrides: Sequence[str], python: str = "python") -> dict[str, list[Command]]:
     """Everything `node` runs: {'servers': [...], 'routers': [...], 'trainer': [...]} (trainer has 0 or 1)."""
     models = {"rollout": cfg.model.student, "teacher": cfg.model.teacher}
     args = {"rollout": cfg.rollout.server_args, "teacher": cfg.teacher.server_args}
@@ -101,7 +107,7 @@ def node_commands(cfg: RunConfig, topo: Topology, node: int, hosts: Sequence[str
     return {"servers": servers, "routers": routers, "trainer": trainer}
 
 
-def health_urls(topo: Topology, hosts: Sequence[str]) -> List[str]:
+def health_urls(topo: Topology, hosts: Sequence[str]) -> list[str]:
     """What must answer 200 before training: every server's /health_generate and every router's /health."""
     servers = [f"{u}/health_generate" for f in topo.routers for u in topo.server_urls(f, hosts)]
     return servers + [f"{u}/health" for u in topo.urls(hosts).values()]
@@ -131,7 +137,7 @@ class Supervisor:
     """Children of this node; SIGTERM/SIGINT are forwarded to all of them."""
 
     def __init__(self) -> None:
-        self.procs: List[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []
         self.stopping = False
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -159,7 +165,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    def any_failed(self) -> Optional[subprocess.Popen]:
+    def any_failed(self) -> subprocess.Popen | None:
         return next((p for p in self.procs if p.poll() not in (None, 0)), None)
 
 
@@ -199,7 +205,7 @@ def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, h
         sup.stop()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlad_megatron.launch.node", description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Dict, List, Optional, Tuple
 
 from rlad_megatron.config import RunConfig, load_config, parse_overrides
 from rlad_megatron.launch import capacity as cap
@@ -34,7 +33,7 @@ def num_microbatches(cfg: RunConfig, tokens_per_seq: float, dp: int) -> int:
 
 
 def recommend_split(arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node: int, hbm_bytes: float,
-                    tokens_per_seq: float) -> Optional[Tuple[int, int, int, bool]]:
+                    tokens_per_seq: float) -> tuple[int, int, int, bool] | None:
     """(TP, PP, DP, recompute) with the fewest model-parallel GPUs that fits, TP (inside a node) before PP,
     no recompute before recompute; None when nothing fits. Uses the distributed optimizer."""
     options = []
@@ -59,7 +58,7 @@ def recommend_split(arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node
 
 
 def _server_report(arch: cap.Arch, gpu: hw.GPU, topo: Topology, fleet: str, cfg: RunConfig,
-                   seq_len: int, num_seqs: int) -> Dict[str, float]:
+                   seq_len: int, num_seqs: int) -> dict[str, float]:
     servers = topo.fleet(fleet)
     tp = servers[0].tp
     engine = cfg.rollout if fleet == "rollout" else cfg.teacher
@@ -71,7 +70,7 @@ def _server_report(arch: cap.Arch, gpu: hw.GPU, topo: Topology, fleet: str, cfg:
     return {**mem, "tp": tp, "num_servers": len(servers), "concurrent": concurrent}
 
 
-def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 0.5) -> Dict:
+def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 0.5) -> dict:
     """Everything `rlad plan` prints, as a dict (bytes and seconds)."""
     gpu = hw.gpu(cfg.launch.gpu)
     topo = plan_topology(cfg)
@@ -93,13 +92,13 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
                 params_dtype=cfg.model.params_dtype, distributed_optimizer=dist, recompute=rec)
     configured = layouts[f"dist_opt={par.use_distributed_optimizer} recompute={_recompute(cfg)}"]
     hbm = gpu.hbm_gb * hw.GB
-    plan: Dict = {"gpu": gpu.name, "topology": topo.describe(), "student": dataclasses.asdict(student),
+    plan: dict = {"gpu": gpu.name, "topology": topo.describe(), "student": dataclasses.asdict(student),
                   "student_source": student_src, "student_params": student.num_params, "num_seqs": num_seqs,
                   "mean_prompt": prompt_len, "mean_response": response_len, "trainer_gpus": trainer_gpus,
                   "layout": {"tp": tp, "pp": pp, "dp": dp, "microbatches": mbs}, "student_memory": layouts,
                   "student_fits": configured["total"] <= hbm, "hbm": hbm,
                   "recommended": recommend_split(student, cfg, trainer_gpus, cfg.launch.gpus_per_node, hbm, seq_len)}
-    times: Dict[str, float] = {}
+    times: dict[str, float] = {}
     times["train"] = cap.train_seconds(student, gpu, num_gpus=trainer_gpus, num_seqs=num_seqs, seq_len=seq_len,
                                        ppo_epochs=cfg.train.ppo_epochs, recompute=_recompute(cfg), pp=pp,
                                        num_microbatches=mbs, reference_forward=cfg.algorithm.ref_kl_coef > 0)
@@ -127,12 +126,12 @@ def _gib(x: float) -> str:
     return f"{x / hw.GIB:7.1f} GiB"
 
 
-def format_plan(plan: Dict) -> str:
-    lines = [plan["topology"], f"GPU: {plan['gpu']}, HBM {_gib(plan['hbm']).strip()}",
-             f"student: {plan['student']['name']} ({plan['student_params'] / 1e9:.2f} B params, from "
-             f"{plan['student_source']})",
-             f"batch: {plan['num_seqs']} sequences, assumed mean prompt {plan['mean_prompt']:.0f} + response "
-             f"{plan['mean_response']:.0f} tokens", f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs"]
+def format_plan(plan: dict) -> str:
+    student = f"{plan['student']['name']} ({plan['student_params'] / 1e9:.2f} B params, from {plan['student_source']})"
+    batch = (f"{plan['num_seqs']} sequences, assumed mean prompt {plan['mean_prompt']:.0f} + response "
+             f"{plan['mean_response']:.0f} tokens")
+    lines = [plan["topology"], f"GPU: {plan['gpu']}, HBM {_gib(plan['hbm']).strip()}", f"student: {student}",
+             f"batch: {batch}", f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs"]
     for name, mem in plan["student_memory"].items():
         parts = ", ".join(f"{k} {_gib(v).strip()}" for k, v in mem.items() if k != "total")
         verdict = "fits" if mem["total"] <= plan["hbm"] else "DOES NOT FIT"
@@ -163,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    extra: List[str] = []
+    extra: list[str] = []
     for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("gpu", "gpu")):
         if getattr(args, flag) is not None:
             extra.append(f"launch.{key}={getattr(args, flag)}")
@@ -179,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlad plan")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 from rlad_megatron.config import RunConfig, load_config, parse_overrides
 from rlad_megatron.launch.topology import plan_topology
@@ -22,7 +22,7 @@ from rlad_megatron.launch.topology import plan_topology
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
 
 
-def sbatch_lines(cfg: RunConfig, log_dir: str) -> List[str]:
+def sbatch_lines(cfg: RunConfig, log_dir: str) -> list[str]:
     """The #SBATCH header for `cfg.launch` (one task per node: the node agent starts the rest)."""
     la = cfg.launch
     lines = [f"--job-name={la.job_name}", f"--nodes={la.nodes}", "--ntasks-per-node=1",
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlad render")
     add_arguments(parser)
     return run(parser.parse_args(argv))

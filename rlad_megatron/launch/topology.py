@@ -18,8 +18,8 @@ Left out: co-locating trainer and servers on the same GPUs (slime's colocate mod
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
 
 from rlad_megatron.config import RunConfig
 
@@ -32,8 +32,8 @@ class Server:
     """One SGLang server. `nodes[0]` serves HTTP on `port`; `gpus` are the CUDA indices used on each node."""
 
     fleet: str
-    nodes: Tuple[int, ...]
-    gpus: Tuple[int, ...]
+    nodes: tuple[int, ...]
+    gpus: tuple[int, ...]
     port: int
     tp: int
 
@@ -42,16 +42,16 @@ class Server:
 class Topology:
     nodes: int
     gpus_per_node: int
-    trainer_nodes: Tuple[int, ...]
-    trainer_gpus: Tuple[int, ...]
-    servers: Tuple[Server, ...] = ()
-    routers: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    trainer_nodes: tuple[int, ...]
+    trainer_gpus: tuple[int, ...]
+    servers: tuple[Server, ...] = ()
+    routers: dict[str, tuple[int, int]] = field(default_factory=dict)
     """fleet -> (node index, port) of its router."""
 
-    def fleet(self, name: str) -> List[Server]:
+    def fleet(self, name: str) -> list[Server]:
         return [s for s in self.servers if s.fleet == name]
 
-    def roles(self, node: int) -> List[str]:
+    def roles(self, node: int) -> list[str]:
         """Human-readable roles of one node, e.g. ['teacher x1 tp 8 port 31000 gpus 0-7', 'router(teacher):31800']."""
         out = []
         if node in self.trainer_nodes:
@@ -67,13 +67,13 @@ class Topology:
         out += [f"router({f}):{p}" for f, (n, p) in sorted(self.routers.items()) if n == node]
         return out
 
-    def urls(self, hosts: Sequence[str]) -> Dict[str, str]:
+    def urls(self, hosts: Sequence[str]) -> dict[str, str]:
         """fleet -> router URL, given the job's host names in node order."""
         if len(hosts) != self.nodes:
             raise ValueError(f"the job has {len(hosts)} nodes but the topology needs {self.nodes} (launch.nodes)")
         return {f: f"http://{hosts[n]}:{p}" for f, (n, p) in self.routers.items()}
 
-    def server_urls(self, fleet: str, hosts: Sequence[str]) -> List[str]:
+    def server_urls(self, fleet: str, hosts: Sequence[str]) -> list[str]:
         return [f"http://{hosts[s.nodes[0]]}:{s.port}" for s in self.fleet(fleet)]
 
     def describe(self, hosts: Sequence[str] = ()) -> str:
@@ -91,14 +91,14 @@ def _span(gpus: Sequence[int]) -> str:
     return f"{gpus[0]}-{gpus[-1]}" if len(gpus) > 1 else str(gpus[0])
 
 
-def fleets_to_launch(cfg: RunConfig) -> Tuple[bool, bool]:
+def fleets_to_launch(cfg: RunConfig) -> tuple[bool, bool]:
     """(launch a rollout fleet, launch a teacher fleet) for this config."""
     rollout = cfg.rollout.kind in ("auto", "sglang")
     teacher = cfg.algorithm.name in TEACHER_ALGORITHMS and cfg.teacher.kind in ("auto", "sglang")
     return rollout, teacher
 
 
-def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: int, port: int) -> List[Server]:
+def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: int, port: int) -> list[Server]:
     if tp <= gpn:
         if gpn % tp:
             raise ValueError(f"launch.{fleet}_tp={tp} must divide launch.gpus_per_node={gpn} when the fleet has "
@@ -133,7 +133,7 @@ def _single_node(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> Topo
     return Topology(1, gpn, (0,), tuple(range(next_gpu, gpn)), tuple(servers), routers)
 
 
-def _node_counts(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> Tuple[int, int, int]:
+def _node_counts(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> tuple[int, int, int]:
     """(trainer, rollout, teacher) node counts; explicit counts are kept, zeros are filled in."""
     la = cfg.launch
     teacher_min = math.ceil(la.teacher_tp / la.gpus_per_node) if want_teacher else 0
@@ -171,8 +171,8 @@ def plan_topology(cfg: RunConfig) -> Topology:
 
 def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Topology:
     la, gpn = cfg.launch, cfg.launch.gpus_per_node
-    servers: List[Server] = []
-    routers: Dict[str, Tuple[int, int]] = {}
+    servers: list[Server] = []
+    routers: dict[str, tuple[int, int]] = {}
     first = 0
     for fleet, count, tp, port, router_port in (
             ("teacher", teacher, la.teacher_tp, la.teacher_port, la.teacher_router_port),
@@ -184,13 +184,13 @@ def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Top
     return Topology(la.nodes, gpn, tuple(range(first, first + trainer)), tuple(range(gpn)), tuple(servers), routers)
 
 
-def trainer_overrides(topo: Topology, hosts: Sequence[str]) -> List[str]:
+def trainer_overrides(topo: Topology, hosts: Sequence[str]) -> list[str]:
     """Overrides that point the trainer at the launched fleets.
 
     The rollout fleet is given its servers, not its router: weight sync must reach every server and
     sglang-router 0.3.2 forwards /flush_cache to all workers but not the update_weights_* calls. The frozen
     teacher is given its router (cache-aware routing reuses prompt prefixes across a group)."""
-    out: List[str] = []
+    out: list[str] = []
     for fleet in sorted(topo.routers):
         urls = topo.server_urls(fleet, hosts) if fleet == "rollout" else [topo.urls(hosts)[fleet]]
         out += [f"{fleet}.kind=http", f"{fleet}.urls=[{','.join(urls)}]"]
