@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -169,8 +170,10 @@ class AlgorithmConfig:
         _choice(self, "gkd_divergence", ("forward_kl", "reverse_kl", "jsd"))
         _check(self, "gkd_top_k", self.gkd_top_k >= 1, ">= 1")
         _check(self, "gkd_jsd_beta", 0.0 <= self.gkd_jsd_beta <= 1.0, "in [0, 1]")
-        for name in ("kd_coef", "kd_coef_start", "kd_coef_decay", "kd_coef_min", "ref_kl_coef", "opd_coef"):
+        for name in ("kd_coef", "kd_coef_start", "kd_coef_decay", "kd_coef_min", "ref_kl_coef", "opd_coef",
+                     "opd_reward_coef", "advantage_eps"):
             _check(self, name, getattr(self, name) >= 0.0, ">= 0")
+        _check(self, "max_resample_rounds", self.max_resample_rounds >= 0, ">= 0")
 
 
 @dataclass
@@ -526,13 +529,28 @@ def parse_overrides(overrides: Sequence[str]) -> List[str]:
     return out
 
 
+def _load_recipe(path: Path) -> Any:
+    """Read a YAML recipe; malformed YAML or a non-mapping (top level or section) is a ValueError."""
+    try:
+        recipe = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
+    if not OmegaConf.is_dict(recipe):
+        raise ValueError(f"recipe {path} must be a mapping of sections (model:, algorithm:, ...), not a list")
+    sections = {f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}
+    for name in sections & set(recipe.keys()):
+        value = recipe[name]
+        if value is not None and not OmegaConf.is_dict(value):
+            raise ValueError(f"recipe {path}: section '{name}' must be a mapping of keys, got {value!r}")
+    return recipe
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults <- YAML recipe <- dotted overrides, type-checked and validated."""
     try:
         cfg = OmegaConf.structured(RunConfig)
         if path is not None:
-            recipe = OmegaConf.load(Path(path))
-            cfg = OmegaConf.merge(cfg, recipe)
+            cfg = OmegaConf.merge(cfg, _load_recipe(Path(path)))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(parse_overrides(overrides)))
         return OmegaConf.to_object(cfg)  # runs every __post_init__

@@ -96,7 +96,7 @@ def test_policy_loss_reference_kl_hand_case():
     ref = t64([[-1.5, -2.0]])
     zeros = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    kw = dict(clip_low=CL, clip_high=CH, aggregation="token_mean", num_tokens=2, ref_logprobs=ref, ref_kl_coef=0.1)
+    kw = {"clip_low": CL, "clip_high": CH, "aggregation": "token_mean", "num_tokens": 2, "ref_logprobs": ref, "ref_kl_coef": 0.1}
     loss, m = policy_loss(lp, lp.detach(), zeros, mask, ref_kl_estimator="k3", **kw)
     k3 = math.exp(-0.5) + 0.5 - 1  # R = lp_ref - lp = -0.5 on token 0, 0 on token 1
     assert loss.item() == pytest.approx(0.1 * k3 / 2)
@@ -106,11 +106,11 @@ def test_policy_loss_reference_kl_hand_case():
 
 
 # ---------------------------------------------------------------- TRRD, hand case
-TRRD_CASE = dict(
-    lp=[[-1.0, -1.0, -1.0, -1.0]],
-    teacher=[[-0.5, -4.0, -1.2, -4.0]],
-    adv=[[1.0, 1.0, -1.0, -1.0]],
-)
+TRRD_CASE = {
+    "lp": [[-1.0, -1.0, -1.0, -1.0]],
+    "teacher": [[-0.5, -4.0, -1.2, -4.0]],
+    "adv": [[1.0, 1.0, -1.0, -1.0]],
+}
 
 
 def _trrd_hand(clamp_mode):
@@ -227,7 +227,7 @@ def _random(seed, shape=(4, 5)):
 def test_trrd_alpha_one_is_exactly_grpo(aggregation, clamp_mode):
     for seed in range(10):
         lp, old, teacher, adv, mask = _random(seed)
-        kw = dict(clip_low=CL, clip_high=CH, aggregation=aggregation, num_tokens=int(mask.sum()), num_seqs=4)
+        kw = {"clip_low": CL, "clip_high": CH, "aggregation": aggregation, "num_tokens": int(mask.sum()), "num_seqs": 4}
         a, b = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
         loss_t, m_t = trrd_loss(a, old, teacher, adv, mask, alpha=1.0, teacher_log_ratio_clamp=1.0,
                                 clamp_mode=clamp_mode, **kw)
@@ -290,7 +290,7 @@ def test_trrd_teacher_mask_falls_back_to_grpo_on_dropped_tokens():
     mask[:] = True
     teacher_mask = torch.ones_like(mask)
     teacher_mask[:, -1] = False  # e.g. the final EOS of every response
-    kw = dict(clip_low=CL, clip_high=CH, aggregation="token_mean", num_tokens=mask.numel())
+    kw = {"clip_low": CL, "clip_high": CH, "aggregation": "token_mean", "num_tokens": mask.numel()}
     a, b = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
     trrd_loss(a, old, teacher, adv, mask, alpha=0.5, teacher_log_ratio_clamp=1.0, teacher_mask=teacher_mask,
               **kw)[0].backward()

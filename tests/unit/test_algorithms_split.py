@@ -70,14 +70,14 @@ def packed(responses):
 
 
 CONFIGS = {
-    "grpo": dict(ref_kl_coef=0.05),
-    "rlad": dict(ref_kl_coef=0.05),
-    "rlad_live": dict(name="rlad", clamp_mode="live"),
-    "kdrl": dict(kd_reward_mask=True, kd_coef=0.3),
-    "kdrl_k3": dict(name="kdrl", kd_estimator="k3", kd_schedule="annealed"),
+    "grpo": {"ref_kl_coef": 0.05},
+    "rlad": {"ref_kl_coef": 0.05},
+    "rlad_live": {"name": "rlad", "clamp_mode": "live"},
+    "kdrl": {"kd_reward_mask": True, "kd_coef": 0.3},
+    "kdrl_k3": {"name": "kdrl", "kd_estimator": "k3", "kd_schedule": "annealed"},
     "opd": {},
-    "gkd": dict(gkd_top_k=K),
-    "gkd_rkl": dict(name="gkd", gkd_top_k=K, gkd_divergence="reverse_kl"),
+    "gkd": {"gkd_top_k": K},
+    "gkd_rkl": {"name": "gkd", "gkd_top_k": K, "gkd_divergence": "reverse_kl"},
     "sft": {},
 }
 
