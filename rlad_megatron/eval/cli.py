@@ -1,0 +1,96 @@
+"""`rlad eval`: avg@k / pass@k of a checkpoint on a dataset or task, written as JSON + markdown.
+
+    rlad eval --model runs/x/hf --data task:addition --k 8 --temperature 0.6 --out runs/x/eval
+    rlad eval --config recipes/kk.yaml --model ckpt_hf --set data.task_kwargs.size=200
+
+Models: Hugging Face folders (config.json + weights + tokenizer files). A Megatron checkpoint is
+evaluated after `rlad convert` exports it to a Hugging Face folder. Generation goes through the
+same Engine interface as training (`rlad_megatron.rollout.build_engine` with the run's `rollout`
+engine settings); sampling comes from the `eval` section or the flags below.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer files)")
+    parser.add_argument("--data", default="", help="prompt source (file, datasets folder, task:<name>, "
+                        "reasoning_gym:<task>); default: the recipe's data.eval, else data.train")
+    parser.add_argument("--config", default=None, help="YAML recipe supplying data / reward / eval / rollout sections")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, repeatable (e.g. data.task_kwargs.size=100)")
+    parser.add_argument("--split", default="test", choices=("train", "test"), help="task split (default: held-out)")
+    parser.add_argument("--reward", default="", help="reward name (default: reward.name, auto from the data source)")
+    parser.add_argument("--k", type=int, default=None, help="samples per prompt (eval.num_samples)")
+    parser.add_argument("--temperature", type=float, default=None, help="eval.temperature (0 = greedy)")
+    parser.add_argument("--top-p", type=float, default=None, help="eval.top_p")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens")
+    parser.add_argument("--max-prompts", type=int, default=None, help="eval.max_prompts (0 = all)")
+    parser.add_argument("--seed", type=int, default=None, help="run seed (data generation and sampling)")
+    parser.add_argument("--out", default="", help="output folder (default: <run_dir>/eval)")
+    parser.add_argument("--name", default="eval", help="report file stem: <out>/<name>.json and .md")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list:
+    pairs = {"eval.num_samples": args.k, "eval.temperature": args.temperature, "eval.top_p": args.top_p,
+             "eval.max_new_tokens": args.max_new_tokens, "eval.max_prompts": args.max_prompts, "seed": args.seed}
+    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
+
+
+def check_model_dir(path: str) -> Path:
+    model = Path(path)
+    if not (model / "config.json").exists():
+        hint = " (a Megatron checkpoint? export it with `rlad convert` first)" if model.is_dir() else ""
+        raise SystemExit(f"rlad eval: --model {path!r} is not a Hugging Face folder with config.json{hint}")
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from rlad_megatron.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
+    model_dir = check_model_dir(args.model)
+    source = args.data or cfg.data.eval or cfg.data.train
+    if not source:
+        print("rlad eval: no prompts; pass --data or set data.eval in the recipe", file=sys.stderr)
+        return 2
+    result = evaluate_checkpoint(cfg, model_dir, source, split=args.split, reward_name=args.reward or cfg.reward.name)
+    from rlad_megatron.eval.evaluate import markdown_table, write_report
+
+    paths = write_report(result, args.out or Path(cfg.run_dir) / "eval", args.name)
+    print(markdown_table(result))
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def evaluate_checkpoint(cfg: Any, model_dir: Path, source: str, *, split: str, reward_name: str) -> dict:
+    """Load prompts + tokenizer, build the engine, run `evaluate`, close the engine."""
+    from transformers import AutoTokenizer
+
+    from rlad_megatron.data import load_prompts
+    from rlad_megatron.eval.evaluate import evaluate
+    from rlad_megatron.rewards import get_reward_fn, resolve_reward_name
+    from rlad_megatron.rollout import SamplingParams, build_engine
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    records = load_prompts(source, cfg.data, tokenizer, split=split, seed=cfg.seed)
+    name = resolve_reward_name(reward_name, source)
+    kwargs = dict(cfg.reward.kwargs)
+    if name == "math":
+        kwargs.update(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+    reward_fn = get_reward_fn(name, **kwargs)
+    sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                              max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    engine = build_engine(cfg.rollout, str(model_dir), "rollout")
+    try:
+        result = evaluate(engine, tokenizer, records, reward_fn, k=cfg.eval.num_samples, sampling=sampling,
+                          batch_size=cfg.eval.batch_size, breakdown_keys=cfg.eval.breakdown_keys,
+                          max_prompts=cfg.eval.max_prompts, keep_samples=8)
+    finally:
+        getattr(engine, "close", lambda: None)()
+    result.update(model=str(model_dir), data=source, split=split, reward=name, num_skipped_rows=records.num_skipped)
+    return result
