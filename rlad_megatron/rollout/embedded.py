@@ -1,0 +1,337 @@
+"""The embedded engine: HF checkpoints served in-process by a small torch decoder with a KV cache.
+
+Design (continuous batching, kept simple):
+* A batch owns a static KV cache of `max_batch_size` rows, preallocated once. Active sequences
+  always occupy rows [0, n); a decode step runs on those rows only (a view, no copy).
+* When sequences finish, waiting requests are prefilled together (right-padded, one forward)
+  into the freed rows; when nothing is waiting, the last active row is moved into the hole so the
+  active rows stay contiguous.
+* The decode step is vectorised: per-row temperature/top-p/top-k/seed tensors, stop tokens as a
+  padded table, outputs written into preallocated [rows, max_new_tokens] tensors. Python only
+  runs per finished sequence, never per sequence per step.
+* `score` is a plain batched forward (no cache) with log-softmax at the aligned positions.
+
+The same loop serves in-process `generate` (work from a list) and the HTTP server (work from a
+queue, see server.py). Left out: prefix caching, chunked prefill, speculative decoding.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlad_megatron.rollout.base import (
+    EngineError,
+    GenerateOutput,
+    SamplingParams,
+    ScoreOutput,
+    check_prompts,
+    sample_seed,
+)
+from rlad_megatron.rollout.model import (
+    DecoderModel,
+    KVCache,
+    iter_safetensors,
+    load_model,
+    read_config,
+)
+from rlad_megatron.rollout.sampling import sample_next
+
+
+@dataclass
+class Work:
+    """One sequence to generate; `done` is called with its output (from the engine thread)."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    seed: int
+    done: Callable[[Work, GenerateOutput], None]
+    stop_ids: tuple[int, ...] = ()
+    tag: object = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def max_len(self) -> int:
+        return len(self.prompt_ids) + self.sampling.max_new_tokens
+
+
+class _Rows:
+    """Per-row state of a running batch, all tensors of `cap` rows; rows [0, n) are active."""
+
+    def __init__(self, cap: int, max_new: int, max_stops: int):
+        self.work: list[Work | None] = [None] * cap
+        self.n = 0
+        self.next_tok = torch.zeros(cap, dtype=torch.int64)
+        self.lens = torch.zeros(cap, dtype=torch.int64)
+        self.ngen = torch.zeros(cap, dtype=torch.int64)
+        self.max_new = torch.zeros(cap, dtype=torch.int64)
+        self.temperature = torch.ones(cap)
+        self.top_p = torch.ones(cap)
+        self.top_k = torch.full((cap,), -1, dtype=torch.int64)
+        self.seeds = torch.zeros(cap, dtype=torch.int64)
+        self.stops = torch.full((cap, max_stops), -1, dtype=torch.int64)
+        self.out_tok = torch.zeros(cap, max_new, dtype=torch.int64)
+        self.out_lp = torch.zeros(cap, max_new)
+        self._tensors = [self.next_tok, self.lens, self.ngen, self.max_new, self.temperature, self.top_p, self.top_k,
+                         self.seeds, self.stops, self.out_tok, self.out_lp]
+
+    def set(self, row: int, w: Work) -> None:
+        sp = w.sampling
+        self.work[row] = w
+        self.lens[row] = len(w.prompt_ids)
+        self.ngen[row] = 0
+        self.max_new[row] = sp.max_new_tokens
+        self.temperature[row] = sp.temperature
+        self.top_p[row] = sp.top_p
+        self.top_k[row] = sp.top_k
+        self.seeds[row] = w.seed
+        self.stops[row] = -1
+        self.stops[row, : len(w.stop_ids)] = torch.tensor(w.stop_ids, dtype=torch.int64)
+
+    def move(self, src: int, dst: int) -> None:
+        for t in self._tensors:
+            t[dst] = t[src]
+        self.work[dst], self.work[src] = self.work[src], None
+
+
+class EmbeddedEngine:
+    """In-process engine over an HF folder. Thread-safe: one batch runs at a time (a lock)."""
+
+    def __init__(self, model_dir: str | Path, max_batch_size: int = 64, dtype: torch.dtype = torch.float32,
+                 max_score_tokens: int = 16384):
+        self.model_dir = str(model_dir)
+        self.model: DecoderModel = load_model(model_dir, dtype=dtype)
+        self.spec = self.model.spec
+        self.max_batch_size = int(max_batch_size)
+        self.max_score_tokens = int(max_score_tokens)
+        self.version = 0
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
+        check_prompts(prompt_ids, self.spec.vocab_size)
+        if n < 1:
+            raise ValueError(f"n={n} must be >= 1")
+        results: list[list[GenerateOutput | None]] = [[None] * n for _ in prompt_ids]
+
+        def done(w: Work, out: GenerateOutput) -> None:
+            i, s = w.tag
+            results[i][s] = out
+
+        pending = [self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
+                   for i, p in enumerate(prompt_ids) for s in range(n)]
+
+        def take(limit: int, max_len: int) -> list[Work]:
+            got = []
+            while pending and len(got) < limit and pending[0].max_len <= max_len:
+                got.append(pending.pop(0))
+            return got
+
+        while pending:
+            self.run_batch(take)
+        return results  # type: ignore[return-value]
+
+    def make_work(self, prompt: list[int], sampling: SamplingParams, seed: int | None, done, tag=None) -> Work:
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        stops = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else self.spec.eos_token_ids)
+        return Work(list(prompt), sampling, int(seed), done, tuple(dict.fromkeys(stops)), tag)
+
+    def run_batch(self, take: Callable[[int, int], list[Work]], max_len_hint: int = 0) -> int:
+        """Run one continuous batch: pull work with take(limit, max_len) until nothing is active.
+
+        take must return only items with item.max_len <= max_len (FIFO; stop at the first that
+        does not fit, so large requests are not starved). Returns the number of sequences finished.
+        """
+        with self._lock, torch.inference_mode():
+            first = take(self.max_batch_size, 1 << 30)
+            if not first:
+                return 0
+            max_len = max(max_len_hint, max(w.max_len for w in first))
+            max_len = -(-max_len // 64) * 64
+            max_new = max(max(w.sampling.max_new_tokens for w in first), 1)
+            cap = self.max_batch_size
+            rows = _Rows(cap, max_new=max(max_new, max_len), max_stops=max(64, max(len(w.stop_ids) for w in first)))
+            cache = KVCache(self.spec, cap, max_len, self.model.dtype)
+            try:
+                finished = self._admit(rows, cache, first)
+                while rows.n:
+                    finished += self._decode_step(rows, cache)
+                    free = cap - rows.n
+                    if free:
+                        finished += self._admit(rows, cache, [w for w in take(free, max_len) if self._fits(w, rows)])
+            except Exception as err:
+                self._abort_rows(rows, err)
+                raise
+            return finished
+
+    @staticmethod
+    def _abort_rows(rows: _Rows, err: Exception) -> None:
+        """Hand every in-flight sequence an 'abort' so no caller waits forever on a failed batch."""
+        for w in rows.work:
+            if w is not None:
+                w.meta["error"] = f"{type(err).__name__}: {err}"
+                w.done(w, GenerateOutput([], [], "abort"))
+
+    def _fits(self, w: Work, rows: _Rows) -> bool:
+        if w.sampling.max_new_tokens > rows.out_tok.shape[1] or len(w.stop_ids) > rows.stops.shape[1]:
+            raise EngineError("work item does not fit the running batch; take() must respect max_len")
+        return True
+
+    def _admit(self, rows: _Rows, cache: KVCache, items: list[Work]) -> int:
+        """Prefill new items into rows [n, n+m), sample their first token; returns how many finished."""
+        finished = 0
+        live = []
+        for w in items:
+            if w.sampling.max_new_tokens == 0:  # scoring-only request: nothing to generate
+                w.done(w, GenerateOutput([], [], "length"))
+                finished += 1
+            else:
+                live.append(w)
+        if not live:
+            return finished
+        start = rows.n
+        idx = torch.arange(start, start + len(live))
+        lengths = torch.tensor([len(w.prompt_ids) for w in live])
+        T = int(lengths.max())
+        tokens = torch.zeros(len(live), T, dtype=torch.int64)
+        for j, w in enumerate(live):
+            rows.set(start + j, w)
+            tokens[j, : len(w.prompt_ids)] = torch.tensor(w.prompt_ids)
+        rows.n += len(live)
+        hidden = self.model.forward(tokens, torch.arange(T).expand(len(live), T), cache, rows=idx)
+        last = hidden[torch.arange(len(live)), lengths - 1]
+        return finished + self._sample_and_record(rows, cache, self.model.logits(last), start, rows.n)
+
+    def _decode_step(self, rows: _Rows, cache: KVCache) -> int:
+        n = rows.n
+        attn_len = int(rows.lens[:n].max()) + 1
+        hidden = self.model.forward(rows.next_tok[:n, None], rows.lens[:n, None], cache, decode=True, attn_len=attn_len)
+        rows.lens[:n] += 1
+        return self._sample_and_record(rows, cache, self.model.logits(hidden[:, 0]), 0, n)
+
+    def _sample_and_record(self, rows: _Rows, cache: KVCache, logits: torch.Tensor, start: int, stop: int) -> int:
+        """Sample the next token of rows [start, stop), record it, finish the rows that ended."""
+        sl = slice(start, stop)
+        step = rows.ngen[sl]
+        tok, lp = sample_next(logits, rows.temperature[sl], rows.top_p[sl], rows.top_k[sl], rows.seeds[sl], step)
+        ar = torch.arange(start, stop)
+        rows.out_tok[ar, step] = tok
+        rows.out_lp[ar, step] = lp
+        rows.ngen[sl] += 1
+        rows.next_tok[sl] = tok
+        stopped = (tok[:, None] == rows.stops[sl]).any(dim=1)
+        ended = stopped | (rows.ngen[sl] >= rows.max_new[sl])
+        if not bool(ended.any()):
+            return 0
+        done_rows = ar[ended].tolist()
+        reasons = dict(zip(done_rows, stopped[ended].tolist()))
+        for r in sorted(done_rows, reverse=True):  # highest first keeps lower indices valid while compacting
+            w, k = rows.work[r], int(rows.ngen[r])
+            out = GenerateOutput(rows.out_tok[r, :k].tolist(), rows.out_lp[r, :k].tolist(),
+                                 "stop" if reasons[r] else "length")
+            w.meta["matched"] = out.response_ids[-1] if reasons[r] else None
+            self._release(rows, cache, r)
+            w.done(w, out)
+        return len(done_rows)
+
+    def _release(self, rows: _Rows, cache: KVCache, r: int) -> None:
+        last = rows.n - 1
+        if r != last:
+            rows.move(last, r)
+            for t in cache.k + cache.v:
+                t[r] = t[last]
+        rows.work[last] = None
+        rows.n -= 1
+
+    # ------------------------------------------------------------------ score
+    def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0,
+              temperature: float = 1.0) -> list[ScoreOutput]:
+        """Log-probs of ids[i][response_start[i]:] (teacher alignment: position p predicts token p + 1)."""
+        check_prompts(ids, self.spec.vocab_size)
+        if len(response_start) != len(ids):
+            raise ValueError(f"response_start has {len(response_start)} entries for {len(ids)} sequences")
+        for i, (seq, st) in enumerate(zip(ids, response_start)):
+            if not 1 <= st <= len(seq):
+                raise ValueError(f"response_start[{i}]={st} must be in [1, len(ids[{i}])={len(seq)}] (the first token has no log-prob)")
+        if top_k < 0 or top_k > self.spec.vocab_size:
+            raise ValueError(f"top_k={top_k} must be in [0, vocab_size={self.spec.vocab_size}]")
+        out: list[ScoreOutput | None] = [None] * len(ids)
+        with self._lock, torch.inference_mode():
+            for chunk in _token_budget_chunks([len(s) for s in ids], self.max_score_tokens):
+                self._score_chunk(ids, response_start, chunk, top_k, temperature, out)
+        return out  # type: ignore[return-value]
+
+    def _score_chunk(self, ids, starts, chunk: list[int], top_k: int, temperature: float, out) -> None:
+        """One padded forward for the chunk; the LM head runs only on the response positions."""
+        from rlad_megatron.teacher.alignment import response_logit_positions
+
+        T = max(len(ids[i]) for i in chunk)
+        tokens = torch.tensor([ids[i] + [0] * (T - len(ids[i])) for i in chunk], dtype=torch.int64)
+        row_idx, pos_idx, counts = [], [], []
+        for j, i in enumerate(chunk):
+            pos = response_logit_positions(len(ids[i]), starts[i])
+            row_idx += [j] * len(pos)
+            pos_idx += pos
+            counts.append(len(pos))
+        hidden = self.model.forward(tokens, torch.arange(T).expand(len(chunk), T))
+        rows_t, pos_t = torch.tensor(row_idx, dtype=torch.int64), torch.tensor(pos_idx, dtype=torch.int64)
+        lp = self.model.logits(hidden[rows_t, pos_t])
+        if temperature != 1.0:
+            lp = lp / temperature
+        lp = lp.log_softmax(-1)
+        picked = lp.gather(-1, tokens[rows_t, pos_t + 1][:, None]).squeeze(-1).tolist()
+        top_ids = top_vals = None
+        if top_k:
+            tops = lp.topk(top_k, dim=-1)
+            top_ids, top_vals = tops.indices.tolist(), tops.values.tolist()
+        a = 0
+        for i, c in zip(chunk, counts):
+            res = ScoreOutput(picked[a:a + c])
+            if top_ids is not None:
+                res.topk_ids, res.topk_logprobs = top_ids[a:a + c], top_vals[a:a + c]
+            out[i] = res
+            a += c
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, *, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+                       path: str | None = None, version: int) -> None:
+        """In place, between batches (takes the engine lock). Tensors use HF names."""
+        if (named_tensors is None) == (path is None):
+            raise ValueError("update_weights needs exactly one of named_tensors= or path=")
+        with self._lock:
+            if path is not None:
+                new_cfg = read_config(path)
+                if int(new_cfg["vocab_size"]) != self.spec.vocab_size or new_cfg.get("model_type") != self.spec.model_type:
+                    raise ValueError(f"{path} is a different architecture from the served model {self.model_dir}")
+                tensors = dict(iter_safetensors(path))  # read fully before touching the live weights
+                self.model.load_tensors(tensors.items(), strict=True)
+                self.model_dir = str(path)
+            else:
+                items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+                self.model.load_tensors(items, strict=False)
+            self.version = int(version)
+
+    def health(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _token_budget_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sequence indices (sorted by length) so each padded chunk holds at most `budget` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > budget:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        chunks.append(cur)
+    return chunks

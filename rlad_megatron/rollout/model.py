@@ -1,0 +1,287 @@
+"""A plain-torch decoder for HF Llama / Qwen2 / Qwen3 checkpoints, built for batched KV-cache decoding.
+
+The architecture is read from config.json: RMSNorm, rotary embeddings with the config's theta
+(`rope_theta`, or `rope_parameters["rope_theta"]` as transformers 5 writes it), grouped-query
+attention, the Qwen2 QKV bias, the Qwen3 per-head QK RMSNorm and tied embeddings. Weights come
+from safetensors only (never pickle).
+
+For speed the Q/K/V projections and the gate/up projections are stored fused, and every HF
+parameter name maps to a *view* into the fused tensor (`named_parameters_hf`), so an in-place
+update by HF name (`load_tensors`) writes straight into the fused weight.
+
+Left out: rope scaling variants (llama3, yarn, ...; refused with a clear error), sliding-window
+attention, MoE layers, quantised checkpoints.
+
+Shapes: B batch, T new tokens, S cache length, H query heads, K kv heads, D head dim, V vocab.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "qwen2", "qwen3")
+
+
+class ModelSpec:
+    """The architecture numbers a forward pass needs, parsed and validated from config.json."""
+
+    def __init__(self, cfg: dict):
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"model_type={mt!r} is not supported by the embedded engine; supported: {list(SUPPORTED)}")
+        self.model_type = mt
+        self.vocab_size = int(cfg["vocab_size"])
+        self.hidden_size = int(cfg["hidden_size"])
+        self.intermediate_size = int(cfg["intermediate_size"])
+        self.num_layers = int(cfg["num_hidden_layers"])
+        self.num_heads = int(cfg["num_attention_heads"])
+        self.num_kv_heads = int(cfg.get("num_key_value_heads") or self.num_heads)
+        self.head_dim = int(cfg.get("head_dim") or self.hidden_size // self.num_heads)
+        self.eps = float(cfg.get("rms_norm_eps", 1e-6))
+        self.tie_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        self.max_positions = int(cfg.get("max_position_embeddings", 4096))
+        self.qkv_bias = mt == "qwen2" or bool(cfg.get("attention_bias", False))
+        self.qk_norm = mt == "qwen3"
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported by the embedded engine")
+        self.rope_theta = _rope_theta(cfg)
+        eos = cfg.get("eos_token_id")
+        self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+
+
+def _rope_theta(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ValueError(f"rope_type={rope_type!r} is not supported by the embedded engine (only 'default')")
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: model folders must be Hugging Face format (config.json + safetensors)")
+    cfg = json.loads(path.read_text())
+    eos_extra = Path(model_dir) / "generation_config.json"
+    if eos_extra.is_file() and "eos_token_id" in (gen := json.loads(eos_extra.read_text())):
+        cfg["eos_token_id"] = gen["eos_token_id"]
+    return cfg
+
+
+def iter_safetensors(model_dir: str | Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every shard; refuses folders without safetensors or with missing shards."""
+    from safetensors import safe_open
+
+    folder = Path(model_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: shards listed in model.safetensors.index.json are missing: {missing}")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files (pickle checkpoints are refused; re-save with safetensors)")
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield key, f.get_tensor(key)
+
+
+class DecoderModel:
+    """Fused-weight decoder; `forward` runs prefill (cache rows from 0) or one decode step."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32):
+        self.spec, self.dtype = spec, dtype
+        s, e = spec, {"dtype": dtype}
+        h, d = s.hidden_size, s.head_dim
+        self.q_size, self.kv_size = s.num_heads * d, s.num_kv_heads * d
+        self.embed = torch.zeros(s.vocab_size, h, **e)
+        self.lm_head = self.embed if s.tie_embeddings else torch.zeros(s.vocab_size, h, **e)
+        self.final_norm = torch.ones(h, **e)
+        self.layers = []
+        for _ in range(s.num_layers):
+            qkv_out = self.q_size + 2 * self.kv_size
+            self.layers.append({
+                "ln1": torch.ones(h, **e), "ln2": torch.ones(h, **e),
+                "qkv": torch.zeros(qkv_out, h, **e), "qkv_b": torch.zeros(qkv_out, **e) if s.qkv_bias else None,
+                "o": torch.zeros(h, self.q_size, **e), "q_norm": torch.ones(d, **e) if s.qk_norm else None,
+                "k_norm": torch.ones(d, **e) if s.qk_norm else None,
+                "gate_up": torch.zeros(2 * s.intermediate_size, h, **e),
+                "down": torch.zeros(h, s.intermediate_size, **e),
+            })
+        self._views = self._hf_views()
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.refresh_derived()
+
+    def _hf_views(self) -> dict[str, torch.Tensor]:
+        v = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
+        if not self.spec.tie_embeddings:
+            v["lm_head.weight"] = self.lm_head
+        q, kv, inter = self.q_size, self.kv_size, self.spec.intermediate_size
+        for i, L in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            v[p + "input_layernorm.weight"] = L["ln1"]
+            v[p + "post_attention_layernorm.weight"] = L["ln2"]
+            for name, sl in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                v[p + f"self_attn.{name}.weight"] = L["qkv"][sl]
+                if L["qkv_b"] is not None:
+                    v[p + f"self_attn.{name}.bias"] = L["qkv_b"][sl]
+            v[p + "self_attn.o_proj.weight"] = L["o"]
+            if L["q_norm"] is not None:
+                v[p + "self_attn.q_norm.weight"] = L["q_norm"]
+                v[p + "self_attn.k_norm.weight"] = L["k_norm"]
+            v[p + "mlp.gate_proj.weight"] = L["gate_up"][:inter]
+            v[p + "mlp.up_proj.weight"] = L["gate_up"][inter:]
+            v[p + "mlp.down_proj.weight"] = L["down"]
+        return v
+
+    def named_parameters_hf(self) -> dict[str, torch.Tensor]:
+        """HF name -> tensor view (writing into a view writes into the fused weight)."""
+        return dict(self._views)
+
+    @torch.inference_mode()
+    def load_tensors(self, named: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> int:
+        """Copy HF-named tensors in place; unknown names or wrong shapes raise; strict checks completeness."""
+        seen = set()
+        for name, t in named:
+            if name == "lm_head.weight" and self.spec.tie_embeddings:
+                continue  # tied: the embedding is the head
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            dst = self._views.get(name)
+            if dst is None:
+                raise KeyError(f"unknown parameter {name!r} for a {self.spec.model_type} model")
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(t.to(dst.dtype))
+            seen.add(name)
+        self.refresh_derived()
+        missing = sorted(set(self._views) - seen)
+        if strict and missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
+        return len(seen)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for positions [B, T], shaped [B, T, 1, D] (sin's first half negated)."""
+        need = int(positions.max()) + 1
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
+            n, d = max(need, 256) * 2, self.spec.head_dim
+            inv = 1.0 / (self.spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            sin = emb.sin()
+            sin[:, : d // 2] *= -1  # rotate_half(x) * sin == swap_halves(x) * signed_sin
+            self._rope_cache = (emb.cos().to(self.dtype), sin.to(self.dtype))
+        cos, sin = self._rope_cache
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    def refresh_derived(self) -> None:
+        """Recompute tensors derived from the weights (call after any in-place weight change)."""
+        for L in self.layers:
+            if L["q_norm"] is not None:
+                s = self.spec
+                L["qk_norm"] = torch.cat([L["q_norm"].expand(s.num_heads, -1), L["k_norm"].expand(s.num_kv_heads, -1)])
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                rows: torch.Tensor | None = None, decode: bool = False,
+                attn_len: int = 0) -> torch.Tensor:
+        """Hidden states after the final norm, [B, T, hidden].
+
+        tokens, positions: [B, T]. Prefill (decode=False): causal attention within the T tokens
+        (right padding is harmless: real tokens never attend later positions); K/V written to
+        cache rows `rows` at positions 0..T-1 when a cache is given. Decode (decode=True, T=1):
+        K/V written at `positions`, attention over cache[:, :attn_len] masked to positions <= own.
+        """
+        s = self.spec
+        B, T = tokens.shape
+        H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self._rope(positions)
+        if decode:
+            visible = torch.arange(attn_len)[None, :] <= positions[:, :1]
+            add_mask = torch.zeros(B, 1, 1, attn_len, dtype=x.dtype).masked_fill_(~visible.view(B, 1, 1, -1), float("-inf"))
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
+            qkv = F.linear(h, L["qkv"], L["qkv_b"])
+            qk = qkv[..., : self.q_size + self.kv_size].view(B, T, H + K, D)
+            v = qkv[..., self.q_size + self.kv_size:].view(B, T, K, D).transpose(1, 2)
+            if L["q_norm"] is not None:
+                qk = F.rms_norm(qk, (D,), None, s.eps) * L["qk_norm"]
+            qk = qk * cos + qk.view(B, T, H + K, 2, D // 2).flip(3).view(B, T, H + K, D) * sin
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+            if decode:
+                k, v = cache.write_decode(li, k, v, positions[:, 0], attn_len)
+                attn = _decode_attention(q, k, v, add_mask)
+            else:
+                if cache is not None:
+                    cache.write_prefill(li, rows, k, v)
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+            x = x + F.linear(attn.reshape(B, T, self.q_size), L["o"])
+            h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
+            if decode:  # one fused matmul: launch overhead dominates tiny decode steps
+                gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
+            else:  # contiguous halves: elementwise ops on large strided views are slower
+                inter = s.intermediate_size
+                gate, up = F.linear(h, L["gate_up"][:inter]), F.linear(h, L["gate_up"][inter:])
+            x = x + F.linear(F.silu(gate).mul_(up), L["down"])
+        return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, add_mask: torch.Tensor) -> torch.Tensor:
+    """One query per row against the cache; q [B, H, 1, D], k/v [B, K, S, D], add_mask [B, 1, 1, S].
+
+    Grouped heads are folded into the query dimension ([B, K, H/K, D]) so K/V are never repeated;
+    plain matmuls beat SDPA's CPU kernel for single-token queries. Returns [B, 1, H, D].
+    """
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    qg = q.reshape(B, K, H // K, D) * (D ** -0.5)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) + add_mask
+    return torch.matmul(scores.softmax(dim=-1), v).reshape(B, 1, H, D)
+
+
+class KVCache:
+    """Static per-batch cache: k, v [num_layers][rows, K, S, D], preallocated once per batch."""
+
+    def __init__(self, spec: ModelSpec, rows: int, max_len: int, dtype: torch.dtype):
+        shape = (rows, spec.num_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.max_len = max_len
+        self._arange = torch.arange(rows)
+
+    def write_prefill(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        T = k.shape[2]
+        self.k[layer][rows, :, :T] = k
+        self.v[layer][rows, :, :T] = v
+
+    def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, attn_len: int):
+        n = k.shape[0]
+        ar = self._arange[:n]
+        self.k[layer][ar, :, pos] = k[:, :, 0]
+        self.v[layer][ar, :, pos] = v[:, :, 0]
+        return self.k[layer][:n, :, :attn_len], self.v[layer][:n, :, :attn_len]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Compact the cache to the given rows (when many sequences finished and nothing refills them)."""
+        self.k = [t.index_select(0, keep) for t in self.k]
+        self.v = [t.index_select(0, keep) for t in self.v]
+        self._arange = torch.arange(len(keep))
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> DecoderModel:
+    model = DecoderModel(ModelSpec(read_config(model_dir)), dtype=dtype)
+    model.load_tensors(iter_safetensors(model_dir))
+    return model

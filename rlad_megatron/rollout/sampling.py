@@ -1,0 +1,72 @@
+"""Vectorised next-token sampling with per-row temperature, top-p, top-k and seed.
+
+Randomness is counter-based: the uniform noise of row b at generation step t for vocab entry v
+is a hash of (seed_b, t, v). A sample therefore depends only on its own seed and history, not on
+which other sequences share the batch, which server ran it, or how often it was retried; the same
+seed reproduces the same tokens everywhere. Tokens are drawn with the Gumbel-max trick over the
+truncated (top-k, top-p) temperature-scaled logits, which is exact categorical sampling from the
+renormalised truncated distribution.
+
+Returned log-probs: log_softmax(logits / temperature) of the chosen token, BEFORE truncation
+(temperature 0 means greedy, with log_softmax(logits)); see rollout/base.py.
+
+Shapes: B rows, V vocab.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (murmur3 fmix32) on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u in (0, 1), [B, V], a pure function of (seeds[b], steps[b], v)."""
+    v = torch.arange(vocab_size, dtype=torch.int64)
+    h = _mix32((seeds.to(torch.int64) & _M32)[:, None] ^ 0x9E3779B9)
+    h = _mix32(h ^ (steps.to(torch.int64)[:, None] * 0x27D4EB2F & _M32))
+    h = _mix32(h ^ (v[None, :] * 0x165667B1 & _M32))
+    return (h.to(torch.float64) + 0.5) / 4294967296.0
+
+
+def truncation_mask(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """True where a token survives top-k (k <= 0: off) and top-p (nucleus, keeps >= 1 token). [B, V]."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+    keep_sorted = before < top_p[:, None]
+    rank = torch.arange(scaled.shape[-1])[None, :]
+    keep_sorted &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row; return (tokens [B] int64, logprobs [B] float32).
+
+    logits [B, V] float32; temperature [B] (0 = greedy); top_p [B]; top_k [B] (-1 = off);
+    seeds, steps [B] int64.
+    """
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = logits / temp[:, None]
+    logprobs_all = scaled.log_softmax(dim=-1)
+    if bool(greedy.all()):
+        tokens = logits.argmax(dim=-1)
+    else:
+        filtered = scaled
+        if bool(((top_p < 1.0) | (top_k > 0)).any()):
+            filtered = scaled.masked_fill(~truncation_mask(scaled, top_p, top_k), float("-inf"))
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1]))).to(scaled.dtype)
+        sampled = (filtered + gumbel).argmax(dim=-1)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)

@@ -1,0 +1,330 @@
+"""`rlad serve --model DIR`: the embedded engine behind the subset of SGLang's native HTTP API.
+
+Endpoints: POST /generate, GET /health, GET /health_generate, POST /update_weights_from_disk,
+POST|GET /flush_cache, GET /get_model_info, GET /get_server_info, GET /v1/models. Field names,
+defaults and response shapes follow SGLang (rollout/protocol.py has the mapping), so the same
+client talks to either, directly or through sglang-router.
+
+Concurrency: HTTP handlers enqueue one work item per sample; a single scheduler thread runs the
+engine's continuous-batching loop, pulling queued items into free KV-cache rows, and resolves
+each request's futures. A weight update pauses admission, waits for the running batch to drain,
+swaps the weights and resumes; requests keep queueing meanwhile.
+
+Security defaults: binds 127.0.0.1; `--api-key` (or env RLAD_API_KEY) requires
+`Authorization: Bearer <key>` on every endpoint; `/update_weights_from_disk` accepts only folders
+under `--weights-root` (none configured: refused) and loads safetensors only; every request is
+validated and bad input gets a 4xx with {"error": {"message": ...}} while the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from rlad_megatron.rollout.base import GenerateOutput, SamplingParams, sample_seed
+from rlad_megatron.rollout.protocol import (
+    GenRequest,
+    RequestError,
+    finish_reason,
+    parse_generate,
+    triples,
+)
+
+MAX_BODY_BYTES = 64 << 20
+
+
+class Scheduler:
+    """Feeds queued work into EmbeddedEngine.run_batch from one background thread."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.queue: deque = deque()
+        self.cv = threading.Condition()
+        self.paused = False
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="rlad-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, work) -> None:
+        with self.cv:
+            self.queue.append(work)
+            self.cv.notify()
+
+    def _take(self, limit: int, max_len: int) -> list:
+        got = []
+        with self.cv:
+            while not self.paused and self.queue and len(got) < limit and self.queue[0].max_len <= max_len:
+                got.append(self.queue.popleft())
+        return got
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: self.stopped or (self.queue and not self.paused))
+                if self.stopped:
+                    return
+            try:
+                self.engine.run_batch(self._take)
+            except Exception as err:  # noqa: BLE001 (a failed batch must not kill the server: fail its requests)
+                self._fail_all(err)
+
+    def _fail_all(self, err: Exception) -> None:
+        with self.cv:
+            items, self.queue = list(self.queue), deque()
+        for w in items:
+            w.meta["error"] = str(err)
+            w.done(w, GenerateOutput([], [], "abort"))
+
+    def run_paused(self, fn):
+        """Stop admitting work, run fn once the running batch drained (fn takes the engine lock), resume."""
+        with self.cv:
+            self.paused = True
+        try:
+            return fn()
+        finally:
+            with self.cv:
+                self.paused = False
+                self.cv.notify_all()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+
+
+def _error(message: str, status: int):
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def _inside(path: str, root: str) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, base]) == base
+
+
+class ServerState:
+    def __init__(self, engine, model_dir: str, api_key: str = "", weights_root: str = "", tokenizer=None):
+        self.engine, self.model_dir = engine, str(model_dir)
+        self.api_key, self.weights_root = api_key, weights_root
+        self.tokenizer = tokenizer
+        self.weight_version = str(engine.version)
+        self.scheduler = Scheduler(engine)
+        self.max_context = engine.spec.max_positions
+
+    async def generate(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        n, B = reqs[0].n, len(reqs)
+        futures = []
+        for j in range(n):  # SGLang order for n > 1: the batch repeated n times
+            for i, r in enumerate(reqs):
+                fut = loop.create_future()
+                futures.append(fut)
+                sp = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, tuple(r.stop_token_ids),
+                                    None, r.ignore_eos)
+                seed = r.seed if n == 1 else sample_seed(r.seed, 0, j)
+
+                def done(w, out, fut=fut):
+                    loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result((w, out)))
+
+                self.scheduler.submit(self.engine.make_work(r.input_ids, sp, seed, done))
+        results = await asyncio.gather(*futures)
+        outputs = []
+        for k, (w, out) in enumerate(results):
+            r = reqs[k % B]
+            if "error" in w.meta:
+                raise RuntimeError(w.meta["error"])
+            outputs.append(await self._format(r, w, out, time.perf_counter() - t0))
+        return outputs
+
+    async def _format(self, r: GenRequest, w, out: GenerateOutput, latency: float) -> dict[str, Any]:
+        ids = out.response_ids
+        if out.finish_reason == "stop":
+            fr = finish_reason("stop", matched=w.meta.get("matched"))
+        else:
+            fr = finish_reason("length", length=len(ids))
+        meta: dict[str, Any] = {
+            "id": r.rid or uuid.uuid4().hex, "finish_reason": fr, "prompt_tokens": len(r.input_ids),
+            "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": self.weight_version,
+            "e2e_latency": latency,
+        }
+        if r.return_logprob:
+            await self._add_logprobs(meta, r, out)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return {"text": text, "output_ids": ids, "meta_info": meta}
+
+    async def _add_logprobs(self, meta: dict[str, Any], r: GenRequest, out: GenerateOutput) -> None:
+        P, k = len(r.input_ids), r.top_logprobs_num
+        start = r.logprob_start_len if r.logprob_start_len >= 0 else P - 1
+        in_lp: list[float | None] = [None]
+        in_top: list[Any] = [None]
+        if start + 1 <= P - 1:
+            sc = (await asyncio.to_thread(self.engine.score, [r.input_ids], [start + 1], k))[0]
+            in_lp += sc.logprobs
+            if k:
+                in_top += [triples(v, i) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
+        meta["input_token_logprobs"] = triples(in_lp, r.input_ids[start:])
+        meta["output_token_logprobs"] = triples(out.logprobs, out.response_ids)
+        if k:
+            meta["input_top_logprobs"] = in_top
+            out_top: list[Any] = []
+            if out.response_ids:
+                temp = r.temperature if r.temperature > 0 else 1.0
+                sc = (await asyncio.to_thread(self.engine.score, [r.input_ids + out.response_ids], [P], k, temp))[0]
+                out_top = [triples(v, i) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
+            meta["output_top_logprobs"] = out_top
+
+    def update_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("model_path must be a non-empty string")
+        if body.get("load_format") not in (None, "auto", "safetensors"):
+            raise RequestError(f"load_format={body.get('load_format')!r} is not supported; only safetensors")
+        if not self.weights_root:
+            raise RequestError("this server was started without --weights-root: disk weight updates are disabled", 403)
+        if not _inside(path, self.weights_root):
+            raise RequestError(f"model_path {path!r} is outside the allowed weights root", 403)
+        version = body.get("weight_version")
+        if version is not None and not isinstance(version, (str, int)):
+            raise RequestError("weight_version must be a string")
+        new_version = int(version) if str(version).isdigit() else self.engine.version + 1
+
+        def swap():
+            self.engine.update_weights(path=path, version=new_version)
+
+        self.scheduler.run_paused(swap)
+        self.weight_version = str(version) if version is not None else str(new_version)
+        return {"success": True, "message": f"loaded weights from {path}", "num_paused_requests": 0}
+
+    async def health_generate(self) -> bool:
+        reqs = [GenRequest([0], temperature=0.0, max_new_tokens=1, ignore_eos=True)]
+        out = await asyncio.wait_for(self.generate(reqs), timeout=60)
+        return len(out[0]["output_ids"]) == 1
+
+
+def create_app(state: ServerState):
+    app = FastAPI(title="rlad embedded engine", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if state.api_key:
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+            return _error(f"request body larger than {MAX_BODY_BYTES} bytes", 413)
+        return await call_next(request)
+
+    async def read_json(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(f"request body larger than {MAX_BODY_BYTES} bytes", 413)
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise RequestError(f"request body is not valid JSON: {err}") from None
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        try:
+            body = await read_json(request)
+            reqs = parse_generate(body, state.engine.spec.vocab_size, state.max_context)
+            outs = await state.generate(reqs)
+        except RequestError as err:
+            return _error(str(err), err.status)
+        single = isinstance(body["input_ids"][0], int) and reqs[0].n == 1
+        return JSONResponse(outs[0] if single else outs)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200 if state.engine.health() else 503)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        ok = state.engine.health() and await state.health_generate()
+        return Response(status_code=200 if ok else 503)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise RequestError("request body must be a JSON object")
+            result = await asyncio.to_thread(state.update_from_disk, body)
+        except RequestError as err:
+            return JSONResponse({"success": False, "message": str(err)}, status_code=err.status)
+        except (OSError, ValueError, KeyError) as err:
+            return JSONResponse({"success": False, "message": f"failed to load weights: {err}"}, status_code=400)
+        return JSONResponse(result)
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        return PlainTextResponse("Cache flushed.\n")  # no prefix cache to flush
+
+    @app.get("/get_model_info")
+    async def get_model_info():
+        return {"model_path": state.engine.model_dir, "tokenizer_path": state.model_dir, "is_generation": True,
+                "weight_version": state.weight_version, "max_context_length": state.max_context,
+                "vocab_size": state.engine.spec.vocab_size}
+
+    @app.get("/get_server_info")
+    async def get_server_info():
+        return {"model_path": state.engine.model_dir, "weight_version": state.weight_version,
+                "max_total_num_tokens": state.max_context * state.engine.max_batch_size, "engine": "rlad-embedded"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_dir, "object": "model", "owned_by": "rlad"}]}
+
+    return app
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env RLAD_API_KEY)")
+    parser.add_argument("--weights-root", default="", help="folder under which /update_weights_from_disk paths must lie")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+
+
+def build_state(args) -> ServerState:
+    import torch
+
+    from rlad_megatron.rollout.embedded import EmbeddedEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size, dtype=getattr(torch, args.dtype))
+    tokenizer = None
+    if (Path(args.model) / "tokenizer.json").is_file() or (Path(args.model) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("RLAD_API_KEY", "")
+    return ServerState(engine, args.model, api_key=api_key, weights_root=args.weights_root, tokenizer=tokenizer)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    state = build_state(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not state.api_key:
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach the port can use it")
+    print(f"rlad serve: {args.model} on http://{args.host}:{args.port} (api key {'on' if state.api_key else 'off'})",
+          flush=True)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
+    state.scheduler.stop()
+    return 0
