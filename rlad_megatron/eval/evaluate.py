@@ -34,6 +34,23 @@ def _samples(records: Sequence[Dict[str, Any]], outputs: List[List[Any]], tokeni
     return samples
 
 
+def _per_prompt(chunk: Sequence[Dict[str, Any]], samples: List[Sample], k: int, start: int) -> List[Dict[str, Any]]:
+    rows = []
+    for j, rec in enumerate(chunk):
+        group = samples[j * k:(j + 1) * k]
+        rows.append({
+            "id": rec["record"].get("id", str(start + j)), "metadata": rec["record"].get("metadata") or {},
+            "num_correct": sum(bool(s.reward_details.get("correct")) for s in group),
+            "rewards": [s.reward for s in group], "lengths": [len(s.response_ids) for s in group],
+        })
+    return rows
+
+
+def _example(s: Sample) -> Dict[str, Any]:
+    return {"prompt": s.record.get("prompt"), "response": s.response_text, "reward": s.reward,
+            "correct": bool(s.reward_details.get("correct"))}
+
+
 def evaluate(
     engine: Any,
     tokenizer: Any,
@@ -58,23 +75,17 @@ def evaluate(
     records = list(records)[: max_prompts or None]
     if not records:
         raise ValueError("evaluate needs at least one prompt record")
-    per_prompt, finish: Dict[str, int] = [], {}
+    per_prompt: List[Dict[str, Any]] = []
+    finish: Dict[str, int] = {}
     examples: List[Dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
         samples = _samples(chunk, _generate(engine, chunk, sampling, k), tokenizer, start)
         score_samples(samples, reward_fn)
-        for j, rec in enumerate(chunk):
-            group = samples[j * k:(j + 1) * k]
-            per_prompt.append({
-                "id": rec["record"].get("id", str(start + j)), "metadata": rec["record"].get("metadata") or {},
-                "num_correct": sum(bool(s.reward_details.get("correct")) for s in group),
-                "rewards": [s.reward for s in group], "lengths": [len(s.response_ids) for s in group],
-            })
+        per_prompt.extend(_per_prompt(chunk, samples, k, start))
         for s in samples:
             finish[s.finish_reason] = finish.get(s.finish_reason, 0) + 1
-        examples.extend({"prompt": s.record.get("prompt"), "response": s.response_text, "reward": s.reward,
-                         "correct": bool(s.reward_details.get("correct"))} for s in samples[: max(keep_samples - len(examples), 0)])
+        examples.extend(_example(s) for s in samples[: max(keep_samples - len(examples), 0)])
     return {
         "k": k,
         "overall": summarize(per_prompt, k),
