@@ -89,7 +89,8 @@ def trainer_command(topo: Topology, node: int, hosts: Sequence[str], recipe: str
     else:
         argv += [f"--nnodes={len(topo.trainer_nodes)}", f"--node-rank={topo.trainer_nodes.index(node)}",
                  f"--master-addr={hosts[topo.trainer_nodes[0]]}", f"--master-port={master_port}"]
-    argv += ["-m", "rlad_megatron.cli", "train", recipe, *overrides, *trainer_overrides(topo, hosts)]
+    # `rlad train` resumes from the latest checkpoint in run_dir by default, which is what a requeued job needs.
+    argv += ["-m", "rlad_megatron.cli", "train", "--config", recipe, *overrides, *trainer_overrides(topo, hosts)]
     return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, topo.trainer_gpus))}, argv
 
 

@@ -1,0 +1,85 @@
+"""`rlad render`: the sbatch script is valid bash, lint-clean, and DRY_RUN=1 prints the planned topology."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from rlad_megatron.cli import main as rlad
+from rlad_megatron.config import load_config
+from rlad_megatron.launch.render import render
+
+RECIPE = "tests/data/launch_qwen3_8b_32b.yaml"
+LAYOUTS = {  # nodes -> (overrides, expected first role word per node)
+    1: ([], ["trainer"]),
+    4: ([], ["teacher", "rollout", "trainer", "trainer"]),
+    16: (["launch.teacher_nodes=2", "launch.rollout_nodes=6"], ["teacher"] * 2 + ["rollout"] * 6 + ["trainer"] * 8),
+}
+
+
+def _render(tmp_path, nodes, extra=(), name="job"):
+    overrides = [f"launch.nodes={nodes}", f"run_dir={tmp_path / 'run'}", *LAYOUTS[nodes][0], *extra]
+    out = tmp_path / f"{name}{nodes}.sbatch"
+    assert rlad(["render", RECIPE, *overrides, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("nodes", sorted(LAYOUTS))
+def test_rendered_script_is_valid_bash_and_dry_run_prints_roles(tmp_path, nodes):
+    script = _render(tmp_path, nodes)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run(["bash", str(script)], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True,
+                         check=True).stdout
+    roles = re.findall(r"^  node (\d+) \(node\d+\): (\w+)", out, flags=re.MULTILINE)
+    assert [r for _, r in roles] == LAYOUTS[nodes][1]
+    assert f"srun --nodes={nodes} --ntasks-per-node=1" in out and "rlad_megatron.launch.node" in out
+    assert "--container-image=nvcr.io/myorg/rlad-megatron:0.1.0" in out and "--container-mounts=/lustre:/lustre" in out
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (Debian package `shellcheck`; `make setup` tries to install it)")
+def test_rendered_scripts_pass_shellcheck(tmp_path):
+    scripts = [str(_render(tmp_path, n)) for n in sorted(LAYOUTS)]
+    plain = str(_render(tmp_path, 1, ["launch.container_image=''", "launch.container_mounts=[]", "launch.env={}"],
+                        name="plain"))
+    assert "--container-image" not in subprocess.run(["bash", plain], env={**os.environ, "DRY_RUN": "1"},
+                                                     capture_output=True, text=True, check=True).stdout
+    result = subprocess.run(["shellcheck", "--severity=style", *scripts, plain], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout
+
+
+def test_sbatch_header_and_knobs(tmp_path):
+    text = _render(tmp_path, 4).read_text()
+    header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    for expected in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=12:00:00", "--partition=gpu",
+                     "--account=myproj", "--signal=B:USR1@120", "--requeue"):
+        assert f"#SBATCH {expected}" in header
+    assert 'export NCCL_IB_HCA="${NCCL_IB_HCA:-mlx5_0,mlx5_1}"' in text
+    assert "scontrol requeue" in text and "trap on_preempt USR1" in text
+    assert "@@" not in text
+
+
+def test_container_image_can_be_overridden_from_the_environment(tmp_path):
+    script = _render(tmp_path, 1)
+    out = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1", "CONTAINER_IMAGE": "x/y:1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "--container-image=x/y:1" in out
+
+
+def test_bad_layout_is_a_clear_cli_error(tmp_path, capsys):
+    code = rlad(["render", RECIPE, "launch.nodes=1", "launch.teacher_tp=16", "--out", str(tmp_path / "x")])
+    assert code == 2 and "too few GPUs for the teacher" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_quoting_of_overrides_survives_bash(tmp_path):
+    cfg = load_config(RECIPE, ["launch.nodes=1"])
+    text = render(cfg, RECIPE, ["data.plain_template=Q: {prompt} $HOME"])
+    script = tmp_path / "q.sbatch"
+    script.write_text(text)
+    out = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True,
+                         check=True).stdout
+    assert "data.plain_template=Q: {prompt} $HOME" in out
