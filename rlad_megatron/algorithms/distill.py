@@ -12,7 +12,7 @@ renormalised over the k ids (p = teacher, q = student) and a divergence is taken
     jsd(beta)    beta * KL(p || m) + (1 - beta) * KL(q || m),   m = beta * p + (1 - beta) * q
 The jsd convention is GKD's (and TRL's): beta = 0 is defined as forward KL and beta = 1 as
 reverse KL, the limits of JSD(beta)/beta and JSD(beta)/(1 - beta). In between the value is the
-unscaled JSD, which is smaller than either KL. The loss is the divergence aggregated over
+unscaled JSD, which is at most ln 2 (its scale differs from the KLs'). The loss is the divergence aggregated over
 response tokens of the student's own rollouts (a supervised loss; no advantage, no ratio).
 
 SFT: masked negative log-likelihood of (teacher-generated, reward-filtered) responses.

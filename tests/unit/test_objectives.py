@@ -172,3 +172,23 @@ def test_teacher_token_mask_and_zero_advantage_helper():
     assert off.teacher_token_mask(3, True).tolist() == [True, True, True]
     mask, frac = zero_advantage_groups(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)
     assert mask.tolist() == [True, False] and frac.item() == 0.5
+
+
+def test_docs_name_every_field_objective_and_metric():
+    """docs/algorithms.md must keep up with the code: config fields, objective names, metric keys."""
+    import dataclasses
+    from pathlib import Path
+
+    from test_algorithms_split import CONFIGS, make_responses, padded
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "algorithms.md").read_text()
+    for f in dataclasses.fields(AlgorithmConfig):
+        assert f"`{f.name}`" in doc, f.name
+    for name in OBJECTIVES:
+        assert f"`{name}`" in doc, name
+    batch = padded(make_responses(0))
+    for case, fields in CONFIGS.items():
+        obj = build_objective(AlgorithmConfig(**{"name": case, **fields}))
+        _, metrics = obj.loss(batch, num_tokens=10, num_seqs=6, step=0)
+        for key in [*metrics, *obj.step_scalars(0)]:
+            assert f"`{key}`" in doc, (case, key)
