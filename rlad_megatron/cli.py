@@ -28,7 +28,7 @@ def _load(name: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name == module:
+        if err.name == module or module.startswith(f"{err.name}."):  # the module (or its package) is absent
             return None
         raise
 
