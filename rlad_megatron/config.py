@@ -202,9 +202,19 @@ class EngineConfig:
     """Retries (with backoff, on another server when possible) before a request fails the step."""
     max_batch_size: int = 64
     """Embedded engine: sequences decoded together."""
+    host: str = "127.0.0.1"
+    """kind=sglang: address the launched servers (and router) bind to; loopback unless the trainer is remote."""
+    weights_root: str = ""
+    """Folder under which `rlad serve` servers accept /update_weights_from_disk paths (empty: refused)."""
+    use_router: bool = True
+    """kind=sglang: put sglang-router in front of the servers (client-side balancing when absent)."""
+    startup_timeout_s: float = 900.0
+    """kind=sglang: seconds to wait for every server's /health_generate."""
 
     def __post_init__(self) -> None:
         _choice(self, "kind", ("auto", "embedded", "http", "sglang"))
+        _check(self, "startup_timeout_s", self.startup_timeout_s > 0, "> 0")
+        _check(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
         _check(self, "num_servers", self.num_servers >= 1, ">= 1")
         _check(self, "max_concurrency", self.max_concurrency >= 1, ">= 1")
         _check(self, "request_timeout_s", self.request_timeout_s > 0, "> 0")

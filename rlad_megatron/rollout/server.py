@@ -325,6 +325,8 @@ def run(args) -> int:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach the port can use it")
     print(f"rlad serve: {args.model} on http://{args.host}:{args.port} (api key {'on' if state.api_key else 'off'})",
           flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # keep-alive longer than the client pool's idle time, so pooled connections are not closed under it
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_keep_alive=75)
     state.scheduler.stop()
     return 0

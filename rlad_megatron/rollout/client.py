@@ -1,0 +1,240 @@
+"""HttpEngine: the Engine protocol over SGLang-compatible HTTP servers (a fleet, or one router URL).
+
+Every sample is its own request (`n=1`, a seed derived per (prompt, sample)), so a sample is the
+unit of retry and of accounting: it is sent to the live server with the fewest requests in
+flight; a transport error, timeout or 5xx marks that server dead and the sample is retried on
+another after an exponential back-off, up to `max_retries` times. The step returns only when
+every requested sample came back exactly once; otherwise it raises EngineError naming how many
+samples were lost and why. When every server is down, the pool probes them until the request
+deadline and then raises, naming each server and its last error. A 4xx is the caller's fault
+and is not retried.
+
+Dead servers are probed after a cool-down and rejoin when /health answers; if weights were
+updated from disk meanwhile, the rejoining server first receives the current version.
+
+The async work runs on a private event loop thread, so the synchronous Engine API can be called
+from ordinary trainer code; one httpx.AsyncClient is reused for connection pooling.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+
+from rlad_megatron.rollout.base import (
+    EngineError,
+    GenerateOutput,
+    SamplingParams,
+    ScoreOutput,
+    check_prompts,
+    sample_seed,
+)
+from rlad_megatron.rollout.fleet import AllServersDown, ServerPool
+from rlad_megatron.rollout.protocol import parse_finish_reason
+
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class _ClientError(Exception):
+    """A 4xx answer: the request itself is wrong; retrying elsewhere would not help."""
+
+
+class HttpEngine:
+    def __init__(self, urls: list[str], api_key: str = "", max_concurrency: int = 64, request_timeout_s: float = 300.0,
+                 max_retries: int = 3, backoff_s: float = 0.2, cooldown_s: float = 2.0, connect_timeout_s: float = 5.0):
+        self.pool = ServerPool(list(urls), cooldown_s=cooldown_s, on_rejoin=self._resync)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.max_concurrency, self.max_retries, self.backoff_s = max_concurrency, max_retries, backoff_s
+        self.request_timeout_s = request_timeout_s
+        self.timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
+        self.version, self.weights_path = 0, ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rlad-http-engine", daemon=True)
+        self._thread.start()
+        self._client: httpx.AsyncClient | None = None
+        self.stats: Counter = Counter()
+
+    # ------------------------------------------------------------------ plumbing
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+        return self._client
+
+    async def _post_once(self, path: str, payload: dict[str, Any], deadline: float) -> tuple[str, Any]:
+        server = await self.pool.pick(self._http(), self.headers, deadline)
+        server.inflight += 1
+        try:
+            r = await self._http().post(server.url + path, json=payload, headers=self.headers)
+        except httpx.HTTPError as err:
+            self.pool.mark_dead(server.url, f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            server.inflight -= 1
+        if r.status_code in RETRYABLE_STATUS:
+            self.pool.mark_dead(server.url, f"HTTP {r.status_code}")
+            raise httpx.HTTPStatusError(f"{server.url}{path} returned {r.status_code}: {r.text[:200]}",
+                                        request=r.request, response=r)
+        if r.status_code >= 400:
+            raise _ClientError(f"{server.url}{path} refused the request ({r.status_code}): {r.text[:300]}")
+        return server.url, r.json()
+
+    async def _post(self, path: str, payload: dict[str, Any], sem: asyncio.Semaphore, parse=lambda body: body) -> Any:
+        """POST with failover and exponential back-off; `parse` errors (truncated, aborted or inconsistent
+        answers) are retried too. Raises EngineError with the last cause."""
+        deadline = time.monotonic() + self.request_timeout_s
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                async with sem:
+                    _, body = await self._post_once(path, payload, deadline)
+                return parse(body)
+            except AllServersDown as err:
+                raise EngineError(str(err)) from None
+            except _ClientError as err:
+                raise EngineError(str(err)) from None
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as err:
+                last = f"{type(err).__name__}: {err}"
+                self.stats["retries"] += 1
+                await asyncio.sleep(min(self.backoff_s * 2 ** attempt, 5.0))
+        raise EngineError(f"failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    async def _gather(self, keys: list[Any], coros) -> dict[Any, Any]:
+        """Run one coroutine per key; return {key: result} or raise naming every lost key's cause."""
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        got, lost = {}, Counter()
+        for key, res in zip(keys, results):
+            if isinstance(res, BaseException):
+                lost[str(res).split("\n")[0][:300]] += 1
+            else:
+                if key in got:
+                    raise EngineError(f"sample {key} came back twice")
+                got[key] = res
+        if lost:
+            reasons = "; ".join(f"{c} x {msg}" for msg, c in lost.most_common(5))
+            raise EngineError(f"lost {sum(lost.values())} of {len(keys)} requests: {reasons}")
+        return got
+
+    # ------------------------------------------------------------------ Engine API
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
+        check_prompts(prompt_ids)
+        if n < 1:
+            raise ValueError(f"n={n} must be >= 1")
+        keys = [(i, s) for i in range(len(prompt_ids)) for s in range(n)]
+        got = self._run(self._generate(prompt_ids, sampling, keys))
+        return [[got[(i, s)] for s in range(n)] for i in range(len(prompt_ids))]
+
+    async def _generate(self, prompt_ids, sampling: SamplingParams, keys) -> dict[Any, GenerateOutput]:
+        sem = asyncio.Semaphore(self.max_concurrency)
+        return await self._gather(keys, [self._one_sample(prompt_ids[i], sampling, sample_seed(sampling.seed, i, s), sem)
+                                         for i, s in keys])
+
+    async def _one_sample(self, prompt: list[int], sp: SamplingParams, seed: int | None, sem) -> GenerateOutput:
+        params = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
+                  "max_new_tokens": sp.max_new_tokens, "stop_token_ids": list(sp.stop_token_ids),
+                  "ignore_eos": sp.ignore_eos}
+        if seed is not None:
+            params["sampling_seed"] = seed
+        payload = {"input_ids": prompt, "sampling_params": params, "return_logprob": True,
+                   "logprob_start_len": len(prompt) - 1}
+        return await self._post("/generate", payload, sem, lambda b: parse_generate_response(b, sp.max_new_tokens))
+
+    def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
+        check_prompts(ids)
+        if len(response_start) != len(ids):
+            raise ValueError(f"response_start has {len(response_start)} entries for {len(ids)} sequences")
+        return self._run(self._score(ids, response_start, top_k))
+
+    async def _score(self, ids, starts, top_k: int) -> list[ScoreOutput]:
+        from rlad_megatron.teacher.alignment import (
+            logprob_start_len_for,
+            response_from_input_logprobs,
+        )
+
+        sem = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(seq: list[int], start: int) -> ScoreOutput:
+            payload = {"input_ids": seq, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                       "return_logprob": True, "logprob_start_len": logprob_start_len_for(start),
+                       "top_logprobs_num": top_k}
+
+            def parse(body):
+                meta = (body[0] if isinstance(body, list) else body)["meta_info"]
+                tops = meta.get("input_top_logprobs") if top_k else None
+                return ScoreOutput(*response_from_input_logprobs(meta["input_token_logprobs"], seq, start, tops))
+
+            return await self._post("/generate", payload, sem, parse)
+
+        keys = list(range(len(ids)))
+        got = await self._gather(keys, [one(ids[i], starts[i]) for i in keys])
+        return [got[i] for i in keys]
+
+    def update_weights(self, *, named_tensors=None, path: str | None = None, version: int) -> None:
+        if named_tensors is not None or path is None:
+            raise ValueError("HttpEngine.update_weights needs path= (an HF folder under the servers' weights root); "
+                             "in-process tensors only reach the embedded engine, NCCL only SGLang (SGLangFleet)")
+        self._run(self._update_all(str(path), int(version)))
+        self.version, self.weights_path = int(version), str(path)
+
+    async def _update_all(self, path: str, version: int) -> None:
+        live = [s.url for s in self.pool.servers.values() if s.alive]
+        if not live:
+            raise EngineError("no live server to update")
+        results = await asyncio.gather(*(self._update_one(u, path, version) for u in live), return_exceptions=True)
+        errors = [f"{u}: {r}" for u, r in zip(live, results) if isinstance(r, BaseException)]
+        if errors:
+            raise EngineError("weight update failed on " + "; ".join(errors))
+
+    async def _update_one(self, url: str, path: str, version: int) -> None:
+        payload = {"model_path": path, "weight_version": str(version), "flush_cache": True}
+        r = await self._http().post(url + "/update_weights_from_disk", json=payload, headers=self.headers)
+        if r.status_code != 200 or not r.json().get("success", False):
+            raise EngineError(f"update_weights_from_disk returned {r.status_code}: {r.text[:300]}")
+
+    async def _resync(self, url: str) -> None:
+        """Before a server rejoins: make sure it serves the current weights version."""
+        if not self.weights_path:
+            return
+        r = await self._http().get(url + "/get_model_info", headers=self.headers, timeout=10.0)
+        if str(r.json().get("weight_version")) != str(self.version):
+            await self._update_one(url, self.weights_path, self.version)
+
+    def health(self) -> bool:
+        async def check():
+            await self.pool.revive_due(self._http(), self.headers, force=True)
+            return bool(self.pool.live())
+        return self._run(check())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._run(self._client.aclose())
+            self._client = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+def parse_generate_response(body: dict[str, Any], max_new_tokens: int) -> GenerateOutput:
+    """One SGLang /generate answer -> GenerateOutput, checking it is complete and consistent."""
+    if isinstance(body, list):
+        if len(body) != 1:
+            raise ValueError(f"expected one output, got {len(body)}")
+        body = body[0]
+    meta = body["meta_info"]
+    ids = [int(t) for t in body["output_ids"]]
+    lps = [float(e[0]) for e in meta["output_token_logprobs"]]
+    echoed = [int(e[1]) for e in meta["output_token_logprobs"]]
+    if echoed != ids:
+        raise ValueError("output_token_logprobs token ids differ from output_ids")
+    reason = parse_finish_reason(meta)
+    if reason == "abort":
+        raise ValueError(f"server aborted the request: {meta.get('finish_reason')}")
+    if len(ids) > max_new_tokens:
+        raise ValueError(f"server returned {len(ids)} tokens for max_new_tokens={max_new_tokens}")
+    return GenerateOutput(ids, lps, reason)
