@@ -4,7 +4,7 @@ Every node of the job runs this one program. It recomputes the topology from the
 all nodes agree without talking), looks up its own node index (SLURM_NODEID) and starts what that node runs:
 SGLang servers, a fleet's router, and on trainer nodes `torchrun` once every server answers its health
 check. Trainer node 0 writes a done-file into the run folder when training ends; server-only nodes wait for
-it (or for SIGTERM) and then stop their servers. SIGTERM/SIGINT are forwarded to the children, so a
+it (or for SIGTERM) and then stop their servers. SIGTERM/SIGINT/SIGUSR1 are forwarded (as SIGTERM) to the children, so a
 preempted job stops cleanly; the requeued job resumes from the checkpoint in the run folder.
 
 Command construction is pure (`server_command`, `router_command`, `trainer_command`) and unit-tested; the
@@ -135,13 +135,14 @@ def _ok(url: str) -> bool:
 
 
 class Supervisor:
-    """Children of this node; SIGTERM/SIGINT are forwarded to all of them."""
+    """Children of this node; SIGTERM, SIGINT and SIGUSR1 stop all of them with SIGTERM."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
         self.stopping = False
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        # SIGUSR1 is Slurm's early warning (--signal=USR1@120 without B:, as nemo-run sends it).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
 
     def start(self, command: Command) -> subprocess.Popen:
         env, argv = command
