@@ -1,0 +1,209 @@
+"""Live weight export: sharded Megatron model chunks -> full Hugging Face tensors, bucket by bucket.
+
+Every TP/PP rank holds a shard. For each parameter of its stage, in the name table's order, the
+TP group all-gathers the shard (contiguous tensors: gloo sends wrong data for strided ones), the
+table's transform turns the full Megatron tensor into HF tensors (QKV split per query group,
+gate/up split, vocabulary unpadded), and the result joins a bucket of about `bucket_bytes`.
+Only one parameter is ever materialised in full, never the model.
+
+Two sinks:
+- `export_hf_tensors(...)` yields `list[(hf_name, tensor)]` buckets, for an in-process engine or
+  an NCCL broadcast to SGLang servers (`rlad_megatron.conversion.sglang_sync`).
+- `write_hf_folder(...)` streams them into `<root>/step_N.tmp/`, renames it to `<root>/step_N/`
+  and moves the `<root>/latest` pointer: what SGLang's `/update_weights_from_disk` reads.
+
+Pipeline parallelism: each stage exports its own layers under their global indices (taken from
+each layer's `layer_number`); `write_hf_folder` lets every stage write its own shards and rank 0
+merges the index. Data-parallel replicas other than `dp_rank == 0` skip the work.
+
+Left out: virtual pipeline stages, MoE experts, gathering all stages' buckets onto one rank.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlad_megatron.conversion import tables
+from rlad_megatron.conversion.arch import ModelArch, arch_from_config
+from rlad_megatron.conversion.hf_io import (
+    HFShardWriter,
+    copy_hf_metadata,
+    publish_step_folder,
+    write_index,
+)
+from rlad_megatron.conversion.transforms import tp_merge
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# With tied embeddings, stages without the embedding keep a copy in output_layer.weight.
+TIED_OUTPUT_RULE = tables.Rule("output_layer.weight", ("model.embed_tokens.weight",), "vocab", "column")
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_arch(chunk: torch.nn.Module) -> ModelArch:
+    """`ModelArch` of a chunk built by `model.build_model` (which keeps the HF config on it)."""
+    hf_config = getattr(unwrap(chunk), "hf_config", None)
+    if hf_config is None:
+        raise ValueError("model chunk has no .hf_config; pass arch= explicitly (conversion.arch_from_config)")
+    return arch_from_config(hf_config.to_dict())
+
+
+def global_named_params(chunk: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters keyed by name with the *global* layer index (pipeline stages number layers from 0)."""
+    model = unwrap(chunk)
+    out = {}
+    for name, param in model.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            layer = model.decoder.layers[int(match.group(1))]
+            name = f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+        out[name] = param
+    return out
+
+
+def stage_plan(chunk: torch.nn.Module, arch: ModelArch, tied_copy: bool = False):
+    """[(rule, layer, param)] of this stage in table order; raise naming missing / unknown params.
+
+    `tied_copy` adds the tied output-layer copy held by a non-first last stage (loading needs it,
+    exporting does not).
+    """
+    params = global_named_params(chunk)
+    layers = sorted({int(m.group(1)) for n in params if (m := _LAYER.match(n))})
+    first = "embedding.word_embeddings.weight" in params
+    last = "decoder.final_layernorm.weight" in params
+    plan = []
+    for rule, layer in tables.stage_rules(arch, layers, first, last):
+        param = params.pop(rule.megatron_name(layer), None)
+        if param is None and rule.ckpt_alias:  # Transformer Engine spelling of a fused norm
+            param = params.pop(rule.ckpt_alias.format(i=layer), None)
+        if param is None:
+            raise KeyError(f"model has no parameter {rule.megatron_name(layer)!r} required by the "
+                           f"{arch.family} table (is the layer spec / config the one the model was built with?)")
+        plan.append((rule, layer, param))
+    tied = params.pop("output_layer.weight", None) if arch.tie_word_embeddings else None
+    if tied is not None and tied_copy:
+        plan.append((TIED_OUTPUT_RULE, None, tied))
+    if params:
+        raise KeyError(f"model parameters {sorted(params)[:8]} have no rule in the {arch.family} table")
+    return plan
+
+
+def group_size_rank(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def gather_tp(param: torch.Tensor, kind: str, tp_group) -> torch.Tensor:
+    """Full (TP=1 layout) tensor from this rank's shard: all_gather over `tp_group`, then merge."""
+    tp, _ = group_size_rank(tp_group)
+    if tp == 1 or kind == "replicated":
+        return param.detach()
+    shard = param.detach().contiguous()
+    shards = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(shards, shard, group=tp_group)
+    return tp_merge(shards, kind)
+
+
+def _hf_tensors(plan, arch: ModelArch, tp_group, dtype, copy: bool):
+    for rule, layer, param in plan:
+        full = gather_tp(param, rule.tp, tp_group)
+        for name, tensor in zip(rule.hf_names(layer), tables.megatron_to_hf(rule, full, arch)):
+            out = tensor.to(dtype or tensor.dtype)
+            if copy and out.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
+                out = out.clone()  # never hand out a view of a live trainer parameter
+            yield name, out
+
+
+def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | None = None, *, tp_group=None,
+                      bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
+                      copy: bool = True) -> Iterator[NamedTensors]:
+    """Yield buckets of (HF name, full tensor) for this pipeline stage's parameters.
+
+    Collective over `tp_group`: every TP rank of the stage must consume the iterator (each gets
+    the same buckets). Tensors are `dtype` (default: the parameter's), contiguous, and (with
+    `copy`) never alias trainer parameters. A bucket holds at most `bucket_bytes` unless a
+    single tensor is larger.
+    """
+    bucket: NamedTensors = []
+    size = 0
+    for chunk in model_chunks:
+        chunk_arch = arch or model_arch(chunk)
+        for name, tensor in _hf_tensors(stage_plan(chunk, chunk_arch), chunk_arch, tp_group, dtype, copy):
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, tensor.contiguous()))
+            size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _entries(model_chunks, arch, dtype):
+    out = []
+    for chunk in model_chunks:
+        chunk_arch = arch or model_arch(chunk)
+        for rule, layer, param in stage_plan(chunk, chunk_arch):
+            out += tables.hf_entries(chunk_arch, dtype or param.dtype, [(rule, layer)])
+    return out
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, step: int, *,
+                    hf_config_dir: str | Path, arch: ModelArch | None = None, tp_group=None, pp_group=None,
+                    dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
+                    bucket_bytes: int = 512 << 20) -> Path:
+    """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
+
+    `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Returns
+    the published folder (`<out_root>/latest` names it) on every rank.
+    """
+    root = Path(out_root)
+    tmp, final = root / f"step_{step}.tmp", root / f"step_{step}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    (_, tp_rank), (pp_size, pp_rank) = group_size_rank(tp_group), group_size_rank(pp_group)
+    result: tuple = ({}, 0, None)
+    if dp_rank == 0:
+        writer = None
+        if tp_rank == 0:
+            prefix = "model" if pp_size == 1 else f"model-pp{pp_rank}"
+            entries = _entries(model_chunks, arch, dtype)
+            writer = HFShardWriter(tmp, entries, max_shard_bytes, prefix)
+        for bucket in export_hf_tensors(model_chunks, arch, tp_group=tp_group, bucket_bytes=bucket_bytes,
+                                        dtype=dtype, copy=False):
+            for name, tensor in bucket if writer else ():
+                writer.add(name, tensor)
+        if writer:
+            result = (writer.finish(), writer.total_bytes, entries[0][2] if entries else None)
+    results = [result]
+    if dist.is_initialized():
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, result)
+    if rank == 0:
+        weight_map = {k: v for wm, _, _ in results for k, v in wm.items()}
+        write_index(tmp, weight_map, sum(total for _, total, _ in results))
+        # config.json names the dtype actually written, so from_pretrained loads it as is.
+        copy_hf_metadata(hf_config_dir, tmp, next(d for _, _, d in results if d is not None))
+        publish_step_folder(tmp, final)
+    _barrier()
+    return final
