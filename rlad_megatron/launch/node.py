@@ -171,6 +171,11 @@ class Supervisor:
         return next((p for p in self.procs if p.poll() not in (None, 0)), None)
 
 
+def sglang_python(env: Mapping[str, str]) -> str:
+    """Interpreter of the SGLang environment (the Dockerfile keeps SGLang in its own venv)."""
+    return env.get("RLAD_SGLANG_PYTHON", "python")
+
+
 def done_file(cfg: RunConfig, env: Mapping[str, str]) -> Path:
     """Per job attempt (a requeued job keeps its id but bumps SLURM_RESTART_COUNT)."""
     job = env.get("SLURM_JOB_ID", "local")
@@ -180,7 +185,7 @@ def done_file(cfg: RunConfig, env: Mapping[str, str]) -> Path:
 def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, hosts: Sequence[str],
              env: Mapping[str, str]) -> int:
     topo = plan_topology(cfg)
-    cmds = node_commands(cfg, topo, node, hosts, recipe, overrides)
+    cmds = node_commands(cfg, topo, node, hosts, recipe, overrides, sglang_python(env))
     sup = Supervisor()
     for command in cmds["servers"] + cmds["routers"]:
         sup.start(command)
@@ -216,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.recipe, args.overrides)
     node, hosts = slurm_node()
     if args.dry_run:
-        cmds = node_commands(cfg, plan_topology(cfg), node, hosts, args.recipe, args.overrides)
+        cmds = node_commands(cfg, plan_topology(cfg), node, hosts, args.recipe, args.overrides,
+                             sglang_python(os.environ))
         for kind, items in cmds.items():
             for extra_env, cmd in items:
                 print(kind, " ".join(f"{k}={v}" for k, v in extra_env.items()), " ".join(cmd))
