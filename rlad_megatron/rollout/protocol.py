@@ -170,7 +170,7 @@ def parse_generate(body: Any, vocab_size: int, max_context: int, max_prompts: in
     for i, (p, sp) in enumerate(zip(prompts, sps)):
         req = GenRequest(_token_list(p, f"input_ids[{i}]" if not single else "input_ids", vocab_size))
         _sampling(sp, req, vocab_size, max_context)
-        _logprob_fields(body, req, vocab_size, i, single)
+        _logprob_fields(body, req, vocab_size, i, len(prompts), single)
         reqs.append(req)
     if len({r.n for r in reqs}) > 1:
         raise RequestError("all prompts of a batch must use the same n (as in SGLang)")
@@ -179,20 +179,26 @@ def parse_generate(body: Any, vocab_size: int, max_context: int, max_prompts: in
     return reqs
 
 
-def _per_prompt(value: Any, i: int, single: bool) -> Any:
-    return value[i] if (isinstance(value, list) and not single) else value
+def _per_prompt(body: dict[str, Any], key: str, i: int, num: int, single: bool) -> Any:
+    """A field given once for the whole batch, or as a list with one value per prompt."""
+    value = body.get(key)
+    if isinstance(value, list) and not single:
+        if len(value) != num:
+            raise RequestError(f"{key} list has {len(value)} entries for {num} prompts")
+        return value[i]
+    return value
 
 
-def _logprob_fields(body: dict[str, Any], req: GenRequest, vocab_size: int, i: int, single: bool) -> None:
-    rl = _per_prompt(body.get("return_logprob"), i, single)
+def _logprob_fields(body: dict[str, Any], req: GenRequest, vocab_size: int, i: int, num: int, single: bool) -> None:
+    rl = _per_prompt(body, "return_logprob", i, num, single)
     req.return_logprob = False if rl is None else _bool(rl, "return_logprob")
-    start = _per_prompt(body.get("logprob_start_len"), i, single)
+    start = _per_prompt(body, "logprob_start_len", i, num, single)
     if start is not None:
         req.logprob_start_len = _int(start, "logprob_start_len", -1, len(req.input_ids) - 1)
-    top = _per_prompt(body.get("top_logprobs_num"), i, single)
+    top = _per_prompt(body, "top_logprobs_num", i, num, single)
     if top is not None:
         req.top_logprobs_num = _int(top, "top_logprobs_num", 0, min(MAX_TOP_LOGPROBS, vocab_size))
-    rid = _per_prompt(body.get("rid"), i, single)
+    rid = _per_prompt(body, "rid", i, num, single)
     if rid is not None and not isinstance(rid, str):
         raise RequestError("rid must be a string (or a list of strings for a batch)")
     req.rid = rid

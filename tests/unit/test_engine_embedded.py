@@ -76,7 +76,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(models):
     a = EmbeddedEngine(models["llama"], max_batch_size=64).generate(prompts, sp, n=3)
     b = EmbeddedEngine(models["llama"], max_batch_size=2).generate(prompts, sp, n=3)
     c = EmbeddedEngine(models["llama"]).generate(prompts[2:3], sp, n=3)  # prompt 2 alone gets other seeds
-    ids = lambda res: [[o.response_ids for o in row] for row in res]  # noqa: E731
+    ids = lambda res: [[o.response_ids for o in row] for row in res]
     assert ids(a) == ids(b)
     assert len({tuple(x) for row in ids(a) for x in row}) == 12  # samples of one prompt differ
     other = SamplingParams(temperature=1.0, max_new_tokens=15, seed=124, ignore_eos=True)
