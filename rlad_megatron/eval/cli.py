@@ -3,8 +3,10 @@
     rlad eval --model runs/x/hf --data task:addition --k 8 --temperature 0.6 --out runs/x/eval
     rlad eval --config recipes/kk.yaml --model ckpt_hf --set data.task_kwargs.size=200
 
-Models: Hugging Face folders (config.json + weights + tokenizer files). A Megatron checkpoint is
-evaluated after `rlad convert` exports it to a Hugging Face folder. Generation goes through the
+Models: a Hugging Face folder (config.json + weights + tokenizer files), or a Megatron `torch_dist`
+checkpoint folder (metadata.json), which is first exported to `<out>/hf_model` with
+`rlad_megatron.conversion.convert.megatron_to_hf` (its HF config and tokenizer travel in
+`<ckpt>/hf_config`, or pass `--hf-config`). Generation goes through the
 same Engine interface as training (`rlad_megatron.rollout.build_engine` with the run's `rollout`
 engine settings); sampling comes from the `eval` section or the flags below.
 """
@@ -17,7 +19,9 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer files)")
+    parser.add_argument("--model", required=True, help="Hugging Face model folder, or a Megatron torch_dist checkpoint")
+    parser.add_argument("--hf-config", default="", help="HF config + tokenizer folder for a Megatron checkpoint "
+                        "(default: <ckpt>/hf_config)")
     parser.add_argument("--data", default="", help="prompt source (file, datasets folder, task:<name>, "
                         "reasoning_gym:<task>); default: the recipe's data.eval, else data.train")
     parser.add_argument("--config", default=None, help="YAML recipe supplying data / reward / eval / rollout sections")
@@ -41,27 +45,35 @@ def _flag_overrides(args: argparse.Namespace) -> list:
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 
-def check_model_dir(path: str) -> Path:
+def resolve_model_dir(path: str, out_dir: Path, hf_config: str = "") -> Path:
+    """An HF folder to serve: `path` itself, or its export when `path` is a Megatron dist checkpoint."""
     model = Path(path)
-    if not (model / "config.json").exists():
-        hint = " (a Megatron checkpoint? export it with `rlad convert` first)" if model.is_dir() else ""
-        raise SystemExit(f"rlad eval: --model {path!r} is not a Hugging Face folder with config.json{hint}")
-    return model
+    if (model / "config.json").exists():
+        return model
+    if (model / "metadata.json").exists():
+        from rlad_megatron.conversion.convert import megatron_to_hf
+
+        exported = out_dir / "hf_model"
+        print(f"exporting Megatron checkpoint {model} to {exported}")
+        return megatron_to_hf(model, exported, hf_config_dir=hf_config or None)
+    raise SystemExit(f"rlad eval: --model {path!r} is neither a Hugging Face folder (config.json) nor a Megatron "
+                     "torch_dist checkpoint (metadata.json)")
 
 
 def run(args: argparse.Namespace) -> int:
     from rlad_megatron.config import load_config
 
     cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))
-    model_dir = check_model_dir(args.model)
     source = args.data or cfg.data.eval or cfg.data.train
     if not source:
         print("rlad eval: no prompts; pass --data or set data.eval in the recipe", file=sys.stderr)
         return 2
+    out_dir = Path(args.out or Path(cfg.run_dir) / "eval")
+    model_dir = resolve_model_dir(args.model, out_dir, args.hf_config)
     result = evaluate_checkpoint(cfg, model_dir, source, split=args.split, reward_name=args.reward or cfg.reward.name)
     from rlad_megatron.eval.evaluate import markdown_table, write_report
 
-    paths = write_report(result, args.out or Path(cfg.run_dir) / "eval", args.name)
+    paths = write_report(result, out_dir, args.name)
     print(markdown_table(result))
     print(f"wrote {paths['json']} and {paths['markdown']}")
     return 0

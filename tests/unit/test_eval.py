@@ -148,5 +148,5 @@ def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch):
     report = json.loads((out / "eval.json").read_text())
     assert report["reward"] == "task:addition" and report["split"] == "test" and report["overall"]["num_prompts"] == 6
     assert (out / "eval.md").read_text().startswith("# eval")
-    with pytest.raises(SystemExit, match="rlad convert"):
+    with pytest.raises(SystemExit, match="neither a Hugging Face folder"):
         main(["eval", "--model", str(tmp_path), "--data", "task:addition"])
