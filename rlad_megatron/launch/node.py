@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rlad_megatron.config import RunConfig, load_config
@@ -34,6 +34,7 @@ from rlad_megatron.launch.topology import (
 )
 
 Command = tuple[dict[str, str], list[str]]  # (extra environment, argv)
+POLL_S = 10.0  # how often server-only nodes look for the done-file
 
 
 def log(phase: str, message: str) -> None:
@@ -114,10 +115,15 @@ def health_urls(topo: Topology, hosts: Sequence[str]) -> list[str]:
     return servers + [f"{u}/health" for u in topo.urls(hosts).values()]
 
 
-def wait_healthy(urls: Sequence[str], timeout_s: float, poll_s: float = 5.0) -> None:
+def wait_healthy(urls: Sequence[str], timeout_s: float, poll_s: float = 5.0,
+                 alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll until every URL answers 200; fail early when `alive()` says a local server process died."""
     deadline = time.monotonic() + timeout_s
     pending = list(urls)
     while pending:
+        if not alive():
+            raise RuntimeError("a server process on this node exited before every endpoint was healthy; "
+                               "see its log above")
         pending = [u for u in pending if not _ok(u)]
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} endpoint(s) not healthy after {timeout_s:.0f} s, e.g. {pending[0]}; "
@@ -141,8 +147,14 @@ class Supervisor:
         self.procs: list[subprocess.Popen] = []
         self.stopping = False
         # SIGUSR1 is Slurm's early warning (--signal=USR1@120 without B:, as nemo-run sends it).
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal)
+                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def close(self, grace_s: float = 60.0) -> None:
+        """Stop the children and give the signals back to their previous handlers."""
+        self.stop(grace_s)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def start(self, command: Command) -> subprocess.Popen:
         env, argv = command
@@ -193,7 +205,8 @@ def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, h
     try:
         if cmds["trainer"]:
             log("health", f"waiting for {len(health_urls(topo, hosts))} endpoint(s)")
-            wait_healthy(health_urls(topo, hosts), float(env.get("RLAD_HEALTH_TIMEOUT_S", cfg.launch.health_timeout_s)))
+            timeout = float(env.get("RLAD_HEALTH_TIMEOUT_S", cfg.launch.health_timeout_s))
+            wait_healthy(health_urls(topo, hosts), timeout, alive=lambda: sup.any_failed() is None)
             log("train", "all servers healthy; starting the trainer")
             code = sup.start(cmds["trainer"][0]).wait()
             if node == topo.trainer_nodes[0] and not sup.stopping:
@@ -205,11 +218,11 @@ def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, h
             if failed is not None:
                 log("error", f"{' '.join(map(str, failed.args))} exited with {failed.returncode}")
                 return failed.returncode
-            time.sleep(10)
+            time.sleep(POLL_S)
         return 0
     finally:
         log("stop", "stopping this node's processes")
-        sup.stop()
+        sup.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,97 @@
+"""The node agent's supervision on CPU: fake SGLang servers (tiny HTTP servers) stand in for the real ones."""
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from rlad_megatron.config import load_config
+from rlad_megatron.launch import node as agent
+
+RECIPE = "tests/data/launch_qwen3_8b_32b.yaml"
+FAKE_SGLANG = '''import sys, http.server
+if "--fail" in sys.argv:
+    sys.exit(3)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path in ("/health", "/health_generate") else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+'''
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def fake_sglang(tmp_path):
+    exe = tmp_path / "fake_python"
+    exe.write_text(f"#!{sys.executable}\n{FAKE_SGLANG}")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def config(tmp_path, nodes, extra=()):
+    rollout, teacher, rrouter, trouter = free_ports(4)
+    return load_config(RECIPE, [f"launch.nodes={nodes}", f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=4",
+                                "launch.teacher_tp=2", "launch.rollout_tp=1", "parallel.tensor_model_parallel_size=1",
+                                "parallel.sequence_parallel=false", f"launch.rollout_port={rollout}",
+                                f"launch.teacher_port={teacher}", f"launch.rollout_router_port={rrouter}",
+                                f"launch.teacher_router_port={trouter}", *extra])
+
+
+def test_wait_healthy_times_out_with_a_clear_error():
+    (port,) = free_ports(1)
+    with pytest.raises(TimeoutError, match="not healthy after 0 s"):
+        agent.wait_healthy([f"http://127.0.0.1:{port}/health"], timeout_s=0.2, poll_s=0.05)
+
+
+def test_single_node_waits_for_servers_then_trains_and_stops_them(tmp_path, fake_sglang, monkeypatch):
+    cfg = config(tmp_path, 1)
+    probe = tmp_path / "trainer_saw_servers"
+    url = f"http://127.0.0.1:{cfg.launch.teacher_router_port}/health"
+    trainer = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{url}'); "
+               f"open('{probe}', 'w').write('ok')"]
+    real_wait = agent.wait_healthy
+    monkeypatch.setattr(agent, "trainer_command", lambda *a, **k: ({}, trainer))
+    monkeypatch.setattr(agent, "wait_healthy", lambda urls, timeout, alive: real_wait(urls, timeout, 0.1, alive))
+    env = {"RLAD_SGLANG_PYTHON": fake_sglang, "SLURM_JOB_ID": "7"}
+    assert agent.run_node(cfg, RECIPE, [], 0, ["127.0.0.1"], env) == 0
+    assert probe.read_text() == "ok"
+    assert agent.done_file(cfg, env).read_text() == "0"
+
+
+def test_server_node_stops_when_the_trainer_is_done(tmp_path, fake_sglang, monkeypatch):
+    monkeypatch.setattr(agent, "POLL_S", 0.1)
+    cfg = config(tmp_path, 3)
+    env = {"RLAD_SGLANG_PYTHON": fake_sglang, "SLURM_JOB_ID": "8", "SLURM_RESTART_COUNT": "1"}
+    done = agent.done_file(cfg, env)
+    assert done.name == "done.8.1"
+
+    def finish_later():
+        time.sleep(1.5)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text("0")
+
+    threading.Thread(target=finish_later, daemon=True).start()
+    start = time.monotonic()
+    assert agent.run_node(cfg, RECIPE, [], 0, ["127.0.0.1"] * 3, env) == 0  # node 0: two teacher servers + router
+    assert 1.0 < time.monotonic() - start < 30
+
+
+def test_a_crashing_server_fails_the_node(tmp_path, fake_sglang, monkeypatch):
+    monkeypatch.setattr(agent, "POLL_S", 0.1)
+    cfg = config(tmp_path, 3, ["rollout.server_args={fail: true}"])
+    env = {"RLAD_SGLANG_PYTHON": fake_sglang, "SLURM_JOB_ID": "9"}
+    assert agent.run_node(cfg, RECIPE, [], 1, ["127.0.0.1"] * 3, env) == 3  # node 1: rollout servers exit 3
