@@ -61,8 +61,8 @@ def test_single_node_waits_for_servers_then_trains_and_stops_them(tmp_path, fake
     cfg = config(tmp_path, 1)
     probe = tmp_path / "trainer_saw_servers"
     url = f"http://127.0.0.1:{cfg.launch.teacher_router_port}/health"
-    trainer = [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{url}'); "
-               f"open('{probe}', 'w').write('ok')"]
+    code = f"import urllib.request; urllib.request.urlopen('{url}'); open('{probe}', 'w').write('ok')"
+    trainer = [sys.executable, "-c", code]
     real_wait = agent.wait_healthy
     monkeypatch.setattr(agent, "trainer_command", lambda *a, **k: ({}, trainer))
     monkeypatch.setattr(agent, "wait_healthy", lambda urls, timeout, alive: real_wait(urls, timeout, 0.1, alive))
