@@ -6,7 +6,9 @@ Length shaping (`reward.length_penalty`) is applied by `score_samples`, which kn
 """
 from __future__ import annotations
 
+import atexit
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -74,12 +76,32 @@ def build_reward_fn(reward_cfg: Any, data_cfg: Any) -> RewardFn:
     return get_reward_fn(name, **kwargs)
 
 
+_EXECUTORS: Dict[int, ProcessPoolExecutor] = {}
+
+
+def _executor(num_workers: int) -> ProcessPoolExecutor:
+    """One spawned process pool per size, kept for the whole run (spawning costs ~1 s per worker)."""
+    if num_workers not in _EXECUTORS:
+        _EXECUTORS[num_workers] = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
+    return _EXECUTORS[num_workers]
+
+
+@atexit.register
+def _shutdown_executors() -> None:
+    for pool in _EXECUTORS.values():
+        pool.shutdown(cancel_futures=True)
+
+
 def _score_all(reward_fn: RewardFn, texts: List[str], records: List[Dict], num_workers: int) -> List[RewardResult]:
     if hasattr(reward_fn, "score_batch"):
         return list(reward_fn.score_batch(texts, records))
     if num_workers > 1 and len(texts) > 1:
-        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
-            return list(pool.map(reward_fn, texts, records, chunksize=max(1, len(texts) // (4 * num_workers))))
+        chunksize = max(1, len(texts) // (4 * num_workers))
+        try:
+            return list(_executor(num_workers).map(reward_fn, texts, records, chunksize=chunksize))
+        except BrokenProcessPool as err:  # a worker died: drop the pool so the next call starts a fresh one
+            _EXECUTORS.pop(num_workers, None)
+            raise RuntimeError(f"a reward worker process died while scoring ({err}); the pool is restarted next call") from err
     return [reward_fn(t, r) for t, r in zip(texts, records)]
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 _STARTUP_TIMEOUT_S = 120.0
@@ -25,7 +26,9 @@ _STARTUP_TIMEOUT_S = 120.0
 
 class _Worker:
     def __init__(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # The worker imports this package: make it importable even from an uninstalled checkout.
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlad_megatron.rewards._verify_worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
