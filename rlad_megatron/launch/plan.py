@@ -152,7 +152,9 @@ def format_plan(plan: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides (before the options, or use --set)")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="another override (repeatable; may follow the options)")
     parser.add_argument("--nodes", type=int, help="launch.nodes")
     parser.add_argument("--gpus-per-node", type=int, help="launch.gpus_per_node")
     parser.add_argument("--gpu", help=f"launch.gpu: one of {sorted(hw.GPUS)}")
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not (0 < args.prompt_fill <= 1 and 0 < args.response_fill <= 1):
             raise ValueError("--prompt-fill and --response-fill must be in (0, 1]")
-        cfg = load_config(args.recipe, parse_overrides(args.overrides) + extra)
+        cfg = load_config(args.recipe, parse_overrides(args.overrides + args.set_overrides) + extra)
         plan = make_plan(cfg, args.prompt_fill, args.response_fill)
     except ValueError as err:
         print(f"rlad plan: {err}", file=sys.stderr)

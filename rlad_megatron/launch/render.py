@@ -76,14 +76,17 @@ def render(cfg: RunConfig, recipe: str, overrides: Sequence[str], template: Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe (the `launch:` section sets nodes, roles, Slurm fields)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. launch.nodes=4 launch.partition=gpu")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. launch.nodes=4 launch.partition=gpu "
+                        "(before the options, or use --set)")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="another override (repeatable; may follow the options)")
     parser.add_argument("--out", default="", help="write the script here (default: stdout)")
     parser.add_argument("--template", default=str(DEFAULT_TEMPLATE), help="sbatch template")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        overrides = parse_overrides(args.overrides)
+        overrides = parse_overrides(args.overrides + args.set_overrides)
         cfg = load_config(args.recipe, overrides)
         text = render(cfg, args.recipe, overrides, Path(args.template))
     except ValueError as err:

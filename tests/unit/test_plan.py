@@ -138,5 +138,9 @@ def test_cli_prints_plan_and_json(capsys):
                                                                         "weight_sync", "total"}
     assert rlad(["plan", RECIPE, "--nodes", "1", "--gpu", "h100"]) == 0
     assert "estimated step time" in capsys.readouterr().out
+    assert rlad(["plan", RECIPE, "rollout.max_new_tokens=1024", "--nodes", "4", "--set", "data.max_prompt_length=64",
+                 "--json"]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert (short["mean_response"], short["mean_prompt"]) == (512, 16)  # 0.5 and 0.25 fills of the overrides
     assert rlad(["plan", RECIPE, "--gpu", "v100"]) == 2
     assert "launch.gpu='v100' is not allowed" in capsys.readouterr().err
