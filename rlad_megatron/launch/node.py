@@ -29,6 +29,7 @@ from rlad_megatron.launch.topology import (
     DIST_INIT_PORT_OFFSET,
     Server,
     Topology,
+    fingerprint,
     plan_topology,
     trainer_overrides,
 )
@@ -197,6 +198,12 @@ def done_file(cfg: RunConfig, env: Mapping[str, str]) -> Path:
 def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, hosts: Sequence[str],
              env: Mapping[str, str]) -> int:
     topo = plan_topology(cfg)
+    expected = env.get("RLAD_TOPOLOGY_FINGERPRINT", "")
+    if expected and expected != fingerprint(topo):
+        raise ValueError(f"the recipe {recipe} no longer gives the placement this job was rendered with "
+                         f"({fingerprint(topo)} != {expected}); re-run `rlad render` and resubmit")
+    if len(hosts) != topo.nodes:
+        raise ValueError(f"the job has {len(hosts)} nodes but launch.nodes={topo.nodes}; fix #SBATCH --nodes")
     cmds = node_commands(cfg, topo, node, hosts, recipe, overrides, sglang_python(env))
     sup = Supervisor()
     for command in cmds["servers"] + cmds["routers"]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlad_megatron.config import RunConfig, load_config, parse_overrides
-from rlad_megatron.launch.topology import plan_topology
+from rlad_megatron.launch.topology import fingerprint, plan_topology
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
 
@@ -65,6 +65,7 @@ def render(cfg: RunConfig, recipe: str, overrides: Sequence[str], template: Path
         "OVERRIDES": " ".join(shlex.quote(o) for o in overrides),
         "TOPOLOGY": topo.describe(),
         "NODES": str(cfg.launch.nodes),
+        "FINGERPRINT": fingerprint(topo),
     }
     text = template.read_text()
     for key, value in values.items():

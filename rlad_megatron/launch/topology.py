@@ -17,6 +17,7 @@ Left out: co-locating trainer and servers on the same GPUs (slime's colocate mod
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ class Topology:
         for fleet, url in sorted(self.urls(hosts).items()):
             lines.append(f"  {fleet}: router {url}, {len(self.fleet(fleet))} server(s)")
         return "\n".join(lines)
+
+
+def fingerprint(topo: Topology) -> str:
+    """Short hash of the placement; the rendered job carries it so nodes can detect an edited recipe."""
+    return hashlib.sha256(topo.describe().encode()).hexdigest()[:16]
 
 
 def _span(gpus: Sequence[int]) -> str:

@@ -95,3 +95,16 @@ def test_a_crashing_server_fails_the_node(tmp_path, fake_sglang, monkeypatch):
     cfg = config(tmp_path, 3, ["rollout.server_args={fail: true}"])
     env = {"RLAD_SGLANG_PYTHON": fake_sglang, "SLURM_JOB_ID": "9"}
     assert agent.run_node(cfg, RECIPE, [], 1, ["127.0.0.1"] * 3, env) == 3  # node 1: rollout servers exit 3
+
+
+def test_an_edited_recipe_or_wrong_node_count_is_refused(tmp_path):
+    from rlad_megatron.launch.render import render
+    from rlad_megatron.launch.topology import fingerprint, plan_topology
+
+    cfg = config(tmp_path, 3)
+    script = render(cfg, RECIPE, [])
+    assert f'RLAD_TOPOLOGY_FINGERPRINT="{fingerprint(plan_topology(cfg))}"' in script
+    with pytest.raises(ValueError, match="re-run `rlad render`"):
+        agent.run_node(cfg, RECIPE, [], 0, ["h"] * 3, {"RLAD_TOPOLOGY_FINGERPRINT": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="the job has 2 nodes but launch.nodes=3"):
+        agent.run_node(cfg, RECIPE, [], 0, ["h"] * 2, {})
