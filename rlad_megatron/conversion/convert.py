@@ -116,9 +116,13 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
                    dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
                    key_prefix: str | None = None) -> Path:
     """Convert a Megatron dist checkpoint (saved at any TP/PP) into a sharded HF safetensors folder."""
-    hf_config_dir = Path(hf_config_dir) if hf_config_dir else Path(ckpt_dir) / HF_CONFIG_SUBDIR
-    arch = arch_from_config(load_config_dict(hf_config_dir))
     reader = dist_ckpt.CheckpointReader(ckpt_dir, key_prefix)
+    if hf_config_dir is None:
+        hf_config_dir = Path(ckpt_dir) / HF_CONFIG_SUBDIR
+        if not hf_config_dir.exists():
+            raise FileNotFoundError(f"{ckpt_dir} carries no {HF_CONFIG_SUBDIR}/; pass the student's HF folder "
+                                    "as hf_config_dir (CLI: --hf-config) for config.json and tokenizer files")
+    arch = arch_from_config(load_config_dict(hf_config_dir))
     _check_ckpt_shapes(arch, reader)
     dtype = dtype or reader.dtype("embedding.word_embeddings.weight")
     groups = [tables.stage_rules(arch, [], last_stage=False)]

@@ -17,9 +17,11 @@ Left out: optimizer state (use the trainer's own checkpoints), fp8 extra state c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,14 @@ CONFIG_FNAME = "metadata.json"
 COMMON_FNAME = "common.pt"
 MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                    "common_backend": "torch", "common_backend_version": 1}
+
+
+@contextlib.contextmanager
+def _single_process():
+    """Silence DCP's warning that no process group exists: single-process I/O is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 @dataclass
@@ -99,7 +109,8 @@ def write_checkpoint(out_dir: str | Path, chunks: list[Chunk], objects: dict[str
     out.mkdir(parents=True, exist_ok=True)
     # thread_count=1: items are written in plan order, one resolved tensor at a time.
     writer = dcp.FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1)
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects), no_dist=True)
+    with _single_process():
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects), no_dist=True)
     torch.save({}, out / COMMON_FNAME)
     (out / CONFIG_FNAME).write_text(json.dumps(MEGATRON_CONFIG))
 
@@ -186,6 +197,7 @@ class CheckpointReader:
         for name, (key, offsets, sizes) in requests.items():
             self.shape(key)
             plan[name] = (self.prefix + key, tuple(offsets), torch.empty(sizes, dtype=self.dtype(key)))
-        dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.dir)), planner=_ChunkLoadPlanner(plan),
-                 no_dist=True)
+        with _single_process():
+            dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.dir)), planner=_ChunkLoadPlanner(plan),
+                     no_dist=True)
         return {name: dest for name, (_, _, dest) in plan.items()}

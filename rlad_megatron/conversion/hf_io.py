@@ -101,7 +101,7 @@ class _StreamingSafetensors:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
         self._expected = [(n, tuple(s), d) for n, s, d in entries]
-        self._next = 0
+        self._next = self.num_written = 0
         self._file = open(path, "wb")  # noqa: SIM115 (stays open across write() calls; closed after the last tensor)
         self._file.write(struct.pack("<Q", len(blob)) + blob)
 
@@ -114,6 +114,7 @@ class _StreamingSafetensors:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))  # no extra copy of the tensor bytes
         self._next += 1
+        self.num_written = self._next
         if self._next == len(self._expected):
             self._file.close()
             return True
@@ -153,8 +154,9 @@ class HFShardWriter:
     def finish(self) -> dict[str, str]:
         """Check every planned tensor arrived; return the weight map (name -> file)."""
         if self._shard_index != len(self._shards):
-            shard = self._shards[self._shard_index]
-            raise ValueError(f"export ended early: tensors from {shard[0][0]!r} on were never written")
+            done = self._current.num_written if self._current else 0
+            missing = self._shards[self._shard_index][done][0]
+            raise ValueError(f"export ended early: tensors from {missing!r} on were never written")
         return dict(self.weight_map)
 
 
