@@ -27,7 +27,10 @@ from typing import Any
 
 TOP_LEVEL_KEYS = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num", "rid",
                   "stream", "return_text_in_logprobs", "text", "lora_path", "custom_logit_processor",
-                  "token_ids_logprob", "image_data"}
+                  "token_ids_logprob", "image_data", "model", "log_metrics", "no_logs", "return_hidden_states",
+                  "background", "return_bytes", "return_entropy"}
+# GenerateReqInput fields sglang-router fills in with their defaults: accepted only while they are off
+MUST_BE_OFF = ("stream", "return_hidden_states", "background", "return_bytes", "return_entropy")
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_new_tokens", "stop_token_ids", "n", "sampling_seed",
                  "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stop",
                  "repetition_penalty", "frequency_penalty", "presence_penalty", "min_new_tokens"}
@@ -151,8 +154,9 @@ def parse_generate(body: Any, vocab_size: int, max_context: int, max_prompts: in
     for key in ("text", "image_data", "lora_path", "custom_logit_processor", "token_ids_logprob"):
         if body.get(key) is not None:
             raise RequestError(f"{key!r} is not supported by this server; send token ids in input_ids")
-    if body.get("stream"):
-        raise RequestError("stream=true is not supported by this server")
+    for key in MUST_BE_OFF:
+        if body.get(key):
+            raise RequestError(f"{key}=true is not supported by this server")
     ids = body.get("input_ids")
     if not isinstance(ids, list) or not ids:
         raise RequestError("input_ids must be a non-empty list of token ids, or a non-empty list of such lists")

@@ -83,6 +83,7 @@ def test_batch_and_n_ordering_like_sglang(client):
     ({"input_ids": [1, 2], "logprob_start_len": 5}, "logprob_start_len"),
     ({"text": "hello"}, "not supported"),
     ({"input_ids": [1, 2], "stream": True}, "stream"),
+    ({"input_ids": [1, 2], "return_hidden_states": True}, "return_hidden_states"),
     ({"input_ids": [1.5]}, "token ids"),
     ({"input_ids": [True]}, "token ids"),
 ])
