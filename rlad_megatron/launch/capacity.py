@@ -21,7 +21,8 @@ Time of one RL step, each phase on its own GPUs (as `launch.topology` places the
   MBU_DECODE), FLOPs / (peak x MFU_PREFILL)); the longest response sets the number of decode steps;
 * teacher score: one forward pass over prompt + response tokens at MFU_PREFILL;
 * train: (old log-prob forward + PPO epochs x (forward + backward [+ recompute forward])) at MFU_TRAIN;
-* weight sync: bf16 weights gathered on the GPU, then broadcast over one NIC per trainer node.
+* weight sync: bf16 weights gathered on the GPU, then broadcast over one NIC (NCCL path) or written to and read
+  from the shared file system (disk path, used by fleets that `rlad render` starts).
 FLOPs per token of a forward pass: 2 x (parameters without the input embedding) + attention 4 x layers x
 context x heads x head dim / 2 (causal). Left out: MoE, context parallelism, CPU offload, overlap of phases.
 """
@@ -209,9 +210,15 @@ def train_seconds(arch: Arch, gpu: hw.GPU, *, num_gpus: int, num_seqs: int, seq_
     return passes * forward * bubble / (num_gpus * gpu.bf16_tflops * 1e12 * hw.MFU_TRAIN)
 
 
-def sync_seconds(arch: Arch, gpu: hw.GPU, *, same_node: bool) -> float:
-    """bf16 weights: gathered and cast on the GPU, then broadcast over NVLink (same node) or one NIC."""
+def sync_seconds(arch: Arch, gpu: hw.GPU, *, same_node: bool, via: str = "nccl") -> float:
+    """bf16 weights gathered and cast on the GPU, then either broadcast over NVLink (same node) or one NIC
+    (via='nccl'), or written once to the shared file system and read by the rollout nodes in parallel
+    (via='disk', what fleets started by `rlad render` use)."""
     payload = 2 * arch.num_params
     gather = 2 * payload / (gpu.hbm_tb_s * 1e12 * hw.HOST_EFFICIENCY)
+    if via == "disk":
+        return gather + payload / (hw.FS_WRITE_GB_S * hw.GB) + payload / (hw.FS_READ_GB_S * hw.GB)
+    if via != "nccl":
+        raise ValueError(f"unknown weight sync path {via!r}; use 'nccl' or 'disk'")
     link = gpu.nvlink_gb_s if same_node else gpu.nic_gb_s
     return gather + payload / (link * hw.GB * hw.NIC_EFFICIENCY)

@@ -55,6 +55,10 @@ NIC_EFFICIENCY = 0.80
 """Achieved / line rate of a large NCCL broadcast over one NIC."""
 HOST_EFFICIENCY = 0.70
 """Achieved / peak HBM bandwidth for the on-GPU gather and dtype cast of weights before sending."""
+FS_WRITE_GB_S = 5.0
+"""Shared file system write bandwidth of one client node (Lustre / GPFS over one 200-400 Gb/s link)."""
+FS_READ_GB_S = 5.0
+"""Shared file system read bandwidth of one client node; rollout nodes read in parallel."""
 RUNTIME_RESERVE_GIB = 5.0
 """Per-GPU memory not available to tensors: CUDA context, NCCL buffers, allocator fragmentation (rule of thumb)."""
 SGLANG_MEM_FRACTION = 0.85

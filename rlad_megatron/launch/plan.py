@@ -109,7 +109,9 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
             student, gpu, tp=int(rollout["tp"]), num_servers=int(rollout["num_servers"]), num_seqs=num_seqs,
             prompt_len=prompt_len, response_len=response_len, max_response_len=cfg.rollout.max_new_tokens,
             seqs_at_once=int(min(rollout["seqs_at_once"], rollout["concurrent"])))
-        times["weight_sync"] = cap.sync_seconds(student, gpu, same_node=topo.nodes == 1)
+        # Launcher-started fleets are kind=http for the trainer, which updates them from disk.
+        times["weight_sync"] = cap.sync_seconds(student, gpu, same_node=topo.nodes == 1, via="disk")
+        plan["weight_sync_nccl"] = cap.sync_seconds(student, gpu, same_node=topo.nodes == 1)
     if topo.fleet("teacher"):
         teacher, plan["teacher_source"] = cap.load_arch(cfg.model.teacher)
         plan["teacher_params"] = teacher.num_params
@@ -147,6 +149,9 @@ def format_plan(plan: dict) -> str:
                          f"{int(s['seqs_at_once'])} full-length sequences, {int(s['concurrent'])} in flight per "
                          f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}")
     lines.append("estimated step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in plan["seconds"].items()))
+    if "weight_sync_nccl" in plan:
+        lines.append(f"weight sync through the shared file system; over NCCL it would take "
+                     f"{plan['weight_sync_nccl']:.1f} s")
     return "\n".join(lines)
 
 

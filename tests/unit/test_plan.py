@@ -144,3 +144,14 @@ def test_cli_prints_plan_and_json(capsys):
     assert (short["mean_response"], short["mean_prompt"]) == (512, 16)  # 0.5 and 0.25 fills of the overrides
     assert rlad(["plan", RECIPE, "--gpu", "v100"]) == 2
     assert "launch.gpu='v100' is not allowed" in capsys.readouterr().err
+
+
+def test_weight_sync_paths_by_hand():
+    gpu = hw.GPUS["h100"]
+    payload = 2 * TINY.num_params
+    gather = 2 * payload / (3.35e12 * hw.HOST_EFFICIENCY)
+    assert cap.sync_seconds(TINY, gpu, same_node=False) == pytest.approx(gather + payload / (50e9 * 0.8))
+    assert cap.sync_seconds(TINY, gpu, same_node=True) == pytest.approx(gather + payload / (450e9 * 0.8))
+    assert cap.sync_seconds(TINY, gpu, same_node=False, via="disk") == pytest.approx(gather + 2 * payload / 5e9)
+    with pytest.raises(ValueError, match="unknown weight sync path"):
+        cap.sync_seconds(TINY, gpu, same_node=False, via="rdma")
