@@ -165,3 +165,12 @@ def test_fuzz_jsonl_gives_rows_or_dataset_error(tmp_path_factory, tok, lines, po
         assert isinstance(rec["prompt_ids"], list) and 0 < len(rec["prompt_ids"]) <= 64
         assert rec["record"]["prompt"] and rec["record"]["answer"] is not None
     assert ds.num_rows == len(ds) + ds.num_skipped == sum(1 for _ in iter_jsonl(path))
+
+
+def test_folder_of_data_files_loads_offline_with_a_local_cache(tmp_path, tok):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [GOOD, dict(GOOD, prompt="3+3=", answer="6")])
+    ds = load_prompts(str(folder), cfg(cache_dir=str(tmp_path / "cache")), tok)
+    assert [r["record"]["answer"] for r in ds] == ["4", "6"] and ds[1]["record"]["id"] == f"{folder}[train]:2"
+    assert (tmp_path / "cache").is_dir()
