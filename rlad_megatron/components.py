@@ -33,27 +33,45 @@ def broadcast(samples: List[Sample], src_rank: int) -> List[Sample]:
 
 # ----------------------------------------------------------------------------- trainer
 def build_trainer(cfg, objective):
-    """The Megatron student, initialised from the HF folder `model.student`."""
+    """The Megatron student, initialised from the HF folder `model.student` (each rank loads its shard)."""
+    from rlad_megatron.backends.megatron.checkpoint_convert import load_hf_weights
+    from rlad_megatron.backends.megatron.parallel import init_parallel
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
-    from rlad_megatron.backends.megatron.weight_export import load_hf_weights
 
-    return MegatronTrainer(cfg, objective, weight_loader=load_hf_weights)
+    ctx = init_parallel(cfg.parallel, cfg.seed)
+    return MegatronTrainer(cfg, objective, ctx=ctx,
+                           weight_loader=lambda chunks, hf_dir: load_hf_weights(chunks, hf_dir, tp_group=ctx.tp_group))
 
 
 def push_weights(run, version: int) -> None:
-    """Collective export of HF-named tensors in buckets; rank 0 loads them into its engine."""
-    from rlad_megatron.backends.megatron.weight_export import export_hf_buckets
+    """Trainer -> rollout engine. Collective over the trainer ranks; rank 0 owns the engine.
 
-    engine = run.ctx.rollout_engine
-    for bucket in export_hf_buckets(run.trainer):
+    Without pipeline parallelism rank 0 receives every HF tensor in memory (TP-gathered buckets);
+    with it, each stage holds only its layers, so the stages write one HF folder together and the
+    engine reloads it from disk (the same path SGLang's update_weights_from_disk takes).
+    """
+    from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
+
+    trainer, engine = run.trainer, run.ctx.rollout_engine
+    if trainer.ctx.pipeline_model_parallel_size > 1:
+        folder = save_hf(run, Path(run.cfg.run_dir) / "weights", version)
+        if engine is not None:
+            engine.update_weights(path=str(folder), version=version)
+        return
+    if trainer.ctx.dp_rank != 0:
+        return
+    for bucket in export_hf_tensors(trainer.unwrapped_model(), tp_group=trainer.ctx.tp_group):
         if engine is not None:
             engine.update_weights(named_tensors=bucket, version=version)
 
 
-def save_hf(run, out_dir: Path) -> None:
-    from rlad_megatron.backends.megatron.weight_export import save_hf_folder
+def save_hf(run, root: Path, step: int) -> Path:
+    """Collective: the live student as an HF folder `<root>/step_N` (`<root>/latest` points at it)."""
+    from rlad_megatron.backends.megatron.weight_export import write_hf_folder
 
-    save_hf_folder(run.trainer, out_dir, tokenizer_dir=run.cfg.model.student)
+    c = run.trainer.ctx
+    return write_hf_folder(run.trainer.unwrapped_model(), root, step, hf_config_dir=run.cfg.model.student,
+                           tp_group=c.tp_group, pp_group=c.pp_group, dp_rank=c.dp_rank)
 
 
 def save(run, step: int, extra: Dict[str, Any]) -> None:
@@ -102,13 +120,13 @@ def eos_ids(tokenizer) -> List[int]:
 def build_context(cfg, objective, source, *, with_engines: bool) -> Context:
     from rlad_megatron.data.loader import load_prompts
     from rlad_megatron.data.sampler import PromptSampler
-    from rlad_megatron.rewards import build_reward
+    from rlad_megatron.rewards import build_reward_fn
 
     tokenizer = load_tokenizer(cfg.model.student)
     dataset = load_prompts(cfg.data.train, cfg.data, tokenizer, split="train", seed=cfg.seed)
     sampler = PromptSampler(dataset.records, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ctx = Context(cfg=cfg, objective=objective, tokenizer=tokenizer, sampler=sampler,
-                  reward_fn=build_reward(cfg.reward, cfg.data.train))
+                  reward_fn=build_reward_fn(cfg.reward, cfg.data))
     if with_engines:
         if getattr(source, "needs_rollout_engine", False) or cfg.eval.max_prompts >= 0 and cfg.data.eval:
             ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout")
@@ -143,13 +161,17 @@ def score_teacher(run, samples: Sequence[Sample]) -> None:
 
 
 def evaluate(run, step: int) -> Dict[str, float]:
-    """avg@k / pass@k of the rollout engine's current weights on the held-out prompts."""
-    from rlad_megatron.eval import evaluate as run_eval
+    """avg@k / pass@k of the rollout engine's current weights on the held-out prompts (overall numbers)."""
+    from rlad_megatron.eval.evaluate import evaluate as run_eval
+    from rlad_megatron.rollout.base import SamplingParams
 
-    cfg = run.cfg
-    seed = (cfg.seed * 7919 + 17) % (2**31 - 1)  # the same eval draws at every step: curves compare weights only
-    return run_eval(run.ctx.rollout_engine, run.eval_records, tokenizer=run.ctx.tokenizer,
-                    reward_fn=run.ctx.reward_fn, eval_cfg=cfg.eval, data_cfg=cfg.data, seed=seed)
+    e = run.cfg.eval
+    # The same seed at every eval: the curve then compares weights, not sampling luck.
+    sampling = SamplingParams(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
+                              seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1))
+    result = run_eval(run.ctx.rollout_engine, run.ctx.tokenizer, run.eval_records, run.ctx.reward_fn,
+                      k=e.num_samples, sampling=sampling, max_prompts=e.max_prompts)
+    return dict(result["overall"])
 
 
 def close(run) -> None:

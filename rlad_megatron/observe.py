@@ -33,8 +33,8 @@ SAMPLES_FILE = "samples.jsonl"
 _LOG_LINE_KEYS = (
     ("reward/mean", "reward", "{:.3f}"), ("accuracy", "acc", "{:.2f}"),
     ("response_length/mean", "len", "{:.0f}"), ("loss", "loss", "{:.4f}"),
-    ("grad_norm", "gnorm", "{:.3f}"), ("clip_frac", "clip", "{:.3f}"),
-    ("trrd/teacher_log_ratio_mean", "lp-lpT", "{:+.3f}"), ("zero_adv_group_frac", "zero_adv", "{:.2f}"),
+    ("grad_norm", "gnorm", "{:.3f}"), ("clip_frac_high", "clip_hi", "{:.3f}"), ("clip_frac_low", "clip_lo", "{:.3f}"),
+    ("teacher_log_ratio_mean", "lp-lpT", "{:+.3f}"), ("zero_adv_group_frac", "zero_adv", "{:.2f}"),
     ("throughput/tokens_per_s", "tok/s", "{:.0f}"),
 )
 

@@ -69,11 +69,14 @@ def generate_samples(ctx: Context, engine, items: Sequence[Dict[str, Any]], n: i
 
 
 def reward(ctx: Context, samples: Sequence[Sample]) -> None:
-    """Decode each response and fill reward / reward_details in place."""
+    """Decode each response and fill reward / reward_details in place (rewards package)."""
+    from rlad_megatron.rewards import score_samples
+
     for sample in samples:
         sample.response_text = ctx.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
-        result = ctx.reward_fn(sample.response_text, sample.record)
-        sample.reward, sample.reward_details = float(result.score), dict(result.details)
+    r = ctx.cfg.reward
+    score_samples(samples, ctx.reward_fn, length_penalty=r.length_penalty,
+                  max_new_tokens=ctx.cfg.rollout.max_new_tokens, num_workers=r.num_workers)
 
 
 def _groups(samples: Sequence[Sample]) -> List[List[Sample]]:

@@ -38,6 +38,9 @@ from rlad_megatron.rollouts import (Context, DatasetTraces, SavedRollouts, Stude
 from rlad_megatron.types import Sample
 
 
+HF_DIR = "hf"  # <run_dir>/hf/step_N: final HF export; <run_dir>/hf/latest names it
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many consecutive non-finite steps); the last good checkpoint stays."""
 
@@ -103,7 +106,7 @@ def train(cfg: RunConfig, *, resume: Optional[bool] = None, advantage_hook=None)
                 obs.log_eval(step, evaluate(run, step))
             if _due(step, cfg.checkpoint.interval, cfg.train.num_steps) and bad_steps == 0:
                 checkpoint(run, step)
-        finish(run)
+        finish(run, cfg.train.num_steps)
         return history
     finally:
         if obs is not None:
@@ -149,34 +152,35 @@ def optimize(run: Run, samples: List[Sample], step: int, timer: PhaseTimer, adva
     """Steps 4-6: old / ref log-probs, advantages, ppo_epochs x num_minibatches optimizer steps."""
     objective, trainer, cfg = run.objective, run.trainer, run.cfg
     with timer("logprobs"):
-        if objective.needs_old_logprobs:
-            for sample, lps in zip(samples, trainer.compute_logprobs(samples, which="old")):
-                sample.old_logprobs = lps
-        if objective.needs_ref:
-            for sample, lps in zip(samples, trainer.compute_logprobs(samples, which="ref")):
-                sample.ref_logprobs = lps
-    advantages = compute_advantages(run, samples, step)
+        old = trainer.compute_logprobs(samples, which="old") if objective.needs_old_logprobs else None
+        ref = trainer.compute_logprobs(samples, which="ref") if objective.needs_ref else None
+    advantages = compute_advantages(run, samples, old, step)
     if advantage_hook is not None:
         advantages = advantage_hook(step, advantages)
     metrics: Dict[str, float] = {}
     with timer("train"):
-        for epoch in range(cfg.train.ppo_epochs):
+        for _epoch in range(cfg.train.ppo_epochs):
             for index in minibatches(samples, cfg.train.num_minibatches):
-                out = trainer.train_step([samples[i] for i in index], [advantages[i] for i in index], step)
+                out = trainer.train_step([samples[i] for i in index], [advantages[i] for i in index], step,
+                                         old_logprobs=_pick(old, index), ref_logprobs=_pick(ref, index))
                 _accumulate(metrics, out)
     metrics.update(objective.step_scalars(step))
-    metrics.update(_logprob_metrics(samples))
+    metrics.update(_logprob_metrics(samples, old))
     return metrics
 
 
-def compute_advantages(run: Run, samples: Sequence[Sample], step: int) -> List[List[float]]:
+def _pick(values: Optional[List[Any]], index: Sequence[int]) -> Optional[List[Any]]:
+    return None if values is None else [values[i] for i in index]
+
+
+def compute_advantages(run: Run, samples: Sequence[Sample], old: Optional[List[List[float]]],
+                       step: int) -> List[List[float]]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
     eos = set(glue.eos_ids(run.ctx.tokenizer))
     per_seq = objective.token_advantages(
         rewards, run.cfg.algorithm.group_size if objective.uses_rewards else 1,
-        seq_lens=[len(s.response_ids) for s in samples],
-        old_logprobs=[s.old_logprobs for s in samples] if objective.needs_old_logprobs else None,
+        seq_lens=[len(s.response_ids) for s in samples], old_logprobs=old,
         teacher_logprobs=[s.teacher_logprobs for s in samples] if objective.needs_teacher else None,
         ends_with_eos=[bool(s.response_ids) and s.response_ids[-1] in eos for s in samples], step=step)
     return [a.tolist() for a in per_seq]
@@ -203,16 +207,16 @@ def _accumulate(metrics: Dict[str, float], out: Dict[str, float]) -> None:
     metrics["optimizer_steps"] = n
 
 
-def _logprob_metrics(samples: Sequence[Sample]) -> Dict[str, float]:
-    """Rollout-vs-trainer mismatch and teacher gap on the sampled tokens (k1/k3 KL estimates)."""
+def _logprob_metrics(samples: Sequence[Sample], old: Optional[List[List[float]]]) -> Dict[str, float]:
+    """Rollout-vs-trainer mismatch and student-vs-teacher gap on the sampled tokens (k1 / k3 KL estimates)."""
     out: Dict[str, float] = {}
-    pairs = {"rollout_vs_old": ("rollout_logprobs", "old_logprobs"),
-             "old_vs_teacher": ("old_logprobs", "teacher_logprobs")}
-    for name, (a, b) in pairs.items():
-        values = [(x, y) for s in samples if getattr(s, a, None) and getattr(s, b, None)
-                  for x, y in zip(getattr(s, a), getattr(s, b))]
-        if values:
-            diff = np.array([x - y for x, y in values])  # log p_a - log p_b on tokens sampled from p_a
+    pairs = {"rollout_vs_old": ([s.rollout_logprobs for s in samples], old),
+             "old_vs_teacher": (old, [s.teacher_logprobs for s in samples])}
+    for name, (first, second) in pairs.items():
+        if first is None or second is None:
+            continue
+        diff = np.array([x - y for a, b in zip(first, second) if a and b for x, y in zip(a, b)])
+        if diff.size:  # log p_a - log p_b on tokens sampled from p_a
             out[f"kl/{name}_k1"] = float(diff.mean())
             out[f"kl/{name}_k3"] = float(np.mean(np.exp(-diff) + diff - 1.0))
     return out
@@ -232,13 +236,19 @@ def evaluate(run: Run, step: int) -> Dict[str, float]:
 
 
 def rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as plain lists / ints (safe for any checkpoint loader)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state().tolist()}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
 def checkpoint(run: Run, step: int) -> None:
@@ -263,9 +273,11 @@ def restore(run: Run, resume: Optional[bool]) -> int:
     return int(step)
 
 
-def finish(run: Run) -> None:
+def finish(run: Run, step: int) -> Optional[Path]:
+    """The final student as an HF folder `<run_dir>/hf/step_N` (`rlad eval`, the next run, release)."""
     if run.cfg.checkpoint.save_hf and run.trainer is not None:
-        glue.save_hf(run, Path(run.cfg.run_dir) / "hf_final")
+        return glue.save_hf(run, Path(run.cfg.run_dir) / HF_DIR, step)
+    return None
 
 
 # ----------------------------------------------------------------------------- construction

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import List, Optional
 
 from rlad_megatron.config import RunConfig, load_config
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         return dry_run(cfg)
+    # Megatron warns once per module that Transformer Engine / apex are absent: expected on CPU.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     from rlad_megatron.train import TrainingStopped, train
 
     try:
