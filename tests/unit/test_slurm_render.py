@@ -70,6 +70,9 @@ def test_container_image_can_be_overridden_from_the_environment(tmp_path):
     out = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1", "CONTAINER_MOUNTS": ""},
                          capture_output=True, text=True, check=True).stdout
     assert "--container-image=" in out and "--container-mounts" not in out
+    out = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1", "CONTAINER_IMAGE": ""},
+                         capture_output=True, text=True, check=True).stdout
+    assert "--container" not in out
 
 
 def test_bad_layout_is_a_clear_cli_error(tmp_path, capsys):
