@@ -31,7 +31,7 @@ class _Worker:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlad_megatron.rewards._verify_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,  # stderr inherited: import errors show
         )
         self.fd = self.proc.stdout.fileno()
         self.buffer = b""
@@ -40,7 +40,8 @@ class _Worker:
     def read_lines(self) -> List[bytes]:
         chunk = os.read(self.fd, 65536)
         if not chunk:
-            raise RuntimeError(f"math-verify worker {self.proc.pid} exited (code {self.proc.poll()})")
+            raise RuntimeError(f"math-verify worker {self.proc.pid} exited (code {self.proc.wait()}); see its error above "
+                               "(is math-verify installed in this environment?)")
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
         return lines
