@@ -89,3 +89,53 @@ def test_quoting_of_overrides_survives_bash(tmp_path):
     out = subprocess.run(["bash", str(script)], env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True,
                          check=True).stdout
     assert "data.plain_template=Q: {prompt} $HOME" in out
+
+
+FAKE_SRUN = """#!/bin/bash
+trap 'echo TERM >> "$MARK"; kill "$child" 2>/dev/null; exit 143' TERM
+echo "srun $*" >> "$MARK"
+if [[ -n "${FAKE_SRUN_EXIT:-}" ]]; then exit "$FAKE_SRUN_EXIT"; fi
+sleep 30 & child=$!
+wait "$child"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$MARK"
+"""
+
+
+def _fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    mark = tmp_path / "mark"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MARK": str(mark), "SLURM_JOB_ID": "42",
+           "GRACE_S": "5"}
+    return env, mark
+
+
+def test_exit_status_of_srun_is_the_job_status(tmp_path):
+    env, mark = _fake_slurm(tmp_path)
+    result = subprocess.run(["bash", str(_render(tmp_path, 4))], env={**env, "FAKE_SRUN_EXIT": "3"},
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 3 and "[finish] srun exited with status 3" in result.stdout
+    assert "srun --nodes=4 --ntasks-per-node=1" in mark.read_text()
+
+
+@pytest.mark.parametrize("sig, code, after_srun", [("SIGUSR1", 0, ["TERM", "scontrol requeue 42"]),
+                                                    ("SIGTERM", 143, ["TERM"])])
+def test_signals_stop_the_step_and_usr1_requeues(tmp_path, sig, code, after_srun):
+    import signal
+    import time
+
+    env, mark = _fake_slurm(tmp_path)
+    proc = subprocess.Popen(["bash", str(_render(tmp_path, 4))], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (mark.exists() and "srun" in mark.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # let bash reach `wait`
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == code, out
+    assert mark.read_text().splitlines()[1:] == after_srun  # srun is told to stop before any requeue
