@@ -61,9 +61,23 @@ def reasoning_gym_records(
     seed: int = 0,
     split: str = "train",
     config: Optional[Dict[str, Any]] = None,
+    configs: Optional[List[Dict[str, Any]]] = None,
     heldout_fraction: float = 0.1,
 ) -> List[Dict[str, Any]]:
-    """`size` records `{"prompt", "answer", "metadata"}` of one reasoning-gym task and split."""
+    """`size` records `{"prompt", "answer", "metadata"}` of one reasoning-gym task and split.
+
+    `configs` (a list of task configs, e.g. K&K with n_people 2..8) mixes them in turn, an equal
+    share each; `config` is the single-config form.
+    """
+    if configs:
+        parts = [_records(task, -(-size // len(configs)), seed, split, c, heldout_fraction) for c in configs]
+        mixed = [part[i] for i in range(len(parts[0])) for part in parts if i < len(part)]
+        return mixed[:size]
+    return _records(task, size, seed, split, config, heldout_fraction)
+
+
+def _records(task: str, size: int, seed: int, split: str, config: Optional[Dict[str, Any]],
+             heldout_fraction: float) -> List[Dict[str, Any]]:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed; choose one of {list(SPLITS)}")
     pool_size = int(size / max(min(heldout_fraction, 1 - heldout_fraction), 0.01)) + 16

@@ -150,3 +150,24 @@ def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch):
     assert (out / "eval.md").read_text().startswith("# eval")
     with pytest.raises(SystemExit, match="neither a Hugging Face folder"):
         main(["eval", "--model", str(tmp_path), "--data", "task:addition"])
+
+
+def test_knights_knaves_breakdown_by_number_of_people(tok):
+    cfg = DataConfig(template="none", max_prompt_length=4000,
+                     task_kwargs={"size": 6, "configs": [{"n_people": 2}, {"n_people": 3}, {"n_people": 4}]})
+    records = load_prompts("reasoning_gym:knights_knaves", cfg, tok, split="test")
+    assert [r["record"]["metadata"]["difficulty"]["n_people"] for r in records] == [2, 3, 4, 2, 3, 4]
+
+    class AnswerEngine:  # answers right exactly for the 2-person puzzles
+        def generate(self, prompt_ids, sampling, n=1):
+            out = []
+            for ids in prompt_ids:
+                rec = next(r["record"] for r in records if r["prompt_ids"] == ids)
+                text = rec["answer"] if rec["metadata"]["difficulty"]["n_people"] == 2 else "no idea"
+                out.append([Out(tok(f"<answer>{text}</answer>", add_special_tokens=False)["input_ids"], [], "stop")] * n)
+            return out
+
+    result = evaluate(AnswerEngine(), tok, records, get_reward_fn("reasoning_gym:knights_knaves"), k=2, sampling=None)
+    people = result["breakdown"]["difficulty.n_people"]
+    assert {v: m["avg@2"] for v, m in people.items()} == {"2": 1.0, "3": 0.0, "4": 0.0}
+    assert result["overall"]["pass@2"] == pytest.approx(1 / 3)
