@@ -56,12 +56,14 @@ def discover(env: Mapping[str, str] | None = None, default_port: int = 29500) ->
 
 
 def ensure_torchrun_env(env: dict | None = None) -> DistEnv:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm when torchrun did not set them (srun-launched
-    ranks), so `torch.distributed.init_process_group(init_method='env://')` works either way."""
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm when torchrun did not set them (ranks started by
+    `srun --ntasks-per-node=G` directly), so env:// initialisation works either way. Outside Slurm and torchrun
+    nothing is set, leaving single-process defaults (e.g. a free loopback port) to the caller."""
     env = os.environ if env is None else env
     found = discover(env)
-    for key, value in found.as_torchrun_env().items():
-        env.setdefault(key, value)
+    if found.source == "slurm":
+        for key, value in found.as_torchrun_env().items():
+            env.setdefault(key, value)
     return found
 
 

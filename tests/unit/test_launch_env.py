@@ -46,6 +46,8 @@ def test_slurm_variables_and_master_from_first_host():
 def test_plain_process_is_rank_zero_of_one():
     found = discover({})
     assert (found.rank, found.world_size, found.source) == (0, 1, "default")
+    env = {}
+    assert ensure_torchrun_env(env).source == "default" and env == {}  # caller keeps its own defaults
 
 
 def test_bad_integer_names_the_variable():
