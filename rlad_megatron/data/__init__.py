@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from rlad_megatron.data.loader import DatasetError, PromptDataset, encode_prompt, load_prompts
+from rlad_megatron.data.loader import (
+    DatasetError,
+    PromptDataset,
+    encode_prompt,
+    load_prompts,
+)
 from rlad_megatron.data.sampler import PromptSampler
 from rlad_megatron.data.sources import BadRow
 

@@ -66,7 +66,7 @@ def encode_prompt(prompt: Union[str, List[Dict[str, str]]], tokenizer: Any, temp
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
     if not isinstance(prompt, str):
-        raise ValueError(f"template={template!r} needs a string prompt; chat-message prompts need template=chat")
+        raise TypeError(f"template={template!r} needs a string prompt; chat-message prompts need template=chat")
     text = plain_template.format(prompt=prompt) if template == "plain" else prompt
     return _as_ids(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -15,7 +15,7 @@ def _check(gold: str, pred: str, parse, verify) -> dict:
     try:
         equal = bool(verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None))
         return {"equal": equal, "error": ""}
-    except Exception as err:  # a malformed answer is a wrong answer, not a crash of the pool
+    except Exception as err:  # noqa: BLE001 -- a malformed answer is a wrong answer, not a crash of the pool
         return {"equal": False, "error": f"{type(err).__name__}: {err}"[:300]}
 
 

@@ -60,8 +60,8 @@ class KnightsKnavesReward:
         answer_unparseable: float = -2.0,
         require_think: bool = True,
     ) -> None:
-        self.scores = dict(format_correct=format_correct, format_wrong=format_wrong, answer_correct=answer_correct,
-                           answer_wrong=answer_wrong, answer_unparseable=answer_unparseable)
+        self.scores = {"format_correct": format_correct, "format_wrong": format_wrong, "answer_correct": answer_correct,
+                       "answer_wrong": answer_wrong, "answer_unparseable": answer_unparseable}
         self.require_think = require_think
 
     def __call__(self, response_text: str, record: Dict[str, Any]) -> RewardResult:

@@ -127,7 +127,7 @@ def test_report_files_and_engine_contract_errors(tmp_path, tok):
 
 
 def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch):
-    import rlad_megatron.rollout as rollout
+    from rlad_megatron import rollout
     from rlad_megatron.cli import main
 
     model = tmp_path / "model"

@@ -2,7 +2,12 @@
 import pytest
 
 from rlad_megatron.rewards import get_reward_fn, resolve_reward_name, score_samples
-from rlad_megatron.rewards.knights_knaves import KnightsKnavesReward, gold_roles, parse_roles, split_format
+from rlad_megatron.rewards.knights_knaves import (
+    KnightsKnavesReward,
+    gold_roles,
+    parse_roles,
+    split_format,
+)
 from rlad_megatron.rewards.reasoning_gym import extract_rg_answer
 from rlad_megatron.tasks.reasoning_gym_tasks import entry_for, reasoning_gym_records
 from rlad_megatron.types import Sample
@@ -110,7 +115,7 @@ def test_score_samples_fills_samples_and_applies_length_penalty():
 def test_score_samples_process_parallel_matches_sequential():
     fn = get_reward_fn("task:multiplication")
     texts = ["3*4=12 #12", "#13", "nothing", "#12"] * 3
-    make = lambda: [Sample(prompt_ids=[1], record={"answer": "12"}, response_text=t) for t in texts]  # noqa: E731
+    make = lambda: [Sample(prompt_ids=[1], record={"answer": "12"}, response_text=t) for t in texts]
     seq, par = make(), make()
     score_samples(seq, fn)
     score_samples(par, fn, num_workers=2)
