@@ -36,6 +36,7 @@ BAD_ROWS = [  # (line content, field named in the error, words in the problem)
     (b'{"prompt": "2+2=", "answer": ', "<row>", "malformed JSON"),
     (b"[1, 2]", "<row>", "expected an object"),
     ({"prompt": "9" * 100, "answer": "4", "level": 1}, "prompt", "over data.max_prompt_length=40"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "answer": "4", "level": 1}, "prompt", "cannot apply the plain template"),
 ]
 
 

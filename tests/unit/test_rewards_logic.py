@@ -120,3 +120,17 @@ def test_score_samples_process_parallel_matches_sequential():
     score_samples(seq, fn)
     score_samples(par, fn, num_workers=2)
     assert [s.reward for s in seq] == [s.reward for s in par] == [1.0, 0.0, 0.0, 1.0] * 3
+
+
+def test_build_reward_fn_from_run_config():
+    from rlad_megatron.config import load_config
+    from rlad_megatron.rewards import build_reward_fn
+    from rlad_megatron.rewards.math import MathReward
+
+    cfg = load_config(None, ["reward.name=math", "reward.timeout_s=2.5", "reward.num_workers=3", "data.train=x.jsonl"])
+    fn = build_reward_fn(cfg.reward, cfg.data)
+    assert isinstance(fn, MathReward) and (fn.timeout_s, fn.num_workers) == (2.5, 3)
+    cfg = load_config(None, ["data.train=task:multiplication", "reward.kwargs={format_weight: 0.5}"])
+    assert build_reward_fn(cfg.reward, cfg.data)("2*3=6 #6", {"answer": "6"}).score == 1.5
+    with pytest.raises(ValueError, match="num_workers"):
+        load_config(None, ["reward.num_workers=0"])
