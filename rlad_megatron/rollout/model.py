@@ -171,7 +171,10 @@ class DecoderModel:
         return len(seen)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for positions [B, T], shaped [B, T, 1, D] (sin's first half negated)."""
+        """cos and signed sin for positions [B, T], shaped [B or 1, T, 1, D] (sin's first half negated).
+
+        Prefill positions are always 0..T-1 for every row (right padding), decode positions differ per row.
+        """
         need = int(positions.max()) + 1
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
             n, d = max(need, 256) * 2, self.spec.head_dim
@@ -182,6 +185,9 @@ class DecoderModel:
             sin[:, : d // 2] *= -1  # rotate_half(x) * sin == swap_halves(x) * signed_sin
             self._rope_cache = (emb.cos().to(self.dtype), sin.to(self.dtype))
         cos, sin = self._rope_cache
+        if positions.shape[1] > 1:  # prefill always starts at 0: a broadcast slice, no gather
+            T = positions.shape[1]
+            return cos[:T].view(1, T, 1, -1), sin[:T].view(1, T, 1, -1)
         return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
 
     def refresh_derived(self) -> None:
@@ -216,7 +222,8 @@ class DecoderModel:
             v = qkv[..., self.q_size + self.kv_size:].view(B, T, K, D).transpose(1, 2)
             if L["q_norm"] is not None:
                 qk = F.rms_norm(qk, (D,), None, s.eps) * L["qk_norm"]
-            qk = qk * cos + qk.view(B, T, H + K, 2, D // 2).flip(3).view(B, T, H + K, D) * sin
+            rotated = torch.cat((qk[..., D // 2:], qk[..., : D // 2]), dim=-1).mul_(sin)
+            qk = (qk * cos).add_(rotated)  # in place where possible: prefill is memory-bound
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             if decode:
                 k, v = cache.write_decode(li, k, v, positions[:, 0], attn_len)
@@ -225,14 +232,14 @@ class DecoderModel:
                 if cache is not None:
                     cache.write_prefill(li, rows, k, v)
                 attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
-            x = x + F.linear(attn.reshape(B, T, self.q_size), L["o"])
+            x += F.linear(attn.reshape(B, T, self.q_size), L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
             if decode:  # one fused matmul: launch overhead dominates tiny decode steps
                 gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
             else:  # contiguous halves: elementwise ops on large strided views are slower
                 inter = s.intermediate_size
                 gate, up = F.linear(h, L["gate_up"][:inter]), F.linear(h, L["gate_up"][inter:])
-            x = x + F.linear(F.silu(gate).mul_(up), L["down"])
+            x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
