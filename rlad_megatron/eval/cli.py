@@ -61,6 +61,16 @@ def resolve_model_dir(path: str, out_dir: Path, hf_config: str = "") -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlad_megatron.data import DatasetError
+
+    try:
+        return _run(args)
+    except (DatasetError, FileNotFoundError) as err:  # bad input: the message names the problem and the fix
+        print(f"rlad eval: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from rlad_megatron.config import load_config
 
     cfg = load_config(args.config, list(args.overrides) + _flag_overrides(args))

@@ -126,7 +126,7 @@ def test_report_files_and_engine_contract_errors(tmp_path, tok):
         evaluate(ShortEngine(tok, lambda p: 1), tok, [], get_reward_fn("task:addition"), k=2, sampling=None)
 
 
-def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch):
+def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch, capsys):
     from rlad_megatron import rollout
     from rlad_megatron.cli import main
 
@@ -150,6 +150,10 @@ def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch):
     assert (out / "eval.md").read_text().startswith("# eval")
     with pytest.raises(SystemExit, match="neither a Hugging Face folder"):
         main(["eval", "--model", str(tmp_path), "--data", "task:addition"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3}\n')
+    assert main(["eval", "--model", str(model), "--data", str(bad), "--reward", "task:addition", "--out", str(out)]) == 2
+    assert f"{bad}:2: field 'prompt'" in capsys.readouterr().err
 
 
 def test_knights_knaves_breakdown_by_number_of_people(tok):
