@@ -151,7 +151,7 @@ def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch, ca
     with pytest.raises(SystemExit, match="neither a Hugging Face folder"):
         main(["eval", "--model", str(tmp_path), "--data", "task:addition"])
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3}\n')
+    bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3, "answer": "1"}\n')
     assert main(["eval", "--model", str(model), "--data", str(bad), "--reward", "task:addition", "--out", str(out)]) == 2
     assert f"{bad}:2: field 'prompt'" in capsys.readouterr().err
 
