@@ -8,6 +8,9 @@ rows are dropped and counted (`PromptDataset.bad_rows`).
 Each kept row becomes `{"prompt_ids": [...], "record": {"prompt", "answer", "metadata", "id"}}`,
 ready for `rlad_megatron.types.Sample(prompt_ids=..., record=...)`. Procedural and reasoning-gym
 sources use their own field names (prompt / answer / metadata); the field mapping applies to files.
+
+Left out: batched tokenization (rows are tokenized one by one so each error names its row) and
+system prompts from config (put them in the chat-message prompt or the plain template).
 """
 from __future__ import annotations
 

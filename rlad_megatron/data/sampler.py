@@ -3,6 +3,8 @@
 Epoch e visits the records in a permutation drawn from `random.Random((seed, e))` (or file order
 when shuffle=False). `state_dict()` is (epoch, position); a sampler restored from it continues
 with exactly the batches the uninterrupted run would have drawn. Batches cross epoch boundaries.
+
+Left out: per-rank sharding; one sampler (on the rank that drives rollouts) draws for the step.
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ file, a `datasets` folder (`save_to_disk` output, or a folder of data files that
 
 A row that cannot even be read (non-UTF-8 bytes, malformed JSON, not an object) is yielded as a
 `BadRow` instead of raising, so the loader can report every bad row at once.
+
+Left out: streaming / remote datasets (every row is read, so every bad row can be reported
+before training), CSV, and hub downloads (folders are read offline).
 """
 from __future__ import annotations
 
