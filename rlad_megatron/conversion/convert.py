@@ -2,9 +2,10 @@
 
 `hf_to_megatron` validates every HF name and shape against the config (from safetensors headers,
 no data read), then writes the dist checkpoint through `dist_ckpt.write_checkpoint`, whose chunks
-each read only the HF tensors they need. `megatron_to_hf` reads one layer at a time from the
-checkpoint and streams the HF tensors into planned safetensors shards. Peak memory is about the
-largest single tensor (the embedding, or a layer's fused QKV / fc1), independent of depth.
+each read only the HF tensors they need. `megatron_to_hf` reads one tensor at a time from the
+checkpoint and streams the HF tensors into planned safetensors shards. Peak memory is one layer
+(writing) or about three copies of the largest tensor (reading: DCP's byte buffer, torch.load,
+the destination), independent of depth.
 
 The HF config and tokenizer travel with the dist checkpoint in `<ckpt>/hf_config/`, so the
 reverse direction needs no extra argument.
@@ -51,21 +52,31 @@ def _produce(reader: HFReader, rule: tables.Rule, layer, arch: ModelArch, part: 
     return full if layer is None else full.unsqueeze(0)
 
 
-def _chunks(arch: ModelArch, reader: HFReader, dtype: torch.dtype):
+def _chunks(arch: ModelArch, reader: HFReader, dtype: torch.dtype, rules) -> list[dist_ckpt.Chunk]:
     L = arch.num_layers
-    for rule, layer in tables.iter_tensors(arch):
+    out = []
+    for rule, layer in rules:
         shape = tables.megatron_shape(rule, arch)
         make = functools.partial(_produce, reader, rule, layer, arch)
         if layer is None:
-            yield dist_ckpt.Chunk(rule.ckpt_key, shape, (0,) * len(shape), shape, dtype, functools.partial(make, None))
+            out.append(dist_ckpt.Chunk(rule.ckpt_key, shape, (0,) * len(shape), shape, dtype,
+                                       functools.partial(make, None)))
         elif rule.transform == "gate_up":
             half = (shape[0] // 2, shape[1])
-            for part in (0, 1):
-                yield dist_ckpt.Chunk(rule.ckpt_key, (L, *shape), (layer, part * half[0], 0), (1, *half), dtype,
-                                      functools.partial(make, part))
+            out += [dist_ckpt.Chunk(rule.ckpt_key, (L, *shape), (layer, part * half[0], 0), (1, *half), dtype,
+                                    functools.partial(make, part)) for part in (0, 1)]
         else:
-            yield dist_ckpt.Chunk(rule.ckpt_key, (L, *shape), (layer,) + (0,) * len(shape), (1, *shape), dtype,
-                                  functools.partial(make, None))
+            out.append(dist_ckpt.Chunk(rule.ckpt_key, (L, *shape), (layer,) + (0,) * len(shape), (1, *shape),
+                                       dtype, functools.partial(make, None)))
+    return out
+
+
+def layer_groups(arch: ModelArch) -> list[list]:
+    """(rule, layer) pairs grouped as streamed: the embedding, each layer, then the head."""
+    groups = [tables.stage_rules(arch, [], last_stage=False)]
+    groups += [[(r, i) for r in tables.layer_rules(arch)] for i in range(arch.num_layers)]
+    groups.append(tables.stage_rules(arch, [], first_stage=False))
+    return groups
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -76,10 +87,14 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     check_hf_shapes(arch, reader)
     dtype = dtype or arch.dtype
     L = arch.num_layers
-    objects = {f"decoder.layers.{m}._extra_state/shard_{i}_{L}": dist_ckpt.serialized_none()
-               for i in range(L) for m in EXTRA_STATE_MODULES}
+    groups = []
+    for rules in layer_groups(arch):
+        layer = rules[0][1]
+        objects = {} if layer is None else {f"decoder.layers.{m}._extra_state/shard_{layer}_{L}":
+                                            dist_ckpt.serialized_none() for m in EXTRA_STATE_MODULES}
+        groups.append((_chunks(arch, reader, dtype, rules), objects))
     out = Path(out_dir)
-    dist_ckpt.write_checkpoint(out, list(_chunks(arch, reader, dtype)), objects)
+    dist_ckpt.write_checkpoint(out, groups)
     copy_hf_metadata(hf_dir, out / HF_CONFIG_SUBDIR, dtype)
     reader.close()
     return out
@@ -125,17 +140,13 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str
     arch = arch_from_config(load_config_dict(hf_config_dir))
     _check_ckpt_shapes(arch, reader)
     dtype = dtype or reader.dtype("embedding.word_embeddings.weight")
-    groups = [tables.stage_rules(arch, [], last_stage=False)]
-    groups += [[(r, i) for r in tables.layer_rules(arch)] for i in range(arch.num_layers)]
-    groups.append(tables.stage_rules(arch, [], first_stage=False))
     writer = HFShardWriter(out_dir, tables.hf_entries(arch, dtype, tables.iter_tensors(arch)), max_shard_bytes)
-    for rules in groups:  # one group (a layer) in memory at a time
-        tensors = reader.read(_requests(arch, rules))
-        for rule, layer in rules:
-            full = tensors.pop(rule.megatron_name(layer))
-            full = full if layer is None else full[0]
-            for name, tensor in zip(rule.hf_names(layer), tables.megatron_to_hf(rule, full, arch)):
-                writer.add(name, tensor.to(dtype))
+    for rule, layer in tables.iter_tensors(arch):  # one tensor in memory at a time
+        name = rule.megatron_name(layer)
+        full = reader.read(_requests(arch, [(rule, layer)]))[name]
+        full = full if layer is None else full[0]
+        for hf_name, tensor in zip(rule.hf_names(layer), tables.megatron_to_hf(rule, full, arch)):
+            writer.add(hf_name, tensor.to(dtype))
     write_index(out_dir, writer.finish(), writer.total_bytes)
     copy_hf_metadata(hf_config_dir, out_dir, dtype)
     return Path(out_dir)

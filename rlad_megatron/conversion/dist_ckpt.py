@@ -9,8 +9,10 @@ layer (`<key>/shard_<i>_<num_layers>`), plus `metadata.json` (backend names) and
 at any TP/PP with `dist_checkpointing.load(model.sharded_state_dict(), dir)`; the vocabulary rows
 are stored unpadded and Megatron's embedding / output layer load them with `allow_shape_mismatch`.
 
-Writing goes through DCP's own `FileSystemWriter` with a planner whose `resolve_data` builds each
-chunk on demand, so only one chunk is in memory at a time. Reading asks DCP for sub-chunks (one
+Writing goes through DCP's own `FileSystemWriter`, one save per group of chunks (a layer), with a
+planner whose `resolve_data` builds each chunk on demand; the groups' metadata is merged into one
+`.metadata` (DCP's writer holds every tensor of a save until it ends, so one save of the whole
+model would hold the whole model). Reading asks DCP for sub-chunks (one
 layer of a stacked tensor). No process group is needed for either (`no_dist=True`).
 
 Left out: optimizer state (use the trainer's own checkpoints), fp8 extra state contents.
@@ -21,6 +23,9 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import pickle
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from torch.distributed.checkpoint.default_planner import (
 )
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
@@ -103,14 +109,52 @@ class _LazySavePlanner(DefaultSavePlanner):
         return tensor.to(chunk.dtype).contiguous()
 
 
-def write_checkpoint(out_dir: str | Path, chunks: list[Chunk], objects: dict[str, bytes]) -> None:
-    """Write a Megatron `torch_dist` checkpoint from lazily produced chunks and byte objects."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _save_part(part_dir: Path, chunks: list[Chunk], objects: dict[str, bytes]):
+    """One DCP save of a group of chunks (e.g. one layer) into its own folder; returns its metadata."""
     # thread_count=1: items are written in plan order, one resolved tensor at a time.
-    writer = dcp.FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1)
+    writer = dcp.FileSystemWriter(str(part_dir), single_file_per_rank=True, thread_count=1)
     with _single_process():
         dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects), no_dist=True)
+    return dcp.FileSystemReader(str(part_dir)).read_metadata()
+
+
+def _merge_into(merged: Metadata, part: Metadata, rename: dict[str, str]) -> None:
+    for key, md in part.state_dict_metadata.items():
+        have = merged.state_dict_metadata.get(key)
+        if have is None:
+            merged.state_dict_metadata[key] = md
+        elif isinstance(md, TensorStorageMetadata) and have.size == md.size:
+            have.chunks.extend(md.chunks)  # another layer's chunk of the same stacked tensor
+        else:
+            raise ValueError(f"checkpoint key {key!r} was written twice with different metadata")
+    for index, info in part.storage_data.items():
+        merged.storage_data[index] = dataclasses.replace(info, relative_path=rename[info.relative_path])
+
+
+def write_checkpoint(out_dir: str | Path, groups: list[tuple[list[Chunk], dict[str, bytes]]]) -> None:
+    """Write a Megatron `torch_dist` checkpoint from groups of lazily produced chunks and byte objects.
+
+    DCP's file writer keeps every tensor of one save alive until the save ends, so each group
+    (one layer) is saved on its own and the per-group metadata is merged into one `.metadata`:
+    peak memory is one group, not the model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = Metadata(state_dict_metadata={}, storage_data={})
+    for g, (chunks, objects) in enumerate(groups):
+        part_dir = out / f".part{g}"
+        shutil.rmtree(part_dir, ignore_errors=True)
+        part = _save_part(part_dir, chunks, objects)
+        rename = {}
+        for file in part_dir.glob("*.distcp"):
+            rename[file.name] = f"__part{g}{file.name}"
+            os.replace(file, out / rename[file.name])
+        _merge_into(merged, part, rename)
+        shutil.rmtree(part_dir)
+    merged.version = part.version if groups else None
+    with open(out / ".metadata.tmp", "wb") as handle:
+        pickle.dump(merged, handle)
+    os.replace(out / ".metadata.tmp", out / ".metadata")
     torch.save({}, out / COMMON_FNAME)
     (out / CONFIG_FNAME).write_text(json.dumps(MEGATRON_CONFIG))
 

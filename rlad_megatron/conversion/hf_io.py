@@ -30,43 +30,50 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 class HFReader:
-    """Lazy access to the tensors of a HF folder (single file or sharded with an index)."""
+    """Lazy access to the tensors of a HF folder (single file or sharded with an index).
+
+    Each `get` opens the file, reads one tensor and closes it: safetensors memory-maps files and
+    the pages a read touches stay resident (and counted in RSS) for as long as a handle is open.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (self.folder / "model.safetensors").exists():
-            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"no model.safetensors or {INDEX_NAME} in {self.folder}; "
                                     "convert .bin checkpoints to safetensors first")
-        self.weight_map: dict[str, str] = dict(weight_map)
-        self._handles: dict[str, object] = {}
+        self.weight_map: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:  # headers only: names and shapes, no tensor data
+            with safe_open(str(self.folder / file), "pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self.weight_map[name] = file
+                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, name: str):
+    def _file(self, name: str) -> str:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} is missing from the HF checkpoint {self.folder}")
-        file = self.weight_map[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.folder / file), "pt")
-        return self._handles[file]
+        return str(self.folder / self.weight_map[name])
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor from disk; raise naming it when absent."""
-        return self._handle(name).get_tensor(name)
+        with safe_open(self._file(name), "pt") as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header, without reading the data."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        self._file(name)
+        return self._shapes[name]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can release readers uniformly."""
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

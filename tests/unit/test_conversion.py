@@ -6,7 +6,11 @@ import torch
 
 from rlad_megatron.conversion import tables
 from rlad_megatron.conversion import transforms as T
-from rlad_megatron.conversion.arch import UnsupportedModelError, arch_from_config, parse_dtype
+from rlad_megatron.conversion.arch import (
+    UnsupportedModelError,
+    arch_from_config,
+    parse_dtype,
+)
 
 ARCH_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
