@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from rlad_megatron.data.sources import BadRow, iter_rows
+from rlad_megatron.tasks.reasoning_gym_tasks import json_safe
 
 _ANSWER_TYPES = (str, int, float, bool, list, dict)
 _MAX_LISTED = 50
@@ -110,7 +111,8 @@ def validate_row(row: Dict[str, Any], keys: Dict[str, Any], source: str, number:
         return BadRow(source, number, ak, f"wrong type {type(answer).__name__}: expected a string, number, list or object")
     if ak and isinstance(answer, str) and not answer.strip():
         return BadRow(source, number, ak, "empty answer")
-    metadata = dict(row["metadata"]) if keys["task"] else {k: row[k] for k in mkeys}
+    # JSON-safe so samples (which carry the record) can be saved to jsonl and sent over HTTP.
+    metadata = dict(row["metadata"]) if keys["task"] else {k: json_safe(row[k]) for k in mkeys}
     return {"prompt": row[pk], "answer": answer, "metadata": metadata, "id": f"{source}:{number}"}
 
 

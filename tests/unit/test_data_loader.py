@@ -1,4 +1,5 @@
 """Dataset loading: every bad-row kind named by file/row/field, skip counting, fuzzing, formats, templates."""
+import datetime
 import json
 
 import pytest
@@ -109,7 +110,8 @@ def test_missing_and_unsupported_sources(tmp_path, tok):
 def test_parquet_and_datasets_folder(tmp_path, tok):
     import datasets
 
-    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "level": i % 2} for i in range(5)] + [{"prompt": "", "answer": "1", "level": 0}]
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "level": {"n": i % 2, "day": datetime.date(2024, 1, i + 1)}} for i in range(5)]
+    rows.append({"prompt": "", "answer": "1", "level": {"n": 0, "day": datetime.date(2024, 2, 1)}})
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "t.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
@@ -119,6 +121,8 @@ def test_parquet_and_datasets_folder(tmp_path, tok):
             load_prompts(str(tmp_path / source), cfg(dataset_split=split), tok)
         loaded = load_prompts(str(tmp_path / source), cfg(dataset_split=split, bad_rows="skip"), tok)
         assert [r["record"]["answer"] for r in loaded] == [str(i + 1) for i in range(n)]
+        assert loaded[0]["record"]["metadata"] == {"level": {"n": 0, "day": "2024-01-01"}}  # JSON-safe metadata
+        json.dumps([r["record"] for r in loaded])
     with pytest.raises(ValueError, match="no split 'validation'"):
         load_prompts(str(tmp_path / "dict"), cfg(dataset_split="validation"), tok)
 
