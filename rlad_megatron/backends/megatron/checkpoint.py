@@ -108,6 +108,9 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """Delete stale `*.tmp` folders of crashed saves and complete checkpoints beyond keep_last."""
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
     steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
@@ -132,11 +135,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_latest(trainer, run_dir: str | Path, *, load_optimizer: bool = True) -> tuple[int, dict] | None:
     """Collective. Restore the latest complete checkpoint into `trainer`; (step, extra_state) or None."""
-    from megatron.core import dist_checkpointing
-
     path = latest_checkpoint(run_dir)
     if path is None:
         return None
+    return load_checkpoint(trainer, path, load_optimizer=load_optimizer)
+
+
+def load_checkpoint(trainer, path: str | Path, *, load_optimizer: bool = True) -> tuple[int, dict]:
+    """Collective. Restore the checkpoint folder `path`; returns (step, extra_state)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise ValueError(f"{path} is not a complete checkpoint (no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    # Before the first update the optimizer has no state to save (Adam moments are created lazily),
+    # and a fresh optimizer is exactly equivalent.
+    load_optimizer = load_optimizer and int(common["num_updates"]) > 0
     state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(trainer.unwrapped_model()):

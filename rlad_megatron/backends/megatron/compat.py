@@ -24,7 +24,9 @@ Patches, each with the Megatron 0.16.1 line it works around:
    (``optimizer/optimizer.py:375``, ``distrib_optimizer.py:1089``) and reports CPU float tensors as
    ``torch.cuda.*Tensor`` from ``Tensor.type()`` (the assert at ``optimizer/clip_grads.py:167`` and
    the ``TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor`` at
-   ``optimizer/distrib_optimizer.py:431`` / ``optimizer/optimizer.py:697``). A global mode would
+   ``optimizer/distrib_optimizer.py:431`` / ``optimizer/optimizer.py:697``). Also used around
+   ``GPTModel`` construction: with tied embeddings under pipeline parallelism
+   ``models/common/language_module/language_module.py:244`` calls ``weight.data.cuda()``. A global mode would
    cost ~1.7x Python overhead on every op, hence the scoping.
 4. ``CpuRNGStatesTracker`` (a ``CudaRNGStatesTracker`` subclass forking the CPU generator) and
    ``install_cpu_rng_tracker(seed)``, the CPU stand-in for ``model_parallel_cuda_manual_seed``, which

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlad_megatron.backends.megatron import compat
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -187,7 +189,6 @@ def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn
     Needs `init_parallel` first. Each chunk has `.config` (TransformerConfig) and
     `.padded_vocab_size`; `.hf_config` is kept for conversion.
     """
-    from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
     hf_config = load_hf_config(hf_config_or_dir)
@@ -195,16 +196,23 @@ def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn
     use_te = _use_te(model_cfg)
     vocab = padded_vocab_size(hf_config.vocab_size, model_cfg.make_vocab_size_divisible_by,
                               parallel_cfg.tensor_model_parallel_size)
-    model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(config, use_te), vocab_size=vocab,
-        max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
-        parallel_output=True, share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-        position_embedding_type="rope", **rope_settings(hf_config),
-    )
+    with compat.cuda_to_cpu():  # tied embeddings under PP call weight.data.cuda() (language_module.py:244)
+        model = _gpt_model(GPTModel, config, use_te, vocab, hf_config)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.padded_vocab_size = vocab
     model.vocab_size_unpadded = hf_config.vocab_size
     model.hf_config = hf_config
     return [model]
+
+
+def _gpt_model(GPTModel, config, use_te: bool, vocab: int, hf_config):
+    from megatron.core import parallel_state as mpu
+
+    return GPTModel(
+        config=config, transformer_layer_spec=layer_spec(config, use_te), vocab_size=vocab,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
+        parallel_output=True, share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope", **rope_settings(hf_config),
+    )

@@ -1,0 +1,333 @@
+"""torchrun worker for test_megatron_parallel.py (no tests here; run with 2 gloo processes).
+
+One launch walks through several layouts in the same 2-process world, re-initialising Megatron's
+parallel state for each: DP=2, TP=2, TP=2 + SP, PP=2. The reference is a plain single-process
+forward/backward of the full batch on the unwrapped TP=1 model (padded layout, torch
+log_softmax, no collectives). Weights travel between layouts through the trainer's own
+checkpoints (save at one layout, load at another). Measured differences go to a JSON file that
+the pytest side asserts on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+VOCAB = 125  # padded to 128: exercises the vocabulary-padding mask
+TEMPERATURE = 0.7
+
+
+def make_cfg(tp=1, pp=1, sp=False, dist_opt=False):
+    from rlad_megatron.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.algorithm.name = "grpo"
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.parallel.sequence_parallel, cfg.parallel.use_distributed_optimizer = sp, dist_opt
+    cfg.train.micro_batch_tokens, cfg.train.lr, cfg.train.clip_grad = 24, 1e-2, 1.0
+    cfg.rollout.temperature = TEMPERATURE
+    return cfg
+
+
+def make_samples(n=6, seed=0):
+    from rlad_megatron.types import Sample
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(2, VOCAB) for _ in range(rng.randint(2, 6))]
+        response = [rng.randrange(2, VOCAB) for _ in range(rng.randint(2, 8))]
+        out.append(Sample(prompt_ids=prompt, response_ids=response, reward=float(i % 3 == 0), finish_reason="stop"))
+    return out
+
+
+def make_trainer(cfg):
+    from rlad_megatron.algorithms.objectives import build_objective
+    from rlad_megatron.backends.megatron.trainer import MegatronTrainer
+    from rlad_megatron.testing import tiny_hf_config
+
+    hf = tiny_hf_config("qwen3", vocab_size=VOCAB)
+    return MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=hf)
+
+
+def inputs(samples):
+    """Advantages per sample and perturbed old log-probs (ratios != 1, some clipped)."""
+    rng = random.Random(1)
+    adv = [rng.uniform(-1.5, 1.5) for _ in samples]
+    return adv
+
+
+def old_logprobs_for(trainer, samples):
+    rng = random.Random(2)
+    base = trainer.compute_logprobs(samples)
+    return [[v + rng.uniform(-0.3, 0.3) for v in row] for row in base]
+
+
+def reference_loss_and_grads(trainer, samples, adv, old):
+    """Full batch, padded layout, torch log_softmax, plain autograd on the unwrapped TP=1 model."""
+    from rlad_megatron.backends.megatron.batching import pad_samples
+
+    model = trainer.unwrapped_model()[0]
+    batch = pad_samples(samples)
+    logits = model(batch["tokens"], batch["position_ids"], None)[..., :VOCAB].float()
+    logp = torch.log_softmax(logits / TEMPERATURE, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    mask = batch["mask"]
+    tensors = {"logprobs": logp, "mask": mask.bool(), "advantages": torch.zeros_like(mask),
+               "old_logprobs": torch.zeros_like(mask), "seq_weights": torch.zeros_like(mask)}
+    for i, s in enumerate(samples):
+        start, n = len(s.prompt_ids) - 1, len(s.response_ids)
+        tensors["advantages"][i, start:start + n] = adv[i]
+        tensors["old_logprobs"][i, start:start + n] = torch.tensor(old[i])
+        tensors["seq_weights"][i, start:start + n] = 1.0 / n
+    num_tokens = float(sum(len(s.response_ids) for s in samples))
+    loss, _ = trainer.objective.loss(tensors, num_tokens=num_tokens, num_seqs=float(len(samples)), step=0)
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    loss.backward()
+    grads = full_tensors(trainer, grads=True)
+    padded_lp = [logp[i, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)].tolist()
+                 for i, s in enumerate(samples)]
+    return float(loss), grads, padded_lp
+
+
+def full_tensors(trainer, grads: bool):
+    """{global name: full tensor} of params (or their main_grad), gathered over TP and PP."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    ctx, model = trainer.ctx, trainer.unwrapped_model()[0]
+    offset = get_transformer_layer_offset(model.config)
+    out = {}
+    for name, p in model.named_parameters():
+        t = (p.main_grad if grads else p.data).detach().clone()
+        if getattr(p, "tensor_model_parallel", False) and ctx.tensor_model_parallel_size > 1:
+            parts = [torch.empty_like(t) for _ in range(ctx.tensor_model_parallel_size)]
+            dist.all_gather(parts, t.contiguous(), group=ctx.tp_group)
+            if "linear_fc1" in name:  # each shard is [gate_i; up_i]
+                halves = [x.chunk(2, dim=0) for x in parts]
+                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            else:
+                t = torch.cat(parts, dim=p.partition_dim)
+        if name == "output_layer.weight" and model.share_embeddings_and_output_weights and not model.pre_process:
+            continue
+        out[re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + offset}.", name)] = t
+    parts = [None] * ctx.world_size
+    dist.all_gather_object(parts, out if ctx.tp_rank == 0 and ctx.dp_rank == 0 else {})
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def lp_diff(x, y) -> float:
+    return max(abs(u - v) for rx, ry in zip(x, y) for u, v in zip(rx, ry))
+
+
+def check_vocab_parallel(trainer, results):
+    """Log-probs / entropy / top-k from TP-sharded logits vs full log_softmax (values and grads)."""
+    from rlad_megatron.backends.megatron.logprobs import (
+        logprobs_and_entropy,
+        vocab_parallel_topk_logprobs,
+    )
+
+    ctx = trainer.ctx
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(3, 7, 128, generator=gen) * 3
+    targets = torch.randint(0, VOCAB, (3, 7), generator=gen)
+    topk = torch.randint(0, VOCAB, (3, 7, 4), generator=gen)
+    weights = torch.randn(3, 7, 6, generator=gen)
+    ref_in = full.clone().requires_grad_(True)
+    ref_lsm = torch.log_softmax(ref_in[..., :VOCAB] / TEMPERATURE, dim=-1)
+    ref = [ref_lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(ref_lsm.exp() * ref_lsm).sum(-1),
+           ref_lsm.gather(-1, topk)]
+    local = full.chunk(ctx.tensor_model_parallel_size, dim=-1)[ctx.tp_rank].clone().requires_grad_(True)
+    lp, ent = logprobs_and_entropy(local, targets, ctx.tp_group, temperature=TEMPERATURE, vocab_size=VOCAB)
+    tk = vocab_parallel_topk_logprobs(local, topk, ctx.tp_group, temperature=TEMPERATURE, vocab_size=VOCAB)
+    outs = [lp, ent, tk]
+    results["vp_value_diff"] = max((o - r).abs().max().item() for o, r in zip(outs, ref))
+    combine = lambda xs: (xs[0] * weights[..., 0]).sum() + (xs[1] * weights[..., 1]).sum() + (xs[2] * weights[..., 2:]).sum()
+    combine(ref).backward()
+    combine(outs).backward()
+    ref_grad = ref_in.grad.chunk(ctx.tensor_model_parallel_size, dim=-1)[ctx.tp_rank]
+    results["vp_grad_diff"] = (local.grad - ref_grad).abs().max().item()
+    first_padded = VOCAB - ctx.tp_rank * local.shape[-1]  # local index of global column VOCAB
+    padded_grad = local.grad[..., max(first_padded, 0):]
+    stats = torch.tensor([padded_grad.abs().max().item() if padded_grad.numel() else 0.0,
+                          float(padded_grad.shape[-1]) if first_padded < local.shape[-1] else 0.0])
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=ctx.tp_group)
+    results["vp_grad_padded_cols"], results["vp_num_padded_cols"] = stats.tolist()
+
+
+def hf_to_megatron(hf_model, megatron_model) -> None:
+    """Test-only TP=1 weight copy (HF names -> Megatron local-spec names) to compare forwards."""
+    cfg, sd = hf_model.config, hf_model.state_dict()
+    heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    out = {}
+
+    def qkv(prefix, suffix):
+        q = sd[f"{prefix}.q_proj.{suffix}"].reshape(groups, heads // groups * dim, -1)
+        k = sd[f"{prefix}.k_proj.{suffix}"].reshape(groups, dim, -1)
+        v = sd[f"{prefix}.v_proj.{suffix}"].reshape(groups, dim, -1)
+        fused = torch.cat([q, k, v], dim=1)
+        return fused.reshape(-1, fused.shape[-1]) if suffix == "weight" else fused.reshape(-1)
+
+    for i in range(cfg.num_hidden_layers):
+        h, m = f"model.layers.{i}", f"decoder.layers.{i}"
+        out[f"{m}.input_layernorm.weight"] = sd[f"{h}.input_layernorm.weight"]
+        out[f"{m}.self_attention.linear_qkv.weight"] = qkv(f"{h}.self_attn", "weight")
+        if f"{h}.self_attn.q_proj.bias" in sd:
+            out[f"{m}.self_attention.linear_qkv.bias"] = qkv(f"{h}.self_attn", "bias")
+        for norm in ("q", "k"):
+            if f"{h}.self_attn.{norm}_norm.weight" in sd:
+                out[f"{m}.self_attention.{norm}_layernorm.weight"] = sd[f"{h}.self_attn.{norm}_norm.weight"]
+        out[f"{m}.self_attention.linear_proj.weight"] = sd[f"{h}.self_attn.o_proj.weight"]
+        out[f"{m}.pre_mlp_layernorm.weight"] = sd[f"{h}.post_attention_layernorm.weight"]
+        out[f"{m}.mlp.linear_fc1.weight"] = torch.cat([sd[f"{h}.mlp.gate_proj.weight"], sd[f"{h}.mlp.up_proj.weight"]])
+        out[f"{m}.mlp.linear_fc2.weight"] = sd[f"{h}.mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
+    params = dict(megatron_model.named_parameters())
+    with torch.no_grad():
+        params["embedding.word_embeddings.weight"][: cfg.vocab_size] = sd["model.embed_tokens.weight"]
+        if "output_layer.weight" in params:
+            params["output_layer.weight"][: cfg.vocab_size] = sd["lm_head.weight"]
+        for name, value in out.items():
+            params[name].copy_(value)
+    missing = set(params) - set(out) - {"embedding.word_embeddings.weight", "output_layer.weight"}
+    assert not missing, missing
+
+
+def check_hf_equivalence(results) -> None:
+    """Logits of the Megatron local-spec model vs transformers' own forward, per family (TP=1)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlad_megatron.backends.megatron.model import build_model
+    from rlad_megatron.testing import FAMILIES, tiny_hf_config
+
+    cfg = make_cfg()
+    tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
+    for family in FAMILIES:
+        torch.manual_seed(4)
+        # A non-default RoPE theta checks that the base is read from the HF config.
+        hf_config = tiny_hf_config(family, rope_theta=50000.0)
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+        model = build_model(hf.config, cfg.model, cfg.parallel)[0].eval()
+        hf_to_megatron(hf, model)
+        with torch.no_grad():
+            ref = hf(tokens).logits
+            out = model(tokens, torch.arange(11).expand(2, 11), None)[..., : hf.config.vocab_size]
+        results[f"hf_logits_{family}"] = (out - ref).abs().max().item()
+        results[f"hf_params_{family}"] = [sum(p.numel() for p in hf.parameters()),
+                                          sum(p.numel() for p in model.parameters())]
+
+
+def main(out_path: str) -> None:
+    from rlad_megatron.backends.megatron import checkpoint as ckpt
+
+    results = {}
+    run_dir = tempfile.mkdtemp(prefix="mt_ckpt_") if int(os.environ["RANK"]) == 0 else None
+    holder = [run_dir]
+    samples = make_samples()
+
+    # DP=2: reference (single process maths on each rank), then the DP-split step.
+    tr = make_trainer(make_cfg())
+    dist.broadcast_object_list(holder, src=0)
+    run_dir = holder[0]
+    check_hf_equivalence(results)
+    adv = inputs(samples)
+    old = old_logprobs_for(tr, samples)
+    ckpt.save_checkpoint(tr, run_dir, 0, {"data_position": 0})
+    ref_loss, ref_grads, ref_lp = reference_loss_and_grads(tr, samples, adv, old)
+    results["num_parameters"] = tr.num_parameters()
+    results["dp_packed_vs_padded_lp"] = lp_diff(tr.compute_logprobs(samples), ref_lp)
+    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
+    results["dp2"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
+    results["ref_loss"], results["ref_grad_max"] = ref_loss, max(g.abs().max().item() for g in ref_grads.values())
+
+    # One optimizer step with and without the distributed optimizer (DP=2) from the same weights.
+    before = full_tensors(tr, grads=False)
+    tr.train_step(samples, adv, 0, old_logprobs=old)
+    plain = full_tensors(tr, grads=False)
+    results["optimizer_step_size"] = max_diff(plain, before)
+    tr = make_trainer(make_cfg(dist_opt=True))
+    ckpt.load_latest(tr, run_dir, load_optimizer=False)
+    tr.train_step(samples, adv, 0, old_logprobs=old)
+    results["dist_opt_step_diff"] = max_diff(full_tensors(tr, grads=False), plain)
+
+    # TP=2: loss/grads, packed log-probs vs the padded TP=1 reference, vocab-parallel maths.
+    tr = make_trainer(make_cfg(tp=2))
+    ckpt.load_latest(tr, run_dir)
+    results["tp2_lp"] = lp_diff(tr.compute_logprobs(samples), ref_lp)
+    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
+    results["tp2"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
+    check_vocab_parallel(tr, results)
+    tr.train_step(samples, adv, 0, old_logprobs=old)
+    lp_after_tp2 = tr.compute_logprobs(samples)
+    ckpt.save_checkpoint(tr, run_dir, 1, {"data_position": 1})
+
+    # TP=2 + sequence parallel, from the step-0 weights.
+    tr = make_trainer(make_cfg(tp=2, sp=True))
+    ckpt.load_checkpoint(tr, ckpt.checkpoint_root(run_dir) / "step_0")
+    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
+    results["tp2_sp"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
+
+    # PP=2: loss/grads from step 0; then the TP=2 checkpoint resharded to PP=2.
+    tr = make_trainer(make_cfg(pp=2))
+    ckpt.load_checkpoint(tr, ckpt.checkpoint_root(run_dir) / "step_0")
+    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
+    results["pp2"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
+    ckpt.load_latest(tr, run_dir)
+    results["tp2_to_pp2_lp"] = lp_diff(tr.compute_logprobs(samples), lp_after_tp2)
+    tr.train_step(samples, adv, 1, old_logprobs=old)
+    lp_after_pp2 = tr.compute_logprobs(samples)
+    ckpt.save_checkpoint(tr, run_dir, 2, {"data_position": 2})
+
+    # TP=1, PP=1 (DP=2): load the TP=2 and the PP=2 checkpoints.
+    tr = make_trainer(make_cfg())
+    ckpt.load_checkpoint(tr, ckpt.checkpoint_root(run_dir) / "step_1")
+    results["tp2_to_tp1_lp"] = lp_diff(tr.compute_logprobs(samples), lp_after_tp2)
+    step, extra = ckpt.load_latest(tr, run_dir)
+    results["pp2_to_pp1_lp"] = lp_diff(tr.compute_logprobs(samples), lp_after_pp2)
+    results["latest_step"], results["latest_extra"] = step, extra
+
+    # Interrupted save: every rank dies after writing step_3.tmp and before the rename.
+    from megatron.core import dist_checkpointing
+
+    real_save = dist_checkpointing.save
+
+    def crashing_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise RuntimeError("simulated crash after writing, before the rename")
+
+    dist_checkpointing.save = crashing_save
+    try:
+        ckpt.save_checkpoint(tr, run_dir, 3, {"data_position": 3})
+        results["crash_raised"] = False
+    except RuntimeError:
+        results["crash_raised"] = True
+    finally:
+        dist_checkpointing.save = real_save
+    dist.barrier()
+    root = ckpt.checkpoint_root(run_dir)
+    results["after_crash_latest"] = ckpt.latest_checkpoint(run_dir).name
+    results["after_crash_tmp_exists"] = (root / "step_3.tmp").exists()
+    results["after_crash_load_step"] = ckpt.load_latest(tr, run_dir)[0]
+    ckpt.save_checkpoint(tr, run_dir, 4, {"data_position": 4}, keep_last=2)
+    results["after_prune"] = sorted(p.name for p in root.iterdir())
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
