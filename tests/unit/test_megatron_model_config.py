@@ -9,7 +9,11 @@ from rlad_megatron.backends.megatron.logprobs import (
     vocab_parallel_logprobs,
     vocab_parallel_topk_logprobs,
 )
-from rlad_megatron.backends.megatron.model import padded_vocab_size, rope_settings, transformer_config_from_hf
+from rlad_megatron.backends.megatron.model import (
+    padded_vocab_size,
+    rope_settings,
+    transformer_config_from_hf,
+)
 from rlad_megatron.config import ModelConfig, ParallelConfig
 from rlad_megatron.testing import tiny_hf_config
 
