@@ -7,7 +7,9 @@ argv: <work_dir> <family> <tp> <pp>. The pytest side has already written a tiny 
   1. loads the converted dist checkpoint (`load_model_checkpoint`) -> logits A,
   2. loads the HF folder directly into the shards (`load_hf_weights`) -> logits B,
   3. exports the live sharded model with `write_hf_folder` to `<work_dir>/export/step_1`,
-  4. yields buckets with `export_hf_tensors` and records their names / bytes.
+  4. yields buckets with `export_hf_tensors` and records their names / bytes,
+  5. saves the model with Megatron's own `dist_checkpointing.save` to `<work_dir>/saved` (the
+     pytest side converts that back to HF: Megatron -> HF from a TP/PP-sharded save).
 Full-vocabulary logits (gathered over TP, padding dropped) and measurements go to
 `<work_dir>/result_tp<tp>_pp<pp>.pt` on rank 0; the pytest side compares them with transformers.
 """
@@ -85,6 +87,12 @@ def main() -> None:
     folder = write_hf_folder(chunks, work / "export", step=1, hf_config_dir=work / "hf", tp_group=ctx.tp_group,
                              pp_group=ctx.pp_group, dp_rank=ctx.dp_rank)
     buckets = list(export_hf_tensors(chunks, tp_group=ctx.tp_group, bucket_bytes=64 << 10))
+    from megatron.core import dist_checkpointing
+
+    if ctx.rank == 0:
+        (work / "saved").mkdir()
+    dist.barrier()
+    dist_checkpointing.save(chunks[0].sharded_state_dict(), str(work / "saved"))
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, [[(n, tuple(t.shape)) for n, t in b] for b in buckets])
     if ctx.rank == 0:
