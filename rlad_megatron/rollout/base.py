@@ -16,6 +16,7 @@ i.e. it comes from the logits at position response_start + j - 1 (see teacher/al
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -118,9 +119,16 @@ def sample_seed(seed: int | None, prompt_index: int, sample_index: int) -> int |
 
 
 def check_prompts(prompt_ids: list[list[int]], vocab_size: int | None = None) -> None:
-    """Raise ValueError naming the first malformed prompt (empty, non-int, out of vocabulary)."""
+    """Raise ValueError naming the first malformed prompt (empty, non-int, out of vocabulary).
+
+    The common all-valid case is checked in bulk; the slow loop only runs to name the culprit.
+    """
     if not isinstance(prompt_ids, list) or not prompt_ids:
         raise ValueError("prompt_ids must be a non-empty list of token-id lists")
+    if all(isinstance(ids, (list, tuple)) and ids for ids in prompt_ids):
+        flat = list(itertools.chain.from_iterable(prompt_ids))
+        if set(map(type, flat)) == {int} and min(flat) >= 0 and (vocab_size is None or max(flat) < vocab_size):
+            return
     for i, ids in enumerate(prompt_ids):
         if not isinstance(ids, (list, tuple)) or not ids:
             raise ValueError(f"prompt {i} is empty or not a list of token ids")

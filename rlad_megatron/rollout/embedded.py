@@ -16,11 +16,13 @@ queue, see server.py). Left out: prefix caching, chunked prefill, speculative de
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rlad_megatron.rollout.base import (
@@ -267,19 +269,22 @@ class EmbeddedEngine:
         return out  # type: ignore[return-value]
 
     def _score_chunk(self, ids, starts, chunk: list[int], top_k: int, temperature: float, out) -> None:
-        """One padded forward for the chunk; the LM head runs only on the response positions."""
-        from rlad_megatron.teacher.alignment import response_logit_positions
+        """One padded forward for the chunk; the LM head runs only on the response positions.
 
-        T = max(len(ids[i]) for i in chunk)
-        tokens = torch.tensor([ids[i] + [0] * (T - len(ids[i])) for i in chunk], dtype=torch.int64)
-        row_idx, pos_idx, counts = [], [], []
-        for j, i in enumerate(chunk):
-            pos = response_logit_positions(len(ids[i]), starts[i])
-            row_idx += [j] * len(pos)
-            pos_idx += pos
-            counts.append(len(pos))
+        Response token j of sequence i is scored by the logits at position starts[i] + j - 1
+        (teacher/alignment.py); the index tensors below are that formula, vectorised.
+        """
+        lens = torch.tensor([len(ids[i]) for i in chunk])
+        st = torch.tensor([starts[i] for i in chunk])
+        T = int(lens.max())
+        flat = np.fromiter(itertools.chain.from_iterable(ids[i] for i in chunk), dtype=np.int64, count=int(lens.sum()))
+        tokens = torch.zeros(len(chunk), T, dtype=torch.int64)
+        tokens[torch.arange(T)[None, :] < lens[:, None]] = torch.from_numpy(flat)
         hidden = self.model.forward(tokens, torch.arange(T).expand(len(chunk), T))
-        rows_t, pos_t = torch.tensor(row_idx, dtype=torch.int64), torch.tensor(pos_idx, dtype=torch.int64)
+        counts = lens - st
+        rows_t = torch.repeat_interleave(torch.arange(len(chunk)), counts)
+        first = torch.cumsum(counts, 0) - counts
+        pos_t = torch.repeat_interleave(st - 1 - first, counts) + torch.arange(int(counts.sum()))
         lp = self.model.logits(hidden[rows_t, pos_t])
         if temperature != 1.0:
             lp = lp / temperature
@@ -290,7 +295,7 @@ class EmbeddedEngine:
             tops = lp.topk(top_k, dim=-1)
             top_ids, top_vals = tops.indices.tolist(), tops.values.tolist()
         a = 0
-        for i, c in zip(chunk, counts):
+        for i, c in zip(chunk, counts.tolist()):
             res = ScoreOutput(picked[a:a + c])
             if top_ids is not None:
                 res.topk_ids, res.topk_logprobs = top_ids[a:a + c], top_vals[a:a + c]
