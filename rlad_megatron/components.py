@@ -128,11 +128,22 @@ def build_context(cfg, objective, source, *, with_engines: bool) -> Context:
     ctx = Context(cfg=cfg, objective=objective, tokenizer=tokenizer, sampler=sampler,
                   reward_fn=build_reward_fn(cfg.reward, cfg.data))
     if with_engines:
-        if getattr(source, "needs_rollout_engine", False) or cfg.eval.max_prompts >= 0 and cfg.data.eval:
+        if wants_rollout_engine(cfg, source):
             ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout")
-        if objective.needs_teacher or getattr(source, "needs_teacher", False):
+        if wants_teacher_engine(objective, source):
             ctx.teacher_engine = build_engine(cfg.teacher, cfg.model.teacher, "teacher")
     return ctx
+
+
+def wants_rollout_engine(cfg, source) -> bool:
+    """The student engine: to sample rollouts, or to evaluate. Decided from config alone, so every
+    rank agrees on whether weight sync (a collective) happens."""
+    return bool(source.needs_rollout_engine or (cfg.data.eval and cfg.train.mode == "full"))
+
+
+def wants_teacher_engine(objective, source) -> bool:
+    """The teacher engine: to score samples the source did not bring scored, or to generate them."""
+    return bool((objective.needs_teacher and not source.scored) or source.needs_teacher)
 
 
 def build_engine(engine_cfg, model_dir: str, role: str):

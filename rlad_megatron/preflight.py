@@ -168,10 +168,11 @@ def data_problems(cfg: RunConfig) -> List[str]:
 def required_models(cfg: RunConfig, objective) -> List[str]:
     """Model roles this run loads: the student always; the teacher when the objective or the
     sample source needs it (see train.sample_source)."""
+    from rlad_megatron.components import wants_teacher_engine
     from rlad_megatron.train import sample_source
 
     roles = ["student"]
-    if objective.needs_teacher or sample_source(cfg).needs_teacher:
+    if wants_teacher_engine(objective, sample_source(cfg)):
         roles.append("teacher")
     if cfg.model.reference and objective.needs_ref:
         roles.append("reference")

@@ -99,7 +99,11 @@ class StudentRollouts:
     """On-policy: the student's rollout engine answers each prompt group_size times."""
 
     needs_teacher = False
+    """The source itself generates with the teacher engine."""
     needs_rollout_engine = True
+    """The source samples from the student's rollout engine."""
+    scored = False
+    """Samples arrive with teacher scores already (the loop does not score them again)."""
 
     def collect(self, ctx: Context, step: int) -> Tuple[List[Sample], Dict[str, float]]:
         cfg = ctx.cfg
@@ -140,6 +144,7 @@ class TeacherTraces:
 
     needs_teacher = True
     needs_rollout_engine = False
+    scored = False
 
     def collect(self, ctx: Context, step: int) -> Tuple[List[Sample], Dict[str, float]]:
         cfg = ctx.cfg
@@ -157,6 +162,7 @@ class DatasetTraces:
 
     needs_teacher = False
     needs_rollout_engine = False
+    scored = False
 
     def __init__(self, trace_fn: Callable[[Dict[str, Any]], str]):
         self.trace_fn = trace_fn
@@ -178,6 +184,7 @@ class SavedRollouts:
 
     needs_teacher = False
     needs_rollout_engine = False
+    scored = True  # saved with their rewards and teacher scores
 
     def __init__(self, rollout_dir: str):
         self.dir = Path(rollout_dir)

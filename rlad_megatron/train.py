@@ -89,22 +89,19 @@ def train(cfg: RunConfig, *, resume: Optional[bool] = None, advantage_hook=None)
             if run.trainer is not None and samples:
                 metrics.update(optimize(run, samples, step, timer, advantage_hook))
                 bad_steps = bad_steps + 1 if metrics["skipped"] else 0
-                if bad_steps:
-                    obs.echo(f"WARNING step {step}: non-finite loss or gradient; update skipped "
-                             f"({bad_steps}/{cfg.train.max_bad_steps} consecutive)")
-                    if bad_steps >= cfg.train.max_bad_steps:
-                        raise TrainingStopped(f"{bad_steps} consecutive non-finite steps (train.max_bad_steps); "
-                                              f"the last good checkpoint in {cfg.run_dir} is kept")
-                else:
+                if not bad_steps:
                     with timer("sync"):
                         sync_weights(run, step)
             metrics.update(timer.metrics())
             metrics["throughput/tokens_per_s"] = sum(len(s.response_ids) for s in samples) / max(metrics["time/step"], 1e-9)
             history.append(obs.log_step(step, metrics))
             obs.log_samples(step, samples)
+            if bad_steps:
+                handle_bad_step(cfg, obs, step, bad_steps)
+                continue  # no eval, no checkpoint of a step whose update was skipped
             if _due(step, cfg.eval.interval, cfg.train.num_steps) and run.eval_records:
                 obs.log_eval(step, evaluate(run, step))
-            if _due(step, cfg.checkpoint.interval, cfg.train.num_steps) and bad_steps == 0:
+            if _due(step, cfg.checkpoint.interval, cfg.train.num_steps) and run.trainer is not None:
                 checkpoint(run, step)
         finish(run, cfg.train.num_steps)
         return history
@@ -112,6 +109,15 @@ def train(cfg: RunConfig, *, resume: Optional[bool] = None, advantage_hook=None)
         if obs is not None:
             obs.close()
         glue.close(run)
+
+
+def handle_bad_step(cfg: RunConfig, obs, step: int, bad_steps: int) -> None:
+    """Warn about a skipped update; stop once train.max_bad_steps happened in a row."""
+    obs.echo(f"WARNING step {step}: non-finite loss or gradient; update skipped "
+             f"({bad_steps}/{cfg.train.max_bad_steps} consecutive)")
+    if bad_steps >= cfg.train.max_bad_steps:
+        raise TrainingStopped(f"{bad_steps} consecutive non-finite steps (train.max_bad_steps); "
+                              f"the last good checkpoint in {cfg.run_dir} is kept")
 
 
 def _due(step: int, interval: int, last: int) -> bool:
@@ -125,7 +131,7 @@ def collect(run: Run, step: int, timer: PhaseTimer):
     if run.rank == 0:
         with timer("generate"):
             samples, metrics = run.source.collect(run.ctx, step)
-        if run.objective.needs_teacher and samples:
+        if run.objective.needs_teacher and not run.source.scored and samples:
             with timer("score"):
                 glue.score_teacher(run, samples)
         metrics.update(sample_metrics(run.cfg, samples))
@@ -225,7 +231,7 @@ def _logprob_metrics(samples: Sequence[Sample], old: Optional[List[List[float]]]
 # ----------------------------------------------------------------------------- weights, eval, checkpoints
 def sync_weights(run: Run, step: int) -> None:
     """Step 7: Megatron shards -> HF-named tensors -> rollout engine (collective export, rank 0 loads)."""
-    if run.ctx.rollout_engine is None and run.rank == 0:
+    if not glue.wants_rollout_engine(run.cfg, run.source):
         return
     glue.push_weights(run, version=step)
     run.weights_version = step
