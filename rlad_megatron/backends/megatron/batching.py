@@ -49,6 +49,12 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.tensors["tokens"].shape[1])
 
+    def to(self, device: torch.device) -> PackedBatch:
+        """A copy with every tensor on `device` (the model's)."""
+        moved = {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}
+        return PackedBatch(tensors=moved, cu_seqlens=self.cu_seqlens.to(device), max_seqlen=self.max_seqlen,
+                           sample_indices=self.sample_indices, response_spans=self.response_spans)
+
 
 def sequence_length(sample: Sample) -> int:
     """Input positions a sample occupies: prompt + response - 1."""

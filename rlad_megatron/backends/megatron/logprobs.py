@@ -93,6 +93,12 @@ class _Shard:
 def vocab_parallel_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, tp_group=None, *,
                             temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
     """log softmax(logits / temperature)[target] over the full vocab. [..., V_local], [...] -> [...]."""
+    if _tp_size(tp_group) == 1:  # whole vocabulary local: torch's fused log_softmax is cheaper
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        z = logits[..., :vocab_size].float()
+        z = z / temperature if temperature != 1.0 else z
+        return torch.log_softmax(z, dim=-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     shard = _Shard(logits, tp_group, vocab_size, temperature)
     return shard.pick(target_ids) - shard.log_norm
 

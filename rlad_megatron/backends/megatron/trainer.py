@@ -38,7 +38,8 @@ from rlad_megatron.backends.megatron.batching import (
     split_for_data_parallel,
 )
 from rlad_megatron.backends.megatron.logprobs import (
-    logprobs_and_entropy,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
     vocab_parallel_topk_logprobs,
 )
 from rlad_megatron.backends.megatron.model import build_model
@@ -153,7 +154,7 @@ class MegatronTrainer:
     def _forward_step(self, model_chunks: list, loss_fn: Callable, data_iterator, model):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        batch: PackedBatch = next(data_iterator)
+        batch: PackedBatch = next(data_iterator).to(self.ctx.device)
         t = batch.tensors
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
                                  max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
@@ -173,10 +174,10 @@ class MegatronTrainer:
     # ---------------------------------------------------------------- log-probs
     def _logprob_loss(self, batch: PackedBatch, logits: torch.Tensor):
         """Forward-only 'loss': no loss, the detached per-token log-probs ride in the reported dict."""
-        logprobs, _ = logprobs_and_entropy(logits, batch.tensors["targets"], self.ctx.tp_group,
+        logprobs = vocab_parallel_logprobs(logits, batch.tensors["targets"], self.ctx.tp_group,
                                            temperature=self.cfg.rollout.temperature, vocab_size=self.vocab_size)
         zero = logits.new_zeros(())
-        return zero, torch.tensor(0, dtype=torch.int), {"logprobs": logprobs.detach()}
+        return zero, torch.zeros((), dtype=torch.int, device=logits.device), {"logprobs": logprobs.detach()}
 
     def compute_logprobs(self, samples: Sequence[Sample], *, which: str = "old") -> list[list[float]]:
         """Log-probs of each sample's response tokens under the student ("old") or reference ("ref").
@@ -220,23 +221,25 @@ class MegatronTrainer:
         tensors["mask"] = tensors["mask"].bool()
         if "teacher_mask" in tensors:
             tensors["teacher_mask"] = tensors["teacher_mask"].bool()
-        tensors["logprobs"], tensors["entropy"] = logprobs_and_entropy(
-            logits, tensors["targets"], self.ctx.tp_group, temperature=self.cfg.rollout.temperature,
-            vocab_size=self.vocab_size)
+        sampling = {"temperature": self.cfg.rollout.temperature, "vocab_size": self.vocab_size}
+        tensors["logprobs"] = vocab_parallel_logprobs(logits, tensors["targets"], self.ctx.tp_group, **sampling)
         if topk:
             tensors["student_topk_logprobs"] = vocab_parallel_topk_logprobs(
-                logits, tensors["teacher_topk_ids"], self.ctx.tp_group,
-                temperature=self.cfg.rollout.temperature, vocab_size=self.vocab_size)
+                logits, tensors["teacher_topk_ids"], self.ctx.tp_group, **sampling)
         loss, metrics = self.objective.loss(tensors, num_tokens=num_tokens, num_seqs=num_seqs, step=step)
         # `loss` is already this micro-batch's share of the step loss (global denominators), so it is
         # returned unscaled; the token count is only informative (finalize ignores it, see module doc).
         local_tokens = tensors["mask"].sum().to(torch.int)
         reported = {"loss": loss.detach().float(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
+        with torch.no_grad():  # monitoring only: token-mean share of the policy entropy
+            entropy = vocab_parallel_entropy(logits.detach(), self.ctx.tp_group, **sampling)
+            reported["entropy"] = (entropy * tensors["mask"]).sum() / num_tokens
         return loss, local_tokens, reported
 
     def _global_counts(self, samples: Sequence[Sample], shard: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Response tokens and responses of the whole step: this rank's share, summed over DP."""
-        counts = torch.tensor([sum(len(samples[i].response_ids) for i in shard), len(shard)], dtype=torch.float64)
+        counts = torch.tensor([sum(len(samples[i].response_ids) for i in shard), len(shard)], dtype=torch.float64,
+                              device=self.ctx.device)
         dist.all_reduce(counts, group=self.ctx.dp_group)
         return counts[0].float(), counts[1].float()
 
@@ -286,14 +289,14 @@ class MegatronTrainer:
             dist.broadcast_object_list(keys, src=src, group=self.ctx.pp_group)
         names = keys[0]
         sums = torch.tensor([sum(float(r[k]) for r in reported) for k in names] if reported else [0.0] * len(names),
-                            dtype=torch.float64)
+                            dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(sums, group=self.ctx.dp_group)
         if self.ctx.pipeline_model_parallel_size > 1:
             dist.broadcast(sums, src=src, group=self.ctx.pp_group)
         return dict(zip(names, sums.tolist()))
 
     def _grads_finite(self) -> bool:
-        flag = torch.zeros(1)
+        flag = torch.zeros(1, device=self.ctx.device)
         for chunk in self.model:
             for buffer in chunk.buffers:
                 if not torch.isfinite(buffer.grad_data).all():
@@ -334,7 +337,7 @@ class MegatronTrainer:
             tied_copy = chunk.share_embeddings_and_output_weights and not chunk.pre_process
             local += sum(p.numel() for n, p in chunk.named_parameters()
                          if not (tied_copy and n == "output_layer.weight"))
-        total = torch.tensor([local], dtype=torch.float64)
+        total = torch.tensor([local], dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(total, group=_model_parallel_group())
         return int(total.item())
 

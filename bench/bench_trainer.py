@@ -1,0 +1,164 @@
+"""Training throughput and peak memory: the Megatron backend vs a Hugging Face model + torch AdamW.
+
+Both train the same architecture (a Llama-style model of ~28M parameters by default) on the same
+variable-length samples (prompt + response) with the same loss (masked NLL of response tokens,
+i.e. the `sft` objective) and AdamW settings. Each side runs in its own subprocess so that its
+peak RSS (`ru_maxrss`) is its own. The HF side pads the batch (the usual HF recipe); the
+Megatron side packs it (`train.micro_batch_tokens`). Throughput counts real tokens (prompt +
+response, no padding) per second. The parent also measures this machine's fp32 matmul peak in
+the same run and reports achieved model FLOP/s as a fraction of it, with
+FLOPs/token = 6 * (matmul parameters) + 6 * layers * hidden * mean sequence length (causal attention).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_trainer.py [--steps 4] [--hidden 512] [--layers 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def model_kwargs(args) -> dict:
+    return dict(vocab_size=args.vocab,  # noqa: C408  (HF config keyword names) hidden_size=args.hidden, intermediate_size=args.ffn,
+                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+def make_samples(args):
+    from rlad_megatron.types import Sample
+
+    rng = random.Random(0)
+    return [Sample(prompt_ids=[rng.randrange(1, args.vocab) for _ in range(rng.randint(16, 48))],
+                   response_ids=[rng.randrange(1, args.vocab) for _ in range(rng.randint(32, 160))], reward=1.0)
+            for _ in range(args.batch)]
+
+
+def run_megatron(args) -> dict:
+    from rlad_megatron.algorithms.objectives import build_objective
+    from rlad_megatron.backends.megatron.trainer import MegatronTrainer
+    from rlad_megatron.config import RunConfig
+    from rlad_megatron.testing import tiny_hf_config
+
+    cfg = RunConfig()
+    cfg.algorithm.name, cfg.algorithm.aggregation = "sft", "token_mean"
+    cfg.train.lr, cfg.train.clip_grad, cfg.train.micro_batch_tokens = 1e-4, 1.0, args.micro_batch_tokens
+    trainer = MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=tiny_hf_config("llama", **model_kwargs(args)))
+    samples = make_samples(args)
+    def step(i):
+        return trainer.train_step(samples, [0.0] * len(samples), i)
+
+    return _timed(step, args, samples, trainer.num_parameters())
+
+
+def run_hf(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from rlad_megatron.backends.megatron.batching import pad_samples
+    from rlad_megatron.testing import tiny_hf_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("llama", **model_kwargs(args)), dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    samples = make_samples(args)
+    batch = pad_samples(samples)
+    attention = (torch.arange(batch["tokens"].shape[1]) < torch.tensor(
+        [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]).unsqueeze(1)).long()
+
+    def step(_):
+        logits = model(input_ids=batch["tokens"], attention_mask=attention).logits
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+        loss = -(logp * batch["mask"]).sum() / batch["mask"].sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return _timed(step, args, samples, sum(p.numel() for p in model.parameters()))
+
+
+def _timed(step, args, samples, num_parameters) -> dict:
+    """Best and median step time: the machine is shared, so the fastest step is the least disturbed."""
+    step(0)  # warm-up (allocations, first-call overheads)
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        step(i + 1)
+        times.append(time.perf_counter() - start)
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
+    times.sort()
+    return {"tokens_per_s": tokens / times[0], "tokens_per_s_median": tokens / times[len(times) // 2],
+            "seconds_per_step": times[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "num_parameters": num_parameters}
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_token(args, mean_len: float) -> float:
+    attn = args.hidden * args.hidden * 2 + 2 * args.hidden * (args.hidden // args.heads) * args.kv_heads
+    matmul_params = args.layers * (attn + 3 * args.hidden * args.ffn) + args.vocab * args.hidden
+    return 6 * matmul_params + 6 * args.layers * args.hidden * mean_len
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    result = run_megatron(args) if args.child == "megatron" else run_hf(args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch(side: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", side, *argv], capture_output=True, text=True,
+                         check=False, env=dict(os.environ))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"{side} run failed:\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("steps", 4), ("batch", 8), ("hidden", 512), ("ffn", 1408), ("layers", 8), ("heads", 8),
+                          ("kv_heads", 4), ("vocab", 4096), ("micro_batch_tokens", 4096), ("threads", 2)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--child", default="")
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    argv = list(sys.argv[1:])
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops()
+    hf, megatron = launch("hf", argv), launch("megatron", argv)
+    samples = make_samples(args)
+    mean_len = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples) / len(samples)
+    fpt = flops_per_token(args, mean_len)
+    print(f"model: {megatron['num_parameters'] / 1e6:.1f}M params (HF {hf['num_parameters'] / 1e6:.1f}M), "
+          f"{args.batch} samples/step, mean length {mean_len:.0f}, threads {args.threads}")
+    print(f"matmul peak (fp32, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    for name, r in (("HF + AdamW", hf), ("Megatron", megatron)):
+        print(f"{name:>11}: {r['tokens_per_s']:8.1f} tokens/s (median {r['tokens_per_s_median']:.1f})  "
+              f"{r['seconds_per_step']:.2f} s/step  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB  achieved {fpt * r['tokens_per_s'] / 1e9:.1f} GFLOP/s "
+              f"= {fpt * r['tokens_per_s'] / peak:.0%} of matmul peak")
+    print(f"throughput ratio Megatron / HF: {megatron['tokens_per_s'] / hf['tokens_per_s']:.2f} best step, "
+          f"{megatron['tokens_per_s_median'] / hf['tokens_per_s_median']:.2f} median step (target >= 1.0)")
+    print(f"peak RSS ratio Megatron / HF: {megatron['peak_rss_mb'] / hf['peak_rss_mb']:.2f}")
+    return None
+
+
+if __name__ == "__main__":
+    main()
