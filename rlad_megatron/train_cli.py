@@ -54,8 +54,16 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}",
         f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
         f"eval every {cfg.eval.interval or 'start/end only'}",
+        f"resume           {_resume_text(cfg)}",
     ]
     return "\n".join(lines)
+
+
+def _resume_text(cfg: RunConfig) -> str:
+    from rlad_megatron.backends.megatron.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(cfg.run_dir)
+    return f"continues from {latest}" if latest else "no checkpoint yet: starts at step 0"
 
 
 def dry_run(cfg: RunConfig) -> int:
