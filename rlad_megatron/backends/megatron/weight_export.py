@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -105,20 +106,30 @@ def group_size_rank(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def gather_tp(param: torch.Tensor, kind: str, tp_group) -> torch.Tensor:
-    """Full (TP=1 layout) tensor from this rank's shard: all_gather over `tp_group`, then merge."""
-    tp, _ = group_size_rank(tp_group)
+def gather_tp(param: torch.Tensor, kind: str, tp_group, to_first: bool = False) -> torch.Tensor | None:
+    """Full (TP=1 layout) tensor from this rank's shard: all_gather over `tp_group`, then merge.
+
+    `to_first`: gather onto TP rank 0 only (half the traffic when one rank consumes the result);
+    the other ranks get None.
+    """
+    tp, tp_rank = group_size_rank(tp_group)
     if tp == 1 or kind == "replicated":
-        return param.detach()
-    shard = param.detach().contiguous()
+        return param.detach() if tp_rank == 0 or not to_first else None
+    shard = param.detach().contiguous()  # gloo sends wrong data for non-contiguous tensors
+    if to_first:
+        shards = [torch.empty_like(shard) for _ in range(tp)] if tp_rank == 0 else None
+        dist.gather(shard, shards, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+        return tp_merge(shards, kind) if tp_rank == 0 else None
     shards = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(shards, shard, group=tp_group)
     return tp_merge(shards, kind)
 
 
-def _hf_tensors(plan, arch: ModelArch, tp_group, dtype, copy: bool):
+def _hf_tensors(plan, arch: ModelArch, tp_group, dtype, copy: bool, to_first: bool):
     for rule, layer, param in plan:
-        full = gather_tp(param, rule.tp, tp_group)
+        full = gather_tp(param, rule.tp, tp_group, to_first)
+        if full is None:
+            continue
         for name, tensor in zip(rule.hf_names(layer), tables.megatron_to_hf(rule, full, arch)):
             out = tensor.to(dtype or tensor.dtype)
             if copy and out.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
@@ -128,11 +139,11 @@ def _hf_tensors(plan, arch: ModelArch, tp_group, dtype, copy: bool):
 
 def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | None = None, *, tp_group=None,
                       bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
-                      copy: bool = True) -> Iterator[NamedTensors]:
+                      copy: bool = True, to_first: bool = False) -> Iterator[NamedTensors]:
     """Yield buckets of (HF name, full tensor) for this pipeline stage's parameters.
 
     Collective over `tp_group`: every TP rank of the stage must consume the iterator (each gets
-    the same buckets). Tensors are `dtype` (default: the parameter's), contiguous, and (with
+    the same buckets; with `to_first` only TP rank 0 gets them, the others yield nothing). Tensors are `dtype` (default: the parameter's), contiguous, and (with
     `copy`) never alias trainer parameters. A bucket holds at most `bucket_bytes` unless a
     single tensor is larger.
     """
@@ -140,7 +151,8 @@ def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | Non
     size = 0
     for chunk in model_chunks:
         chunk_arch = arch or model_arch(chunk)
-        for name, tensor in _hf_tensors(stage_plan(chunk, chunk_arch), chunk_arch, tp_group, dtype, copy):
+        plan = stage_plan(chunk, chunk_arch)
+        for name, tensor in _hf_tensors(plan, chunk_arch, tp_group, dtype, copy, to_first):
             nbytes = tensor.numel() * tensor.element_size()
             if bucket and size + nbytes > bucket_bytes:
                 yield bucket
@@ -160,15 +172,45 @@ def _entries(model_chunks, arch, dtype):
     return out
 
 
+def _write_bucket(writer: HFShardWriter, bucket: NamedTensors) -> None:
+    for name, tensor in bucket:
+        writer.add(name, tensor)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
+def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype, max_shard_bytes: int,
+                  bucket_bytes: int) -> tuple[dict[str, str], int, torch.dtype | None]:
+    """This stage's shards in `tmp` (written by TP rank 0): (weight_map, bytes, dtype written)."""
+    (_, tp_rank), (pp_size, pp_rank) = group_size_rank(tp_group), group_size_rank(pp_group)
+    writer, entries = None, []
+    if tp_rank == 0:
+        entries = _entries(model_chunks, arch, dtype)
+        writer = HFShardWriter(tmp, entries, max_shard_bytes, "model" if pp_size == 1 else f"model-pp{pp_rank}")
+    buckets = export_hf_tensors(model_chunks, arch, tp_group=tp_group, bucket_bytes=bucket_bytes,
+                                dtype=dtype, copy=False, to_first=True)
+    # Double buffering: a thread writes one bucket (file writes release the GIL) while the next
+    # one is gathered and converted; at most two buckets are alive.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for bucket in buckets:
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write_bucket, writer, bucket) if writer else None
+        if pending is not None:
+            pending.result()
+    if writer is None:
+        return {}, 0, None
+    return writer.finish(), writer.total_bytes, entries[0][2] if entries else None
+
+
 def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, step: int, *,
                     hf_config_dir: str | Path, arch: ModelArch | None = None, tp_group=None, pp_group=None,
                     dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
-                    bucket_bytes: int = 512 << 20) -> Path:
+                    bucket_bytes: int = 64 << 20) -> Path:
     """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
 
     `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Returns
@@ -181,20 +223,8 @@ def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, s
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    (_, tp_rank), (pp_size, pp_rank) = group_size_rank(tp_group), group_size_rank(pp_group)
-    result: tuple = ({}, 0, None)
-    if dp_rank == 0:
-        writer = None
-        if tp_rank == 0:
-            prefix = "model" if pp_size == 1 else f"model-pp{pp_rank}"
-            entries = _entries(model_chunks, arch, dtype)
-            writer = HFShardWriter(tmp, entries, max_shard_bytes, prefix)
-        for bucket in export_hf_tensors(model_chunks, arch, tp_group=tp_group, bucket_bytes=bucket_bytes,
-                                        dtype=dtype, copy=False):
-            for name, tensor in bucket if writer else ():
-                writer.add(name, tensor)
-        if writer:
-            result = (writer.finish(), writer.total_bytes, entries[0][2] if entries else None)
+    result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes, bucket_bytes) \
+        if dp_rank == 0 else ({}, 0, None)
     results = [result]
     if dist.is_initialized():
         results = [None] * dist.get_world_size()
