@@ -1,0 +1,186 @@
+"""Tables and plots of the method comparison, written between the generated-results markers of
+docs/method_comparison.md (the hand-written analysis around them is left alone) and to
+`<out>/summary.json`. Plots go to docs/img/method_comparison/.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import comparison_stats as st
+
+BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
+LABELS = {"grpo": "GRPO", "kdrl_const": "KDRL (constant beta)", "kdrl_anneal": "KDRL (annealed beta)",
+          "opd": "On-policy distillation", "sft_offline": "Offline distillation (SFT)", "rlad": "RLAD (alpha 0.5)",
+          "rlad_live": "RLAD, clamp_mode=live", "grpo_dyn": "GRPO + dynamic sampling",
+          "rlad_dyn": "RLAD + dynamic sampling", "rlad_weak_teacher": "RLAD, untrained teacher (= student init)"}
+
+
+def load_results(out: Path) -> list[dict]:
+    results = []
+    for path in sorted(out.glob("*/*/seed*.json")):
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def _keys(size) -> tuple[str, str]:
+    return f"eval/avg@{size.eval_k}", f"eval/pass@{size.eval_k}"
+
+
+def method_rows(groups: dict, task: str, methods: Sequence[str], size) -> list[dict]:
+    avg_key, pass_key = _keys(size)
+    grpo = groups.get((task, "grpo"), [])
+    target = st.mean_std([st.final(r, avg_key) for r in grpo])[0] if grpo else math.nan
+    grpo_steps = size.num_steps
+    rows = []
+    for method in methods:
+        runs = groups.get((task, method), [])
+        if not runs:
+            continue
+        steps, mean, _ = st.mean_curve(runs, avg_key)
+        reach = st.steps_to_reach(steps, mean, target) if not math.isnan(target) else None
+        times = st.phase_times(runs)
+        rows.append({
+            "task": task, "method": method, "seeds": [int(r["spec"]["seed"]) for r in runs],
+            "avg": st.mean_std([st.final(r, avg_key) for r in runs]),
+            "pass": st.mean_std([st.final(r, pass_key) for r in runs]),
+            "initial": st.mean_std([st.curve(r, avg_key)[1][0] for r in runs]),
+            "steps_to_grpo_final": reach, "grpo_final": target, "grpo_steps": grpo_steps,
+            "time_per_step": times.get("step", math.nan),
+        })
+    return rows
+
+
+def _table(rows: list[dict], k: int) -> list[str]:
+    lines = [f"| method | seeds | held-out avg@{k} | pass@{k} | avg@{k} at step 0 | steps to GRPO's final avg@{k} "
+             "| s/step |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reach = "not reached" if r["steps_to_grpo_final"] is None else str(r["steps_to_grpo_final"])
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {len(r['seeds'])} | {st.fmt(*r['avg'])} | "
+                     f"{st.fmt(*r['pass'])} | {st.fmt(*r['initial'])} | {reach} | {r['time_per_step']:.2f} |")
+    return lines
+
+
+def _paired(groups: dict, task: str, methods: Sequence[str], key: str) -> list[str]:
+    rlad = st.by_seed(groups.get((task, "rlad"), []))
+    lines = [f"| RLAD minus ... (final {key[5:]}, paired by seed) | mean ± std | seeds RLAD higher |", "|---|---|---|"]
+    for method in methods:
+        other = st.by_seed(groups.get((task, method), []))
+        if method == "rlad" or not other or not rlad:
+            continue
+        mean, sd, wins, n = st.paired_diff(rlad, other, key)
+        lines.append(f"| {LABELS.get(method, method)} | {mean:+.3f} ± {sd:.3f} | {wins}/{n} |")
+    return lines
+
+
+def _ablation(groups: dict, task: str, size) -> tuple[list[str], list[tuple[float, float, float]]]:
+    avg_key, pass_key = _keys(size)
+    names = [(0.1, "rlad_a0.1"), (0.3, "rlad_a0.3"), (0.5, "rlad"), (0.7, "rlad_a0.7"), (0.9, "rlad_a0.9"),
+             (1.0, "grpo")]
+    lines = [f"| alpha | seeds | avg@{size.eval_k} | pass@{size.eval_k} |", "|---|---|---|---|"]
+    points = []
+    for alpha, method in names:
+        runs = groups.get((task, method), [])
+        if not runs:
+            continue
+        avg = st.mean_std([st.final(r, avg_key) for r in runs])
+        lines.append(f"| {alpha}{' (GRPO)' if method == 'grpo' else ''} | {len(runs)} | {st.fmt(*avg)} | "
+                     f"{st.fmt(*st.mean_std([st.final(r, pass_key) for r in runs]))} |")
+        points.append((alpha, avg[0], avg[1]))
+    return lines, points
+
+
+def _plot_curves(groups: dict, task: str, methods: Sequence[str], key: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for method in methods:
+        runs = groups.get((task, method), [])
+        if not runs:
+            continue
+        steps, mean, sd = st.mean_curve(runs, key)
+        ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS.get(method, method)} (n={len(runs)})")
+        ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.12)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(f"held-out {key[5:]}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_alpha(points: list[tuple[float, float, float]], path: Path, key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3)
+    ax.set_xlabel("alpha (weight of the old student in the anchor; 1.0 = GRPO)")
+    ax.set_ylabel(f"final held-out {key[5:]}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, size, size_name: str, doc: Path) -> str:
+    """Aggregate every finished run under `out`; returns the generated markdown block."""
+    import torch
+    from compare_methods import EXPLAIN_METHODS, MAIN_METHODS
+
+    groups = st.group_results(load_results(out))
+    img = doc.parent / "img" / "method_comparison"
+    avg_key, _ = _keys(size)
+    rel = img.relative_to(doc.parent)
+    lines = [BEGIN, f"Size `{size_name}`: {size.num_steps} steps x {size.prompts_per_step} prompts x "
+             f"{size.group_size} samples, lr {size.lr}, held-out {size.setup.num_test} prompts x k={size.eval_k} "
+             f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
+             f"torch {torch.__version__}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py "
+             f"--size {size_name} --workers 2`.", ""]
+    summary = {"size": size_name, "tasks": {}}
+    for task in size.tasks:
+        rows = method_rows(groups, task, MAIN_METHODS, size)
+        if not rows:
+            continue
+        summary["tasks"][task] = rows
+        _plot_curves(groups, task, MAIN_METHODS, avg_key, img / f"{task}_curves.png",
+                     f"{task}: held-out accuracy vs step (mean ± std over seeds)")
+        lines += [f"### Task `{task}`", "", *_table(rows, size.eval_k), "",
+                  *_paired(groups, task, MAIN_METHODS, avg_key), "", f"![{task} curves]({rel}/{task}_curves.png)", ""]
+    first = size.tasks[0]
+    ablation, points = _ablation(groups, first, size)
+    if len(points) > 2:
+        _plot_alpha(points, img / "alpha_ablation.png", avg_key)
+        lines += [f"### Alpha ablation (`{first}`)", "", *ablation, "", f"![alpha ablation]({rel}/alpha_ablation.png)", ""]
+    explain = method_rows(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, size)
+    if any(r["method"] in EXPLAIN_METHODS for r in explain):
+        _plot_curves(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, avg_key, img / "explain_curves.png",
+                     f"{first}: explanatory runs")
+        lines += [f"### Explanatory runs (`{first}`)", "", *_table(explain, size.eval_k), "",
+                  f"![explanatory runs]({rel}/explain_curves.png)", ""]
+        summary["explain"] = explain
+    lines.append(END)
+    block = "\n".join(lines)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _splice(doc, block)
+    return block
+
+
+def _splice(doc: Path, block: str) -> None:
+    text = doc.read_text() if doc.exists() else f"# Method comparison\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(head + block + tail)
