@@ -26,9 +26,9 @@ import torch
 
 
 def model_kwargs(args) -> dict:
-    return dict(vocab_size=args.vocab,  # noqa: C408  (HF config keyword names) hidden_size=args.hidden, intermediate_size=args.ffn,
-                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                max_position_embeddings=1024, tie_word_embeddings=False)
+    return {"vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.ffn,
+            "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+            "num_key_value_heads": args.kv_heads, "max_position_embeddings": 1024, "tie_word_embeddings": False}
 
 
 def make_samples(args):
