@@ -54,15 +54,17 @@ def main() -> None:
 
     def run_hf():
         with torch.inference_mode():
+            # eos_token_id=None: no EOS stopping and no extra logits processor (fair to transformers)
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
-                              min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
         assert out.shape[1] == args.prompt_len + args.new
 
     def run_engine():
         outs = engine.generate(prompts.tolist(), sp)
         assert all(len(o[0].response_ids) == args.new for o in outs)
 
-    run_engine()  # warm-up (rope tables, allocator)
+    run_engine()  # warm-up (rope tables, allocator), both sides
+    run_hf()
     t_hf, t_eng = _best_of_interleaved(run_hf, run_engine, args.repeats)
     print(f"decode  batch={args.batch} new={args.new} family={args.family} threads={torch.get_num_threads()}")
     print(f"  transformers generate: {num_tokens / t_hf:10.0f} tok/s ({t_hf:.2f} s)")

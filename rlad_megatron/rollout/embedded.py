@@ -212,9 +212,9 @@ class EmbeddedEngine:
     def _decode_step(self, rows: _Rows, cache: KVCache) -> int:
         n = rows.n
         attn_len = int(rows.lens[:n].max()) + 1
-        hidden = self.model.forward(rows.next_tok[:n, None], rows.lens[:n, None], cache, decode=True, attn_len=attn_len)
+        hidden = self.model.decode(rows.next_tok[:n], rows.lens[:n], cache, attn_len)
         rows.lens[:n] += 1
-        return self._sample_and_record(rows, cache, self.model.logits(hidden[:, 0]), 0, n)
+        return self._sample_and_record(rows, cache, self.model.logits(hidden), 0, n)
 
     def _sample_and_record(self, rows: _Rows, cache: KVCache, logits: torch.Tensor, start: int, stop: int) -> int:
         """Sample the next token of rows [start, stop), record it, finish the rows that ended."""

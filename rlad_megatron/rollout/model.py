@@ -198,47 +198,68 @@ class DecoderModel:
                 L["qk_norm"] = torch.cat([L["q_norm"].expand(s.num_heads, -1), L["k_norm"].expand(s.num_kv_heads, -1)])
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                rows: torch.Tensor | None = None, decode: bool = False,
-                attn_len: int = 0) -> torch.Tensor:
-        """Hidden states after the final norm, [B, T, hidden].
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill: hidden states after the final norm, [B, T, hidden].
 
-        tokens, positions: [B, T]. Prefill (decode=False): causal attention within the T tokens
-        (right padding is harmless: real tokens never attend later positions); K/V written to
-        cache rows `rows` at positions 0..T-1 when a cache is given. Decode (decode=True, T=1):
-        K/V written at `positions`, attention over cache[:, :attn_len] masked to positions <= own.
+        tokens, positions: [B, T] with positions 0..T-1 in every row. Causal attention within the
+        T tokens (right padding is harmless: real tokens never attend later positions); K/V are
+        written to cache rows `rows` at positions 0..T-1 when a cache is given.
         """
         s = self.spec
         B, T = tokens.shape
         H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
         x = F.embedding(tokens, self.embed)
         cos, sin = self._rope(positions)
-        if decode:
-            visible = torch.arange(attn_len)[None, :] <= positions[:, :1]
-            add_mask = torch.zeros(B, 1, 1, attn_len, dtype=x.dtype).masked_fill_(~visible.view(B, 1, 1, -1), float("-inf"))
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
             qkv = F.linear(h, L["qkv"], L["qkv_b"])
             qk = qkv[..., : self.q_size + self.kv_size].view(B, T, H + K, D)
             v = qkv[..., self.q_size + self.kv_size:].view(B, T, K, D).transpose(1, 2)
-            if L["q_norm"] is not None:
-                qk = F.rms_norm(qk, (D,), None, s.eps) * L["qk_norm"]
-            rotated = torch.cat((qk[..., D // 2:], qk[..., : D // 2]), dim=-1).mul_(sin)
-            qk = (qk * cos).add_(rotated)  # in place where possible: prefill is memory-bound
+            qk = self._rotate(L, qk, cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-            if decode:
-                k, v = cache.write_decode(li, k, v, positions[:, 0], attn_len)
-                attn = _decode_attention(q, k, v, add_mask)
-            else:
-                if cache is not None:
-                    cache.write_prefill(li, rows, k, v)
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+            if cache is not None:
+                cache.write_prefill(li, rows, k, v)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
             x += F.linear(attn.reshape(B, T, self.q_size), L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
-            if decode:  # one fused matmul: launch overhead dominates tiny decode steps
-                gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
-            else:  # contiguous halves: elementwise ops on large strided views are slower
-                inter = s.intermediate_size
-                gate, up = F.linear(h, L["gate_up"][:inter]), F.linear(h, L["gate_up"][inter:])
+            inter = s.intermediate_size  # contiguous halves: elementwise ops on large strided views are slower
+            gate, up = F.linear(h, L["gate_up"][:inter]), F.linear(h, L["gate_up"][inter:])
+            x += F.linear(F.silu(gate).mul_(up), L["down"])
+        return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
+
+    def _rotate(self, L: dict, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Qwen3 QK-norm (if any) then RoPE on the joint [..., H + K, D] query/key tensor."""
+        D = self.spec.head_dim
+        if L["q_norm"] is not None:
+            qk = F.rms_norm(qk, (D,), None, self.spec.eps) * L["qk_norm"]
+        rotated = torch.cat((qk[..., D // 2:], qk[..., : D // 2]), dim=-1).mul_(sin)
+        return (qk * cos).add_(rotated)  # in place where possible: prefill is memory-bound
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn_len: int) -> torch.Tensor:
+        """One decode step for rows [0, B) of the cache: hidden after the final norm, [B, hidden].
+
+        tokens, positions: [B]. K/V are written at `positions`; attention covers cache[:, :attn_len]
+        masked to positions <= own. Activations stay 2-D ([B, features]) so every linear is one
+        matmul call: at decode sizes dispatch overhead, not arithmetic, is the cost.
+        """
+        s = self.spec
+        B = tokens.shape[0]
+        H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self._rope(positions[:, None])
+        cos, sin = cos.view(B, 1, D), sin.view(B, 1, D)
+        visible = torch.arange(attn_len)[None, :] <= positions[:, None]
+        add_mask = torch.zeros(B, 1, 1, attn_len, dtype=x.dtype).masked_fill_(~visible.view(B, 1, 1, -1), float("-inf"))
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
+            qkv = F.linear(h, L["qkv"], L["qkv_b"])
+            qk = self._rotate(L, qkv[:, : self.q_size + self.kv_size].view(B, H + K, D), cos, sin)
+            k, v = cache.write_decode(li, qk[:, H:], qkv[:, self.q_size + self.kv_size:].view(B, K, D), positions,
+                                      attn_len)
+            attn = _decode_attention(qk[:, :H], k, v, add_mask)
+            x += F.linear(attn, L["o"])
+            h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
+            gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # one fused matmul for tiny decode steps
             x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
 
@@ -247,16 +268,16 @@ class DecoderModel:
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, add_mask: torch.Tensor) -> torch.Tensor:
-    """One query per row against the cache; q [B, H, 1, D], k/v [B, K, S, D], add_mask [B, 1, 1, S].
+    """One query per row against the cache; q [B, H, D], k/v [B, K, S, D], add_mask [B, 1, 1, S] -> [B, H * D].
 
     Grouped heads are folded into the query dimension ([B, K, H/K, D]) so K/V are never repeated;
-    plain matmuls beat SDPA's CPU kernel for single-token queries. Returns [B, 1, H, D].
+    plain matmuls beat SDPA's CPU kernel for single-token queries.
     """
-    B, H, _, D = q.shape
+    B, H, D = q.shape
     K = k.shape[1]
     qg = q.reshape(B, K, H // K, D) * (D ** -0.5)
     scores = torch.matmul(qg, k.transpose(-1, -2)) + add_mask
-    return torch.matmul(scores.softmax(dim=-1), v).reshape(B, 1, H, D)
+    return torch.matmul(scores.softmax(dim=-1), v).reshape(B, H * D)
 
 
 class KVCache:
@@ -275,17 +296,12 @@ class KVCache:
         self.v[layer][rows, :, :T] = v
 
     def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, attn_len: int):
+        """k, v [n, K, D] written at per-row positions pos [n]; returns the [n, K, attn_len, D] views."""
         n = k.shape[0]
         ar = self._arange[:n]
-        self.k[layer][ar, :, pos] = k[:, :, 0]
-        self.v[layer][ar, :, pos] = v[:, :, 0]
+        self.k[layer][ar, :, pos] = k
+        self.v[layer][ar, :, pos] = v
         return self.k[layer][:n, :, :attn_len], self.v[layer][:n, :, :attn_len]
-
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Compact the cache to the given rows (when many sequences finished and nothing refills them)."""
-        self.k = [t.index_select(0, keep) for t in self.k]
-        self.v = [t.index_select(0, keep) for t in self.v]
-        self._arange = torch.arange(len(keep))
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> DecoderModel:
