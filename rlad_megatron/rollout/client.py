@@ -7,7 +7,8 @@ another after an exponential back-off, up to `max_retries` times. The step retur
 every requested sample came back exactly once; otherwise it raises EngineError naming how many
 samples were lost and why. When every server is down, the pool probes them until the request
 deadline and then raises, naming each server and its last error. A 4xx is the caller's fault
-and is not retried.
+and is not retried. Scoring (idempotent) sends batches of `score_batch_size` sequences per
+request; a batch is the unit of retry there.
 
 Dead servers are probed after a cool-down and rejoin when /health answers; if weights were
 updated from disk meanwhile, the rejoining server first receives the current version.
@@ -45,11 +46,13 @@ class _ClientError(Exception):
 
 class HttpEngine:
     def __init__(self, urls: list[str], api_key: str = "", max_concurrency: int = 64, request_timeout_s: float = 300.0,
-                 max_retries: int = 3, backoff_s: float = 0.2, cooldown_s: float = 2.0, connect_timeout_s: float = 5.0):
+                 max_retries: int = 3, backoff_s: float = 0.2, cooldown_s: float = 2.0, connect_timeout_s: float = 5.0,
+                 score_batch_size: int = 8):
         self.pool = ServerPool(list(urls), cooldown_s=cooldown_s, on_rejoin=self._resync)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_concurrency, self.max_retries, self.backoff_s = max_concurrency, max_retries, backoff_s
         self.request_timeout_s = request_timeout_s
+        self.score_batch_size = score_batch_size
         self.timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
         self.version, self.weights_path = 0, ""
         self._loop = asyncio.new_event_loop()
@@ -153,6 +156,7 @@ class HttpEngine:
         return self._run(self._score(ids, response_start, top_k))
 
     async def _score(self, ids, starts, top_k: int) -> list[ScoreOutput]:
+        """Batches of `score_batch_size` sequences per request (SGLang batch form, max_new_tokens=0)."""
         from rlad_megatron.teacher.alignment import (
             logprob_start_len_for,
             response_from_input_logprobs,
@@ -160,21 +164,29 @@ class HttpEngine:
 
         sem = asyncio.Semaphore(self.max_concurrency)
 
-        async def one(seq: list[int], start: int) -> ScoreOutput:
-            payload = {"input_ids": seq, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
-                       "return_logprob": True, "logprob_start_len": logprob_start_len_for(start),
-                       "top_logprobs_num": top_k}
+        async def one_batch(idx: list[int]) -> list[ScoreOutput]:
+            seqs = [ids[i] for i in idx]
+            # one integer start for the batch (sglang-router only forwards a scalar logprob_start_len)
+            common = min(logprob_start_len_for(starts[i]) for i in idx)
+            payload = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                       "return_logprob": True, "logprob_start_len": common, "top_logprobs_num": top_k}
 
             def parse(body):
-                meta = (body[0] if isinstance(body, list) else body)["meta_info"]
-                tops = meta.get("input_top_logprobs") if top_k else None
-                return ScoreOutput(*response_from_input_logprobs(meta["input_token_logprobs"], seq, start, tops))
+                if not isinstance(body, list) or len(body) != len(idx):
+                    raise ValueError(f"expected {len(idx)} outputs for a scoring batch")
+                res = []
+                for i, item in zip(idx, body):
+                    meta = item["meta_info"]
+                    tops = meta.get("input_top_logprobs") if top_k else None
+                    res.append(ScoreOutput(*response_from_input_logprobs(meta["input_token_logprobs"], ids[i],
+                                                                         starts[i], tops, common)))
+                return res
 
             return await self._post("/generate", payload, sem, parse)
 
-        keys = list(range(len(ids)))
-        got = await self._gather(keys, [one(ids[i], starts[i]) for i in keys])
-        return [got[i] for i in keys]
+        batches = [list(range(k, min(k + self.score_batch_size, len(ids)))) for k in range(0, len(ids), self.score_batch_size)]
+        got = await self._gather(list(range(len(batches))), [one_batch(b) for b in batches])
+        return [out for k in range(len(batches)) for out in got[k]]
 
     def update_weights(self, *, named_tensors=None, path: str | None = None, version: int) -> None:
         if named_tensors is not None or path is None:

@@ -48,6 +48,15 @@ class FleetEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
+    def update_weights(self, *, named_tensors=None, path=None, version: int) -> None:
+        """From disk through HTTP, or CUDA tensors over NCCL (after fleet.init_weight_sync on trainer rank 0)."""
+        if named_tensors is None:
+            return self.engine.update_weights(path=path, version=version)
+        if getattr(self.fleet, "_group", None) is None:
+            raise RuntimeError("NCCL weight sync needs fleet.init_weight_sync(master_address, master_port) first")
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        self.fleet.update_weights_from_distributed(items, version)
+
     def close(self) -> None:
         self.fleet.stop()
 

@@ -138,15 +138,29 @@ class ServerState:
 
                 self.scheduler.submit(self.engine.make_work(r.input_ids, sp, seed, done))
         results = await asyncio.gather(*futures)
+        inputs = await self._input_scores(reqs)
         outputs = []
         for k, (w, out) in enumerate(results):
-            r = reqs[k % B]
             if "error" in w.meta:
                 raise RuntimeError(w.meta["error"])
-            outputs.append(await self._format(r, w, out, time.perf_counter() - t0))
+            outputs.append(await self._format(reqs[k % B], w, out, time.perf_counter() - t0, inputs.get(k % B)))
         return outputs
 
-    async def _format(self, r: GenRequest, w, out: GenerateOutput, latency: float) -> dict[str, Any]:
+    @staticmethod
+    def _logprob_start(r: GenRequest) -> int:
+        return r.logprob_start_len if r.logprob_start_len >= 0 else len(r.input_ids) - 1
+
+    async def _input_scores(self, reqs: list[GenRequest]) -> dict[int, Any]:
+        """Prompt log-probs of every request that asked for them, in one batched engine.score call."""
+        todo = [i for i, r in enumerate(reqs) if r.return_logprob and self._logprob_start(r) + 1 <= len(r.input_ids) - 1]
+        if not todo:
+            return {}
+        top_k = max(reqs[i].top_logprobs_num for i in todo)
+        scores = await asyncio.to_thread(self.engine.score, [reqs[i].input_ids for i in todo],
+                                         [self._logprob_start(reqs[i]) + 1 for i in todo], top_k)
+        return dict(zip(todo, scores))
+
+    async def _format(self, r: GenRequest, w, out: GenerateOutput, latency: float, input_score=None) -> dict[str, Any]:
         ids = out.response_ids
         if out.finish_reason == "stop":
             fr = finish_reason("stop", matched=w.meta.get("matched"))
@@ -158,20 +172,19 @@ class ServerState:
             "e2e_latency": latency,
         }
         if r.return_logprob:
-            await self._add_logprobs(meta, r, out)
+            await self._add_logprobs(meta, r, out, input_score)
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         return {"text": text, "output_ids": ids, "meta_info": meta}
 
-    async def _add_logprobs(self, meta: dict[str, Any], r: GenRequest, out: GenerateOutput) -> None:
+    async def _add_logprobs(self, meta: dict[str, Any], r: GenRequest, out: GenerateOutput, sc) -> None:
         P, k = len(r.input_ids), r.top_logprobs_num
-        start = r.logprob_start_len if r.logprob_start_len >= 0 else P - 1
-        in_lp: list[float | None] = [None]
+        start = self._logprob_start(r)
+        in_lp: list[float | None] = [None]  # SGLang pads the first returned input position with None
         in_top: list[Any] = [None]
-        if start + 1 <= P - 1:
-            sc = (await asyncio.to_thread(self.engine.score, [r.input_ids], [start + 1], k))[0]
+        if sc is not None:
             in_lp += sc.logprobs
             if k:
-                in_top += [triples(v, i) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
+                in_top += [triples(v[:k], i[:k]) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
         meta["input_token_logprobs"] = triples(in_lp, r.input_ids[start:])
         meta["output_token_logprobs"] = triples(out.logprobs, out.response_ids)
         if k:

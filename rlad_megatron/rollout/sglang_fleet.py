@@ -78,6 +78,8 @@ class SGLangFleet:
         self.router: ServerProcess | None = None
         self.engine: HttpEngine | None = None
         self.worker_urls: list[str] = []
+        self._group = None
+        self._group_name = ""
 
     def start(self) -> SGLangFleet:
         ports = [free_port() for _ in range(self.num_servers)]

@@ -9,7 +9,8 @@ SGLang's `/generate` with `return_logprob` and `logprob_start_len = s` returns
 `meta_info.input_token_logprobs` with one entry per input token from position s on, where the
 entry for token s is always `[None, id, ...]` (no log-prob for the first returned token) and
 entry k (k >= 1) is log p(ids[s + k] | ids[:s + k]). To get the response of a prompt of length
-P we therefore ask for s = P - 1 and drop entry 0.
+P we therefore ask for s = P - 1 and drop entry 0 (or any smaller s, dropping P - s entries: a
+batch through sglang-router must share one integer s).
 """
 from __future__ import annotations
 
@@ -37,20 +38,24 @@ def logprob_start_len_for(response_start: int) -> int:
 
 
 def response_from_input_logprobs(input_token_logprobs: Sequence[Sequence], ids: Sequence[int], response_start: int,
-                                 input_top_logprobs: Sequence | None = None
+                                 input_top_logprobs: Sequence | None = None, logprob_start_len: int | None = None,
                                  ) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
-    """Decode SGLang's meta_info input logprobs (requested with logprob_start_len_for(response_start)).
+    """Decode SGLang's meta_info input logprobs over ids[response_start:].
 
-    input_token_logprobs: [[logprob | None, token_id, text | None], ...], one per token from
-    position response_start - 1. Checks that the echoed token ids are the student's tokens.
-    Returns (logprobs, topk_ids, topk_logprobs) over ids[response_start:].
+    input_token_logprobs: [[logprob | None, token_id, text | None], ...], one per token from position
+    `logprob_start_len` (default logprob_start_len_for(response_start); a batch sharing one smaller
+    start is fine: the extra prompt entries are skipped). Checks that the echoed token ids are the
+    student's tokens. Returns (logprobs, topk_ids, topk_logprobs).
     """
-    start = logprob_start_len_for(response_start)
+    start = logprob_start_len_for(response_start) if logprob_start_len is None else logprob_start_len
+    if not 0 <= start < response_start:
+        raise ValueError(f"logprob_start_len={start} must be in [0, response_start={response_start})")
     expected = len(ids) - start
     if len(input_token_logprobs) != expected:
         raise ValueError(f"server returned {len(input_token_logprobs)} input log-probs, expected {expected} "
                          f"(len(ids)={len(ids)}, logprob_start_len={start})")
-    entries = list(input_token_logprobs)[1:]
+    skip = response_start - start  # entry index of token response_start (entry 0 is always None)
+    entries = list(input_token_logprobs)[skip:]
     echoed = [int(e[1]) for e in entries]
     if echoed != list(ids[response_start:]):
         raise ValueError("server echoed different token ids than were sent: tokenizers or request mixed up")
@@ -59,9 +64,9 @@ def response_from_input_logprobs(input_token_logprobs: Sequence[Sequence], ids: 
     logprobs = [float(e[0]) for e in entries]
     if input_top_logprobs is None:
         return logprobs, None, None
-    tops = list(input_top_logprobs)[1:]
-    if len(tops) != len(entries):
-        raise ValueError(f"server returned {len(tops) + 1} top-logprob entries, expected {expected}")
+    if len(input_top_logprobs) != expected:
+        raise ValueError(f"server returned {len(input_top_logprobs)} top-logprob entries, expected {expected}")
+    tops = list(input_top_logprobs)[skip:]
     topk_ids = [[int(t[1]) for t in row] for row in tops]
     topk_logprobs = [[float(t[0]) for t in row] for row in tops]
     return logprobs, topk_ids, topk_logprobs

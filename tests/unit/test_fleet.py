@@ -73,8 +73,9 @@ def test_router_in_front_of_the_servers(fleet, reference):
         out = engine.generate(PROMPTS[:10], SP, n=4)
         assert _ids(out) == reference[0][:10]
         seqs = [p + row[0] for p, row in zip(PROMPTS[:10], reference[0][:10])]
-        remote = engine.score(seqs, [3] * 10, top_k=2)
-        local = reference[1].score(seqs, [3] * 10, top_k=2)
+        starts = [1 + k % 4 for k in range(10)]  # mixed starts in one batch: the router forwards one integer
+        remote = engine.score(seqs, starts, top_k=2)
+        local = reference[1].score(seqs, starts, top_k=2)
         for a, b in zip(remote, local):
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5) and a.topk_ids == b.topk_ids
         engine.close()

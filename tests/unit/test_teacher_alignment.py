@@ -50,6 +50,12 @@ def test_sglang_input_logprobs_layout():
         response_from_input_logprobs([[None, 9, None], [-0.5, 3, None], [-1.5, 5, None]], ids, 3)
     with pytest.raises(ValueError, match="response_start"):
         logprob_start_len_for(0)
+    # a smaller shared start (batched through the router): extra prompt entries are skipped
+    wider = [[None, 8, None], [-0.7, 9, None]] + entries[1:]
+    wider_tops = [None, [[-0.7, 9, None], [-1.0, 0, None]]] + tops[1:]
+    assert response_from_input_logprobs(wider, ids, 3, wider_tops, logprob_start_len=1) == (lps, tids, tlps)
+    with pytest.raises(ValueError, match="logprob_start_len"):
+        response_from_input_logprobs(entries, ids, 3, logprob_start_len=3)
 
 
 def test_drop_final_token():
