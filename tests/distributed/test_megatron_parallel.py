@@ -84,3 +84,8 @@ def test_megatron_model_matches_hf_forward(measured, family):
     assert measured[f"hf_logits_{family}"] < 1e-5
     hf_params, megatron_params = measured[f"hf_params_{family}"]
     assert hf_params == megatron_params
+
+
+def test_non_finite_loss_skips_the_update(measured):
+    assert measured["nan_skipped"] == 1.0
+    assert measured["nan_param_change"] == 0.0

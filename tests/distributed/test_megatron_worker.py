@@ -324,6 +324,10 @@ def main(out_path: str) -> None:
     results["after_crash_load_step"] = ckpt.load_latest(tr, run_dir)[0]
     ckpt.save_checkpoint(tr, run_dir, 4, {"data_position": 4}, keep_last=2)
     results["after_prune"] = sorted(p.name for p in root.iterdir())
+    # A non-finite loss skips the update and says so.
+    before = full_tensors(tr, grads=False)
+    m = tr.train_step(samples, [float("nan"), *adv[1:]], 5, old_logprobs=old)
+    results["nan_skipped"], results["nan_param_change"] = m["skipped"], max_diff(full_tensors(tr, grads=False), before)
     if dist.get_rank() == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle, indent=1)

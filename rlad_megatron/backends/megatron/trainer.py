@@ -299,7 +299,8 @@ class MegatronTrainer:
         flag = torch.zeros(1, device=self.ctx.device)
         for chunk in self.model:
             for buffer in chunk.buffers:
-                if not torch.isfinite(buffer.grad_data).all():
+                # One reduction instead of a full-size bool mask: any NaN / Inf makes the sum non-finite.
+                if not torch.isfinite(buffer.grad_data.sum()):
                     flag.fill_(1.0)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
