@@ -36,7 +36,7 @@ def _steps(algorithm: str, paths, size, steps: int, seed: int, run_dir: Path) ->
 
     spec = RunSpec("bench", "addition", algorithm, seed)
     overrides = run_overrides(spec, replace(size, num_steps=steps, eval_interval=0), paths, run_dir)
-    overrides += ["data.eval=", "checkpoint.save_hf=false"]  # no eval: time the steps only
+    overrides += ["data.eval=''", "checkpoint.save_hf=false"]  # no eval: time the steps only
     return train(load_config(None, overrides), resume=False)
 
 

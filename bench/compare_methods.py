@@ -49,11 +49,11 @@ class Size:
 
 
 _SMALL_SETUP = Setup(task="", num_test=96, teacher=ModelShape(64, 192, 2), student=ModelShape(32, 96, 2),
-                     teacher_sft_steps=600, student_sft_steps=200)
+                     teacher_sft_steps=600, student_sft_steps=300)
 SIZES: dict[str, Size] = {
     # ~25-35 min on a quiet 2-core machine with --workers 2.
-    "small": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3), num_steps=24, prompts_per_step=8,
-                  group_size=8, eval_interval=4, eval_k=4, lr=1e-3, setup=_SMALL_SETUP,
+    "small": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3), num_steps=50, prompts_per_step=16,
+                  group_size=8, eval_interval=5, eval_k=4, lr=3e-4, setup=_SMALL_SETUP,
                   ablation_seeds=(1, 2, 3), explain_seeds=(1, 2, 3)),
     # The issue's size (~90 min on 2 cores): longer runs, larger held-out set, more seeds.
     "full": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3, 4, 5), num_steps=60, prompts_per_step=16,
@@ -117,10 +117,11 @@ def plan(size: Size, groups: Sequence[str] = ("main", "ablation", "explain"),
     if "main" in groups:
         specs += [RunSpec("main", t, m, s) for s in size.seeds for t in size.tasks for m in MAIN_METHODS]
     first = size.tasks[0]
-    if "ablation" in groups:
-        specs += [RunSpec("ablation", first, f"rlad_a{a}", s) for s in size.ablation_seeds for a in ABLATION_ALPHAS]
-    if "explain" in groups:
-        specs += [RunSpec("explain", first, m, s) for s in size.explain_seeds for m in EXPLAIN_METHODS]
+    for seed in sorted(set(size.ablation_seeds) | set(size.explain_seeds)):
+        if "ablation" in groups and seed in size.ablation_seeds:
+            specs += [RunSpec("ablation", first, f"rlad_a{a}", seed) for a in ABLATION_ALPHAS]
+        if "explain" in groups and seed in size.explain_seeds:
+            specs += [RunSpec("explain", first, m, seed) for m in EXPLAIN_METHODS]
     return [s for s in specs if methods is None or s.method in methods]
 
 
@@ -195,8 +196,21 @@ def claim(lock: Path) -> bool:
     return False
 
 
-def worker(size_name: str, out: Path, groups: Sequence[str], methods: Sequence[str] | None = None) -> int:
-    size = SIZES[size_name]
+def resolve_size(name: str, changes: Sequence[str] = ()) -> Size:
+    """SIZES[name] with `field=value` changes (e.g. num_steps=200, seeds=1,2,3,4,5) for scaling up."""
+    size = SIZES[name]
+    for change in changes:
+        key, _, value = change.partition("=")
+        if key not in Size.__dataclass_fields__ or key == "setup" or not value:
+            raise ValueError(f"--change {change!r}: expected field=value with field one of "
+                             f"{sorted(k for k in Size.__dataclass_fields__ if k != 'setup')}")
+        old = getattr(size, key)
+        new = tuple(type(old[0] if old else "")(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
+        size = replace(size, **{key: new})
+    return size
+
+
+def worker(size: Size, out: Path, groups: Sequence[str], methods: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     done = failed = 0
     for spec in plan(size, groups, methods):
@@ -211,7 +225,7 @@ def worker(size_name: str, out: Path, groups: Sequence[str], methods: Sequence[s
             r = run_one(spec, size, paths, out)
             print(f"[{time.strftime('%H:%M:%S')}] done {spec.key} in {r['wall_s']:.0f}s", flush=True)
             done += 1
-        except Exception as err:  # one broken run must not stop the others; it is retried on rerun
+        except Exception as err:  # noqa: BLE001 - one broken run must not stop the others; retried on rerun
             print(f"FAILED {spec.key}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             failed += 1
         finally:
@@ -222,11 +236,12 @@ def worker(size_name: str, out: Path, groups: Sequence[str], methods: Sequence[s
 
 def launch_workers(args: argparse.Namespace, out: Path) -> int:
     """Prepare every task once, then start N worker processes over the shared plan."""
-    size = SIZES[args.size]
+    size = resolve_size(args.size, args.change)
     for task in size.tasks:
         prepare(replace(size.setup, task=task), out / "setup" / task)
-    cmd = [sys.executable, __file__, "--size", args.size, "--out", str(out), "--worker", "--groups", *args.groups]
+    cmd = [sys.executable, __file__, "--size", args.size, "--out", str(args.out), "--worker", "--groups", *args.groups]
     cmd += ["--methods", *args.methods] if args.methods else []
+    cmd += [f"--change={c}" for c in args.change]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
     return max(p.wait() for p in procs)
@@ -240,22 +255,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--groups", nargs="+", default=["main", "ablation", "explain"],
                     choices=["main", "ablation", "explain"])
     ap.add_argument("--methods", nargs="+", help="run only these methods (e.g. grpo rlad)")
+    ap.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change a field of the size (repeatable), e.g. --change num_steps=200; use a new --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs into tables and plots")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "method_comparison.md",
                     help="markdown file whose generated-results block is rewritten by --report")
     args = ap.parse_args(argv)
     out = args.out / args.size
+    size = resolve_size(args.size, args.change)
     if args.worker:
-        return worker(args.size, out, args.groups, args.methods)
+        return worker(size, out, args.groups, args.methods)
     if not args.report:
-        status = launch_workers(args, out) if args.workers > 1 else worker(args.size, out, args.groups,
-                                                                                   args.methods)
+        status = launch_workers(args, out) if args.workers > 1 else worker(size, out, args.groups, args.methods)
         if status:
             print("some runs failed; rerun the same command to retry them", file=sys.stderr)
     from comparison_report import write_report
 
-    write_report(out, SIZES[args.size], args.size, args.doc)
+    write_report(out, size, args.size, args.doc)
     return 0
 
 

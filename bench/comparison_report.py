@@ -55,8 +55,8 @@ def method_rows(groups: dict, task: str, methods: Sequence[str], size) -> list[d
 
 
 def _table(rows: list[dict], k: int) -> list[str]:
-    lines = [f"| method | seeds | held-out avg@{k} | pass@{k} | avg@{k} at step 0 | steps to GRPO's final avg@{k} "
-             "| s/step |", "|---|---|---|---|---|---|---|"]
+    lines = [(f"| method | seeds | held-out avg@{k} | pass@{k} | avg@{k} at step 0 | steps to GRPO's final avg@{k} "
+             "| s/step |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "not reached" if r["steps_to_grpo_final"] is None else str(r["steps_to_grpo_final"])
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {len(r['seeds'])} | {st.fmt(*r['avg'])} | "
@@ -91,6 +91,28 @@ def _ablation(groups: dict, task: str, size) -> tuple[list[str], list[tuple[floa
                      f"{st.fmt(*st.mean_std([st.final(r, pass_key) for r in runs]))} |")
         points.append((alpha, avg[0], avg[1]))
     return lines, points
+
+
+DIAGNOSTICS = (("zero_adv_group_frac", "zero-adv groups"), ("clip_frac_high", "clipped high"),
+               ("clip_frac_low", "clipped low"), ("teacher_widened_frac", "teacher widened"),
+               ("teacher_narrowed_frac", "teacher narrowed"), ("clamp_active_frac", "clamp active"),
+               ("teacher_log_ratio_mean", "mean lp - lp_T"), ("accuracy", "train accuracy"))
+
+
+def _diagnostics(groups: dict, task: str, methods: Sequence[str]) -> list[str]:
+    """Per-step training metrics averaged over steps and seeds (what the loss saw, not what eval saw)."""
+    lines = ["| method | " + " | ".join(label for _, label in DIAGNOSTICS) + " |",
+             "|---" * (len(DIAGNOSTICS) + 1) + "|"]
+    for method in methods:
+        rows = [row for r in groups.get((task, method), []) for row in r.get("train", [])]
+        if not rows:
+            continue
+        cells = []
+        for key, _ in DIAGNOSTICS:
+            values = [float(row[key]) for row in rows if key in row]
+            cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot_curves(groups: dict, task: str, methods: Sequence[str], key: str, path: Path, title: str) -> None:
@@ -143,11 +165,11 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
     img = doc.parent / "img" / "method_comparison"
     avg_key, _ = _keys(size)
     rel = img.relative_to(doc.parent)
-    lines = [BEGIN, f"Size `{size_name}`: {size.num_steps} steps x {size.prompts_per_step} prompts x "
+    lines = [BEGIN, (f"Size `{size_name}`: {size.num_steps} steps x {size.prompts_per_step} prompts x "
              f"{size.group_size} samples, lr {size.lr}, held-out {size.setup.num_test} prompts x k={size.eval_k} "
              f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py "
-             f"--size {size_name} --workers 2`.", ""]
+             f"--size {size_name} --workers 2`."), ""]
     summary = {"size": size_name, "tasks": {}}
     for task in size.tasks:
         rows = method_rows(groups, task, MAIN_METHODS, size)
@@ -157,7 +179,9 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
         _plot_curves(groups, task, MAIN_METHODS, avg_key, img / f"{task}_curves.png",
                      f"{task}: held-out accuracy vs step (mean ± std over seeds)")
         lines += [f"### Task `{task}`", "", *_table(rows, size.eval_k), "",
-                  *_paired(groups, task, MAIN_METHODS, avg_key), "", f"![{task} curves]({rel}/{task}_curves.png)", ""]
+                  *_paired(groups, task, MAIN_METHODS, avg_key), "", f"![{task} curves]({rel}/{task}_curves.png)", "",
+                  "Training diagnostics (means over steps and seeds):", "",
+                  *_diagnostics(groups, task, MAIN_METHODS), ""]
     first = size.tasks[0]
     ablation, points = _ablation(groups, first, size)
     if len(points) > 2:
@@ -168,6 +192,7 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
         _plot_curves(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, avg_key, img / "explain_curves.png",
                      f"{first}: explanatory runs")
         lines += [f"### Explanatory runs (`{first}`)", "", *_table(explain, size.eval_k), "",
+                  *_diagnostics(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS), "",
                   f"![explanatory runs]({rel}/explain_curves.png)", ""]
         summary["explain"] = explain
     lines.append(END)

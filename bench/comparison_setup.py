@@ -126,7 +126,7 @@ def demo_builder():
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception:  # a demo mid-change must not stop the benchmark: fall back to our own builder
+    except Exception:  # noqa: BLE001 - a demo mid-change must not stop the benchmark: use our builder
         return None
     return getattr(module, "build_teacher_student", None)
 

@@ -12,9 +12,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import compare_methods as cm  # noqa: E402
-import comparison_report as rep  # noqa: E402
-import comparison_stats as st  # noqa: E402
+import compare_methods as cm
+import comparison_report as rep
+import comparison_stats as st
 
 
 def _result(method, seed, curve, task="addition", k=4, times=None):
