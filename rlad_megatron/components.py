@@ -8,8 +8,9 @@ Left out: engines on ranks other than 0 (they receive samples by broadcast inste
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch.distributed as dist
 
@@ -22,11 +23,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def broadcast(samples: List[Sample], src_rank: int) -> List[Sample]:
-    """Rank 0's samples on every rank (no-op in a single process)."""
+def broadcast(value: Any, this_rank: int) -> Any:
+    """Rank 0's value (samples, checkpoint extra state) on every rank; a no-op in a single process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return samples
-    box = [samples if src_rank == 0 else None]
+        return value
+    box = [value if this_rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -74,13 +75,13 @@ def save_hf(run, root: Path, step: int) -> Path:
                            tp_group=c.tp_group, pp_group=c.pp_group, dp_rank=c.dp_rank)
 
 
-def save(run, step: int, extra: Dict[str, Any]) -> None:
+def save(run, step: int, extra: dict[str, Any]) -> None:
     from rlad_megatron.backends.megatron.checkpoint import save_checkpoint
 
     save_checkpoint(run.trainer, run.cfg.run_dir, step, extra, keep_last=run.cfg.checkpoint.keep_last)
 
 
-def load(run) -> Optional[Tuple[int, Dict[str, Any]]]:
+def load(run) -> tuple[int, dict[str, Any]] | None:
     """(step, extra_state) of the latest complete checkpoint, loaded into the trainer; None if there is none."""
     if run.trainer is None:
         return None
@@ -96,11 +97,11 @@ def has_checkpoint(run) -> bool:
 
 
 # ----------------------------------------------------------------------------- data and reward
-def trace_fn(cfg) -> Callable[[Dict[str, Any]], str]:
+def trace_fn(cfg) -> Callable[[dict[str, Any]], str]:
     """The reference solution of a row: its `solution` field, else the procedural task's trace."""
     from rlad_megatron.tasks import solution_trace
 
-    def trace(record: Dict[str, Any]) -> str:
+    def trace(record: dict[str, Any]) -> str:
         return str(record["solution"]) if record.get("solution") else solution_trace(record)
 
     return trace
@@ -112,7 +113,7 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def eos_ids(tokenizer) -> List[int]:
+def eos_ids(tokenizer) -> list[int]:
     eos = tokenizer.eos_token_id
     return list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
 
@@ -152,7 +153,7 @@ def build_engine(engine_cfg, model_dir: str, role: str):
     return build(engine_cfg, model_dir, role)
 
 
-def eval_records(cfg) -> Sequence[Dict[str, Any]]:
+def eval_records(cfg) -> Sequence[dict[str, Any]]:
     if not cfg.data.eval:
         return ()
     from rlad_megatron.data.loader import load_prompts
@@ -171,7 +172,7 @@ def score_teacher(run, samples: Sequence[Sample]) -> None:
                   drop_final_eos=run.cfg.algorithm.drop_final_eos_from_teacher)
 
 
-def evaluate(run, step: int) -> Dict[str, float]:
+def evaluate(run, step: int) -> dict[str, float]:
     """avg@k / pass@k of the rollout engine's current weights on the held-out prompts (overall numbers)."""
     from rlad_megatron.eval.evaluate import evaluate as run_eval
     from rlad_megatron.rollout.base import SamplingParams

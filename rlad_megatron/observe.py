@@ -22,9 +22,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -39,7 +40,7 @@ _LOG_LINE_KEYS = (
 )
 
 
-def to_float(value: Any) -> Optional[float]:
+def to_float(value: Any) -> float | None:
     """A metric value as a Python float (tensors, numpy scalars, bools); None if not a scalar."""
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         value = value.item()
@@ -48,9 +49,9 @@ def to_float(value: Any) -> Optional[float]:
     return None
 
 
-def scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """Keep the scalar entries of a metrics dict, as floats."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for key, value in metrics.items():
         number = to_float(value)
         if number is not None:
@@ -58,7 +59,7 @@ def scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
-def read_metrics(run_dir: str | Path) -> List[Dict[str, Any]]:
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All rows of <run_dir>/metrics.jsonl (an empty list when absent); a torn last line is ignored."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
@@ -87,7 +88,7 @@ class PhaseTimer:
     """Accumulates wall time per phase of one step: `with timer("generate"): ...`."""
 
     def __init__(self) -> None:
-        self.seconds: Dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -97,13 +98,13 @@ class PhaseTimer:
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         out = {f"time/{phase}": sec for phase, sec in self.seconds.items()}
         out["time/step"] = sum(self.seconds.values())
         return out
 
 
-def log_line(step: int, num_steps: int, metrics: Dict[str, float]) -> str:
+def log_line(step: int, num_steps: int, metrics: dict[str, float]) -> str:
     """`step 3/10 | reward 0.500 | acc 0.50 | ... | 2.1s`: the concise per-step summary."""
     parts = [f"step {step}/{num_steps}"]
     for key, short, fmt in _LOG_LINE_KEYS:
@@ -123,8 +124,9 @@ class Observer:
         self.cfg = logging_cfg
         self.num_steps = num_steps
         truncate_metrics(self.run_dir, start_step)
-        self._metrics = open(self.run_dir / METRICS_FILE, "a")
-        self._samples = open(self.run_dir / SAMPLES_FILE, "a")
+        # Kept open for the run (one line per step), closed by close().
+        self._metrics = open(self.run_dir / METRICS_FILE, "a")  # noqa: SIM115
+        self._samples = open(self.run_dir / SAMPLES_FILE, "a")  # noqa: SIM115
         self._tb = self._open_tensorboard() if logging_cfg.tensorboard else None
         self._progress, self._task = self._open_progress(start_step) if logging_cfg.progress_bar else (None, None)
 
@@ -134,7 +136,13 @@ class Observer:
         return SummaryWriter(str(self.run_dir / "tb"))
 
     def _open_progress(self, start_step: int):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -151,11 +159,11 @@ class Observer:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def _write(self, row: Dict[str, Any]) -> None:
+    def _write(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
 
-    def log_step(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
+    def log_step(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         values = scalars(metrics)
         self._write({"step": step, "kind": "train", **values})
         if self._tb is not None:
@@ -169,7 +177,7 @@ class Observer:
         self.echo(log_line(step, self.num_steps, values))
         return values
 
-    def log_eval(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         values = {k if k.startswith("eval/") else f"eval/{k}": v for k, v in scalars(metrics).items()}
         self._write({"step": step, "kind": "eval", **values})
         if self._tb is not None:
@@ -201,10 +209,10 @@ class NullObserver:
     def echo(self, text: str) -> None:
         pass
 
-    def log_step(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
+    def log_step(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         return scalars(metrics)
 
-    def log_eval(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         return scalars(metrics)
 
     def log_samples(self, step: int, samples: Iterable[Any]) -> None:

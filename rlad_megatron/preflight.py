@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from rlad_megatron.config import RunConfig
 
 # (attention heads, KV heads, layers) of the models the example recipes name, from their config.json.
-KNOWN_ARCHITECTURES: Dict[str, Tuple[int, int, int]] = {
+KNOWN_ARCHITECTURES: dict[str, tuple[int, int, int]] = {
     "Qwen3-0.6B": (16, 8, 28), "Qwen3-1.7B": (16, 8, 28), "Qwen3-4B": (32, 8, 36),
     "Qwen3-8B": (32, 8, 36), "Qwen3-14B": (40, 8, 40), "Qwen3-32B": (64, 8, 64),
 }
@@ -36,7 +35,7 @@ def _download_hint(path: str) -> str:
     return f"download it first, e.g. `hf download {repo} --local-dir {path}`"
 
 
-def model_folder_problems(role: str, path: str) -> List[str]:
+def model_folder_problems(role: str, path: str) -> list[str]:
     """Problems with one HF model folder (empty list when it looks complete)."""
     needed = "config.json, tokenizer.json + tokenizer_config.json, model.safetensors (or an index and its shards)"
     if not path:
@@ -56,29 +55,18 @@ def model_folder_problems(role: str, path: str) -> List[str]:
     return []
 
 
-def tokenizer_problems(student: str, teacher: str) -> List[str]:
-    """Student and teacher must share the vocabulary (ALGORITHMS.md section 6)."""
-    try:
-        from rlad_megatron.teacher import check_same_tokenizer
-    except ImportError:
-        check_same_tokenizer = None
-    if check_same_tokenizer is not None:
-        try:
-            check_same_tokenizer(student, teacher)
-        except ValueError as err:
-            return [str(err)]
-        return []
-    from transformers import AutoTokenizer
+def tokenizer_problems(student: str, teacher: str) -> list[str]:
+    """Student and teacher must share the vocabulary (ALGORITHMS.md section 6; teacher package check)."""
+    from rlad_megatron.teacher import check_same_tokenizer
 
-    s, t = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
-    if s.get_vocab() != t.get_vocab():
-        diff = len(set(s.get_vocab().items()) ^ set(t.get_vocab().items()))
-        return [f"the student ({student}) and teacher ({teacher}) tokenizers differ ({diff} token/id pairs do not "
-                "match); teacher log-probs are only meaningful on the student's token ids: use a teacher of the same family"]
+    try:
+        check_same_tokenizer(student, teacher)
+    except ValueError as err:
+        return [str(err)]
     return []
 
 
-def _architecture(path: str) -> Optional[Tuple[int, int, int]]:
+def _architecture(path: str) -> tuple[int, int, int] | None:
     config = Path(path) / "config.json"
     if config.exists():
         data = json.loads(config.read_text())
@@ -103,7 +91,7 @@ def trainer_gpus(cfg: RunConfig) -> int:
     return len(topo.trainer_nodes) * len(topo.trainer_gpus)
 
 
-def layout_problems(cfg: RunConfig) -> List[str]:
+def layout_problems(cfg: RunConfig) -> list[str]:
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     problems = []
@@ -122,7 +110,7 @@ def layout_problems(cfg: RunConfig) -> List[str]:
     return problems
 
 
-def data_file_problems(cfg: RunConfig) -> List[str]:
+def data_file_problems(cfg: RunConfig) -> list[str]:
     """Dataset files that do not exist (checked even when no tokenizer is available)."""
     problems = []
     for name in ("train", "eval"):
@@ -133,7 +121,7 @@ def data_file_problems(cfg: RunConfig) -> List[str]:
     return problems
 
 
-def topology_problems(cfg: RunConfig) -> List[str]:
+def topology_problems(cfg: RunConfig) -> list[str]:
     """The node roles `rlad render` would lay out for launch.* (skipped under torchrun)."""
     if "WORLD_SIZE" in os.environ or getattr(cfg, "launch", None) is None:
         return []
@@ -146,7 +134,7 @@ def topology_problems(cfg: RunConfig) -> List[str]:
     return []
 
 
-def data_problems(cfg: RunConfig) -> List[str]:
+def data_problems(cfg: RunConfig) -> list[str]:
     """Let the data package load and validate every row (it names file, row and field). Needs the
     student's tokenizer (prompt length is counted in tokens), so it runs only when the folder exists."""
     from transformers import AutoTokenizer
@@ -165,7 +153,7 @@ def data_problems(cfg: RunConfig) -> List[str]:
     return problems
 
 
-def required_models(cfg: RunConfig, objective) -> List[str]:
+def required_models(cfg: RunConfig, objective) -> list[str]:
     """Model roles this run loads: the student always; the teacher when the objective or the
     sample source needs it (see train.sample_source)."""
     from rlad_megatron.components import wants_teacher_engine
@@ -184,7 +172,7 @@ def preflight(cfg: RunConfig):
     from rlad_megatron.algorithms.objectives import build_objective
 
     objective = build_objective(cfg.algorithm)
-    problems: List[str] = []
+    problems: list[str] = []
     roles = required_models(cfg, objective)
     for role in roles:
         problems += model_folder_problems(role, getattr(cfg.model, role))

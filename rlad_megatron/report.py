@@ -9,15 +9,16 @@ Left out: smoothing controls, confidence bands across seeds.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from rlad_megatron.observe import read_metrics
 
 REWARD_KEY = "reward/mean"
 
 
-def _series(rows: List[Dict[str, Any]], kind: str, key: str) -> Tuple[List[int], List[float]]:
+def _series(rows: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
     points = {int(r["step"]): float(r[key]) for r in rows if r.get("kind", "train") == kind and key in r}
     steps = sorted(points)
     return steps, [points[s] for s in steps]
@@ -33,14 +34,14 @@ def _algorithm(run_dir: Path) -> str:
     return str((data.get("algorithm") or {}).get("name", "?"))
 
 
-def _eval_keys(runs: Dict[str, List[Dict[str, Any]]]) -> List[str]:
+def _eval_keys(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     keys = {k for rows in runs.values() for r in rows if r.get("kind") == "eval" for k in r if k.startswith("eval/")}
     return sorted(keys)
 
 
-def load_runs(run_dirs: Sequence[str | Path]) -> Dict[str, List[Dict[str, Any]]]:
+def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """{label: metric rows}; the label is the folder name (made unique with its parent when needed)."""
-    runs: Dict[str, List[Dict[str, Any]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     for run_dir in map(Path, run_dirs):
         if not (run_dir / "metrics.jsonl").exists():
             raise FileNotFoundError(f"{run_dir}/metrics.jsonl not found: is {run_dir} a run folder written by `rlad train`?")
@@ -49,7 +50,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> Dict[str, List[Dict[str, Any]]]
     return runs
 
 
-def plot(runs: Dict[str, List[Dict[str, Any]]], kind: str, keys: Sequence[str], out: Path, title: str) -> Optional[Path]:
+def plot(runs: dict[str, list[dict[str, Any]]], kind: str, keys: Sequence[str], out: Path, title: str) -> Path | None:
     """One panel per key, one line per run; None when no run has any of the keys."""
     import matplotlib
 
@@ -76,11 +77,11 @@ def plot(runs: Dict[str, List[Dict[str, Any]]], kind: str, keys: Sequence[str], 
     return out
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def table(runs: Dict[str, List[Dict[str, Any]]], run_dirs: Sequence[Path]) -> str:
+def table(runs: dict[str, list[dict[str, Any]]], run_dirs: Sequence[Path]) -> str:
     """Markdown: per run, reward first/last and each eval metric first/last/best."""
     eval_keys = _eval_keys(runs)
     header = ["run", "algorithm", "steps", "reward first", "reward last"]
@@ -99,12 +100,12 @@ def table(runs: Dict[str, List[Dict[str, Any]]], run_dirs: Sequence[Path]) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Dict[str, Path]:
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Write reward.png, eval.png (when any run evaluated) and report.md into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(run_dirs)
-    written: Dict[str, Path] = {}
+    written: dict[str, Path] = {}
     reward_png = plot(runs, "train", [REWARD_KEY, "accuracy"], out / "reward.png", "training reward")
     eval_png = plot(runs, "eval", _eval_keys(runs), out / "eval.png", "evaluation")
     body = ["# Run comparison", "", table(runs, [Path(p) for p in run_dirs])]

@@ -17,9 +17,10 @@ Left out: partial rollouts carried across steps, asynchronous generation.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any
 
 from rlad_megatron.types import Sample
 
@@ -40,7 +41,7 @@ class Context:
     tokenizer: Any
     sampler: Any
     """PromptSampler over the data package's items `{"prompt_ids": [...], "record": {...}}`."""
-    reward_fn: Callable[[str, Dict[str, Any]], Any]
+    reward_fn: Callable[[str, dict[str, Any]], Any]
     rollout_engine: Any = None
     teacher_engine: Any = None
 
@@ -53,8 +54,8 @@ def sampling_params(cfg, seed: int):
                           stop_token_ids=tuple(r.stop_token_ids), seed=seed)
 
 
-def generate_samples(ctx: Context, engine, items: Sequence[Dict[str, Any]], n: int, seed: int,
-                     first_group: int = 0) -> List[Sample]:
+def generate_samples(ctx: Context, engine, items: Sequence[dict[str, Any]], n: int, seed: int,
+                     first_group: int = 0) -> list[Sample]:
     """n responses per prompt item from `engine`, rewarded; group_index counts from first_group."""
     prompts = [list(item["prompt_ids"]) for item in items]
     outputs = engine.generate(prompts, sampling_params(ctx.cfg, seed), n=n)
@@ -79,14 +80,14 @@ def reward(ctx: Context, samples: Sequence[Sample]) -> None:
                   max_new_tokens=ctx.cfg.rollout.max_new_tokens, num_workers=r.num_workers)
 
 
-def _groups(samples: Sequence[Sample]) -> List[List[Sample]]:
-    by_group: Dict[int, List[Sample]] = {}
+def _groups(samples: Sequence[Sample]) -> list[list[Sample]]:
+    by_group: dict[int, list[Sample]] = {}
     for sample in samples:
         by_group.setdefault(sample.group_index, []).append(sample)
     return [by_group[k] for k in sorted(by_group)]
 
 
-def _renumber(groups: Sequence[Sequence[Sample]]) -> List[Sample]:
+def _renumber(groups: Sequence[Sequence[Sample]]) -> list[Sample]:
     out = []
     for index, group in enumerate(groups):
         for sample in group:
@@ -105,7 +106,7 @@ class StudentRollouts:
     scored = False
     """Samples arrive with teacher scores already (the loop does not score them again)."""
 
-    def collect(self, ctx: Context, step: int) -> Tuple[List[Sample], Dict[str, float]]:
+    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
         want, size = cfg.train.prompts_per_step, cfg.algorithm.group_size
         records = ctx.sampler.next_batch(want)
@@ -146,7 +147,7 @@ class TeacherTraces:
     needs_rollout_engine = False
     scored = False
 
-    def collect(self, ctx: Context, step: int) -> Tuple[List[Sample], Dict[str, float]]:
+    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
         records = ctx.sampler.next_batch(cfg.train.prompts_per_step)
         samples = generate_samples(ctx, ctx.teacher_engine, records, cfg.algorithm.group_size,
@@ -164,10 +165,10 @@ class DatasetTraces:
     needs_rollout_engine = False
     scored = False
 
-    def __init__(self, trace_fn: Callable[[Dict[str, Any]], str]):
+    def __init__(self, trace_fn: Callable[[dict[str, Any]], str]):
         self.trace_fn = trace_fn
 
-    def collect(self, ctx: Context, step: int) -> Tuple[List[Sample], Dict[str, float]]:
+    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
         items = ctx.sampler.next_batch(ctx.cfg.train.prompts_per_step)
         eos = ctx.tokenizer.eos_token_id
         samples = []
@@ -189,7 +190,7 @@ class SavedRollouts:
     def __init__(self, rollout_dir: str):
         self.dir = Path(rollout_dir)
 
-    def collect(self, ctx: Context, step: int) -> Tuple[List[Sample], Dict[str, float]]:
+    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
         path = self.dir / f"step_{step}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"train.mode=train_only: {path} is missing; record it with train.mode=rollout_only "
@@ -208,5 +209,5 @@ def save_rollouts(run_dir: str | Path, step: int, samples: Sequence[Sample]) -> 
     return path
 
 
-def load_rollouts(path: str | Path) -> List[Sample]:
+def load_rollouts(path: str | Path) -> list[Sample]:
     return [Sample.from_dict(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]

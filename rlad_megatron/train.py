@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +34,15 @@ import torch
 from rlad_megatron import components as glue
 from rlad_megatron.config import RunConfig, save_config
 from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
-from rlad_megatron.rollouts import (Context, DatasetTraces, SavedRollouts, StudentRollouts, TeacherTraces,
-                                    save_rollouts)
+from rlad_megatron.rollouts import (
+    Context,
+    DatasetTraces,
+    SavedRollouts,
+    StudentRollouts,
+    TeacherTraces,
+    save_rollouts,
+)
 from rlad_megatron.types import Sample
-
 
 HF_DIR = "hf"  # <run_dir>/hf/step_N: final HF export; <run_dir>/hf/latest names it
 
@@ -46,7 +52,7 @@ class TrainingStopped(RuntimeError):
 
 
 # Where samples come from, per algorithm: the one table that knows that sft trains off-policy.
-OFFLINE_SOURCES: Dict[str, Dict[str, Callable[[RunConfig], Any]]] = {
+OFFLINE_SOURCES: dict[str, dict[str, Callable[[RunConfig], Any]]] = {
     "sft": {"teacher": lambda cfg: TeacherTraces(), "dataset": lambda cfg: DatasetTraces(glue.trace_fn(cfg))},
 }
 
@@ -67,11 +73,11 @@ class Run:
     trainer: Any = None
     rank: int = 0
     weights_version: int = 0
-    eval_records: Sequence[Dict[str, Any]] = ()
+    eval_records: Sequence[dict[str, Any]] = ()
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg: RunConfig, *, resume: Optional[bool] = None, advantage_hook=None) -> List[Dict[str, float]]:
+def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) -> list[dict[str, float]]:
     """Train per `cfg`; returns the logged metrics of every step run. `advantage_hook(step, advantages)`
     may rewrite advantages (tests inject NaN with it)."""
     run = build_run(cfg)
@@ -79,7 +85,7 @@ def train(cfg: RunConfig, *, resume: Optional[bool] = None, advantage_hook=None)
     try:
         start = restore(run, resume)
         obs = Observer(cfg.run_dir, cfg.logging, cfg.train.num_steps, start) if run.rank == 0 else NullObserver()
-        history: List[Dict[str, float]] = []
+        history: list[dict[str, float]] = []
         if start == 0 and run.eval_records:
             obs.log_eval(0, evaluate(run, 0))
         bad_steps = 0
@@ -126,8 +132,8 @@ def _due(step: int, interval: int, last: int) -> bool:
 
 def collect(run: Run, step: int, timer: PhaseTimer):
     """Steps 1-3: samples with rewards and teacher scores, identical on every rank."""
-    samples: List[Sample] = []
-    metrics: Dict[str, float] = {}
+    samples: list[Sample] = []
+    metrics: dict[str, float] = {}
     if run.rank == 0:
         with timer("generate"):
             samples, metrics = run.source.collect(run.ctx, step)
@@ -141,7 +147,7 @@ def collect(run: Run, step: int, timer: PhaseTimer):
     return samples, metrics
 
 
-def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> Dict[str, float]:
+def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> dict[str, float]:
     if not samples:
         return {"num_samples": 0.0}
     rewards = np.array([s.reward for s in samples], dtype=np.float64)
@@ -154,7 +160,7 @@ def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> Dict[str, float
             "num_samples": float(len(samples))}
 
 
-def optimize(run: Run, samples: List[Sample], step: int, timer: PhaseTimer, advantage_hook=None) -> Dict[str, float]:
+def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, advantage_hook=None) -> dict[str, float]:
     """Steps 4-6: old / ref log-probs, advantages, ppo_epochs x num_minibatches optimizer steps."""
     objective, trainer, cfg = run.objective, run.trainer, run.cfg
     with timer("logprobs"):
@@ -163,7 +169,7 @@ def optimize(run: Run, samples: List[Sample], step: int, timer: PhaseTimer, adva
     advantages = compute_advantages(run, samples, old, step)
     if advantage_hook is not None:
         advantages = advantage_hook(step, advantages)
-    metrics: Dict[str, float] = {}
+    metrics: dict[str, float] = {}
     with timer("train"):
         for _epoch in range(cfg.train.ppo_epochs):
             for index in minibatches(samples, cfg.train.num_minibatches):
@@ -175,12 +181,12 @@ def optimize(run: Run, samples: List[Sample], step: int, timer: PhaseTimer, adva
     return metrics
 
 
-def _pick(values: Optional[List[Any]], index: Sequence[int]) -> Optional[List[Any]]:
+def _pick(values: list[Any] | None, index: Sequence[int]) -> list[Any] | None:
     return None if values is None else [values[i] for i in index]
 
 
-def compute_advantages(run: Run, samples: Sequence[Sample], old: Optional[List[List[float]]],
-                       step: int) -> List[List[float]]:
+def compute_advantages(run: Run, samples: Sequence[Sample], old: list[list[float]] | None,
+                       step: int) -> list[list[float]]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
     eos = set(glue.eos_ids(run.ctx.tokenizer))
@@ -192,9 +198,9 @@ def compute_advantages(run: Run, samples: Sequence[Sample], old: Optional[List[L
     return [a.tolist() for a in per_seq]
 
 
-def minibatches(samples: Sequence[Sample], num_minibatches: int) -> List[List[int]]:
+def minibatches(samples: Sequence[Sample], num_minibatches: int) -> list[list[int]]:
     """Sample indices of each minibatch; whole groups stay together (their advantages are relative)."""
-    groups: Dict[int, List[int]] = {}
+    groups: dict[int, list[int]] = {}
     for i, sample in enumerate(samples):
         groups.setdefault(sample.group_index, []).append(i)
     ordered = [groups[k] for k in sorted(groups)]
@@ -202,7 +208,7 @@ def minibatches(samples: Sequence[Sample], num_minibatches: int) -> List[List[in
     return [[i for g in ordered[m::count] for i in g] for m in range(count)]
 
 
-def _accumulate(metrics: Dict[str, float], out: Dict[str, float]) -> None:
+def _accumulate(metrics: dict[str, float], out: dict[str, float]) -> None:
     """Means over the optimizer steps of one RL step; `skipped` is 1 if any update was skipped."""
     n = metrics.get("optimizer_steps", 0.0) + 1
     for key, value in out.items():
@@ -213,9 +219,9 @@ def _accumulate(metrics: Dict[str, float], out: Dict[str, float]) -> None:
     metrics["optimizer_steps"] = n
 
 
-def _logprob_metrics(samples: Sequence[Sample], old: Optional[List[List[float]]]) -> Dict[str, float]:
+def _logprob_metrics(samples: Sequence[Sample], old: list[list[float]] | None) -> dict[str, float]:
     """Rollout-vs-trainer mismatch and student-vs-teacher gap on the sampled tokens (k1 / k3 KL estimates)."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     pairs = {"rollout_vs_old": ([s.rollout_logprobs for s in samples], old),
              "old_vs_teacher": (old, [s.teacher_logprobs for s in samples])}
     for name, (first, second) in pairs.items():
@@ -237,11 +243,11 @@ def sync_weights(run: Run, step: int) -> None:
     run.weights_version = step
 
 
-def evaluate(run: Run, step: int) -> Dict[str, float]:
+def evaluate(run: Run, step: int) -> dict[str, float]:
     return glue.evaluate(run, step) if run.rank == 0 else {}
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as plain lists / ints (safe for any checkpoint loader)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -249,7 +255,7 @@ def rng_state() -> Dict[str, Any]:
             "torch": torch.get_rng_state().tolist()}
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -260,10 +266,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def checkpoint(run: Run, step: int) -> None:
     extra = {"step": step, "rng": rng_state(), "sampler": run.ctx.sampler.state_dict(),
              "weights_version": run.weights_version}
-    glue.save(run, step, extra)
+    glue.save(run, step, glue.broadcast(extra, run.rank))  # rank 0 drives sampling: its state is the run's
 
 
-def restore(run: Run, resume: Optional[bool]) -> int:
+def restore(run: Run, resume: bool | None) -> int:
     """Step of the latest complete checkpoint (0 for a fresh run); reloads everything it holds."""
     found = glue.load(run) if resume is not False else None
     if resume is False and glue.has_checkpoint(run):
@@ -279,7 +285,7 @@ def restore(run: Run, resume: Optional[bool]) -> int:
     return int(step)
 
 
-def finish(run: Run, step: int) -> Optional[Path]:
+def finish(run: Run, step: int) -> Path | None:
     """The final student as an HF folder `<run_dir>/hf/step_N` (`rlad eval`, the next run, release)."""
     if run.cfg.checkpoint.save_hf and run.trainer is not None:
         return glue.save_hf(run, Path(run.cfg.run_dir) / HF_DIR, step)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import List, Optional
 
 from rlad_megatron.config import RunConfig, load_config
 
@@ -37,7 +36,9 @@ def resolve(args: argparse.Namespace) -> RunConfig:
 def plan_text(cfg: RunConfig, objective=None) -> str:
     """The human-readable plan printed by --dry-run and at the start of a run."""
     a, t = cfg.algorithm, cfg.train
-    needs_teacher = getattr(objective, "needs_teacher", bool(cfg.model.teacher))
+    from rlad_megatron.preflight import required_models
+
+    needs_teacher = "teacher" in required_models(cfg, objective) if objective is not None else bool(cfg.model.teacher)
     lines = [
         f"run_dir          {cfg.run_dir}",
         f"algorithm        {a.name} (group_size={a.group_size}, clip={a.clip_low}/{a.clip_high}, alpha={a.alpha})",
@@ -45,15 +46,15 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         f"teacher          {cfg.model.teacher if needs_teacher else '(not used)'}",
         f"data             train={cfg.data.train} eval={cfg.data.eval or '(none)'}",
         f"reward           {cfg.reward.name}",
-        f"steps            {t.num_steps} x {t.prompts_per_step} prompts x {a.group_size} responses "
-        f"= {t.prompts_per_step * a.group_size} samples/step; {t.ppo_epochs} epoch(s) x {t.num_minibatches} minibatch(es)",
+        (f"steps            {t.num_steps} x {t.prompts_per_step} prompts x {a.group_size} responses "
+         f"= {t.prompts_per_step * a.group_size} samples/step; {t.ppo_epochs} epoch(s) x {t.num_minibatches} minibatch(es)"),
         f"optimizer        lr={t.lr} ({t.lr_decay_style}, warmup {t.lr_warmup_steps}) clip_grad={t.clip_grad}",
-        f"parallel         TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} "
-        f"SP={cfg.parallel.sequence_parallel} dist_opt={cfg.parallel.use_distributed_optimizer}",
-        f"engines          rollout={cfg.rollout.kind} teacher={cfg.teacher.kind if needs_teacher else '-'} "
-        f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}",
-        f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
-        f"eval every {cfg.eval.interval or 'start/end only'}",
+        (f"parallel         TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} "
+         f"SP={cfg.parallel.sequence_parallel} dist_opt={cfg.parallel.use_distributed_optimizer}"),
+        (f"engines          rollout={cfg.rollout.kind} teacher={cfg.teacher.kind if needs_teacher else '-'} "
+         f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}"),
+        (f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
+         f"eval every {cfg.eval.interval or 'start/end only'}"),
         f"resume           {_resume_text(cfg)}",
     ]
     return "\n".join(lines)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlad train", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

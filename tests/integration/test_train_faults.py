@@ -13,7 +13,7 @@ from rlad_megatron.observe import read_metrics
 
 @pytest.fixture(autouse=True)
 def _digit_reward(monkeypatch):
-    import rlad_megatron.rewards as rewards
+    from rlad_megatron import rewards
 
     monkeypatch.setattr(rewards, "build_reward_fn", lambda reward_cfg, data_cfg: digit_reward)
 

@@ -1,8 +1,8 @@
 """Shared set-up of the training-loop tests: tiny student / teacher models and a run config."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rlad_megatron.config import RunConfig, load_config
 from rlad_megatron.rewards.base import RewardResult

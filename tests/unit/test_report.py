@@ -5,7 +5,13 @@ from types import SimpleNamespace
 import pytest
 
 from rlad_megatron import report
-from rlad_megatron.observe import Observer, PhaseTimer, log_line, read_metrics, truncate_metrics
+from rlad_megatron.observe import (
+    Observer,
+    PhaseTimer,
+    log_line,
+    read_metrics,
+    truncate_metrics,
+)
 
 
 def _write_run(run_dir, rewards, evals, algorithm):
@@ -25,7 +31,7 @@ def test_report_writes_plots_and_table(tmp_path):
     written = report.write_report([tmp_path / "grpo", tmp_path / "rlad"], tmp_path / "out")
     assert written["reward"].stat().st_size > 1000 and written["eval"].stat().st_size > 1000
     md = written["table"].read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| rlad") or line.startswith("| grpo")]
+    rows = [line for line in md.splitlines() if line.startswith(("| rlad", "| grpo"))]
     assert len(rows) == 2
     rlad_cells = [c.strip() for c in rows[1].split("|")[1:-1]]
     # run, algorithm, steps, reward first, reward last, avg@4 first/last/best, pass@4 first/last/best
