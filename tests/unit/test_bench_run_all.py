@@ -76,3 +76,19 @@ def test_main_writes_doc_for_selected_benchmarks(fake_repo, monkeypatch):
     text = run_all.DOC.read_text()
     assert text.startswith("# Benchmarks") and "- ratio 1.10x vs baseline" in text
     assert json.dumps(INFO["cpu"])[1:-1] in text
+
+
+def test_hand_written_sections_are_kept_and_generated_blocks_replaced(fake_repo):
+    bench = _script(fake_repo, "b_tr.py", "print('ratio 1.03x')\n")
+    bench = run_all.Bench("trainer", bench.script, "Trainer: X vs Y", "Y", match=("trainer",))
+    begin, end = run_all._markers("trainer")
+    previous = ("# Benchmarks\n\nold intro\n\n## Trainer\n\nHand-written table | 1.03 |\n\n"
+                f"{begin}\nOLD GENERATED\n{end}\n\n## Notes from someone\n\nkeep me\n")
+    result = run_all.run_bench(bench, quick=False, timeout=60)
+    doc = run_all.assemble([(bench, result)], INFO, [], False, previous)
+    assert doc.count("## Trainer") == 1 and "Hand-written table | 1.03 |" in doc
+    assert "OLD GENERATED" not in doc and "- ratio 1.03x" in doc and "old intro" not in doc
+    assert doc.index("Hand-written table") < doc.index(begin) < doc.index("- ratio 1.03x") < doc.index(end)
+    assert "## Notes from someone\n\nkeep me" in doc
+    again = run_all.assemble([(bench, result)], INFO, [], False, doc)  # idempotent on its own output
+    assert again.count("- ratio 1.03x") == 1 and again.count("Hand-written table") == 1
