@@ -35,8 +35,11 @@ def _algorithm(run_dir: Path) -> str:
 
 
 def _eval_keys(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The accuracy columns: avg@k and the largest pass@j (what the paper tables report)."""
     keys = {k for rows in runs.values() for r in rows if r.get("kind") == "eval" for k in r if k.startswith("eval/")}
-    return sorted(keys)
+    avg = sorted(k for k in keys if k.startswith("eval/avg@"))
+    passes = sorted((k for k in keys if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
+    return avg + passes[-1:]
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlad_megatron import components as glue
+from rlad_megatron import components
 from rlad_megatron.config import RunConfig, save_config
 from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
 from rlad_megatron.rollouts import (
@@ -53,7 +53,7 @@ class TrainingStopped(RuntimeError):
 
 # Where samples come from, per algorithm: the one table that knows that sft trains off-policy.
 OFFLINE_SOURCES: dict[str, dict[str, Callable[[RunConfig], Any]]] = {
-    "sft": {"teacher": lambda cfg: TeacherTraces(), "dataset": lambda cfg: DatasetTraces(glue.trace_fn(cfg))},
+    "sft": {"teacher": lambda cfg: TeacherTraces(), "dataset": lambda cfg: DatasetTraces(components.trace_fn(cfg))},
 }
 
 
@@ -114,7 +114,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
     finally:
         if obs is not None:
             obs.close()
-        glue.close(run)
+        components.close(run)
 
 
 def handle_bad_step(cfg: RunConfig, obs, step: int, bad_steps: int) -> None:
@@ -139,11 +139,11 @@ def collect(run: Run, step: int, timer: PhaseTimer):
             samples, metrics = run.source.collect(run.ctx, step)
         if run.objective.needs_teacher and not run.source.scored and samples:
             with timer("score"):
-                glue.score_teacher(run, samples)
+                components.score_teacher(run, samples)
         metrics.update(sample_metrics(run.cfg, samples))
         if run.cfg.train.save_rollouts or run.cfg.train.mode == "rollout_only":
             save_rollouts(run.cfg.run_dir, step, samples)
-    samples = glue.broadcast(samples, run.rank)
+    samples = components.broadcast(samples, run.rank)
     return samples, metrics
 
 
@@ -189,7 +189,7 @@ def compute_advantages(run: Run, samples: Sequence[Sample], old: list[list[float
                        step: int) -> list[list[float]]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
-    eos = set(glue.eos_ids(run.ctx.tokenizer))
+    eos = set(components.eos_ids(run.ctx.tokenizer))
     per_seq = objective.token_advantages(
         rewards, run.cfg.algorithm.group_size if objective.uses_rewards else 1,
         seq_lens=[len(s.response_ids) for s in samples], old_logprobs=old,
@@ -237,14 +237,14 @@ def _logprob_metrics(samples: Sequence[Sample], old: list[list[float]] | None) -
 # ----------------------------------------------------------------------------- weights, eval, checkpoints
 def sync_weights(run: Run, step: int) -> None:
     """Step 7: Megatron shards -> HF-named tensors -> rollout engine (collective export, rank 0 loads)."""
-    if not glue.wants_rollout_engine(run.cfg, run.source):
+    if not components.wants_rollout_engine(run.cfg, run.source):
         return
-    glue.push_weights(run, version=step)
+    components.push_weights(run, version=step)
     run.weights_version = step
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
-    return glue.evaluate(run, step) if run.rank == 0 else {}
+    return components.evaluate(run, step) if run.rank == 0 else {}
 
 
 def rng_state() -> dict[str, Any]:
@@ -266,13 +266,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def checkpoint(run: Run, step: int) -> None:
     extra = {"step": step, "rng": rng_state(), "sampler": run.ctx.sampler.state_dict(),
              "weights_version": run.weights_version}
-    glue.save(run, step, glue.broadcast(extra, run.rank))  # rank 0 drives sampling: its state is the run's
+    components.save(run, step, components.broadcast(extra, run.rank))  # rank 0 drives sampling: its state is the run's
 
 
 def restore(run: Run, resume: bool | None) -> int:
     """Step of the latest complete checkpoint (0 for a fresh run); reloads everything it holds."""
-    found = glue.load(run) if resume is not False else None
-    if resume is False and glue.has_checkpoint(run):
+    found = components.load(run) if resume is not False else None
+    if resume is False and components.has_checkpoint(run):
         raise ValueError(f"{run.cfg.run_dir} already holds checkpoints; resume (the default) or pick a new run_dir")
     if found is None:
         if resume:
@@ -288,7 +288,7 @@ def restore(run: Run, resume: bool | None) -> int:
 def finish(run: Run, step: int) -> Path | None:
     """The final student as an HF folder `<run_dir>/hf/step_N` (`rlad eval`, the next run, release)."""
     if run.cfg.checkpoint.save_hf and run.trainer is not None:
-        return glue.save_hf(run, Path(run.cfg.run_dir) / HF_DIR, step)
+        return components.save_hf(run, Path(run.cfg.run_dir) / HF_DIR, step)
     return None
 
 
@@ -302,12 +302,12 @@ def build_run(cfg: RunConfig) -> Run:
     torch.manual_seed(cfg.seed)
     objective = build_objective(cfg.algorithm)
     source = sample_source(cfg)
-    trainer = glue.build_trainer(cfg, objective) if cfg.train.mode != "rollout_only" else None
-    rank = glue.rank()
+    trainer = components.build_trainer(cfg, objective) if cfg.train.mode != "rollout_only" else None
+    rank = components.rank()
     if rank == 0:
         save_config(cfg)
-    ctx = glue.build_context(cfg, objective, source, with_engines=rank == 0)
+    ctx = components.build_context(cfg, objective, source, with_engines=rank == 0)
     run = Run(cfg=cfg, objective=objective, ctx=ctx, source=source, trainer=trainer, rank=rank)
-    run.eval_records = glue.eval_records(cfg) if rank == 0 and cfg.train.mode == "full" else ()
+    run.eval_records = components.eval_records(cfg) if rank == 0 and cfg.train.mode == "full" else ()
     return run
 

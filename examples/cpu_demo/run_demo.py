@@ -146,6 +146,9 @@ def main(argv=None) -> int:
     teacher_eval, student_eval = evaluate_model(teacher, cfg), evaluate_model(student, cfg)
     print(f"[4/6] held-out eval before RLAD: teacher avg@{k} {teacher_eval[f'avg@{k}']:.3f}, "
           f"student avg@{k} {student_eval[f'avg@{k}']:.3f}", flush=True)
+    if not args.smoke and teacher_eval[f"avg@{k}"] < student_eval[f"avg@{k}"] + 0.1:
+        print("WARNING: the teacher is not clearly better than the student; raise train.num_steps in "
+              "teacher_sft.yaml (the cached teacher is keyed by the recipe, so it is retrained)", flush=True)
     print(f"[5/6] RLAD: {cfg.train.num_steps} steps x {cfg.train.prompts_per_step} prompts x "
           f"{cfg.algorithm.group_size} responses", flush=True)
     train(cfg, resume=False)
