@@ -12,6 +12,7 @@ Debug modes come from `train.mode` (rollout_only, train_only; see docs/training.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -54,7 +55,7 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         (f"engines          rollout={cfg.rollout.kind} teacher={cfg.teacher.kind if needs_teacher else '-'} "
          f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}"),
         (f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
-         f"eval every {cfg.eval.interval or 'start/end only'}"),
+         + (f"eval every {cfg.eval.interval or 'start/end only'}" if cfg.data.eval else "no eval (data.eval empty)")),
         f"resume           {_resume_text(cfg)}",
     ]
     return "\n".join(lines)
@@ -91,8 +92,11 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(cfg)
     # Megatron warns once per module that Transformer Engine / apex are absent: expected on CPU.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.train import TrainingStopped, train
 
+    if os.environ.get("RANK", "0") == "0":
+        print(plan_text(cfg, build_objective(cfg.algorithm)), flush=True)
     try:
         train(cfg, resume=args.resume)
     except TrainingStopped as err:
