@@ -93,24 +93,33 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_sha
     return [s for s in shards if s]
 
 
+def safetensors_header(entries) -> tuple[bytes, dict[str, int], int]:
+    """(header bytes incl. the 8-byte length, name -> absolute data offset in the file, file size)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    relative = {}
+    for name, shape, dtype in entries:
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be exported; use bf16, fp16 or fp32")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        relative[name] = offset
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+    start = 8 + len(blob)
+    return struct.pack("<Q", len(blob)) + blob, {n: start + o for n, o in relative.items()}, start + offset
+
+
 class _StreamingSafetensors:
     """One safetensors file written tensor by tensor: the header (known shapes) first, then raw bytes."""
 
     def __init__(self, path: Path, entries) -> None:
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype in entries:
-            if dtype not in _ST_DTYPES:
-                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be exported; use bf16, fp16 or fp32")
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+        blob, _, _ = safetensors_header(entries)
         self._expected = [(n, tuple(s), d) for n, s, d in entries]
         self._next = self.num_written = 0
         self._file = open(path, "wb")  # noqa: SIM115 (stays open across write() calls; closed after the last tensor)
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._file.write(blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> bool:
         """Append one tensor (must come in header order); True when the file is complete."""

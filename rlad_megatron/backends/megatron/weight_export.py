@@ -9,21 +9,23 @@ Only one parameter is ever materialised in full, never the model.
 Two sinks:
 - `export_hf_tensors(...)` yields `list[(hf_name, tensor)]` buckets, for an in-process engine or
   an NCCL broadcast to SGLang servers (`rlad_megatron.conversion.sglang_sync`).
-- `write_hf_folder(...)` streams them into `<root>/step_N.tmp/`, renames it to `<root>/step_N/`
-  and moves the `<root>/latest` pointer: what SGLang's `/update_weights_from_disk` reads.
+- `write_hf_folder(...)` writes `<root>/step_N.tmp/` without any gather: the file layout is known
+  from the config, so every TP rank copies its own slices into the pre-sized safetensors shards
+  (`conversion.parallel_write`); then rank 0 renames it to `<root>/step_N/` and moves the
+  `<root>/latest` pointer. That folder is what SGLang's `/update_weights_from_disk` reads.
 
 Pipeline parallelism: each stage exports its own layers under their global indices (taken from
-each layer's `layer_number`); `write_hf_folder` lets every stage write its own shards and rank 0
-merges the index. Data-parallel replicas other than `dp_rank == 0` skip the work.
+each layer's `layer_number`); in `write_hf_folder` every stage writes its own shard files and
+rank 0 merges the index. Data-parallel replicas other than `dp_rank == 0` skip the work.
 
 Left out: virtual pipeline stages, MoE experts, gathering all stages' buckets onto one rank.
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,10 +34,15 @@ import torch.distributed as dist
 from rlad_megatron.conversion import tables
 from rlad_megatron.conversion.arch import ModelArch, arch_from_config
 from rlad_megatron.conversion.hf_io import (
-    HFShardWriter,
     copy_hf_metadata,
     publish_step_folder,
     write_index,
+)
+from rlad_megatron.conversion.parallel_write import (
+    create_files,
+    local_pieces,
+    plan_layout,
+    write_piece,
 )
 from rlad_megatron.conversion.transforms import tp_merge
 
@@ -172,45 +179,39 @@ def _entries(model_chunks, arch, dtype):
     return out
 
 
-def _write_bucket(writer: HFShardWriter, bucket: NamedTensors) -> None:
-    for name, tensor in bucket:
-        writer.add(name, tensor)
-
-
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype, max_shard_bytes: int,
-                  bucket_bytes: int) -> tuple[dict[str, str], int, torch.dtype | None]:
-    """This stage's shards in `tmp` (written by TP rank 0): (weight_map, bytes, dtype written)."""
-    (_, tp_rank), (pp_size, pp_rank) = group_size_rank(tp_group), group_size_rank(pp_group)
-    writer, entries = None, []
+def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype,
+                  max_shard_bytes: int) -> tuple[dict[str, str], int, torch.dtype | None]:
+    """This stage's shards in `tmp`, every TP rank writing its own slices: (weight_map, bytes, dtype).
+
+    No gather: TP rank 0 lays out the files (headers, sizes), then each rank copies the parts of
+    the HF tensors its shards hold into them (`conversion.parallel_write`).
+    """
+    (tp, tp_rank), (pp_size, pp_rank) = group_size_rank(tp_group), group_size_rank(pp_group)
+    arch = arch or model_arch(model_chunks[0])  # reading the HF config object is slow: once
+    entries = _entries(model_chunks, arch, dtype)
+    files, slots = plan_layout(entries, max_shard_bytes, "model" if pp_size == 1 else f"model-pp{pp_rank}")
     if tp_rank == 0:
-        entries = _entries(model_chunks, arch, dtype)
-        writer = HFShardWriter(tmp, entries, max_shard_bytes, "model" if pp_size == 1 else f"model-pp{pp_rank}")
-    buckets = export_hf_tensors(model_chunks, arch, tp_group=tp_group, bucket_bytes=bucket_bytes,
-                                dtype=dtype, copy=False, to_first=True)
-    # Double buffering: a thread writes one bucket (file writes release the GIL) while the next
-    # one is gathered and converted; at most two buckets are alive.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for bucket in buckets:
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(_write_bucket, writer, bucket) if writer else None
-        if pending is not None:
-            pending.result()
-    if writer is None:
+        create_files(tmp, files)
+    _barrier(tp_group)
+    for chunk in model_chunks:
+        for rule, layer, param in stage_plan(chunk, arch):
+            for piece in local_pieces(rule, layer, param.detach(), arch, tp, tp_rank):
+                write_piece(tmp, slots[piece.name], piece)
+    _barrier(tp_group)  # every slice is in place before the folder is published
+    if tp_rank != 0 or not entries:
         return {}, 0, None
-    return writer.finish(), writer.total_bytes, entries[0][2] if entries else None
+    total = sum(math.prod(shape) * d.itemsize for _, shape, d in entries)
+    return {name: slot.file for name, slot in slots.items()}, total, entries[0][2]
 
 
 def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, step: int, *,
                     hf_config_dir: str | Path, arch: ModelArch | None = None, tp_group=None, pp_group=None,
-                    dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
-                    bucket_bytes: int = 64 << 20) -> Path:
+                    dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30) -> Path:
     """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
 
     `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Returns
@@ -223,7 +224,7 @@ def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, s
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes, bucket_bytes) \
+    result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes) \
         if dp_rank == 0 else ({}, 0, None)
     results = [result]
     if dist.is_initialized():
