@@ -7,6 +7,9 @@ Length shaping (`reward.length_penalty`) is applied by `score_samples`, which kn
 from __future__ import annotations
 
 import atexit
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -79,10 +82,25 @@ def build_reward_fn(reward_cfg: Any, data_cfg: Any) -> RewardFn:
 _EXECUTORS: Dict[int, ProcessPoolExecutor] = {}
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: exit when the trainer dies.
+
+    A spawned worker holds both ends of the pool's call queue, so it never sees EOF when its
+    parent is killed (SIGKILL, OOM, preemption) and would idle forever as an orphan."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _executor(num_workers: int) -> ProcessPoolExecutor:
     """One spawned process pool per size, kept for the whole run (spawning costs ~1 s per worker)."""
     if num_workers not in _EXECUTORS:
-        _EXECUTORS[num_workers] = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
+        _EXECUTORS[num_workers] = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
+                                                      initializer=_exit_with_parent, initargs=(os.getpid(),))
     return _EXECUTORS[num_workers]
 
 
