@@ -96,10 +96,15 @@ class MegatronTrainer:
         return ref
 
     def _wrap_ddp(self, chunks: list) -> list:
+        """Float16Module (bf16 / fp16: fp32 logits out) inside Megatron DDP, as Megatron-LM does."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
         )
+        from megatron.core.transformer.module import Float16Module
+
+        if self.config.bf16 or self.config.fp16:
+            chunks = [Float16Module(c.config, c) for c in chunks]
 
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -317,7 +322,7 @@ class MegatronTrainer:
         metrics = self.forward_backward(samples, advantages_per_sample, step,
                                         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
         finite = math.isfinite(metrics.get("loss", 0.0)) and self._grads_finite()
-        grad_norm = float("nan")
+        grad_norm, lr = float("nan"), float(self.optimizer.param_groups[0]["lr"])  # the lr of this update
         if finite:
             with compat.cuda_to_cpu():
                 ok, grad_norm, _ = self.optimizer.step()
@@ -326,7 +331,7 @@ class MegatronTrainer:
                 self.num_updates += 1
                 self.scheduler.step(increment=1)
         metrics.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                       lr=float(self.optimizer.param_groups[0]["lr"]), skipped=0.0 if finite else 1.0)
+                       lr=lr, skipped=0.0 if finite else 1.0)
         return metrics
 
     # ---------------------------------------------------------------- access for others
@@ -343,8 +348,13 @@ class MegatronTrainer:
         return int(total.item())
 
     def unwrapped_model(self) -> list:
-        """The bare GPTModel chunks (no DDP wrapper), e.g. for weight export."""
-        return [chunk.module for chunk in self.model]
+        """The bare GPTModel chunks (no DDP / Float16Module wrapper), e.g. for weight export."""
+        bare = []
+        for chunk in self.model:
+            while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+                chunk = chunk.module
+            bare.append(chunk)
+        return bare
 
 
 def _model_parallel_group():
