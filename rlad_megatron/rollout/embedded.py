@@ -61,11 +61,17 @@ class Work:
 
 
 class _Rows:
-    """Per-row state of a running batch, all tensors of `cap` rows; rows [0, n) are active."""
+    """Per-row state of a running batch (`cap` rows; rows [0, n) are active).
 
-    def __init__(self, cap: int, max_new: int, max_stops: int):
+    Outputs live in step-major ring buffers out_tok / out_lp [width, cap]: at global step g every
+    active row writes slot g % width of its own column (one slice copy per step, no scatter); a row
+    admitted at step start_g[r] finds its k tokens at slots (start_g[r] + 0..k-1) % width.
+    """
+
+    def __init__(self, cap: int, width: int, max_stops: int):
         self.work: list[Work | None] = [None] * cap
-        self.n = 0
+        self.n, self.g, self.width = 0, 0, width
+        self.start_g = [0] * cap
         self.next_tok = torch.zeros(cap, dtype=torch.int64)
         self.lens = torch.zeros(cap, dtype=torch.int64)
         self.ngen = torch.zeros(cap, dtype=torch.int64)
@@ -75,27 +81,41 @@ class _Rows:
         self.top_k = torch.full((cap,), -1, dtype=torch.int64)
         self.seeds = torch.zeros(cap, dtype=torch.int64)
         self.stops = torch.full((cap, max_stops), -1, dtype=torch.int64)
-        self.out_tok = torch.zeros(cap, max_new, dtype=torch.int64)
-        self.out_lp = torch.zeros(cap, max_new)
-        self._tensors = [self.next_tok, self.lens, self.ngen, self.max_new, self.temperature, self.top_p, self.top_k,
-                         self.seeds, self.stops, self.out_tok, self.out_lp]
+        self.out_tok = torch.zeros(width, cap, dtype=torch.int64)
+        self.out_lp = torch.zeros(width, cap)
+        self._per_row = [self.next_tok, self.lens, self.ngen, self.max_new, self.temperature, self.top_p, self.top_k,
+                         self.seeds, self.stops]
 
-    def set(self, row: int, w: Work) -> None:
-        sp = w.sampling
-        self.work[row] = w
-        self.lens[row] = len(w.prompt_ids)
-        self.ngen[row] = 0
-        self.max_new[row] = sp.max_new_tokens
-        self.temperature[row] = sp.temperature
-        self.top_p[row] = sp.top_p
-        self.top_k[row] = sp.top_k
-        self.seeds[row] = w.seed
-        self.stops[row] = -1
-        self.stops[row, : len(w.stop_ids)] = torch.tensor(w.stop_ids, dtype=torch.int64)
+    def admit(self, works: list[Work]) -> slice:
+        """Append works as rows [n, n + m), vectorised; returns their slice."""
+        sl = slice(self.n, self.n + len(works))
+        sps = [w.sampling for w in works]
+        self.lens[sl] = torch.tensor([len(w.prompt_ids) for w in works])
+        self.ngen[sl] = 0
+        self.max_new[sl] = torch.tensor([sp.max_new_tokens for sp in sps])
+        self.temperature[sl] = torch.tensor([sp.temperature for sp in sps], dtype=self.temperature.dtype)
+        self.top_p[sl] = torch.tensor([sp.top_p for sp in sps], dtype=self.top_p.dtype)
+        self.top_k[sl] = torch.tensor([sp.top_k for sp in sps])
+        self.seeds[sl] = torch.tensor([w.seed for w in works])
+        width = self.stops.shape[1]
+        self.stops[sl] = torch.tensor([list(w.stop_ids) + [-1] * (width - len(w.stop_ids)) for w in works])
+        for j, w in enumerate(works):
+            self.work[sl.start + j] = w
+            self.start_g[sl.start + j] = self.g
+        self.n += len(works)
+        return sl
+
+    def outputs(self, r: int) -> tuple[list[int], list[float]]:
+        k = int(self.ngen[r])
+        slots = (self.start_g[r] + torch.arange(k)) % self.width
+        return self.out_tok[slots, r].tolist(), self.out_lp[slots, r].tolist()
 
     def move(self, src: int, dst: int) -> None:
-        for t in self._tensors:
+        for t in self._per_row:
             t[dst] = t[src]
+        self.out_tok[:, dst] = self.out_tok[:, src]
+        self.out_lp[:, dst] = self.out_lp[:, src]
+        self.start_g[dst] = self.start_g[src]
         self.work[dst], self.work[src] = self.work[src], None
 
 
@@ -157,7 +177,7 @@ class EmbeddedEngine:
             max_len = -(-max_len // 64) * 64
             max_new = max(max(w.sampling.max_new_tokens for w in first), 1)
             cap = self.max_batch_size
-            rows = _Rows(cap, max_new=max(max_new, max_len), max_stops=max(64, max(len(w.stop_ids) for w in first)))
+            rows = _Rows(cap, width=max(max_new, max_len), max_stops=max(64, max(len(w.stop_ids) for w in first)))
             cache = KVCache(self.spec, cap, max_len, self.model.dtype)
             try:
                 finished = self._admit(rows, cache, first)
@@ -180,7 +200,7 @@ class EmbeddedEngine:
                 w.done(w, GenerateOutput([], [], "abort"))
 
     def _fits(self, w: Work, rows: _Rows) -> bool:
-        if w.sampling.max_new_tokens > rows.out_tok.shape[1] or len(w.stop_ids) > rows.stops.shape[1]:
+        if w.sampling.max_new_tokens > rows.width or len(w.stop_ids) > rows.stops.shape[1]:
             raise EngineError("work item does not fit the running batch; take() must respect max_len")
         return True
 
@@ -196,22 +216,20 @@ class EmbeddedEngine:
                 live.append(w)
         if not live:
             return finished
-        start = rows.n
-        idx = torch.arange(start, start + len(live))
-        lengths = torch.tensor([len(w.prompt_ids) for w in live])
+        sl = rows.admit(live)
+        lengths = rows.lens[sl]
         T = int(lengths.max())
         tokens = torch.zeros(len(live), T, dtype=torch.int64)
         for j, w in enumerate(live):
-            rows.set(start + j, w)
             tokens[j, : len(w.prompt_ids)] = torch.tensor(w.prompt_ids)
-        rows.n += len(live)
-        hidden = self.model.forward(tokens, torch.arange(T).expand(len(live), T), cache, rows=idx)
+        hidden = self.model.forward(tokens, torch.arange(T).expand(len(live), T), cache, rows=torch.arange(sl.start, sl.stop))
         last = hidden[torch.arange(len(live)), lengths - 1]
-        return finished + self._sample_and_record(rows, cache, self.model.logits(last), start, rows.n)
+        return finished + self._sample_and_record(rows, cache, self.model.logits(last), sl.start, sl.stop)
 
     def _decode_step(self, rows: _Rows, cache: KVCache) -> int:
         n = rows.n
         attn_len = int(rows.lens[:n].max()) + 1
+        rows.g += 1  # a new global step: every active row writes ring slot g % width
         hidden = self.model.decode(rows.next_tok[:n], rows.lens[:n], cache, attn_len)
         rows.lens[:n] += 1
         return self._sample_and_record(rows, cache, self.model.logits(hidden), 0, n)
@@ -219,24 +237,24 @@ class EmbeddedEngine:
     def _sample_and_record(self, rows: _Rows, cache: KVCache, logits: torch.Tensor, start: int, stop: int) -> int:
         """Sample the next token of rows [start, stop), record it, finish the rows that ended."""
         sl = slice(start, stop)
-        step = rows.ngen[sl]
-        tok, lp = sample_next(logits, rows.temperature[sl], rows.top_p[sl], rows.top_k[sl], rows.seeds[sl], step)
-        ar = torch.arange(start, stop)
-        rows.out_tok[ar, step] = tok
-        rows.out_lp[ar, step] = lp
+        tok, lp = sample_next(logits, rows.temperature[sl], rows.top_p[sl], rows.top_k[sl], rows.seeds[sl],
+                              rows.ngen[sl])
+        slot = rows.g % rows.width
+        rows.out_tok[slot, sl] = tok
+        rows.out_lp[slot, sl] = lp
         rows.ngen[sl] += 1
         rows.next_tok[sl] = tok
         stopped = (tok[:, None] == rows.stops[sl]).any(dim=1)
         ended = stopped | (rows.ngen[sl] >= rows.max_new[sl])
         if not bool(ended.any()):
             return 0
-        done_rows = ar[ended].tolist()
+        done_rows = (torch.nonzero(ended).view(-1) + start).tolist()
         reasons = dict(zip(done_rows, stopped[ended].tolist()))
         for r in sorted(done_rows, reverse=True):  # highest first keeps lower indices valid while compacting
-            w, k = rows.work[r], int(rows.ngen[r])
-            out = GenerateOutput(rows.out_tok[r, :k].tolist(), rows.out_lp[r, :k].tolist(),
-                                 "stop" if reasons[r] else "length")
-            w.meta["matched"] = out.response_ids[-1] if reasons[r] else None
+            w = rows.work[r]
+            ids, lps = rows.outputs(r)
+            out = GenerateOutput(ids, lps, "stop" if reasons[r] else "length")
+            w.meta["matched"] = ids[-1] if reasons[r] else None
             self._release(rows, cache, r)
             w.done(w, out)
         return len(done_rows)

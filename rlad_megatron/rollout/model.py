@@ -239,45 +239,57 @@ class DecoderModel:
         """One decode step for rows [0, B) of the cache: hidden after the final norm, [B, hidden].
 
         tokens, positions: [B]. K/V are written at `positions`; attention covers cache[:, :attn_len]
-        masked to positions <= own. Activations stay 2-D ([B, features]) so every linear is one
-        matmul call: at decode sizes dispatch overhead, not arithmetic, is the cost.
+        masked to positions <= own. At decode sizes dispatch overhead, not arithmetic, is the cost,
+        so activations stay 2-D, RoPE is one batched matmul with per-row rotation matrices built
+        once per step, and scaled + masked scores are one baddbmm.
         """
         s = self.spec
         B = tokens.shape[0]
         H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
         x = F.embedding(tokens, self.embed)
-        cos, sin = self._rope(positions[:, None])
-        cos, sin = cos.view(B, 1, D), sin.view(B, 1, D)
+        rot = self._rotation(positions)
         visible = torch.arange(attn_len)[None, :] <= positions[:, None]
-        add_mask = torch.zeros(B, 1, 1, attn_len, dtype=x.dtype).masked_fill_(~visible.view(B, 1, 1, -1), float("-inf"))
+        mask = torch.zeros(B, 1, attn_len, dtype=x.dtype).masked_fill_(~visible.view(B, 1, -1), float("-inf"))
+        mask = mask.repeat_interleave(K, dim=0)  # [B * K, 1, S], shared by all layers
+        cache.set_decode_positions(positions)
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
             qkv = F.linear(h, L["qkv"], L["qkv_b"])
-            qk = self._rotate(L, qkv[:, : self.q_size + self.kv_size].view(B, H + K, D), cos, sin)
-            k, v = cache.write_decode(li, qk[:, H:], qkv[:, self.q_size + self.kv_size:].view(B, K, D), positions,
-                                      attn_len)
-            attn = _decode_attention(qk[:, :H], k, v, add_mask)
+            qk = qkv[:, : self.q_size + self.kv_size].view(B, H + K, D)
+            if L["q_norm"] is not None:
+                qk = F.rms_norm(qk, (D,), None, s.eps) * L["qk_norm"]
+            qk = torch.bmm(qk, rot)
+            k, v = cache.write_decode(li, qk[:, H:], qkv[:, self.q_size + self.kv_size:].view(B, K, D), attn_len)
+            attn = _decode_attention(qk[:, :H], k, v, mask)
             x += F.linear(attn, L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # one fused matmul for tiny decode steps
             x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
 
+    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, D, D] matrices R with x @ R == rope(x) at each row's position (x * cos + swap_halves(x) * sin)."""
+        D = self.spec.head_dim
+        cos, sin = self._rope(positions[:, None])
+        rot = torch.diag_embed(cos.view(-1, D))
+        j = torch.arange(D)
+        rot[:, (j + D // 2) % D, j] = sin.view(-1, D)  # out_j gets x_{(j + D/2) % D} * signed sin_j
+        return rot
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, add_mask: torch.Tensor) -> torch.Tensor:
-    """One query per row against the cache; q [B, H, D], k/v [B, K, S, D], add_mask [B, 1, 1, S] -> [B, H * D].
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row against the cache; q [B, H, D], k/v [B, K, S, D], mask [B * K, 1, S] -> [B, H * D].
 
-    Grouped heads are folded into the query dimension ([B, K, H/K, D]) so K/V are never repeated;
-    plain matmuls beat SDPA's CPU kernel for single-token queries.
+    Grouped heads are folded into the query dimension ([B * K, H/K, D]) so K/V are never repeated;
+    batched matmuls beat SDPA's CPU kernel for single-token queries.
     """
     B, H, D = q.shape
-    K = k.shape[1]
-    qg = q.reshape(B, K, H // K, D) * (D ** -0.5)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) + add_mask
-    return torch.matmul(scores.softmax(dim=-1), v).reshape(B, H * D)
+    K, S = k.shape[1], k.shape[2]
+    scores = torch.baddbmm(mask, q.reshape(B * K, H // K, D), k.reshape(B * K, S, D).transpose(1, 2), alpha=D ** -0.5)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * K, S, D)).view(B, H * D)
 
 
 class KVCache:
@@ -287,20 +299,24 @@ class KVCache:
         shape = (rows, spec.num_kv_heads, max_len, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
-        self.max_len = max_len
-        self._arange = torch.arange(rows)
+        self.max_len, self.num_kv_heads, self.head_dim = max_len, spec.num_kv_heads, spec.head_dim
+        self._slot = torch.arange(rows * spec.num_kv_heads).view(rows, spec.num_kv_heads) * max_len
+        self._flat_index: torch.Tensor | None = None
 
     def write_prefill(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         T = k.shape[2]
         self.k[layer][rows, :, :T] = k
         self.v[layer][rows, :, :T] = v
 
-    def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, attn_len: int):
-        """k, v [n, K, D] written at per-row positions pos [n]; returns the [n, K, attn_len, D] views."""
-        n = k.shape[0]
-        ar = self._arange[:n]
-        self.k[layer][ar, :, pos] = k
-        self.v[layer][ar, :, pos] = v
+    def set_decode_positions(self, pos: torch.Tensor) -> None:
+        """Flat (row, kv_head, position) indices of this step's writes for rows [0, n), computed once per step."""
+        self._flat_index = (self._slot[: pos.shape[0]] + pos[:, None]).view(-1)
+
+    def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, attn_len: int):
+        """k, v [n, K, D] written at the step's positions; returns the [n, K, attn_len, D] views."""
+        n, D = k.shape[0], self.head_dim
+        self.k[layer].view(-1, D).index_copy_(0, self._flat_index, k.reshape(-1, D))
+        self.v[layer].view(-1, D).index_copy_(0, self._flat_index, v.reshape(-1, D))
         return self.k[layer][:n, :, :attn_len], self.v[layer][:n, :, :attn_len]
 
 
