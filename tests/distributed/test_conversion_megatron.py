@@ -88,6 +88,10 @@ def test_megatron_matches_transformers_and_exports_round_trip(tmp_path, family, 
     names = [n for rank_buckets in result["buckets"][:: tp] for b in rank_buckets for n, _ in b]
     assert sorted(names) == sorted(original) and result["buckets"][0] == result["buckets"][tp - 1]
     assert max(result["bucket_sizes"]) <= 64 << 10 or len(result["buckets"][0]) == 1
+    # to_first=True: TP rank 0 of each stage gets every tensor of its stage, the other TP ranks none.
+    stage_names = [sorted(n for b in rank_buckets for n, _ in b) for rank_buckets in result["buckets"]]
+    for rank, names_first in enumerate(result["firsts"]):
+        assert sorted(names_first) == (stage_names[rank] if rank % tp == 0 else [])
 
     convert.megatron_to_hf(tmp_path / "saved", tmp_path / "from_saved", hf_config_dir=hf)
     from_saved = _state(tmp_path / "from_saved")

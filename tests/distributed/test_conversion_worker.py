@@ -87,6 +87,9 @@ def main() -> None:
     folder = write_hf_folder(chunks, work / "export", step=1, hf_config_dir=work / "hf", tp_group=ctx.tp_group,
                              pp_group=ctx.pp_group, dp_rank=ctx.dp_rank)
     buckets = list(export_hf_tensors(chunks, tp_group=ctx.tp_group, bucket_bytes=64 << 10))
+    first_only = [(n, t) for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, to_first=True) for n, t in b]
+    firsts = [None] * ctx.world_size
+    dist.all_gather_object(firsts, [n for n, _ in first_only])
     from megatron.core import dist_checkpointing
 
     if ctx.rank == 0:
@@ -96,7 +99,7 @@ def main() -> None:
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, [[(n, tuple(t.shape)) for n, t in b] for b in buckets])
     if ctx.rank == 0:
-        torch.save({"logits_ckpt": logits_ckpt, "logits_hf": logits_hf, "folder": str(folder),
+        torch.save({"logits_ckpt": logits_ckpt, "logits_hf": logits_hf, "folder": str(folder), "firsts": firsts,
                     "buckets": gathered, "bucket_sizes": [sum(t.numel() * t.element_size() for _, t in b)
                                                           for b in buckets]},
                    work / f"result_tp{tp}_pp{pp}.pt")
