@@ -231,76 +231,90 @@ def check_hf_equivalence(results) -> None:
                                           sum(p.numel() for p in model.parameters())]
 
 
-def main(out_path: str) -> None:
-    from rlad_megatron.backends.megatron import checkpoint as ckpt
+class Ctx:
+    """What the stages share: inputs, the single-process reference and the measurements."""
 
-    results = {}
-    run_dir = tempfile.mkdtemp(prefix="mt_ckpt_") if int(os.environ["RANK"]) == 0 else None
-    holder = [run_dir]
-    samples = make_samples()
+    def __init__(self, run_dir: str):
+        from rlad_megatron.backends.megatron import checkpoint
 
-    # DP=2: reference (single process maths on each rank), then the DP-split step.
+        self.ckpt, self.run_dir, self.results = checkpoint, run_dir, {}
+        self.samples = make_samples()
+        self.adv = inputs(self.samples)
+        self.old = self.ref_loss = self.ref_grads = self.ref_lp = None
+        self.lp_after = {}
+
+    def path(self, step: int):
+        return self.ckpt.checkpoint_root(self.run_dir) / f"step_{step}"
+
+    def parity(self, trainer, key: str) -> None:
+        """Loss and every gradient of one step's forward/backward vs the single-process reference."""
+        m = trainer.forward_backward(self.samples, self.adv, 0, old_logprobs=self.old)
+        self.results[key] = {"loss": abs(m["loss"] - self.ref_loss),
+                             "grad": max_diff(full_tensors(trainer, True), self.ref_grads)}
+
+
+def stage_dp2(c: Ctx) -> None:
+    """DP=2: the reference (single-process maths on each rank), the DP-split step, dist-opt step."""
     tr = make_trainer(make_cfg())
-    dist.broadcast_object_list(holder, src=0)
-    run_dir = holder[0]
-    check_hf_equivalence(results)
-    adv = inputs(samples)
-    old = old_logprobs_for(tr, samples)
-    ckpt.save_checkpoint(tr, run_dir, 0, {"data_position": 0})
-    ref_loss, ref_grads, ref_lp = reference_loss_and_grads(tr, samples, adv, old)
-    results["num_parameters"] = tr.num_parameters()
-    results["dp_packed_vs_padded_lp"] = lp_diff(tr.compute_logprobs(samples), ref_lp)
-    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
-    results["dp2"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
-    results["ref_loss"], results["ref_grad_max"] = ref_loss, max(g.abs().max().item() for g in ref_grads.values())
-
-    # One optimizer step with and without the distributed optimizer (DP=2) from the same weights.
+    check_hf_equivalence(c.results)
+    c.old = old_logprobs_for(tr, c.samples)
+    c.ckpt.save_checkpoint(tr, c.run_dir, 0, {"data_position": 0})
+    c.ref_loss, c.ref_grads, c.ref_lp = reference_loss_and_grads(tr, c.samples, c.adv, c.old)
+    c.results["num_parameters"] = tr.num_parameters()
+    c.results["dp_packed_vs_padded_lp"] = lp_diff(tr.compute_logprobs(c.samples), c.ref_lp)
+    c.results["ref_loss"] = c.ref_loss
+    c.results["ref_grad_max"] = max(g.abs().max().item() for g in c.ref_grads.values())
+    c.parity(tr, "dp2")
     before = full_tensors(tr, grads=False)
-    tr.train_step(samples, adv, 0, old_logprobs=old)
+    tr.train_step(c.samples, c.adv, 0, old_logprobs=c.old)
     plain = full_tensors(tr, grads=False)
-    results["optimizer_step_size"] = max_diff(plain, before)
-    tr = make_trainer(make_cfg(dist_opt=True))
-    ckpt.load_latest(tr, run_dir, load_optimizer=False)
-    tr.train_step(samples, adv, 0, old_logprobs=old)
-    results["dist_opt_step_diff"] = max_diff(full_tensors(tr, grads=False), plain)
+    c.results["optimizer_step_size"] = max_diff(plain, before)
+    tr = make_trainer(make_cfg(dist_opt=True))  # same step-0 weights, fresh optimizer state
+    c.ckpt.load_latest(tr, c.run_dir, load_optimizer=False)
+    tr.train_step(c.samples, c.adv, 0, old_logprobs=c.old)
+    c.results["dist_opt_step_diff"] = max_diff(full_tensors(tr, grads=False), plain)
 
-    # TP=2: loss/grads, packed log-probs vs the padded TP=1 reference, vocab-parallel maths.
+
+def stage_tp2(c: Ctx) -> None:
+    """TP=2: packed log-probs vs the padded TP=1 reference, parity, vocab-parallel maths; save step 1."""
     tr = make_trainer(make_cfg(tp=2))
-    ckpt.load_latest(tr, run_dir)
-    results["tp2_lp"] = lp_diff(tr.compute_logprobs(samples), ref_lp)
-    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
-    results["tp2"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
-    check_vocab_parallel(tr, results)
-    tr.train_step(samples, adv, 0, old_logprobs=old)
-    lp_after_tp2 = tr.compute_logprobs(samples)
-    ckpt.save_checkpoint(tr, run_dir, 1, {"data_position": 1})
-
-    # TP=2 + sequence parallel, from the step-0 weights.
+    c.ckpt.load_latest(tr, c.run_dir)
+    c.results["tp2_lp"] = lp_diff(tr.compute_logprobs(c.samples), c.ref_lp)
+    c.parity(tr, "tp2")
+    check_vocab_parallel(tr, c.results)
+    tr.train_step(c.samples, c.adv, 0, old_logprobs=c.old)
+    c.lp_after["tp2"] = tr.compute_logprobs(c.samples)
+    c.ckpt.save_checkpoint(tr, c.run_dir, 1, {"data_position": 1})
     tr = make_trainer(make_cfg(tp=2, sp=True))
-    ckpt.load_checkpoint(tr, ckpt.checkpoint_root(run_dir) / "step_0")
-    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
-    results["tp2_sp"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
+    c.ckpt.load_checkpoint(tr, c.path(0))
+    c.parity(tr, "tp2_sp")
 
-    # PP=2: loss/grads from step 0; then the TP=2 checkpoint resharded to PP=2.
+
+def stage_pp2(c: Ctx) -> None:
+    """PP=2: parity from step 0; the TP=2 checkpoint resharded to PP=2; save step 2."""
     tr = make_trainer(make_cfg(pp=2))
-    ckpt.load_checkpoint(tr, ckpt.checkpoint_root(run_dir) / "step_0")
-    m = tr.forward_backward(samples, adv, 0, old_logprobs=old)
-    results["pp2"] = {"loss": abs(m["loss"] - ref_loss), "grad": max_diff(full_tensors(tr, True), ref_grads)}
-    ckpt.load_latest(tr, run_dir)
-    results["tp2_to_pp2_lp"] = lp_diff(tr.compute_logprobs(samples), lp_after_tp2)
-    tr.train_step(samples, adv, 1, old_logprobs=old)
-    lp_after_pp2 = tr.compute_logprobs(samples)
-    ckpt.save_checkpoint(tr, run_dir, 2, {"data_position": 2})
+    c.ckpt.load_checkpoint(tr, c.path(0))
+    c.parity(tr, "pp2")
+    c.ckpt.load_latest(tr, c.run_dir)
+    c.results["tp2_to_pp2_lp"] = lp_diff(tr.compute_logprobs(c.samples), c.lp_after["tp2"])
+    tr.train_step(c.samples, c.adv, 1, old_logprobs=c.old)
+    c.lp_after["pp2"] = tr.compute_logprobs(c.samples)
+    c.ckpt.save_checkpoint(tr, c.run_dir, 2, {"data_position": 2})
 
-    # TP=1, PP=1 (DP=2): load the TP=2 and the PP=2 checkpoints.
+
+def stage_tp1_reload(c: Ctx):
+    """TP=1, PP=1 (DP=2): load the TP=2 and the PP=2 checkpoints."""
     tr = make_trainer(make_cfg())
-    ckpt.load_checkpoint(tr, ckpt.checkpoint_root(run_dir) / "step_1")
-    results["tp2_to_tp1_lp"] = lp_diff(tr.compute_logprobs(samples), lp_after_tp2)
-    step, extra = ckpt.load_latest(tr, run_dir)
-    results["pp2_to_pp1_lp"] = lp_diff(tr.compute_logprobs(samples), lp_after_pp2)
-    results["latest_step"], results["latest_extra"] = step, extra
+    c.ckpt.load_checkpoint(tr, c.path(1))
+    c.results["tp2_to_tp1_lp"] = lp_diff(tr.compute_logprobs(c.samples), c.lp_after["tp2"])
+    step, extra = c.ckpt.load_latest(tr, c.run_dir)
+    c.results["pp2_to_pp1_lp"] = lp_diff(tr.compute_logprobs(c.samples), c.lp_after["pp2"])
+    c.results["latest_step"], c.results["latest_extra"] = step, extra
+    return tr
 
-    # Interrupted save: every rank dies after writing step_3.tmp and before the rename.
+
+def stage_crash_and_nan(c: Ctx, tr) -> None:
+    """Interrupted save (every rank dies after writing step_3.tmp, before the rename); NaN loss."""
     from megatron.core import dist_checkpointing
 
     real_save = dist_checkpointing.save
@@ -311,26 +325,39 @@ def main(out_path: str) -> None:
 
     dist_checkpointing.save = crashing_save
     try:
-        ckpt.save_checkpoint(tr, run_dir, 3, {"data_position": 3})
-        results["crash_raised"] = False
+        c.ckpt.save_checkpoint(tr, c.run_dir, 3, {"data_position": 3})
+        c.results["crash_raised"] = False
     except RuntimeError:
-        results["crash_raised"] = True
+        c.results["crash_raised"] = True
     finally:
         dist_checkpointing.save = real_save
     dist.barrier()
-    root = ckpt.checkpoint_root(run_dir)
-    results["after_crash_latest"] = ckpt.latest_checkpoint(run_dir).name
-    results["after_crash_tmp_exists"] = (root / "step_3.tmp").exists()
-    results["after_crash_load_step"] = ckpt.load_latest(tr, run_dir)[0]
-    ckpt.save_checkpoint(tr, run_dir, 4, {"data_position": 4}, keep_last=2)
-    results["after_prune"] = sorted(p.name for p in root.iterdir())
-    # A non-finite loss skips the update and says so.
+    root = c.ckpt.checkpoint_root(c.run_dir)
+    c.results["after_crash_latest"] = c.ckpt.latest_checkpoint(c.run_dir).name
+    c.results["after_crash_tmp_exists"] = (root / "step_3.tmp").exists()
+    c.results["after_crash_load_step"] = c.ckpt.load_latest(tr, c.run_dir)[0]
+    c.ckpt.save_checkpoint(tr, c.run_dir, 4, {"data_position": 4}, keep_last=2)
+    c.results["after_prune"] = sorted(p.name for p in root.iterdir())
     before = full_tensors(tr, grads=False)
-    m = tr.train_step(samples, [float("nan"), *adv[1:]], 5, old_logprobs=old)
-    results["nan_skipped"], results["nan_param_change"] = m["skipped"], max_diff(full_tensors(tr, grads=False), before)
+    m = tr.train_step(c.samples, [float("nan"), *c.adv[1:]], 5, old_logprobs=c.old)
+    c.results["nan_skipped"] = m["skipped"]
+    c.results["nan_param_change"] = max_diff(full_tensors(tr, grads=False), before)
+
+
+def main(out_path: str) -> None:
+    holder = [tempfile.mkdtemp(prefix="mt_ckpt_") if int(os.environ["RANK"]) == 0 else None]
+    from rlad_megatron.backends.megatron.parallel import init_parallel
+
+    init_parallel(make_cfg().parallel, 0)  # torch.distributed up, so rank 0 can share its folder
+    dist.broadcast_object_list(holder, src=0)
+    c = Ctx(holder[0])
+    stage_dp2(c)
+    stage_tp2(c)
+    stage_pp2(c)
+    stage_crash_and_nan(c, stage_tp1_reload(c))
     if dist.get_rank() == 0:
         with open(out_path, "w") as handle:
-            json.dump(results, handle, indent=1)
+            json.dump(c.results, handle, indent=1)
 
 
 if __name__ == "__main__":
