@@ -123,7 +123,7 @@ class StudentRollouts:
             records = ctx.sampler.next_batch(want - len(kept))
             extra_prompts += len(records)
             more = _groups(generate_samples(ctx, ctx.rollout_engine, records, size, step_seed(cfg.seed, step, rounds),
-                                            first_group=len(groups) + extra_prompts))
+                                            first_group=len(groups) + extra_prompts - len(records)))
             kept += [g for g in more if not _zero_adv(g)]
             dropped += [g for g in more if _zero_adv(g)]
         num_dropped = max(len(dropped) - max(want - len(kept), 0), 0)
