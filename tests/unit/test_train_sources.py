@@ -27,7 +27,7 @@ def _ctx(kinds, **overrides):
                       + [f"{k}={v}" for k, v in overrides.items()])
     items = [{"prompt_ids": [0 if kind == "flat" else 1], "record": {"kind": kind}} for kind in kinds]
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "x" * len(ids))
-    reward = lambda text, record: RewardResult(float(len(text)), {"correct": len(text) >= 2})  # noqa: E731
+    reward = lambda text, record: RewardResult(float(len(text)), {"correct": len(text) >= 2})
     objective = SimpleNamespace(uses_rewards=True)
     engine = ScriptedEngine()
     ctx = Context(cfg=cfg, objective=objective, tokenizer=tokenizer, sampler=PromptSampler(items, shuffle=False),
