@@ -1,11 +1,11 @@
 """Vectorised next-token sampling with per-row temperature, top-p, top-k and seed.
 
-Randomness is counter-based: the uniform noise of row b at generation step t for vocab entry v
-is a hash of (seed_b, t, v). A sample therefore depends only on its own seed and history, not on
-which other sequences share the batch, which server ran it, or how often it was retried; the same
-seed reproduces the same tokens everywhere. Tokens are drawn with the Gumbel-max trick over the
-truncated (top-k, top-p) temperature-scaled logits, which is exact categorical sampling from the
-renormalised truncated distribution.
+Randomness is counter-based: the uniform number of row b at generation step t is a hash of
+(seed_b, t). A sample therefore depends only on its own seed and history, not on which other
+sequences share the batch, which server ran it, or how often it was retried; the same seed
+reproduces the same tokens everywhere. Tokens are drawn by inverse-CDF over the truncated
+(top-k, top-p) temperature-scaled distribution: one uniform per row and a cumulative sum, so the
+cost stays linear in the vocabulary with no per-token random numbers.
 
 Returned log-probs: log_softmax(logits / temperature) of the chosen token, BEFORE truncation
 (temperature 0 means greedy, with log_softmax(logits)); see rollout/base.py.
@@ -28,13 +28,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u in (0, 1), [B, V], a pure function of (seeds[b], steps[b], v)."""
-    v = torch.arange(vocab_size, dtype=torch.int64)
-    h = _mix32((seeds.to(torch.int64) & _M32)[:, None] ^ 0x9E3779B9)
-    h = _mix32(h ^ (steps.to(torch.int64)[:, None] * 0x27D4EB2F & _M32))
-    h = _mix32(h ^ (v[None, :] * 0x165667B1 & _M32))
-    return (h.to(torch.float64) + 0.5) / 4294967296.0
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1), [B] float64, a pure function of (seeds[b], steps[b])."""
+    h = _mix32((seeds.to(torch.int64) & _M32) ^ 0x9E3779B9)
+    h = _mix32(h ^ (steps.to(torch.int64) * 0x27D4EB2F & _M32))
+    h2 = _mix32(h ^ 0x165667B1)  # 64 bits of randomness: two 32-bit draws
+    return (h.to(torch.float64) * 4294967296.0 + h2.to(torch.float64) + 0.5) / 18446744073709551616.0
 
 
 def truncation_mask(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -63,10 +62,11 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     if bool(greedy.all()):
         tokens = logits.argmax(dim=-1)
     else:
-        filtered = scaled
+        probs = logprobs_all.exp()
         if bool(((top_p < 1.0) | (top_k > 0)).any()):
-            filtered = scaled.masked_fill(~truncation_mask(scaled, top_p, top_k), float("-inf"))
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, logits.shape[-1]))).to(scaled.dtype)
-        sampled = (filtered + gumbel).argmax(dim=-1)
+            probs = probs.masked_fill(~truncation_mask(scaled, top_p, top_k), 0.0)
+        cdf = probs.to(torch.float64).cumsum(dim=-1)
+        target = uniform_noise(seeds, steps)[:, None] * cdf[:, -1:]
+        sampled = torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
         tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)

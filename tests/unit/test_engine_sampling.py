@@ -43,12 +43,12 @@ def test_truncation_keeps_at_least_one_token():
     assert mask[0].tolist() == [True, False, False] and mask[1].sum() >= 1
 
 
-def test_noise_is_a_pure_function_of_seed_step_and_vocab():
-    a = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 50)
-    b = uniform_noise(torch.tensor([2, 1]), torch.tensor([0, 0]), 50)
-    assert torch.equal(a[0], b[1]) and not torch.equal(a[0], a[1])
-    assert float(a.min()) > 0 and float(a.max()) < 1
-    assert abs(float(uniform_noise(torch.arange(200), torch.zeros(200, dtype=torch.int64), 100).mean()) - 0.5) < 0.01
+def test_noise_is_a_pure_function_of_seed_and_step():
+    a = uniform_noise(torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1]))
+    b = uniform_noise(torch.tensor([2, 1]), torch.tensor([0, 0]))
+    assert a[0] == b[1] and a[1] == b[0] and len(set(a.tolist())) == 3
+    many = uniform_noise(torch.arange(20000), torch.zeros(20000, dtype=torch.int64))
+    assert float(many.min()) > 0 and float(many.max()) < 1 and abs(float(many.mean()) - 0.5) < 0.01
 
 
 def test_sample_seed_and_params_validation():
