@@ -6,8 +6,10 @@ i.e. the `sft` objective) and AdamW settings. Each side runs in its own subproce
 peak RSS (`ru_maxrss`) is its own. The HF side pads the batch (the usual HF recipe); the
 Megatron side packs it (`train.micro_batch_tokens`). Throughput counts real tokens (prompt +
 response, no padding) per second. The parent also measures this machine's fp32 matmul peak in
-the same run and reports achieved model FLOP/s as a fraction of it, with
-FLOPs/token = 6 * (matmul parameters) + 6 * layers * hidden * mean sequence length (causal attention).
+the same run and reports achieved model FLOP/s as a fraction of it. Both sides are built and warmed up
+first, then their steps alternate (HF, Megatron, Megatron, HF, ...) so a busy machine slows both alike;
+the best step of each side is the least disturbed one. FLOPs per token:
+6 * (matmul parameters) + 6 * layers * hidden * mean sequence length (causal attention).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_trainer.py [--steps 4] [--hidden 512] [--layers 8]
 """
@@ -51,10 +53,11 @@ def run_megatron(args) -> dict:
     cfg.train.lr, cfg.train.clip_grad, cfg.train.micro_batch_tokens = 1e-4, 1.0, args.micro_batch_tokens
     trainer = MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=tiny_hf_config("llama", **model_kwargs(args)))
     samples = make_samples(args)
+
     def step(i):
         return trainer.train_step(samples, [0.0] * len(samples), i)
 
-    return _timed(step, args, samples, trainer.num_parameters())
+    return step, trainer.num_parameters()
 
 
 def run_hf(args) -> dict:
@@ -81,22 +84,7 @@ def run_hf(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return _timed(step, args, samples, sum(p.numel() for p in model.parameters()))
-
-
-def _timed(step, args, samples, num_parameters) -> dict:
-    """Best and median step time: the machine is shared, so the fastest step is the least disturbed."""
-    step(0)  # warm-up (allocations, first-call overheads)
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        step(i + 1)
-        times.append(time.perf_counter() - start)
-    tokens = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
-    times.sort()
-    return {"tokens_per_s": tokens / times[0], "tokens_per_s_median": tokens / times[len(times) // 2],
-            "seconds_per_step": times[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "num_parameters": num_parameters}
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 20) -> float:
@@ -116,18 +104,50 @@ def flops_per_token(args, mean_len: float) -> float:
 
 
 def child(args) -> None:
+    """Build one side, then run one timed step per "step" line on stdin (the parent interleaves sides)."""
     torch.set_num_threads(args.threads)
-    result = run_megatron(args) if args.child == "megatron" else run_hf(args)
-    print("RESULT " + json.dumps(result), flush=True)
+    step, num_parameters = run_megatron(args) if args.child == "megatron" else run_hf(args)
+    step(0)  # warm-up: allocations and first-call overheads
+    print("READY", flush=True)
+    for i, line in enumerate(sys.stdin, start=1):
+        if line.strip() != "step":
+            break
+        start = time.perf_counter()
+        step(i)
+        print(f"TIME {time.perf_counter() - start}", flush=True)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"peak_rss_mb": peak_rss_mb, "num_parameters": num_parameters}), flush=True)
 
 
-def launch(side: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", side, *argv], capture_output=True, text=True,
-                         check=False, env=dict(os.environ))
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"{side} run failed:\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+class Side:
+    """A child process running one side of the comparison."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name, self.times = name, []
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", name, *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise SystemExit(f"{self.name} side exited (rc={self.proc.wait()}) before printing {prefix}")
+
+    def step(self) -> None:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        self.times.append(float(self._expect("TIME")))
+
+    def finish(self, tokens: int) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        result = json.loads(self._expect("RESULT"))
+        self.proc.wait()
+        times = sorted(self.times)
+        result.update(tokens_per_s=tokens / times[0], tokens_per_s_median=tokens / times[len(times) // 2],
+                      seconds_per_step=times[0])
+        return result
 
 
 def main() -> None:
@@ -142,8 +162,13 @@ def main() -> None:
     argv = list(sys.argv[1:])
     torch.set_num_threads(args.threads)
     peak = matmul_peak_flops()
-    hf, megatron = launch("hf", argv), launch("megatron", argv)
+    hf, megatron = Side("hf", argv), Side("megatron", argv)  # both built and warmed up, then interleaved
+    for i in range(args.steps):
+        for side in ((hf, megatron) if i % 2 == 0 else (megatron, hf)):
+            side.step()
     samples = make_samples(args)
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
+    hf, megatron = hf.finish(tokens), megatron.finish(tokens)
     mean_len = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples) / len(samples)
     fpt = flops_per_token(args, mean_len)
     print(f"model: {megatron['num_parameters'] / 1e6:.1f}M params (HF {hf['num_parameters'] / 1e6:.1f}M), "
