@@ -44,14 +44,38 @@ def _hf_config_dir(root: Path) -> Path:
     return out
 
 
-def main() -> None:
+def _time_runs(chunks, ctx, root: Path, tensors, dtype, repeats: int):
+    """Alternate export and baseline runs, each from a synced page cache; outputs removed."""
     from safetensors.torch import save_file
+
+    from rlad_megatron.backends.megatron.weight_export import write_hf_folder
+
+    export_times, save_times = [], []
+    for step in range(repeats):
+        os.sync()
+        dist.barrier()
+        start = time.perf_counter()
+        folder = write_hf_folder(chunks, root / "export", step, hf_config_dir=root / "hf_config",
+                                 tp_group=ctx.tp_group, dtype=dtype)
+        export_times.append(time.perf_counter() - start)
+        if ctx.rank == 0:
+            if step < repeats - 1:
+                shutil.rmtree(folder)
+            path = root / f"baseline_{step}.safetensors"
+            os.sync()
+            start = time.perf_counter()
+            save_file(tensors, str(path), metadata={"format": "pt"})
+            save_times.append(time.perf_counter() - start)
+            path.unlink()
+    return export_times, save_times
+
+
+def main() -> None:
 
     from rlad_megatron.backends.megatron.model import build_model
     from rlad_megatron.backends.megatron.parallel import destroy_parallel, init_parallel
     from rlad_megatron.backends.megatron.weight_export import (
         export_hf_tensors,
-        write_hf_folder,
     )
     from rlad_megatron.config import ModelConfig, ParallelConfig
     from rlad_megatron.conversion.arch import parse_dtype
@@ -73,27 +97,11 @@ def main() -> None:
 
     tensors = {n: t for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, dtype=dtype) for n, t in b}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    export_times, save_times = [], []
-    for step in range(args.repeats):  # interleaved, each from a synced page cache, outputs removed
-        os.sync()
-        dist.barrier()
-        start = time.perf_counter()
-        folder = write_hf_folder(chunks, root / "export", step, hf_config_dir=root / "hf_config",
-                                 tp_group=ctx.tp_group, dtype=dtype)
-        export_times.append(time.perf_counter() - start)
-        if ctx.rank == 0:
-            if step < args.repeats - 1:
-                shutil.rmtree(folder)
-            path = root / f"baseline_{step}.safetensors"
-            os.sync()
-            start = time.perf_counter()
-            save_file(tensors, str(path), metadata={"format": "pt"})
-            save_times.append(time.perf_counter() - start)
-            path.unlink()
+    export_times, save_times = _time_runs(chunks, ctx, root, tensors, dtype, args.repeats)
     if ctx.rank == 0:
         export, baseline = min(export_times), min(save_times)
         print(f"model: {num_params / 1e6:.1f}M params (TP=2 shards), {nbytes / 2**20:.0f} MiB of HF tensors "
-              f"({args.dtype}), exported to {folder}")
+              f"({args.dtype}), exported to {root / 'export'}")
         print(f"export (write_hf_folder, TP=2): {export:.3f} s (runs: {', '.join(f'{t:.3f}' for t in export_times)})")
         print(f"baseline (save_file of the same tensors): {baseline:.3f} s "
               f"(runs: {', '.join(f'{t:.3f}' for t in save_times)})")
