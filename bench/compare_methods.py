@@ -44,21 +44,22 @@ class Size:
     eval_k: int
     lr: float
     setup: Setup
+    num_minibatches: int = 1
     ablation_seeds: tuple[int, ...] = ()
     explain_seeds: tuple[int, ...] = ()
 
 
 _SMALL_SETUP = Setup(task="", num_test=96, teacher=ModelShape(64, 192, 2), student=ModelShape(32, 96, 2),
-                     teacher_sft_steps=600, student_sft_steps=300)
+                     teacher_sft_steps=2000, student_sft_steps=800)
 SIZES: dict[str, Size] = {
     # ~25-35 min on a quiet 2-core machine with --workers 2.
     "small": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3), num_steps=50, prompts_per_step=16,
-                  group_size=8, eval_interval=5, eval_k=4, lr=3e-4, setup=_SMALL_SETUP,
+                  group_size=8, eval_interval=5, eval_k=4, lr=1e-4, num_minibatches=4, setup=_SMALL_SETUP,
                   ablation_seeds=(1, 2, 3), explain_seeds=(1, 2, 3)),
     # The size (~90 min on 2 cores): longer runs, larger held-out set, more seeds.
     "full": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3, 4, 5), num_steps=60, prompts_per_step=16,
                  group_size=8, eval_interval=5, eval_k=8, lr=1e-3,
-                 setup=replace(_SMALL_SETUP, num_test=128, teacher_sft_steps=1200),
+                 setup=replace(_SMALL_SETUP, num_test=128),
                  ablation_seeds=(1, 2, 3), explain_seeds=(1, 2, 3)),
     # Seconds: the unit-test smoke run (one task, one seed, two methods).
     "tiny": Size(tasks=("addition",), seeds=(1,), num_steps=2, prompts_per_step=2, group_size=2, eval_interval=1,
@@ -135,7 +136,8 @@ def run_overrides(spec: RunSpec, size: Size, paths: dict[str, Path], run_dir: Pa
     return common_overrides(setup, paths["train"], paths["test"]) + [
         f"run_dir={run_dir}", f"seed={spec.seed}", f"model.student={paths['student']}", f"model.teacher={teacher}",
         f"algorithm.group_size={size.group_size}", f"train.num_steps={size.num_steps}",
-        f"train.prompts_per_step={size.prompts_per_step}", f"train.lr={size.lr}", "checkpoint.interval=0",
+        f"train.prompts_per_step={size.prompts_per_step}", f"train.lr={size.lr}",
+        f"train.num_minibatches={size.num_minibatches}", "checkpoint.interval=0",
         "checkpoint.save_hf=false", f"eval.interval={size.eval_interval}", f"eval.num_samples={size.eval_k}",
         "rollout.temperature=1.0",
     ] + method_overrides(spec.method, size.num_steps)

@@ -156,6 +156,19 @@ def _plot_alpha(points: list[tuple[float, float, float]], path: Path, key: str) 
     plt.close(fig)
 
 
+def _setup_table(out: Path, size) -> list[str]:
+    """Teacher and student quality after their SFT set-up runs (eval at T=1.0, k=4)."""
+    from comparison_setup import sft_eval
+
+    lines = ["| task | teacher avg@4 / pass@4 (T=1.0) | student init avg@4 / pass@4 (T=1.0) |", "|---|---|---|"]
+    for task in size.tasks:
+        t, s = (sft_eval(out / "setup" / task / f"{role}_sft") for role in ("teacher", "student"))
+        if t and s:
+            lines.append(f"| {task} | {t.get('eval/avg@4', math.nan):.3f} / {t.get('eval/pass@4', math.nan):.3f} | "
+                         f"{s.get('eval/avg@4', math.nan):.3f} / {s.get('eval/pass@4', math.nan):.3f} |")
+    return lines + [""] if len(lines) > 2 else []
+
+
 def write_report(out: Path, size, size_name: str, doc: Path) -> str:
     """Aggregate every finished run under `out`; returns the generated markdown block."""
     import torch
@@ -170,6 +183,7 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
              f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py "
              f"--size {size_name} --workers 2`."), ""]
+    lines += _setup_table(out, size)
     summary = {"size": size_name, "tasks": {}}
     for task in size.tasks:
         rows = method_rows(groups, task, MAIN_METHODS, size)
