@@ -281,43 +281,51 @@ class DecoderModel:
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query per row against the cache; q [B, H, D], k/v [B, K, S, D], mask [B * K, 1, S] -> [B, H * D].
+    """One query per row against the cache; q [B, H, D], k [B, K, D, S], v [B, K, S, D], mask [B * K, 1, S].
 
-    Grouped heads are folded into the query dimension ([B * K, H/K, D]) so K/V are never repeated;
-    batched matmuls beat SDPA's CPU kernel for single-token queries.
+    Returns [B, H * D]. Grouped heads are folded into the query dimension ([B * K, H/K, D]) so K/V
+    are never repeated; batched matmuls beat SDPA's CPU kernel for single-token queries.
     """
     B, H, D = q.shape
-    K, S = k.shape[1], k.shape[2]
-    scores = torch.baddbmm(mask, q.reshape(B * K, H // K, D), k.reshape(B * K, S, D).transpose(1, 2), alpha=D ** -0.5)
+    K, S = k.shape[1], k.shape[3]
+    scores = torch.baddbmm(mask, q.reshape(B * K, H // K, D), k.reshape(B * K, D, S), alpha=D ** -0.5)
     return torch.bmm(scores.softmax(dim=-1), v.reshape(B * K, S, D)).view(B, H * D)
 
 
 class KVCache:
-    """Static per-batch cache: k, v [num_layers][rows, K, S, D], preallocated once per batch."""
+    """Static per-batch cache, preallocated once: k [layers][rows, K, D, S] (pre-transposed, so the decode
+    score matmul reads it as a plain [D, S] operand) and v [layers][rows, K, S, D]."""
 
     def __init__(self, spec: ModelSpec, rows: int, max_len: int, dtype: torch.dtype):
-        shape = (rows, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.num_layers)]
-        self.max_len, self.num_kv_heads, self.head_dim = max_len, spec.num_kv_heads, spec.head_dim
-        self._slot = torch.arange(rows * spec.num_kv_heads).view(rows, spec.num_kv_heads) * max_len
-        self._flat_index: torch.Tensor | None = None
+        K, D = spec.num_kv_heads, spec.head_dim
+        self.k = [torch.zeros(rows, K, D, max_len, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(rows, K, max_len, D, dtype=dtype) for _ in range(spec.num_layers)]
+        self.max_len, self.num_kv_heads, self.head_dim = max_len, K, D
+        heads = torch.arange(rows * K)
+        self._v_base = heads * max_len  # [rows * K]: start of each (row, head) block of v
+        self._k_base = (heads[:, None] * D + torch.arange(D)[None, :]) * max_len  # [rows * K, D]
+        self._v_index: torch.Tensor | None = None
+        self._k_index: torch.Tensor | None = None
 
     def write_prefill(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, K, T, D] at positions 0..T-1 of cache rows `rows`."""
         T = k.shape[2]
-        self.k[layer][rows, :, :T] = k
+        self.k[layer][rows, :, :, :T] = k.transpose(-1, -2)
         self.v[layer][rows, :, :T] = v
 
     def set_decode_positions(self, pos: torch.Tensor) -> None:
-        """Flat (row, kv_head, position) indices of this step's writes for rows [0, n), computed once per step."""
-        self._flat_index = (self._slot[: pos.shape[0]] + pos[:, None]).view(-1)
+        """Flat indices of this step's writes for rows [0, n) at positions pos [n], computed once per step."""
+        n, K = pos.shape[0], self.num_kv_heads
+        per_head = pos.repeat_interleave(K)
+        self._v_index = self._v_base[: n * K] + per_head
+        self._k_index = (self._k_base[: n * K] + per_head[:, None]).view(-1)
 
     def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, attn_len: int):
-        """k, v [n, K, D] written at the step's positions; returns the [n, K, attn_len, D] views."""
+        """k, v [n, K, D] written at the step's positions; returns k [n, K, D, attn_len], v [n, K, attn_len, D]."""
         n, D = k.shape[0], self.head_dim
-        self.k[layer].view(-1, D).index_copy_(0, self._flat_index, k.reshape(-1, D))
-        self.v[layer].view(-1, D).index_copy_(0, self._flat_index, v.reshape(-1, D))
-        return self.k[layer][:n, :, :attn_len], self.v[layer][:n, :, :attn_len]
+        self.k[layer].view(-1).index_copy_(0, self._k_index, k.reshape(-1))
+        self.v[layer].view(-1, D).index_copy_(0, self._v_index, v.reshape(-1, D))
+        return self.k[layer][:n, :, :, :attn_len], self.v[layer][:n, :, :attn_len]
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> DecoderModel:
