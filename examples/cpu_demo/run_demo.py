@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TEACHER_ARCH = dict(hidden_size=96, intermediate_size=288, num_hidden_layers=3, num_attention_heads=4,
+TEACHER_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=128)
-STUDENT_ARCH = dict(hidden_size=48, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
+STUDENT_ARCH = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=128)
 # Reduced sizes for CI: same stages, a few steps each.
 SMOKE = {
@@ -40,7 +40,8 @@ SMOKE = {
 
 
 def _quiet() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+    # Tiny models: one thread is faster than two (no per-op synchronisation between threads).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -115,56 +116,65 @@ def _row(name: str, metrics: dict, k: int) -> str:
     return f"| {name} | {metrics.get(f'avg@{k}', float('nan')):.3f} | {metrics.get(f'pass@{k}', float('nan')):.3f} |"
 
 
+def rl_run(out: Path, algorithm: str, student: Path, teacher: Path, overrides: list) -> tuple:
+    """Stage 5: one RL run from the warm-started student (fresh each time); (run_dir, eval after)."""
+    from rlad_megatron.config import load_config
+    from rlad_megatron.conversion.hf_io import resolve_latest
+    from rlad_megatron.train import train
+
+    run_dir = out / algorithm
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = load_config(HERE / "rlad.yaml", [f"run_dir={run_dir}", f"model.student={student}",
+                                           f"model.teacher={teacher}", f"algorithm.name={algorithm}"] + overrides)
+    print(f"[5/6] {algorithm}: {cfg.train.num_steps} steps x {cfg.train.prompts_per_step} prompts x "
+          f"{cfg.algorithm.group_size} responses", flush=True)
+    train(cfg, resume=False)
+    return run_dir, evaluate_model(resolve_latest(run_dir / "hf"), cfg)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="reduced size (CI): a few steps per stage")
     parser.add_argument("--out", default="runs/cpu_demo", help="output folder (cache, runs, report)")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="ALGORITHM",
+                        help="also run these algorithms from the same student (e.g. grpo kdrl) for the report")
     args = parser.parse_args(argv)
     _quiet()
     from rlad_megatron.config import load_config
-    from rlad_megatron.conversion.hf_io import resolve_latest
-    from rlad_megatron.observe import read_metrics
     from rlad_megatron.report import write_report
-    from rlad_megatron.train import train
 
     start = time.time()
     out = Path(args.out) / ("smoke" if args.smoke else "full")
-    cache = out / "cache"
-    tok_dir, tok, cached = build_tokenizer(cache)
+    tok_dir, tok, cached = build_tokenizer(out / "cache")
     print(f"[1/6] tokenizer: {len(tok)} characters in {tok_dir}{' (cached)' if cached else ''}", flush=True)
     smoke = SMOKE if args.smoke else {"teacher": [], "student": [], "rlad": []}
-    teacher, cached = sft_model("teacher", cache, tok_dir, TEACHER_ARCH, 11, smoke["teacher"])
+    teacher, cached = sft_model("teacher", out / "cache", tok_dir, TEACHER_ARCH, 11, smoke["teacher"])
     print(f"[2/6] teacher: {teacher}{' (cached)' if cached else ''}", flush=True)
-    student, cached = sft_model("student", cache, tok_dir, STUDENT_ARCH, 12, smoke["student"])
+    student, cached = sft_model("student", out / "cache", tok_dir, STUDENT_ARCH, 12, smoke["student"])
     print(f"[3/6] student warm start: {student}{' (cached)' if cached else ''}", flush=True)
 
-    run_dir = out / "rlad"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(HERE / "rlad.yaml", [f"run_dir={run_dir}", f"model.student={student}",
-                                           f"model.teacher={teacher}"] + smoke["rlad"])
+    cfg = load_config(HERE / "rlad.yaml", [f"model.student={student}"] + smoke["rlad"])  # eval settings
     k = cfg.eval.num_samples
     teacher_eval, student_eval = evaluate_model(teacher, cfg), evaluate_model(student, cfg)
-    print(f"[4/6] held-out eval before RLAD: teacher avg@{k} {teacher_eval[f'avg@{k}']:.3f}, "
+    print(f"[4/6] held-out eval before RL: teacher avg@{k} {teacher_eval[f'avg@{k}']:.3f}, "
           f"student avg@{k} {student_eval[f'avg@{k}']:.3f}", flush=True)
     if not args.smoke and teacher_eval[f"avg@{k}"] < student_eval[f"avg@{k}"] + 0.1:
         print("WARNING: the teacher is not clearly better than the student; raise train.num_steps in "
               "teacher_sft.yaml (the cached teacher is keyed by the recipe, so it is retrained)", flush=True)
-    print(f"[5/6] RLAD: {cfg.train.num_steps} steps x {cfg.train.prompts_per_step} prompts x "
-          f"{cfg.algorithm.group_size} responses", flush=True)
-    train(cfg, resume=False)
-    after = evaluate_model(resolve_latest(run_dir / "hf"), cfg)
-    written = write_report([run_dir], out / "report")
-    curve = [(r["step"], r.get(f"eval/avg@{k}")) for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-    summary = "\n".join([
-        f"| model (held-out addition, {cfg.eval.max_prompts} prompts) | avg@{k} | pass@{k} |", "|---|---|---|",
-        _row("teacher (SFT)", teacher_eval, k), _row("student before RLAD", student_eval, k),
-        _row("student after RLAD", after, k),
-    ])
-    (out / "report" / "summary.md").write_text(summary + "\n\neval during RLAD (step, avg@k): " + str(curve) + "\n")
+    rows = [_row("teacher (SFT)", teacher_eval, k), _row("student before RL", student_eval, k)]
+    run_dirs = []
+    for algorithm in ["rlad"] + [a for a in args.compare if a != "rlad"]:
+        run_dir, after = rl_run(out, algorithm, student, teacher, smoke["rlad"])
+        run_dirs.append(run_dir)
+        rows.append(_row(f"student after {algorithm}", after, k))
+    written = write_report(run_dirs, out / "report")
+    summary = "\n".join([f"| model (held-out addition, {cfg.eval.max_prompts} prompts) | avg@{k} | pass@{k} |",
+                         "|---|---|---|"] + rows)
+    (out / "report" / "summary.md").write_text(summary + "\n")
     print(f"[6/6] done in {time.time() - start:.0f} s\n\n{summary}\n")
     print(f"report:      {written['table']} (plots: {', '.join(str(p) for n, p in written.items() if n != 'table')})")
     print(f"summary:     {out / 'report' / 'summary.md'}")
-    print(f"tensorboard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"tensorboard: tensorboard --logdir {out} (one folder per run: <run>/tb)")
     return 0
 
 

@@ -26,7 +26,7 @@ def test_cpu_demo_smoke_runs_every_stage_and_reuses_the_cache(tmp_path):
                   "[5/6] RLAD", "[6/6] done"):
         assert stage in first
     assert "(cached)" not in first
-    assert "| student after RLAD |" in first and "tensorboard --logdir" in first
+    assert "| student after rlad |" in first and "tensorboard --logdir" in first
     run = tmp_path / "smoke"
     assert (run / "report" / "report.md").exists() and (run / "report" / "reward.png").exists()
     assert list((run / "rlad" / "tb").glob("events.out.tfevents.*"))
