@@ -96,15 +96,24 @@ def _renumber(groups: Sequence[Sequence[Sample]]) -> list[Sample]:
     return out
 
 
-class StudentRollouts:
-    """On-policy: the student's rollout engine answers each prompt group_size times."""
+class Source:
+    """What a sample source declares; the engines built on rank 0 follow from it (components.py)."""
 
     needs_teacher = False
     """The source itself generates with the teacher engine."""
-    needs_rollout_engine = True
+    needs_rollout_engine = False
     """The source samples from the student's rollout engine."""
     scored = False
     """Samples arrive with teacher scores already (the loop does not score them again)."""
+
+    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
+        raise NotImplementedError
+
+
+class StudentRollouts(Source):
+    """On-policy: the student's rollout engine answers each prompt group_size times."""
+
+    needs_rollout_engine = True
 
     def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
@@ -140,12 +149,10 @@ def _zero_adv(group: Sequence[Sample]) -> bool:
     return len({s.reward for s in group}) == 1
 
 
-class TeacherTraces:
+class TeacherTraces(Source):
     """Offline distillation data made on the fly: teacher generations kept when correct."""
 
     needs_teacher = True
-    needs_rollout_engine = False
-    scored = False
 
     def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
@@ -158,12 +165,8 @@ class TeacherTraces:
         return kept, metrics
 
 
-class DatasetTraces:
+class DatasetTraces(Source):
     """Offline distillation on reference solutions: the row's trace is the response."""
-
-    needs_teacher = False
-    needs_rollout_engine = False
-    scored = False
 
     def __init__(self, trace_fn: Callable[[dict[str, Any]], str]):
         self.trace_fn = trace_fn
@@ -180,11 +183,9 @@ class DatasetTraces:
         return samples, {}
 
 
-class SavedRollouts:
+class SavedRollouts(Source):
     """train_only: replay the rollouts a rollout_only (or save_rollouts) run wrote."""
 
-    needs_teacher = False
-    needs_rollout_engine = False
     scored = True  # saved with their rewards and teacher scores
 
     def __init__(self, rollout_dir: str):
