@@ -34,33 +34,37 @@ def method_rows(groups: dict, task: str, methods: Sequence[str], size) -> list[d
     avg_key, pass_key = _keys(size)
     grpo = groups.get((task, "grpo"), [])
     target = st.mean_std([st.final(r, avg_key) for r in grpo])[0] if grpo else math.nan
-    grpo_steps = size.num_steps
+    grpo_start = st.mean_std([st.curve(r, avg_key)[1][0] for r in grpo])[0] if grpo else math.nan
+    # "Steps to GRPO's final accuracy" only means something when GRPO ended above where it started.
+    grpo_improved = not math.isnan(target) and target > grpo_start
     rows = []
     for method in methods:
         runs = groups.get((task, method), [])
         if not runs:
             continue
         steps, mean, _ = st.mean_curve(runs, avg_key)
-        reach = st.steps_to_reach(steps, mean, target) if not math.isnan(target) else None
+        reach = st.steps_to_reach(steps[1:], mean[1:], target) if grpo_improved else "n/a"
         times = st.phase_times(runs)
         rows.append({
             "task": task, "method": method, "seeds": [int(r["spec"]["seed"]) for r in runs],
             "avg": st.mean_std([st.final(r, avg_key) for r in runs]),
             "pass": st.mean_std([st.final(r, pass_key) for r in runs]),
             "initial": st.mean_std([st.curve(r, avg_key)[1][0] for r in runs]),
-            "steps_to_grpo_final": reach, "grpo_final": target, "grpo_steps": grpo_steps,
+            "change": st.mean_std([st.final(r, avg_key) - st.curve(r, avg_key)[1][0] for r in runs]),
+            "steps_to_grpo_final": reach, "grpo_final": target, "grpo_steps": size.num_steps,
             "time_per_step": times.get("step", math.nan),
         })
     return rows
 
 
 def _table(rows: list[dict], k: int) -> list[str]:
-    lines = [(f"| method | seeds | held-out avg@{k} | pass@{k} | avg@{k} at step 0 | steps to GRPO's final avg@{k} "
-             "| s/step |"), "|---|---|---|---|---|---|---|"]
+    lines = [(f"| method | seeds | final avg@{k} | final pass@{k} | avg@{k} change from step 0 | steps to GRPO's "
+              f"final avg@{k} | s/step |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "not reached" if r["steps_to_grpo_final"] is None else str(r["steps_to_grpo_final"])
+        change = "-" if math.isnan(r["change"][0]) else f"{r['change'][0]:+.3f} ± {r['change'][1]:.3f}"
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {len(r['seeds'])} | {st.fmt(*r['avg'])} | "
-                     f"{st.fmt(*r['pass'])} | {st.fmt(*r['initial'])} | {reach} | {r['time_per_step']:.2f} |")
+                     f"{st.fmt(*r['pass'])} | {change} | {reach} | {r['time_per_step']:.2f} |")
     return lines
 
 
@@ -183,6 +187,8 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
              f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py "
              f"--size {size_name} --workers 2`."), ""]
+    lines += ["Steps to GRPO's final avg@k: first eval step (after step 0) where the seed-mean curve reaches "
+              "GRPO's seed-mean final value; n/a when GRPO ended below where it started.", ""]
     lines += _setup_table(out, size)
     summary = {"size": size_name, "tasks": {}}
     for task in size.tasks:

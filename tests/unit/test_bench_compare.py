@@ -66,6 +66,9 @@ def test_method_rows_steps_to_reach_grpo_final():
     assert rows["grpo"]["steps_to_grpo_final"] == 24 and rows["rlad"]["steps_to_grpo_final"] == 12
     assert rows["opd"]["steps_to_grpo_final"] is None
     assert rows["rlad"]["avg"] == pytest.approx((0.6, 0.0)) and rows["rlad"]["seeds"] == [1, 2]
+    assert rows["rlad"]["change"] == pytest.approx((0.5, 0.0))
+    falling = st.group_results([_result("grpo", 1, [(0, 0.5), (24, 0.4)]), _result("rlad", 1, [(0, 0.5), (24, 0.45)])])
+    assert {r["steps_to_grpo_final"] for r in rep.method_rows(falling, "addition", ("grpo", "rlad"), size)} == {"n/a"}
 
 
 def test_plan_is_seed_major_and_filterable():
