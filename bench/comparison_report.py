@@ -187,8 +187,8 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
              f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py "
              f"--size {size_name} --workers 2`."), ""]
-    lines += ["Steps to GRPO's final avg@k: first eval step (after step 0) where the seed-mean curve reaches "
-              "GRPO's seed-mean final value; n/a when GRPO ended below where it started.", ""]
+    lines += [("Steps to GRPO's final avg@k: first eval step (after step 0) where the seed-mean curve reaches "
+              "GRPO's seed-mean final value; n/a when GRPO ended below where it started."), ""]
     lines += _setup_table(out, size)
     summary = {"size": size_name, "tasks": {}}
     for task in size.tasks:
