@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlad_megatron.conversion import convert
+from rlad_megatron.conversion import convert, tables
+from rlad_megatron.conversion.arch import arch_from_config
 from rlad_megatron.testing import save_tiny_model
 
 WORKER = Path(__file__).with_name("test_conversion_worker.py")
@@ -92,6 +93,11 @@ def test_megatron_matches_transformers_and_exports_round_trip(tmp_path, family, 
     stage_names = [sorted(n for b in rank_buckets for n, _ in b) for rank_buckets in result["buckets"]]
     for rank, names_first in enumerate(result["firsts"]):
         assert sorted(names_first) == (stage_names[rank] if rank % tp == 0 else [])
+
+    # pp_group=: the whole model, in table order, on global rank 0 only (stage 1 sends its buckets).
+    assert result["whole_order"] == tables.expected_hf_names(arch_from_config(hf))
+    assert all(torch.equal(result["whole"][k], original[k]) for k in original)
+    assert result["whole_counts"][1:] == [0] * (tp * pp - 1)
 
     convert.megatron_to_hf(tmp_path / "saved", tmp_path / "from_saved", hf_config_dir=hf)
     from_saved = _state(tmp_path / "from_saved")

@@ -90,6 +90,10 @@ def main() -> None:
     first_only = [(n, t) for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, to_first=True) for n, t in b]
     firsts = [None] * ctx.world_size
     dist.all_gather_object(firsts, [n for n, _ in first_only])
+    whole = [kv for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, pp_group=ctx.pp_group, bucket_bytes=32 << 10)
+             for kv in b]  # every stage's tensors, on global rank 0 only
+    wholes = [None] * ctx.world_size
+    dist.all_gather_object(wholes, len(whole))
     from megatron.core import dist_checkpointing
 
     if ctx.rank == 0:
@@ -100,6 +104,7 @@ def main() -> None:
     dist.all_gather_object(gathered, [[(n, tuple(t.shape)) for n, t in b] for b in buckets])
     if ctx.rank == 0:
         torch.save({"logits_ckpt": logits_ckpt, "logits_hf": logits_hf, "folder": str(folder), "firsts": firsts,
+                    "whole": dict(whole), "whole_order": [n for n, _ in whole], "whole_counts": wholes,
                     "buckets": gathered, "bucket_sizes": [sum(t.numel() * t.element_size() for _, t in b)
                                                           for b in buckets]},
                    work / f"result_tp{tp}_pp{pp}.pt")

@@ -8,7 +8,8 @@ Only one parameter is ever materialised in full, never the model.
 
 Two sinks:
 - `export_hf_tensors(...)` yields `list[(hf_name, tensor)]` buckets, for an in-process engine or
-  an NCCL broadcast to SGLang servers (`rlad_megatron.conversion.sglang_sync`).
+  an NCCL broadcast to SGLang servers (`rlad_megatron.rollout.sglang_fleet`); with `pp_group`
+  the later stages send their buckets to pipeline rank 0, one bucket at a time.
 - `write_hf_folder(...)` writes `<root>/step_N.tmp/` without any gather: the file layout is known
   from the config, so every TP rank copies its own slices into the pre-sized safetensors shards
   (`conversion.parallel_write`); then rank 0 renames it to `<root>/step_N/` and moves the
@@ -18,7 +19,7 @@ Pipeline parallelism: each stage exports its own layers under their global indic
 each layer's `layer_number`); in `write_hf_folder` every stage writes its own shard files and
 rank 0 merges the index. Data-parallel replicas other than `dp_rank == 0` skip the work.
 
-Left out: virtual pipeline stages, MoE experts, gathering all stages' buckets onto one rank.
+Left out: virtual pipeline stages, MoE experts.
 """
 from __future__ import annotations
 
@@ -144,16 +145,8 @@ def _hf_tensors(plan, arch: ModelArch, tp_group, dtype, copy: bool, to_first: bo
             yield name, out
 
 
-def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | None = None, *, tp_group=None,
-                      bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
-                      copy: bool = True, to_first: bool = False) -> Iterator[NamedTensors]:
-    """Yield buckets of (HF name, full tensor) for this pipeline stage's parameters.
-
-    Collective over `tp_group`: every TP rank of the stage must consume the iterator (each gets
-    the same buckets; with `to_first` only TP rank 0 gets them, the others yield nothing). Tensors are `dtype` (default: the parameter's), contiguous, and (with
-    `copy`) never alias trainer parameters. A bucket holds at most `bucket_bytes` unless a
-    single tensor is larger.
-    """
+def _stage_buckets(model_chunks, arch, tp_group, bucket_bytes: int, dtype, copy: bool,
+                   to_first: bool) -> Iterator[NamedTensors]:
     bucket: NamedTensors = []
     size = 0
     for chunk in model_chunks:
@@ -168,6 +161,61 @@ def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | Non
             size += nbytes
     if bucket:
         yield bucket
+
+
+def _gather_pipeline(buckets: Iterator[NamedTensors], pp_group) -> Iterator[NamedTensors]:
+    """Pipeline rank 0 yields its own buckets, then every later stage's, received one bucket at a time.
+
+    Later stages send each bucket's (name, shape, dtype) list with `send_object_list`, then its
+    tensors with `send`, then a None marker; they yield nothing.
+    """
+    pp, pp_rank = group_size_rank(pp_group)
+    first = dist.get_global_rank(pp_group, 0)
+    if pp_rank != 0:
+        for bucket in buckets:
+            dist.send_object_list([[(n, tuple(t.shape), t.dtype) for n, t in bucket]], dst=first, group=pp_group)
+            for _, tensor in bucket:
+                dist.send(tensor, dst=first, group=pp_group)
+        dist.send_object_list([None], dst=first, group=pp_group)
+        return
+    yield from buckets
+    for stage in range(1, pp):
+        src = dist.get_global_rank(pp_group, stage)
+        while True:
+            meta: list = [None]
+            dist.recv_object_list(meta, src=src, group=pp_group)
+            if meta[0] is None:
+                break
+            bucket = [(name, torch.empty(shape, dtype=dt)) for name, shape, dt in meta[0]]
+            for _, tensor in bucket:
+                dist.recv(tensor, src=src, group=pp_group)
+            yield bucket
+
+
+def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | None = None, *, tp_group=None,
+                      pp_group=None, bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
+                      copy: bool = True, to_first: bool = False) -> Iterator[NamedTensors]:
+    """Yield buckets of (HF name, full tensor) for this pipeline stage's parameters.
+
+    Collective over `tp_group`: every TP rank of the stage must consume the iterator (each gets
+    the same buckets; with `to_first` only TP rank 0 gets them, the others yield nothing).
+    With `pp_group` (implies `to_first`), every rank of the TP x PP grid must consume it and the
+    whole model arrives, bucket by bucket in table order, on the rank with TP rank 0 and pipeline
+    rank 0 only. Tensors are `dtype` (default: the parameter's), contiguous, and (with `copy`)
+    never alias trainer parameters. A bucket holds at most `bucket_bytes` unless a single tensor
+    is larger.
+    """
+    whole_model = pp_group is not None
+    local = _stage_buckets(model_chunks, arch, tp_group, bucket_bytes, dtype, copy, to_first or whole_model)
+    if not whole_model:
+        yield from local
+    elif group_size_rank(tp_group)[1] != 0:
+        for _ in local:  # take part in this stage's TP gathers; TP rank 0 holds the results
+            pass
+    elif group_size_rank(pp_group)[0] == 1:
+        yield from local
+    else:
+        yield from _gather_pipeline(local, pp_group)
 
 
 def _entries(model_chunks, arch, dtype):
