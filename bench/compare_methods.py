@@ -259,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", help="run only these methods (e.g. grpo rlad)")
     ap.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE",
                     help="change a field of the size (repeatable), e.g. --change num_steps=200; use a new --out")
+    ap.add_argument("--tag", default="", help="name of the doc's generated block (and plot prefix) for this run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs into tables and plots")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "method_comparison.md",
@@ -274,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("some runs failed; rerun the same command to retry them", file=sys.stderr)
     from comparison_report import write_report
 
-    write_report(out, size, args.size, args.doc)
+    shown = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report",))
+    write_report(out, size, args.size, args.doc, tag=args.tag,
+                 command=f"OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py {shown}")
     return 0
 
 

@@ -13,6 +13,11 @@ from pathlib import Path
 import comparison_stats as st
 
 BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
+
+
+def markers(tag: str = "") -> tuple[str, str]:
+    """Begin / end markers of one generated block (several blocks, e.g. sizes, can share a doc)."""
+    return (BEGIN, END) if not tag else (f"<!-- generated:begin {tag} -->", f"<!-- generated:end {tag} -->")
 LABELS = {"grpo": "GRPO", "kdrl_const": "KDRL (constant beta)", "kdrl_anneal": "KDRL (annealed beta)",
           "opd": "On-policy distillation", "sft_offline": "Offline distillation (SFT)", "rlad": "RLAD (alpha 0.5)",
           "rlad_live": "RLAD, clamp_mode=live", "grpo_dyn": "GRPO + dynamic sampling",
@@ -50,6 +55,7 @@ def method_rows(groups: dict, task: str, methods: Sequence[str], size) -> list[d
             "avg": st.mean_std([st.final(r, avg_key) for r in runs]),
             "pass": st.mean_std([st.final(r, pass_key) for r in runs]),
             "initial": st.mean_std([st.curve(r, avg_key)[1][0] for r in runs]),
+            "last3": st.mean_std([sum(st.curve(r, avg_key)[1][-3:]) / len(st.curve(r, avg_key)[1][-3:]) for r in runs]),
             "change": st.mean_std([st.final(r, avg_key) - st.curve(r, avg_key)[1][0] for r in runs]),
             "steps_to_grpo_final": reach, "grpo_final": target, "grpo_steps": size.num_steps,
             "time_per_step": times.get("step", math.nan),
@@ -58,13 +64,13 @@ def method_rows(groups: dict, task: str, methods: Sequence[str], size) -> list[d
 
 
 def _table(rows: list[dict], k: int) -> list[str]:
-    lines = [(f"| method | seeds | final avg@{k} | final pass@{k} | avg@{k} change from step 0 | steps to GRPO's "
-              f"final avg@{k} | s/step |"), "|---|---|---|---|---|---|---|"]
+    lines = [(f"| method | seeds | final avg@{k} | final pass@{k} | avg@{k}, mean of last 3 evals | avg@{k} change "
+              f"from step 0 | steps to GRPO's final avg@{k} | s/step |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "not reached" if r["steps_to_grpo_final"] is None else str(r["steps_to_grpo_final"])
         change = "-" if math.isnan(r["change"][0]) else f"{r['change'][0]:+.3f} ± {r['change'][1]:.3f}"
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {len(r['seeds'])} | {st.fmt(*r['avg'])} | "
-                     f"{st.fmt(*r['pass'])} | {change} | {reach} | {r['time_per_step']:.2f} |")
+                     f"{st.fmt(*r['pass'])} | {st.fmt(*r['last3'])} | {change} | {reach} | {r['time_per_step']:.2f} |")
     return lines
 
 
@@ -173,8 +179,8 @@ def _setup_table(out: Path, size) -> list[str]:
     return lines + [""] if len(lines) > 2 else []
 
 
-def write_report(out: Path, size, size_name: str, doc: Path) -> str:
-    """Aggregate every finished run under `out`; returns the generated markdown block."""
+def write_report(out: Path, size, size_name: str, doc: Path, tag: str = "", command: str = "") -> str:
+    """Aggregate every finished run under `out` into the doc's block `tag`; returns the block."""
     import torch
     from compare_methods import EXPLAIN_METHODS, MAIN_METHODS
 
@@ -182,11 +188,13 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
     img = doc.parent / "img" / "method_comparison"
     avg_key, _ = _keys(size)
     rel = img.relative_to(doc.parent)
-    lines = [BEGIN, (f"Size `{size_name}`: {size.num_steps} steps x {size.prompts_per_step} prompts x "
+    begin, end = markers(tag)
+    prefix = f"{tag}_" if tag else ""
+    command = command or f"OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size {size_name} --workers 2"
+    lines = [begin, (f"Size `{size_name}`: {size.num_steps} steps x {size.prompts_per_step} prompts x "
              f"{size.group_size} samples, lr {size.lr}, held-out {size.setup.num_test} prompts x k={size.eval_k} "
              f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}. Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py "
-             f"--size {size_name} --workers 2`."), ""]
+             f"torch {torch.__version__}. Command: `{command}`."), ""]
     lines += [("Steps to GRPO's final avg@k: first eval step (after step 0) where the seed-mean curve reaches "
               "GRPO's seed-mean final value; n/a when GRPO ended below where it started."), ""]
     lines += _setup_table(out, size)
@@ -196,36 +204,37 @@ def write_report(out: Path, size, size_name: str, doc: Path) -> str:
         if not rows:
             continue
         summary["tasks"][task] = rows
-        _plot_curves(groups, task, MAIN_METHODS, avg_key, img / f"{task}_curves.png",
+        _plot_curves(groups, task, MAIN_METHODS, avg_key, img / f"{prefix}{task}_curves.png",
                      f"{task}: held-out accuracy vs step (mean ± std over seeds)")
         lines += [f"### Task `{task}`", "", *_table(rows, size.eval_k), "",
-                  *_paired(groups, task, MAIN_METHODS, avg_key), "", f"![{task} curves]({rel}/{task}_curves.png)", "",
+                  *_paired(groups, task, MAIN_METHODS, avg_key), "", f"![{task} curves]({rel}/{prefix}{task}_curves.png)", "",
                   "Training diagnostics (means over steps and seeds):", "",
                   *_diagnostics(groups, task, MAIN_METHODS), ""]
     first = size.tasks[0]
     ablation, points = _ablation(groups, first, size)
     if len(points) > 2:
-        _plot_alpha(points, img / "alpha_ablation.png", avg_key)
-        lines += [f"### Alpha ablation (`{first}`)", "", *ablation, "", f"![alpha ablation]({rel}/alpha_ablation.png)", ""]
+        _plot_alpha(points, img / f"{prefix}alpha_ablation.png", avg_key)
+        lines += [f"### Alpha ablation (`{first}`)", "", *ablation, "",
+                  f"![alpha ablation]({rel}/{prefix}alpha_ablation.png)", ""]
     explain = method_rows(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, size)
     if any(r["method"] in EXPLAIN_METHODS for r in explain):
-        _plot_curves(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, avg_key, img / "explain_curves.png",
+        _plot_curves(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, avg_key, img / f"{prefix}explain_curves.png",
                      f"{first}: explanatory runs")
         lines += [f"### Explanatory runs (`{first}`)", "", *_table(explain, size.eval_k), "",
                   *_diagnostics(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS), "",
-                  f"![explanatory runs]({rel}/explain_curves.png)", ""]
+                  f"![explanatory runs]({rel}/{prefix}explain_curves.png)", ""]
         summary["explain"] = explain
-    lines.append(END)
+    lines.append(end)
     block = "\n".join(lines)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    _splice(doc, block)
+    _splice(doc, block, begin, end)
     return block
 
 
-def _splice(doc: Path, block: str) -> None:
-    text = doc.read_text() if doc.exists() else f"# Method comparison\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+def _splice(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    text = doc.read_text() if doc.exists() else f"# Method comparison\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     doc.write_text(head + block + tail)
