@@ -163,7 +163,7 @@ def _stage_buckets(model_chunks, arch, tp_group, bucket_bytes: int, dtype, copy:
         yield bucket
 
 
-def _gather_pipeline(buckets: Iterator[NamedTensors], pp_group) -> Iterator[NamedTensors]:
+def _gather_pipeline(buckets: Iterator[NamedTensors], pp_group, device: torch.device) -> Iterator[NamedTensors]:
     """Pipeline rank 0 yields its own buckets, then every later stage's, received one bucket at a time.
 
     Later stages send each bucket's (name, shape, dtype) list with `send_object_list`, then its
@@ -186,7 +186,8 @@ def _gather_pipeline(buckets: Iterator[NamedTensors], pp_group) -> Iterator[Name
             dist.recv_object_list(meta, src=src, group=pp_group)
             if meta[0] is None:
                 break
-            bucket = [(name, torch.empty(shape, dtype=dt)) for name, shape, dt in meta[0]]
+            # Received on the parameters' device: an NCCL pipeline group cannot receive into CPU memory.
+            bucket = [(name, torch.empty(shape, dtype=dt, device=device)) for name, shape, dt in meta[0]]
             for _, tensor in bucket:
                 dist.recv(tensor, src=src, group=pp_group)
             yield bucket
@@ -215,7 +216,8 @@ def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | Non
     elif group_size_rank(pp_group)[0] == 1:
         yield from local
     else:
-        yield from _gather_pipeline(local, pp_group)
+        device = next(unwrap(model_chunks[0]).parameters()).device
+        yield from _gather_pipeline(local, pp_group, device)
 
 
 def _entries(model_chunks, arch, dtype):
