@@ -17,7 +17,6 @@ Left out: attention dropout (RL/distillation fine-tuning uses 0), attention bias
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -53,12 +52,15 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
 
     def _forward_thd(self, query, key, value, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        bounds: list[int] = cu_seqlens.tolist()
+        # torch.split, not slicing: the backward of a slice zero-fills a full-size gradient per
+        # sequence, the backward of split concatenates once.
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         outs = []
-        for start, end in itertools.pairwise(bounds):
-            if end == start:
+        for q, k, v in zip(*(torch.split(x, lengths) for x in (query, key, value))):
+            if q.shape[0] == 0:
+                outs.append(q)
                 continue
-            q, k, v = (x[start:end].permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+            q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v))  # [len,h,d] -> [1,h,len,d]
             outs.append(self._attend(q, k, v)[0].permute(1, 0, 2))  # [len, h, d]
         return torch.cat(outs, dim=0)
 
