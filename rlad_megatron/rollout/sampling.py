@@ -56,12 +56,13 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     seeds, steps [B] int64.
     """
     greedy = temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = logits / temp[:, None]
-    logprobs_all = scaled.log_softmax(dim=-1)
-    if bool(greedy.all()):
-        tokens = logits.argmax(dim=-1)
+    if bool(greedy.all()):  # the common eval / test case: no scaling, no randomness
+        logprobs_all = logits.log_softmax(dim=-1)
+        tokens = logits.max(dim=-1).indices
     else:
+        temp = torch.where(greedy, torch.ones_like(temperature), temperature)
+        scaled = logits / temp[:, None]
+        logprobs_all = scaled.log_softmax(dim=-1)
         probs = logprobs_all.exp()
         if bool(((top_p < 1.0) | (top_k > 0)).any()):
             probs = probs.masked_fill(~truncation_mask(scaled, top_p, top_k), 0.0)
