@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,17 +145,17 @@ class EmbeddedEngine:
             i, s = w.tag
             results[i][s] = out
 
-        pending = [self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
-                   for i, p in enumerate(prompt_ids) for s in range(n)]
+        pending = deque(self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
+                        for i, p in enumerate(prompt_ids) for s in range(n))
 
         def take(limit: int, max_len: int) -> list[Work]:
             got = []
             while pending and len(got) < limit and pending[0].max_len <= max_len:
-                got.append(pending.pop(0))
+                got.append(pending.popleft())
             return got
 
-        while pending:
-            self.run_batch(take)
+        while pending:  # the cache needs no more rows than there are sequences
+            self.run_batch(take, capacity=min(self.max_batch_size, len(pending)))
         return results  # type: ignore[return-value]
 
     def make_work(self, prompt: list[int], sampling: SamplingParams, seed: int | None, done, tag=None) -> Work:
@@ -163,20 +164,21 @@ class EmbeddedEngine:
         stops = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else self.spec.eos_token_ids)
         return Work(list(prompt), sampling, int(seed), done, tuple(dict.fromkeys(stops)), tag)
 
-    def run_batch(self, take: Callable[[int, int], list[Work]], max_len_hint: int = 0) -> int:
+    def run_batch(self, take: Callable[[int, int], list[Work]], max_len_hint: int = 0,
+                  capacity: int | None = None) -> int:
         """Run one continuous batch: pull work with take(limit, max_len) until nothing is active.
 
         take must return only items with item.max_len <= max_len (FIFO; stop at the first that
         does not fit, so large requests are not starved). Returns the number of sequences finished.
         """
         with self._lock, torch.inference_mode():
-            first = take(self.max_batch_size, 1 << 30)
+            cap = min(capacity or self.max_batch_size, self.max_batch_size)
+            first = take(cap, 1 << 30)
             if not first:
                 return 0
             max_len = max(max_len_hint, max(w.max_len for w in first))
             max_len = -(-max_len // 64) * 64
             max_new = max(max(w.sampling.max_new_tokens for w in first), 1)
-            cap = self.max_batch_size
             rows = _Rows(cap, width=max(max_new, max_len), max_stops=max(64, max(len(w.stop_ids) for w in first)))
             cache = KVCache(self.spec, cap, max_len, self.model.dtype)
             try:
