@@ -12,7 +12,6 @@ Tolerance: fp32 everywhere; TP=2 sums partial matmuls in another order, so logit
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,16 +30,11 @@ LAYOUTS = [  # (family, tp, pp, overrides): GQA 4/2; qwen2 = QKV bias, qwen3 = Q
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_worker(work: Path, family: str, tp: int, pp: int) -> dict:
     nproc = tp * pp
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(WORKER), str(work), family, str(tp), str(pp)]
+    # --standalone: torchrun picks a free rendezvous port itself (no race with other test processes).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), str(work), family, str(tp), str(pp)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
