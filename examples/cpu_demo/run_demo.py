@@ -8,8 +8,10 @@ Stages (each a normal `rlad train` run, through the Megatron trainer and the emb
   2. teacher    a tiny random model, SFT on the procedural task's solution traces (teacher_sft.yaml)
   3. student    a smaller random model, a short SFT warm start (student_sft.yaml)
   4. eval       teacher and student on held-out prompts (avg@k / pass@k)
-  5. RLAD       from the student with the teacher (rlad.yaml), evaluated during and after training
-  6. report     PNG plots + markdown table (`rlad report`), tensorboard logs
+  5. RL         RLAD from the student with the teacher (rlad.yaml), then the same recipe with the
+                baselines of --compare (default GRPO and on-policy distillation), each evaluated
+                during and after training
+  6. report     PNG plots + markdown table comparing the runs (`rlad report`), tensorboard logs
 The tokenizer, teacher and student are cached under <out>/cache and reused by the next run with
 the same settings; the RLAD run starts fresh each time.
 """
@@ -136,9 +138,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="reduced size (CI): a few steps per stage")
     parser.add_argument("--out", default="runs/cpu_demo", help="output folder (cache, runs, report)")
-    parser.add_argument("--compare", nargs="*", default=[], metavar="ALGORITHM",
-                        help="also run these algorithms from the same student (e.g. grpo kdrl) for the report")
+    parser.add_argument("--compare", nargs="*", default=None, metavar="ALGORITHM",
+                        help="baselines run from the same student for the report (default: grpo opd; none with --smoke)")
     args = parser.parse_args(argv)
+    if args.compare is None:
+        args.compare = [] if args.smoke else ["grpo", "opd"]
     _quiet()
     from rlad_megatron.config import load_config
     from rlad_megatron.report import write_report
