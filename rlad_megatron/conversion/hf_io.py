@@ -216,6 +216,18 @@ def publish_step_folder(tmp_dir: str | Path, final_dir: str | Path) -> Path:
     return final
 
 
+def prune_steps(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` `step_N` folders (never the one `latest` names)."""
+    root = Path(root)
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    doomed = [p for p in steps[:-keep_last] if p.name != latest] if keep_last > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
 def resolve_latest(root: str | Path) -> Path:
     """The folder the `latest` pointer of an export root names."""
     root = Path(root)

@@ -109,7 +109,7 @@ def write_piece(out_dir: Path, slot: Slot, piece: Piece) -> None:
     Whole tensors and row blocks are contiguous in the file: one write. A column block (a
     row-parallel shard) is strided there: one write per row.
     """
-    data = piece.tensor.to(slot.dtype).contiguous()
+    data = piece.tensor.to(device="cpu", dtype=slot.dtype).contiguous()  # GPU shards: one device-to-host copy
     row_bytes = math.prod(slot.shape[1:]) * slot.dtype.itemsize
     src = memoryview(data.reshape(-1).view(torch.uint8).numpy())
     fd = os.open(out_dir / slot.file, os.O_WRONLY)

@@ -14,6 +14,7 @@ from rlad_megatron.conversion import convert
 from rlad_megatron.conversion.cli import main as cli_main
 from rlad_megatron.conversion.hf_io import (
     HFShardWriter,
+    prune_steps,
     publish_step_folder,
     resolve_latest,
 )
@@ -96,6 +97,11 @@ def test_shard_writer_rejects_unplanned_order_and_publishes_atomically(tmp_path)
     assert writer.finish() == {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}
     final = publish_step_folder(tmp_path / "step_1.tmp", tmp_path / "step_1")
     assert resolve_latest(tmp_path) == final and not (tmp_path / "step_1.tmp").exists()
+    for step in (0, 7, 12):
+        (tmp_path / f"step_{step}").mkdir()
+    # The newest two by step number stay, and so does the one `latest` names (step_1).
+    assert [p.name for p in prune_steps(tmp_path, keep_last=2)] == ["step_0"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_1", "step_12", "step_7"]
     loaded = load_file(str(final / "model-00001-of-00001.safetensors"))
     assert torch.equal(loaded["b"], torch.arange(4).to(torch.bfloat16)) and torch.equal(loaded["a"], torch.ones(2, 3))
 

@@ -36,6 +36,7 @@ from rlad_megatron.conversion import tables
 from rlad_megatron.conversion.arch import ModelArch, arch_from_config
 from rlad_megatron.conversion.hf_io import (
     copy_hf_metadata,
+    prune_steps,
     publish_step_folder,
     write_index,
 )
@@ -261,11 +262,13 @@ def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype,
 
 def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, step: int, *,
                     hf_config_dir: str | Path, arch: ModelArch | None = None, tp_group=None, pp_group=None,
-                    dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30) -> Path:
+                    dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
+                    keep_last: int = 2) -> Path:
     """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
 
-    `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Returns
-    the published folder (`<out_root>/latest` names it) on every rank.
+    `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Older
+    `step_*` folders beyond `keep_last` are deleted (0 keeps all). Returns the published folder
+    (`<out_root>/latest` names it) on every rank.
     """
     root = Path(out_root)
     tmp, final = root / f"step_{step}.tmp", root / f"step_{step}"
@@ -286,5 +289,6 @@ def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, s
         # config.json names the dtype actually written, so from_pretrained loads it as is.
         copy_hf_metadata(hf_config_dir, tmp, next(d for _, _, d in results if d is not None))
         publish_step_folder(tmp, final)
+        prune_steps(root, keep_last)
     _barrier()
     return final
