@@ -69,7 +69,7 @@ SIZES: dict[str, Size] = {
 
 MAIN_METHODS = ("grpo", "kdrl_const", "kdrl_anneal", "opd", "sft_offline", "rlad")
 ABLATION_ALPHAS = (0.1, 0.3, 0.7, 0.9)
-EXPLAIN_METHODS = ("rlad_live", "grpo_dyn", "rlad_dyn", "rlad_weak_teacher")
+EXPLAIN_METHODS = ("rlad_live", "grpo_dyn", "rlad_dyn", "rlad_weak_teacher", "rlad_clamp0.2")
 
 
 def method_overrides(method: str, num_steps: int) -> list[str]:
@@ -92,6 +92,8 @@ def method_overrides(method: str, num_steps: int) -> list[str]:
         "rlad_dyn": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.dynamic_sampling=true",
                      "algorithm.max_resample_rounds=2"],
         "rlad_weak_teacher": ["algorithm.name=rlad", "algorithm.alpha=0.5"],
+        # |lp - lp_T| <= 0.2 keeps the teacher's factor (0.9..1.1 at alpha 0.5) inside the PPO clip range.
+        "rlad_clamp0.2": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.teacher_log_ratio_clamp=0.2"],
     }
     if method not in table:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(table)} or rlad_a<alpha>")

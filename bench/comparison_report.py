@@ -21,7 +21,8 @@ def markers(tag: str = "") -> tuple[str, str]:
 LABELS = {"grpo": "GRPO", "kdrl_const": "KDRL (constant beta)", "kdrl_anneal": "KDRL (annealed beta)",
           "opd": "On-policy distillation", "sft_offline": "Offline distillation (SFT)", "rlad": "RLAD (alpha 0.5)",
           "rlad_live": "RLAD, clamp_mode=live", "grpo_dyn": "GRPO + dynamic sampling",
-          "rlad_dyn": "RLAD + dynamic sampling", "rlad_weak_teacher": "RLAD, untrained teacher (= student init)"}
+          "rlad_dyn": "RLAD + dynamic sampling", "rlad_weak_teacher": "RLAD, teacher = student init",
+          "rlad_clamp0.2": "RLAD, teacher log-ratio clamp 0.2"}
 
 
 def load_results(out: Path) -> list[dict]:
