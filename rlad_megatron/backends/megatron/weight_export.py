@@ -263,11 +263,11 @@ def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype,
 def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, step: int, *,
                     hf_config_dir: str | Path, arch: ModelArch | None = None, tp_group=None, pp_group=None,
                     dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 0) -> Path:
     """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
 
     `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Older
-    `step_*` folders beyond `keep_last` are deleted (0 keeps all). Returns the published folder
+    `step_*` folders beyond `keep_last` are deleted (default 0 keeps all). Returns the published folder
     (`<out_root>/latest` names it) on every rank.
     """
     root = Path(out_root)
