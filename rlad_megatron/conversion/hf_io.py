@@ -41,6 +41,10 @@ class HFReader:
         index = self.folder / INDEX_NAME
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (self.folder / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{self.folder}: shards listed in {INDEX_NAME} are missing: {missing}; "
+                                        "copy the complete folder (or re-export it)")
         elif (self.folder / "model.safetensors").exists():
             files = ["model.safetensors"]
         else:
@@ -234,4 +238,8 @@ def resolve_latest(root: str | Path) -> Path:
     pointer = root / "latest"
     if not pointer.exists():
         raise FileNotFoundError(f"no 'latest' pointer in {root}; nothing has been exported there yet")
-    return root / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    # Only a published `step_N` folder: never a `.tmp` export in progress or a path outside the root.
+    if not (name.startswith("step_") and name[5:].isdigit()) or not (root / name).is_dir():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete step_N export folder in {root}")
+    return root / name

@@ -330,6 +330,8 @@ class EmbeddedEngine:
             raise ValueError("update_weights needs exactly one of named_tensors= or path=")
         with self._lock:
             if path is not None:
+                if Path(path).name.endswith(".tmp"):  # exports are written to step_N.tmp, then renamed
+                    raise ValueError(f"{path} is an export still being written; load the published step_N folder")
                 new_cfg = read_config(path)
                 if int(new_cfg["vocab_size"]) != self.spec.vocab_size or new_cfg.get("model_type") != self.spec.model_type:
                     raise ValueError(f"{path} is a different architecture from the served model {self.model_dir}")

@@ -1,0 +1,207 @@
+"""Security and half-written-artifact guarantees of issue 10 that no package test covered.
+
+- the package source never evaluates strings (eval/exec), never unpickles (pickle/marshal loads,
+  torch.load without weights_only=True, yaml.load) and never runs a shell;
+- every server the package starts binds to 127.0.0.1 unless told otherwise (defaults, and a real
+  `rlad serve` process checked in /proc/net/tcp);
+- a half-written HF export (`step_N.tmp`), a dangling `latest` pointer or a checkpoint save in
+  progress is never picked up, and a refused weight reload leaves the engine serving its previous
+  weights and version;
+- a model folder whose index names a missing shard is refused with the file's name (conversion read).
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import rlad_megatron
+from rlad_megatron.testing import save_tiny_model
+
+PACKAGE = Path(rlad_megatron.__file__).parent
+UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("marshal", "load"),
+              ("marshal", "loads"), ("yaml", "load"), ("yaml", "unsafe_load"), ("dill", "load"), ("dill", "loads")}
+
+
+def _unsafe_calls(source: str) -> list[str]:
+    """`line: problem` for every call that could run code taken from data."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func, line = node.func, node.lineno
+        if isinstance(func, ast.Name) and func.id in ("eval", "exec"):
+            found.append(f"{line}: {func.id}()")
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
+            pair = (func.value.id, func.attr)
+            if pair in UNPICKLERS:
+                found.append(f"{line}: {pair[0]}.{pair[1]}()")
+            if pair == ("torch", "load"):
+                weights_only = [k for k in node.keywords if k.arg == "weights_only"]
+                if not (weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True):
+                    found.append(f"{line}: torch.load() without weights_only=True")
+            if pair == ("os", "system"):
+                found.append(f"{line}: os.system()")
+        if any(k.arg == "shell" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords):
+            found.append(f"{line}: shell=True")
+    return found
+
+
+def test_the_scanner_catches_each_unsafe_pattern():
+    bad = ("eval(cfg)\nexec(text)\npickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+           "yaml.load(s)\nsubprocess.run(cmd, shell=True)\nos.system(cmd)\n")
+    assert len(_unsafe_calls(bad)) == 8
+    assert _unsafe_calls("torch.load(p, weights_only=True)\nmodel.eval()\nre.compile(x)\nyaml.safe_load(s)\n") == []
+
+
+def test_package_never_evaluates_or_unpickles_data():
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 50  # the scan really walked the package
+    problems = [f"{path.relative_to(PACKAGE)}:{hit}" for path in files for hit in _unsafe_calls(path.read_text())]
+    assert problems == [], "unsafe calls in the package:\n" + "\n".join(problems)
+
+
+def test_every_server_defaults_to_loopback():
+    import argparse
+
+    from rlad_megatron.config import RolloutConfig, TeacherConfig
+    from rlad_megatron.rollout import fleet, server, sglang_fleet
+
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    assert parser.parse_args(["--model", "m"]).host == "127.0.0.1"
+    assert RolloutConfig().host == TeacherConfig().host == "127.0.0.1"
+    for fn in (fleet.embedded_server_cmd, fleet.launch_router, sglang_fleet.SGLangFleet.__init__):
+        assert inspect.signature(fn).parameters["host"].default == "127.0.0.1", fn
+    cmd = sglang_fleet.sglang_server_cmd("m", 30000, "127.0.0.1", {}, 0, api_key="k")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--api-key") + 1] == "k"
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
+def test_rlad_serve_listens_on_loopback_only(tmp_path):
+    model = save_tiny_model(tmp_path / "m", "llama", seed=0, max_position_embeddings=32)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RLAD_API_KEY"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "rlad_megatron.cli", "serve", "--model", str(model),
+                             "--port", str(port), "--max-batch-size", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _listening_addresses(port) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        addresses = _listening_addresses(port)
+        assert addresses, f"server never listened: {proc.poll()} {proc.stdout.read() if proc.poll() is not None else ''}"
+        assert addresses == {"0100007F"}, addresses  # 127.0.0.1 only, not 0.0.0.0 or ::
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- half-written artifacts
+def test_checkpoint_save_in_progress_or_dangling_pointer_is_never_loaded(tmp_path):
+    from rlad_megatron.backends.megatron.checkpoint import (
+        checkpoint_root,
+        latest_checkpoint,
+    )
+
+    root = checkpoint_root(tmp_path)
+    (root / "step_2.tmp").mkdir(parents=True)  # killed during the first save
+    assert latest_checkpoint(tmp_path) is None
+    (root / "step_1").mkdir()
+    (root / "latest").write_text("step_1\n")
+    (root / "step_3.tmp").mkdir()  # killed during a later save: `latest` still names step_1
+    assert latest_checkpoint(tmp_path) == root / "step_1"
+    for bad in ("step_3.tmp", "step_4", "../elsewhere"):
+        (root / "latest").write_text(bad + "\n")
+        with pytest.raises(RuntimeError, match="not a complete checkpoint folder"):
+            latest_checkpoint(tmp_path)
+
+
+def test_export_pointer_to_a_missing_or_unfinished_folder_is_refused(tmp_path):
+    from rlad_megatron.conversion.hf_io import resolve_latest
+
+    (tmp_path / "step_1").mkdir()
+    (tmp_path / "step_2.tmp").mkdir()
+    (tmp_path / "latest").write_text("step_1\n")
+    assert resolve_latest(tmp_path) == tmp_path / "step_1"
+    for bad in ("step_2.tmp", "step_5", "../step_1", ""):
+        (tmp_path / "latest").write_text(bad + "\n")
+        with pytest.raises(FileNotFoundError, match="not a complete step_N export folder"):
+            resolve_latest(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from rlad_megatron.rollout.embedded import EmbeddedEngine
+
+    root = tmp_path_factory.mktemp("exports")
+    base = save_tiny_model(root / "base", "llama", seed=1, max_position_embeddings=32)
+    save_tiny_model(root / "next", "llama", seed=2, max_position_embeddings=32)
+    return root, EmbeddedEngine(str(base), max_batch_size=2)
+
+
+def _greedy_logprobs(engine) -> list[float]:
+    from rlad_megatron.rollout.base import SamplingParams
+
+    out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    return out[0][0].logprobs
+
+
+def test_refused_reloads_keep_serving_the_previous_weights(served):
+    root, engine = served
+    before, version = _greedy_logprobs(engine), engine.version
+    unfinished = root / "step_7.tmp"  # a complete-looking copy that was never published
+    shutil.copytree(root / "next", unfinished, dirs_exist_ok=True)
+    with pytest.raises(ValueError, match="still being written"):
+        engine.update_weights(path=str(unfinished), version=7)
+    torn = root / "step_8"  # index names a shard the copy never reached
+    shutil.copytree(root / "next", torn, dirs_exist_ok=True)
+    (torn / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        engine.update_weights(path=str(torn), version=8)
+    assert engine.version == version and _greedy_logprobs(engine) == before
+    engine.update_weights(path=str(root / "next"), version=9)  # a complete folder still loads
+    assert engine.version == 9 and _greedy_logprobs(engine) != before
+
+
+def test_conversion_reader_names_the_missing_shard(served):
+    from rlad_megatron.conversion.hf_io import HFReader
+
+    root, _ = served
+    folder = root / "sharded"
+    shutil.copytree(root / "base", folder, dirs_exist_ok=True)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"missing: \['model-00002-of-00002.safetensors'\]"):
+        HFReader(folder)
