@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import make_models
+from train_helpers import make_models, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ logging: {{tensorboard: false, progress_bar: false}}
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess_env()
 
 
 def _start(cmd, log: Path) -> subprocess.Popen:

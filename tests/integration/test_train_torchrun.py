@@ -4,14 +4,13 @@ weight sync goes through an HF folder on disk, so a wrong sync would show in the
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import make_models
+from train_helpers import make_models, subprocess_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 KEYS = ("reward/mean", "response_length/mean", "loss", "grad_norm", "kl/rollout_vs_old_k1", "kl/old_vs_teacher_k1")
@@ -24,7 +23,7 @@ def _port() -> int:
 
 
 def _run(cmd, tmp_path: Path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     log = tmp_path / "log.txt"
     with open(log, "ab") as out:
         code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600, check=False).returncode

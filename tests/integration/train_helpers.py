@@ -37,3 +37,14 @@ def run_config(root: Path, algorithm: str, overrides: Sequence[str] = ()) -> Run
         "checkpoint.save_hf=true", "logging.tensorboard=false", "logging.progress_bar=false",
     ]
     return load_config(None, base + list(overrides))
+
+
+def subprocess_env() -> dict:
+    """Environment for a child run: one thread, and none of the torch.distributed variables an
+    in-process run of this pytest session left behind (init_parallel sets them for world size 1)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
