@@ -205,3 +205,37 @@ def test_conversion_reader_names_the_missing_shard(served):
         {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(FileNotFoundError, match=r"missing: \['model-00002-of-00002.safetensors'\]"):
         HFReader(folder)
+
+
+# ----------------------------------------------------------------------------- teacher log-probs
+@pytest.mark.parametrize("name", ["rlad", "kdrl", "gkd"])
+def test_teacher_losses_refuse_a_batch_without_teacher_scores(name):
+    """Scoring failed or was skipped: the loss raises instead of training on the student alone."""
+    import torch
+
+    from rlad_megatron.algorithms.objectives import build_objective
+    from rlad_megatron.config import AlgorithmConfig
+
+    objective = build_objective(AlgorithmConfig(name=name))
+    teacher_keys = [k for k in objective.required_batch_keys if k.startswith("teacher")]
+    assert objective.needs_teacher and teacher_keys
+    batch = {k: torch.zeros(4) for k in objective.required_batch_keys if k not in teacher_keys}
+    with pytest.raises(ValueError, match=rf"algorithm '{name}' needs batch keys \['{teacher_keys[0]}'"):
+        objective.loss(batch, num_tokens=4, num_seqs=1)
+
+
+@pytest.mark.parametrize("name", ["opd"])
+def test_teacher_advantages_refuse_missing_teacher_scores(name):
+    """OPD puts the teacher into the advantages: missing scores raise there, not in the loss."""
+    import torch
+
+    from rlad_megatron.algorithms.objectives import build_objective
+    from rlad_megatron.config import AlgorithmConfig
+
+    objective = build_objective(AlgorithmConfig(name=name, group_size=2))
+    olds = [torch.zeros(2), torch.zeros(3)]
+    with pytest.raises(ValueError, match="teacher_logprobs is needed"):
+        objective.token_advantages(torch.tensor([0.0, 1.0]), 2, seq_lens=[2, 3], old_logprobs=olds, teacher_logprobs=None)
+    ok = objective.token_advantages(torch.tensor([0.0, 1.0]), 2, seq_lens=[2, 3], old_logprobs=olds,
+                              teacher_logprobs=[torch.full((2,), -1.0), torch.full((3,), -1.0)])
+    assert [a.shape[0] for a in ok] == [2, 3]
