@@ -47,6 +47,10 @@ from rlad_megatron.types import Sample
 HF_DIR = "hf"  # <run_dir>/hf/step_N: final HF export; <run_dir>/hf/latest names it
 
 
+class ResumeError(ValueError):
+    """--resume without a checkpoint, or --no-resume into a folder that holds one."""
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many consecutive non-finite steps); the last good checkpoint stays."""
 
@@ -273,10 +277,10 @@ def restore(run: Run, resume: bool | None) -> int:
     """Step of the latest complete checkpoint (0 for a fresh run); reloads everything it holds."""
     found = components.load(run) if resume is not False else None
     if resume is False and components.has_checkpoint(run):
-        raise ValueError(f"{run.cfg.run_dir} already holds checkpoints; resume (the default) or pick a new run_dir")
+        raise ResumeError(f"{run.cfg.run_dir} already holds checkpoints; resume (the default) or pick a new run_dir")
     if found is None:
         if resume:
-            raise ValueError(f"--resume: no complete checkpoint in {run.cfg.run_dir}")
+            raise ResumeError(f"--resume: no complete checkpoint in {run.cfg.run_dir}")
         return 0
     step, extra = found
     run.ctx.sampler.load_state_dict(extra["sampler"])

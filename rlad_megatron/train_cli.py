@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     # Megatron warns once per module that Transformer Engine / apex are absent: expected on CPU.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     from rlad_megatron.algorithms.objectives import build_objective
-    from rlad_megatron.train import TrainingStopped, train
+    from rlad_megatron.train import ResumeError, TrainingStopped, train
 
     if os.environ.get("RANK", "0") == "0":
         print(plan_text(cfg, build_objective(cfg.algorithm)), flush=True)
@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         print(f"rlad train: stopped: {err}", file=sys.stderr)
         return 3
+    except ResumeError as err:
+        print(f"rlad train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

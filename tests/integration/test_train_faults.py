@@ -56,3 +56,13 @@ def test_rollout_only_then_train_only_replays_the_saved_rollouts(tmp_path):
     assert [h["reward/mean"] for h in history] == [h["reward/mean"] for h in gen_history]
     assert all(math.isfinite(h["loss"]) and h["grad_norm"] > 0 for h in history)
     assert "time/generate" in history[0] and "time/score" not in history[0]
+
+
+def test_resume_flags_refuse_what_they_cannot_do(tmp_path):
+    cfg = run_config(tmp_path / "run", "grpo", ["train.num_steps=1"])
+    with pytest.raises(train_mod.ResumeError, match="no complete checkpoint"):
+        train_mod.train(cfg, resume=True)
+    train_mod.train(cfg)
+    with pytest.raises(train_mod.ResumeError, match="already holds checkpoints"):
+        train_mod.train(cfg, resume=False)
+    assert train_mod.train(cfg) == []  # the default resumes: nothing left to do after step 1
