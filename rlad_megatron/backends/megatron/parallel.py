@@ -1,7 +1,7 @@
 """torch.distributed + Megatron parallel state from `parallel` config, on CPU (gloo) or GPU (nccl).
 
 `init_parallel(parallel_cfg, seed)` reads the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT, LOCAL_RANK); without it, it starts a single-process world on a free loopback port.
+MASTER_PORT, LOCAL_RANK); without it, it starts a single-process world over an in-memory store.
 It then calls `parallel_state.initialize_model_parallel` and seeds the model-parallel RNG tracker:
 Megatron's `model_parallel_cuda_manual_seed` with CUDA, the CPU tracker of `compat` without.
 The returned `ParallelContext` carries the process groups so callers pass them on explicitly.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +48,6 @@ class ParallelContext:
         return self.pp_rank == self.pipeline_model_parallel_size - 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _backend(parallel_cfg) -> str:
     if parallel_cfg.backend != "auto":
         if parallel_cfg.backend == "nccl" and not torch.cuda.is_available():
@@ -67,13 +60,17 @@ def _init_process_group(parallel_cfg) -> bool:
     """Start torch.distributed unless already started. Returns True when this call started it."""
     if dist.is_initialized():
         return False
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
     backend = _backend(parallel_cfg)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # Not launched by torchrun: a world of one, rendezvous through an in-memory store. No port
+        # is bound and os.environ is left alone, so child processes (tests, tools) that inherit it
+        # never try to reuse this process's rendezvous address.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 
