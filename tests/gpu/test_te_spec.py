@@ -52,7 +52,9 @@ def _teardown(trainer):
 
 def test_te_spec_builds_te_modules_and_matches_local_spec_logprobs(tmp_path):
     pytest.importorskip("transformer_engine")
-    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+    from megatron.core.extensions.transformer_engine import (
+        TELayerNormColumnParallelLinear,
+    )
 
     from rlad_megatron.backends.megatron.checkpoint import load_latest, save_checkpoint
 
