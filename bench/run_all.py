@@ -39,6 +39,8 @@ class Bench:
     quick_args: tuple[str, ...] = ()
     match: tuple[str, ...] = ()
     """Lower-case words; an existing `## ` section whose heading contains one is this bench's section."""
+    threads: str = "2"
+    """OMP_NUM_THREADS of the script (1 for tiny-model loops: a second thread only adds contention)."""
 
 
 BENCHES = (
@@ -51,7 +53,8 @@ BENCHES = (
     Bench("step_time", "bench/bench_step_time.py", "RLAD vs GRPO: time per step by phase",
           "GRPO with the same config, interleaved in the same run",
           ("--steps", "6", "--repeats", "2", "--plot", "docs/img/step_time_phases.png"),
-          ("--steps", "3", "--repeats", "1", "--plot", "docs/img/step_time_phases.png"), match=("step time",)),
+          ("--steps", "3", "--repeats", "1", "--plot", "docs/img/step_time_phases.png"), match=("step time",),
+          threads="1"),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
 
@@ -87,7 +90,7 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
             args += ["--json", str(json_path)]
         cmd = [sys.executable, bench.script] + args
         before = DOC.read_text() if DOC.exists() else ""
-        env = dict(os.environ, OMP_NUM_THREADS="2")
+        env = dict(os.environ, OMP_NUM_THREADS=bench.threads)
         started = time.time()
         try:
             proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True,
@@ -103,7 +106,7 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
             import json
 
             data = json.loads(json_path.read_text())
-    shown = " ".join(["OMP_NUM_THREADS=2", ".venv/bin/python", bench.script] + [a for a in args if a != "--json"
+    shown = " ".join([f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", bench.script] + [a for a in args if a != "--json"
                                                                                  and not a.endswith("out.json")])
     return {"command": shown, "status": status, "stdout": stdout if isinstance(stdout, str) else stdout.decode(),
             "stderr": stderr if isinstance(stderr, str) else stderr.decode(), "wall_s": time.time() - started,
@@ -117,7 +120,8 @@ def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
         return lines + [f"`{bench.script}` is not in this checkout; nothing measured.", ""]
     lines += [f"Command: `{result['command']}`  ", (f"Machine: {info['cores']} cores, {info['cpu']}, "
               f"torch {info['torch']}, Python {info['python']}  "), f"Baseline (same run): {bench.baseline}  ",
-              f"Wall time: {result['wall_s']:.0f} s, exit status {result['status']}", ""]
+              (f"Wall time: {result['wall_s']:.0f} s, exit status {result['status']}, "
+              f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"), ""]
     if result["status"] != 0:
         tail = "\n".join(result["stderr"].strip().splitlines()[-15:])
         return lines + ["The script failed; last lines of its error output:", "", "```", tail, "```", ""]
@@ -171,9 +175,13 @@ def _find(sections: list[tuple[str, str]], bench: Bench) -> int | None:
 
 
 def assemble(results: Sequence[tuple[Bench, dict]], info: dict[str, str], argv: Sequence[str],
-             with_comparison: bool, previous: str = "") -> str:
+             with_comparison: bool, previous: str = "", benches: Sequence[Bench] | None = None) -> str:
     """The whole benchmarks.md: header, status table, one section per bench (hand-written text of an
     existing section kept, run_all's block replaced), other existing sections unchanged."""
+    ran_benches = {bench.name: bench for bench, _ in results}
+    if benches is None:  # BENCHES order, then any other bench that ran
+        benches = [ran_benches.get(b.name, b) for b in BENCHES] + [b for b, _ in results
+                                                                   if b.name not in {x.name for x in BENCHES}]
     lines = ["# Benchmarks", "",
              ("Each section is owned by the package it measures (its hand-written text is kept); "
               "`bench/run_all.py` (`make bench`) appends to each the output of its latest run. Every figure is "
@@ -182,24 +190,32 @@ def assemble(results: Sequence[tuple[Bench, dict]], info: dict[str, str], argv: 
              f"Command: `.venv/bin/python bench/run_all.py {' '.join(argv)}`".rstrip() + "  ",
              f"Machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, Python {info['python']}  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    ran = {bench.name: result for bench, result in results}
+    _, sections = split_sections(previous)
     lines += ["| benchmark | script | status | wall s |", "|---|---|---|---|"]
-    for bench, result in results:
+    body: list[str] = []
+    used = set()
+    for bench in benches:
+        index = _find(sections, bench)
+        result = ran.get(bench.name)
+        if result is None:  # not rerun this time (--only): its section stays as it was
+            if index is not None:
+                used.add(index)
+                body += [f"## {sections[index][0]}", "", sections[index][1].strip(), ""]
+                lines.append(f"| {bench.title} | `{bench.script}` | kept from an earlier run | - |")
+            continue
         status = "missing" if result.get("missing") else ("ok" if result["status"] == 0 else f"failed ({result['status']})")
         wall = "-" if result.get("missing") else f"{result['wall_s']:.0f}"
         lines.append(f"| {bench.title} | `{bench.script}` | {status} | {wall} |")
-    lines.append("")
-    _, sections = split_sections(previous)
-    used = set()
-    for bench, result in results:
-        index = _find(sections, bench)
         heading, hand = (sections[index][0], strip_generated(sections[index][1], bench.name)) if index is not None \
             else (bench.title, "")
         used.add(index)
         begin, end = _markers(bench.name)
-        lines += [f"## {heading}", ""] + ([hand, ""] if hand else []) + [begin, *section(bench, result, info), end, ""]
-    for i, (heading, body) in enumerate(sections):
+        body += [f"## {heading}", ""] + ([hand, ""] if hand else []) + [begin, *section(bench, result, info), end, ""]
+    lines += [""] + body
+    for i, (heading, text) in enumerate(sections):
         if i not in used and not heading.startswith("Method comparison"):
-            lines += [f"## {heading}", "", body.strip(), ""]
+            lines += [f"## {heading}", "", text.strip(), ""]
     lines += comparison_section(with_comparison)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -92,3 +92,14 @@ def test_hand_written_sections_are_kept_and_generated_blocks_replaced(fake_repo)
     assert "## Notes from someone\n\nkeep me" in doc
     again = run_all.assemble([(bench, result)], INFO, [], False, doc)  # idempotent on its own output
     assert again.count("- ratio 1.03x") == 1 and again.count("Hand-written table") == 1
+
+
+def test_only_keeps_sections_of_benchmarks_not_rerun_in_place(fake_repo):
+    first = run_all.Bench("first", "bench/first.py", "First", "x", match=("first",))
+    second = _script(fake_repo, "b_second.py", "print('ratio 2.00x')\n")
+    second = run_all.Bench("second", second.script, "Second", "y", match=("second",))
+    previous = "# B\n\n## First\n\nfirst text, measured earlier\n\n## Second\n\nsecond hand text\n"
+    doc = run_all.assemble([(second, run_all.run_bench(second, False, 60))], INFO, ["--only", "second"], False,
+                           previous, benches=[first, second])
+    assert doc.index("## First") < doc.index("## Second") and "first text, measured earlier" in doc
+    assert "| First | `bench/first.py` | kept from an earlier run | - |" in doc and "- ratio 2.00x" in doc
