@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 from rlad_megatron.config import RunConfig
 
-TEACHER_ALGORITHMS = ("rlad", "kdrl", "opd", "gkd")
 DIST_INIT_PORT_OFFSET = 50  # multi-node SGLang server: torch rendezvous port = server port + this
 
 
@@ -100,8 +99,17 @@ def _span(gpus: Sequence[int]) -> str:
 def fleets_to_launch(cfg: RunConfig) -> tuple[bool, bool]:
     """(launch a rollout fleet, launch a teacher fleet) for this config."""
     rollout = cfg.rollout.kind in ("auto", "sglang")
-    teacher = cfg.algorithm.name in TEACHER_ALGORITHMS and cfg.teacher.kind in ("auto", "sglang")
+    teacher = cfg.teacher.kind in ("auto", "sglang") and _needs_teacher_engine(cfg)
     return rollout, teacher
+
+
+def _needs_teacher_engine(cfg: RunConfig) -> bool:
+    """Asks the objective and the sample source, as the training loop does (sft from teacher traces too)."""
+    from rlad_megatron.algorithms.objectives import build_objective
+    from rlad_megatron.components import wants_teacher_engine
+    from rlad_megatron.train import sample_source
+
+    return wants_teacher_engine(build_objective(cfg.algorithm), sample_source(cfg))
 
 
 def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: int, port: int) -> list[Server]:

@@ -45,6 +45,11 @@ def test_grpo_launches_no_teacher_and_http_fleets_are_not_launched():
     assert t.servers == () and t.trainer_gpus == tuple(range(8))
 
 
+def test_sft_gets_a_teacher_fleet_only_when_it_learns_from_teacher_generations():
+    assert topo("launch.nodes=4", "algorithm.name=sft", "train.offline_source=teacher").fleet("teacher")
+    assert not topo("launch.nodes=4", "algorithm.name=sft", "train.offline_source=dataset").fleet("teacher")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["launch.nodes=1", "launch.teacher_tp=16"], "too few GPUs for the teacher"),
     (["launch.nodes=4", "launch.teacher_tp=16", "launch.teacher_nodes=1"], "too few GPUs for the teacher"),
