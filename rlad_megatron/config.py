@@ -367,7 +367,7 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints kept on disk."""
     save_hf: bool = True
-    """Also export the final student as a Hugging Face folder (<run_dir>/hf_final)."""
+    """Also export the final student as a Hugging Face folder (<run_dir>/hf/step_N; <run_dir>/hf/latest names it)."""
 
 
 @dataclass

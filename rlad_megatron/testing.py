@@ -36,6 +36,7 @@ def save_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, t
     """Write a random-init HF model (safetensors) and, optionally, the char tokenizer; return the folder."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from rlad_megatron.data.tokenizer import build_char_tokenizer
 
@@ -47,5 +48,6 @@ def save_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, t
         overrides.setdefault("eos_token_id", tok.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides), dtype=torch.float32)
+    hf_logging.disable_progress_bar()  # a progress bar per tiny model only clutters test and demo logs
     model.save_pretrained(str(out))
     return out
