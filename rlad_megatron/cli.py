@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
 
 # name -> (module, one-line help, issue that delivers it)
 COMMANDS = {
@@ -24,7 +23,7 @@ COMMANDS = {
 
 
 def _load(name: str):
-    module, _, issue = COMMANDS[name]
+    module = COMMANDS[name][0]
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
@@ -45,11 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0]] + argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may come anywhere, also after options (argparse alone stops collecting a
+    # positional list at the first option): hand any leftover KEY=VALUE to the command's overrides.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2

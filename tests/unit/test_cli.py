@@ -67,3 +67,20 @@ def test_dispatch_reaches_the_module(monkeypatch, tmp_path, argv):
 def test_no_command_prints_help_and_fails(capsys, argv):
     assert cli.main([]) != 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_overrides_may_follow_options(monkeypatch, tmp_path, argv, capsys):
+    (tmp_path / "rlad_test_over_cmd.py").write_text(
+        "def add_arguments(p):\n"
+        "    p.add_argument('--config')\n"
+        "    p.add_argument('overrides', nargs='*')\n"
+        "    p.add_argument('--flag', action='store_true')\n"
+        "def run(args):\n"
+        "    print('OVERRIDES', args.overrides, args.flag)\n"
+        "    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "over", ("rlad_test_over_cmd", "over", 99))
+    assert cli.main(["over", "--config", "r.yaml", "a.b=1", "--flag", "c.d=2"]) == 0
+    assert "OVERRIDES ['a.b=1', 'c.d=2'] True" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["over", "--config", "r.yaml", "--bogus"])
