@@ -35,7 +35,7 @@ def _load(name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation on Megatron-Core.")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text, issue) in COMMANDS.items():
+    for name, (_, help_text, _) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
         mod = _load(name) if name in sys.argv[1:2] else None
         if mod is not None:

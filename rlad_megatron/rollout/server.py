@@ -126,7 +126,7 @@ class ServerState:
         n, B = reqs[0].n, len(reqs)
         futures = []
         for j in range(n):  # SGLang order for n > 1: the batch repeated n times
-            for i, r in enumerate(reqs):
+            for r in reqs:
                 fut = loop.create_future()
                 futures.append(fut)
                 sp = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, tuple(r.stop_token_ids),
