@@ -49,10 +49,20 @@ def _dq(text: str) -> str:
     return text
 
 
+def _refuse_embedded_keys(cfg: RunConfig, overrides: Sequence[str]) -> None:
+    """The script is a file others may read: an API key must come from the environment at run time."""
+    names = {cfg.rollout.api_key_env, cfg.teacher.api_key_env}
+    keyed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].strip().endswith("api_key")]
+    if keyed or names & set(cfg.launch.env):
+        raise ValueError(f"{(keyed or sorted(names & set(cfg.launch.env)))[0]} would write the API key into the "
+                         f"sbatch script; export {cfg.rollout.api_key_env} in the shell that runs sbatch instead")
+
+
 def render(cfg: RunConfig, recipe: str, overrides: Sequence[str], template: Path = DEFAULT_TEMPLATE) -> str:
     """The sbatch script text. Raises ValueError for an impossible layout (from `plan_topology`)."""
     if not template.is_file():
         raise ValueError(f"sbatch template {template} not found; run from a source checkout or pass --template")
+    _refuse_embedded_keys(cfg, overrides)
     topo = plan_topology(cfg)
     recipe_path = str(Path(recipe).resolve())
     values = {

@@ -198,14 +198,16 @@ def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Top
     return Topology(la.nodes, gpn, tuple(range(first, first + trainer)), tuple(range(gpn)), tuple(servers), routers)
 
 
-def trainer_overrides(topo: Topology, hosts: Sequence[str]) -> list[str]:
+def trainer_overrides(topo: Topology, hosts: Sequence[str], direct: Sequence[str] = ()) -> list[str]:
     """Overrides that point the trainer at the launched fleets.
 
     The rollout fleet is given its servers, not its router: weight sync must reach every server and
     sglang-router 0.3.2 forwards /flush_cache to all workers but not the update_weights_* calls. The frozen
-    teacher is given its router (cache-aware routing reuses prompt prefixes across a group)."""
+    teacher is given its router (cache-aware routing reuses prompt prefixes across a group), unless it is in
+    `direct` (a fleet with an API key runs no router; the trainer balances over its servers)."""
     out: list[str] = []
     for fleet in sorted(topo.routers):
-        urls = topo.server_urls(fleet, hosts) if fleet == "rollout" else [topo.urls(hosts)[fleet]]
+        urls = (topo.server_urls(fleet, hosts) if fleet == "rollout" or fleet in direct
+                else [topo.urls(hosts)[fleet]])
         out += [f"{fleet}.kind=http", f"{fleet}.urls=[{','.join(urls)}]"]
     return out
