@@ -64,6 +64,14 @@ def test_distributed_optimizer_step_equals_plain_step(measured):
     assert measured["dist_opt_step_diff"] < 1e-6
 
 
+def test_distributed_optimizer_checkpoint_before_first_step(measured):
+    """Saved before any update (no optimizer state): loading it into a trainer that has stepped
+    restores the step-0 model and a fresh optimizer, whose step equals a never-saved fresh one's."""
+    assert measured["dist_opt_step0_model_diff"] == 0.0
+    assert measured["dist_opt_step0_num_states"] == 0
+    assert measured["dist_opt_step0_resumed_diff"] < 1e-6
+
+
 def test_checkpoint_reshards_across_layouts(measured):
     assert measured["tp2_to_tp1_lp"] < LP_TOL
     assert measured["tp2_to_pp2_lp"] < LP_TOL

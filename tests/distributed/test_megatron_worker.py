@@ -271,8 +271,18 @@ def stage_dp2(c: Ctx) -> None:
     c.results["optimizer_step_size"] = max_diff(plain, before)
     tr = make_trainer(make_cfg(dist_opt=True))  # same step-0 weights, fresh optimizer state
     c.ckpt.load_latest(tr, c.run_dir, load_optimizer=False)
+    step0_dir = os.path.join(c.run_dir, "dist_opt_step0")
+    c.ckpt.save_checkpoint(tr, step0_dir, 0, {})  # before any update: the optimizer has no state
     tr.train_step(c.samples, c.adv, 0, old_logprobs=c.old)
-    c.results["dist_opt_step_diff"] = max_diff(full_tensors(tr, grads=False), plain)
+    stepped = full_tensors(tr, grads=False)
+    c.results["dist_opt_step_diff"] = max_diff(stepped, plain)
+    # A second, different gradient: stale Adam moments would now change the next update.
+    tr.train_step(c.samples, [-a for a in c.adv], 1, old_logprobs=c.old)
+    c.ckpt.load_latest(tr, step0_dir)  # into the stepped trainer: step-0 model, fresh optimizer
+    c.results["dist_opt_step0_model_diff"] = max_diff(full_tensors(tr, grads=False), before)
+    c.results["dist_opt_step0_num_states"] = len(tr.optimizer.optimizer.state)
+    tr.train_step(c.samples, c.adv, 0, old_logprobs=c.old)
+    c.results["dist_opt_step0_resumed_diff"] = max_diff(full_tensors(tr, grads=False), stepped)
 
 
 def stage_tp2(c: Ctx) -> None:

@@ -18,6 +18,13 @@ format reshards across DP sizes but not across TP / PP sizes; to change TP / PP 
 distributed optimizer, load with `load_optimizer=False` (model, scheduler and extra_state only).
 `extra_state` (step, RNG states, data position, ...) is common state written by rank 0: it must be
 picklable and identical on all ranks.
+
+An optimizer that has never stepped has no state (torch AdamW creates `exp_avg`, `exp_avg_sq` and
+`step` lazily), and the distributed optimizer cannot describe it: `DistributedOptimizer.state_dict`
+(Megatron-Core 0.16.1 `optimizer/distrib_optimizer.py:641-642`) asserts that the params' `step`
+values form exactly one value, and there are none. Such a save is therefore model-only with
+`optimizer_saved=False` in the common state; loading it restores the model and resets the
+optimizer to fresh (no state), which then steps exactly as a never-saved fresh one.
 """
 from __future__ import annotations
 
@@ -67,6 +74,27 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool) -> d
     return state
 
 
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside a Megatron optimizer (one, or several for a ChainedOptimizer)."""
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    """True once any rank's optimizer stepped. Collective (MAX over the world), so that every rank
+    takes the same save path even if a rank's distributed-optimizer shard is empty."""
+    has_state = torch.tensor([int(any(len(opt.state) > 0 for opt in _torch_optimizers(optimizer)))])
+    if dist.is_initialized():
+        dist.all_reduce(has_state, op=dist.ReduceOp.MAX)
+    return bool(has_state.item())
+
+
+def _reset_to_fresh_optimizer(optimizer) -> None:
+    """Drop all optimizer state (Adam moments, step); torch re-creates it at the next step exactly
+    as for a new optimizer."""
+    for opt in _torch_optimizers(optimizer):
+        opt.state.clear()
+
+
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / "latest.tmp"
     with open(tmp, "w") as handle:
@@ -88,9 +116,11 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra_state: dict |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=True)
+    # Before the first update there is no optimizer state to save (see the module docstring).
+    with_optimizer = _optimizer_has_state(trainer.optimizer)
+    state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer)
     state.update(step=step, scheduler=trainer.scheduler.state_dict(), extra_state=dict(extra_state or {}),
-                 num_updates=trainer.num_updates)
+                 num_updates=trainer.num_updates, optimizer_saved=with_optimizer)
     dist_checkpointing.save(state, str(tmp), content_metadata=dict(_OPT_METADATA))
     _barrier()  # every rank finished writing before the checkpoint becomes visible
     if _is_rank0():
@@ -149,9 +179,11 @@ def load_checkpoint(trainer, path: str | Path, *, load_optimizer: bool = True) -
     if not (path / "metadata.json").exists():
         raise ValueError(f"{path} is not a complete checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(path))
-    # Before the first update the optimizer has no state to save (Adam moments are created lazily),
-    # and a fresh optimizer is exactly equivalent.
-    load_optimizer = load_optimizer and int(common["num_updates"]) > 0
+    # A model-only checkpoint (saved before the first update) means "fresh optimizer". Checkpoints
+    # written before the `optimizer_saved` marker existed skipped the optimizer at num_updates == 0.
+    optimizer_saved = bool(common.get("optimizer_saved", int(common["num_updates"]) > 0))
+    reset_optimizer = load_optimizer and not optimizer_saved
+    load_optimizer = load_optimizer and optimizer_saved
     state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(trainer.unwrapped_model()):
@@ -160,6 +192,13 @@ def load_checkpoint(trainer, path: str | Path, *, load_optimizer: bool = True) -
         # Megatron 0.16.1 distrib_optimizer.py:940 copies into views of leaf params in place.
         with torch.no_grad(), compat.cuda_to_cpu():
             trainer.optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        if reset_optimizer:
+            _reset_to_fresh_optimizer(trainer.optimizer)
+        # The model changed outside the optimizer: bf16/fp16 optimizers keep fp32 main copies of
+        # the params that must follow it (Megatron's `reload_model_params` contract).
+        with torch.no_grad(), compat.cuda_to_cpu():
+            trainer.optimizer.reload_model_params()
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     trainer.num_updates = int(loaded["num_updates"])
     return int(loaded["step"]), dict(loaded["extra_state"])
