@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("megatron", "sglang", "transformer_engine")
-PURE = ("rlad_megatron.algorithms", "rlad_megatron.config", "rlad_megatron.types")
+PURE = ("rlad_megatron.algorithms", "rlad_megatron.config", "rlad_megatron.types", "rlad_megatron.rollout",
+        "rlad_megatron.teacher")
 
 
 @pytest.mark.parametrize("module", PURE)
@@ -49,3 +50,22 @@ def test_algorithms_have_no_host_syncs_or_collectives():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("item", "distributed"), f"{path.name}:{node.lineno} uses .{node.attr}"
+
+
+def _imported_roots(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_only_the_megatron_backend_imports_megatron_or_transformer_engine():
+    package = ROOT / "rlad_megatron"
+    backend = package / "backends" / "megatron"
+    offenders = sorted(
+        str(path.relative_to(ROOT))
+        for path in package.rglob("*.py")
+        if backend not in path.parents and {"megatron", "transformer_engine"} & set(_imported_roots(path))
+    )
+    assert offenders == [], f"only rlad_megatron/backends/megatron may import Megatron / TE: {offenders}"
