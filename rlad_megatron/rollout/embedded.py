@@ -73,6 +73,8 @@ class _Rows:
         self.work: list[Work | None] = [None] * cap
         self.n, self.g, self.width = 0, 0, width
         self.start_g = [0] * cap
+        self.end_g = [0] * cap  # global step at which the row reaches its token budget
+        self.any_stops = False  # whether some active row has stop tokens (else only budgets end rows)
         self.next_tok = torch.zeros(cap, dtype=torch.int64)
         self.lens = torch.zeros(cap, dtype=torch.int64)
         self.ngen = torch.zeros(cap, dtype=torch.int64)
@@ -103,8 +105,18 @@ class _Rows:
         for j, w in enumerate(works):
             self.work[sl.start + j] = w
             self.start_g[sl.start + j] = self.g
+            self.end_g[sl.start + j] = self.g + w.sampling.max_new_tokens - 1
         self.n += len(works)
+        self.refresh_flags()
         return sl
+
+    def refresh_flags(self) -> None:
+        """Recompute the Python-side summaries of the active rows (after admitting or releasing)."""
+        active = self.work[: self.n]
+        self.any_stops = any(w.stop_ids for w in active)
+        self.all_greedy = all(w.sampling.temperature <= 0 for w in active)
+        self.min_end_g = min(self.end_g[: self.n], default=0)
+        self.max_lens = int(self.lens[: self.n].max()) if self.n else 0  # kept in step by _decode_step
 
     def outputs(self, r: int) -> tuple[list[int], list[float]]:
         k = int(self.ngen[r])
@@ -116,7 +128,7 @@ class _Rows:
             t[dst] = t[src]
         self.out_tok[:, dst] = self.out_tok[:, src]
         self.out_lp[:, dst] = self.out_lp[:, src]
-        self.start_g[dst] = self.start_g[src]
+        self.start_g[dst], self.end_g[dst] = self.start_g[src], self.end_g[src]
         self.work[dst], self.work[src] = self.work[src], None
 
 
@@ -230,22 +242,25 @@ class EmbeddedEngine:
 
     def _decode_step(self, rows: _Rows, cache: KVCache) -> int:
         n = rows.n
-        attn_len = int(rows.lens[:n].max()) + 1
+        attn_len = rows.max_lens + 1
         rows.g += 1  # a new global step: every active row writes ring slot g % width
         hidden = self.model.decode(rows.next_tok[:n], rows.lens[:n], cache, attn_len)
         rows.lens[:n] += 1
+        rows.max_lens += 1
         return self._sample_and_record(rows, cache, self.model.logits(hidden), 0, n)
 
     def _sample_and_record(self, rows: _Rows, cache: KVCache, logits: torch.Tensor, start: int, stop: int) -> int:
         """Sample the next token of rows [start, stop), record it, finish the rows that ended."""
         sl = slice(start, stop)
         tok, lp = sample_next(logits, rows.temperature[sl], rows.top_p[sl], rows.top_k[sl], rows.seeds[sl],
-                              rows.ngen[sl])
+                              rows.ngen[sl], all_greedy=rows.all_greedy)
         slot = rows.g % rows.width
         rows.out_tok[slot, sl] = tok
         rows.out_lp[slot, sl] = lp
         rows.ngen[sl] += 1
         rows.next_tok[sl] = tok
+        if not rows.any_stops and rows.g < rows.min_end_g:  # no row can end this step: skip the checks
+            return 0
         stopped = (tok[:, None] == rows.stops[sl]).any(dim=1)
         ended = stopped | (rows.ngen[sl] >= rows.max_new[sl])
         if not bool(ended.any()):
@@ -269,6 +284,7 @@ class EmbeddedEngine:
                 t[r] = t[last]
         rows.work[last] = None
         rows.n -= 1
+        rows.refresh_flags()
 
     # ------------------------------------------------------------------ score
     def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0,

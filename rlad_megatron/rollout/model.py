@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
+# Decode RoPE matrices are precomputed per position when the [positions, D, D] table stays this small
+# (tiny models); larger head dims / contexts build the [B, D, D] matrices each step instead.
+ROT_TABLE_MAX_BYTES = 32 << 20
 
 
 class ModelSpec:
@@ -120,6 +123,7 @@ class DecoderModel:
             })
         self._views = self._hf_views()
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rot_table: torch.Tensor | None = None  # [n, D, D] decode RoPE matrices, one per position, or None
         self.refresh_derived()
 
     def _hf_views(self) -> dict[str, torch.Tensor]:
@@ -170,12 +174,8 @@ class DecoderModel:
             raise ValueError(f"checkpoint is missing {len(missing)} parameters, e.g. {missing[:3]}")
         return len(seen)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for positions [B, T], shaped [B or 1, T, 1, D] (sin's first half negated).
-
-        Prefill positions are always 0..T-1 for every row (right padding), decode positions differ per row.
-        """
-        need = int(positions.max()) + 1
+    def _ensure_rope(self, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin tables [n >= need, D], plus the decode rotation table, built on first need."""
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
             n, d = max(need, 256) * 2, self.spec.head_dim
             inv = 1.0 / (self.spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -184,7 +184,16 @@ class DecoderModel:
             sin = emb.sin()
             sin[:, : d // 2] *= -1  # rotate_half(x) * sin == swap_halves(x) * signed_sin
             self._rope_cache = (emb.cos().to(self.dtype), sin.to(self.dtype))
-        cos, sin = self._rope_cache
+            table_bytes = n * d * d * self._rope_cache[0].element_size()
+            self._rot_table = _rotation_table(*self._rope_cache) if table_bytes <= ROT_TABLE_MAX_BYTES else None
+        return self._rope_cache
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for positions [B, T], shaped [B or 1, T, 1, D] (sin's first half negated).
+
+        Prefill positions are always 0..T-1 for every row (right padding), decode positions differ per row.
+        """
+        cos, sin = self._ensure_rope(int(positions.max()) + 1)
         if positions.shape[1] > 1:  # prefill always starts at 0: a broadcast slice, no gather
             T = positions.shape[1]
             return cos[:T].view(1, T, 1, -1), sin[:T].view(1, T, 1, -1)
@@ -240,18 +249,16 @@ class DecoderModel:
 
         tokens, positions: [B]. K/V are written at `positions`; attention covers cache[:, :attn_len]
         masked to positions <= own. At decode sizes dispatch overhead, not arithmetic, is the cost,
-        so activations stay 2-D, RoPE is one batched matmul with per-row rotation matrices built
-        once per step, and scaled + masked scores are one baddbmm.
+        so activations stay 2-D, RoPE is one batched matmul with per-row rotation matrices gathered
+        from a per-position table, and scaled + masked scores are one baddbmm.
         """
         s = self.spec
         B = tokens.shape[0]
         H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
         x = F.embedding(tokens, self.embed)
-        rot = self._rotation(positions)
-        visible = torch.arange(attn_len)[None, :] <= positions[:, None]
-        mask = torch.zeros(B, 1, attn_len, dtype=x.dtype).masked_fill_(~visible.view(B, 1, -1), float("-inf"))
-        mask = mask.repeat_interleave(K, dim=0)  # [B * K, 1, S], shared by all layers
-        cache.set_decode_positions(positions)
+        cos, sin = self._ensure_rope(attn_len)  # positions < attn_len by the caller's contract
+        rot = self._rot_table[positions] if self._rot_table is not None else _rotation_table(cos[positions], sin[positions])
+        mask = cache.set_decode_positions(positions, attn_len, x.dtype)  # [B * K, 1, S], shared by all layers
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
             qkv = F.linear(h, L["qkv"], L["qkv_b"])
@@ -267,17 +274,17 @@ class DecoderModel:
             x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
 
-    def _rotation(self, positions: torch.Tensor) -> torch.Tensor:
-        """[B, D, D] matrices R with x @ R == rope(x) at each row's position (x * cos + swap_halves(x) * sin)."""
-        D = self.spec.head_dim
-        cos, sin = self._rope(positions[:, None])
-        rot = torch.diag_embed(cos.view(-1, D))
-        j = torch.arange(D)
-        rot[:, (j + D // 2) % D, j] = sin.view(-1, D)  # out_j gets x_{(j + D/2) % D} * signed sin_j
-        return rot
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
+
+
+def _rotation_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[n, D, D] matrices R with x @ R == rope(x) at each position (x * cos + swap_halves(x) * signed sin)."""
+    D = cos.shape[-1]
+    rot = torch.diag_embed(cos)
+    j = torch.arange(D)
+    rot[:, (j + D // 2) % D, j] = sin  # out_j gets x_{(j + D/2) % D} * signed sin_j
+    return rot
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -304,6 +311,7 @@ class KVCache:
         heads = torch.arange(rows * K)
         self._v_base = heads * max_len  # [rows * K]: start of each (row, head) block of v
         self._k_base = (heads[:, None] * D + torch.arange(D)[None, :]) * max_len  # [rows * K, D]
+        self._columns = torch.arange(max_len)
         self._v_index: torch.Tensor | None = None
         self._k_index: torch.Tensor | None = None
 
@@ -313,12 +321,17 @@ class KVCache:
         self.k[layer][rows, :, :, :T] = k.transpose(-1, -2)
         self.v[layer][rows, :, :T] = v
 
-    def set_decode_positions(self, pos: torch.Tensor) -> None:
-        """Flat indices of this step's writes for rows [0, n) at positions pos [n], computed once per step."""
+    def set_decode_positions(self, pos: torch.Tensor, attn_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Flat indices of this step's writes for rows [0, n) at positions pos [n], computed once per step.
+
+        Returns the additive attention mask [n * K, 1, attn_len]: 0 where column <= own position, else -inf.
+        """
         n, K = pos.shape[0], self.num_kv_heads
         per_head = pos.repeat_interleave(K)
         self._v_index = self._v_base[: n * K] + per_head
         self._k_index = (self._k_base[: n * K] + per_head[:, None]).view(-1)
+        hidden = self._columns[:attn_len] > per_head[:, None]
+        return torch.zeros((), dtype=dtype).masked_fill(hidden, float("-inf")).unsqueeze(1)
 
     def write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, attn_len: int):
         """k, v [n, K, D] written at the step's positions; returns k [n, K, D, attn_len], v [n, K, attn_len, D]."""

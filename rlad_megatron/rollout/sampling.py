@@ -49,17 +49,19 @@ def truncation_mask(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tens
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                seeds: torch.Tensor, steps: torch.Tensor, all_greedy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row; return (tokens [B] int64, logprobs [B] float32).
 
     logits [B, V] float32; temperature [B] (0 = greedy); top_p [B]; top_k [B] (-1 = off);
-    seeds, steps [B] int64.
+    seeds, steps [B] int64. all_greedy: the caller's knowledge that every temperature is 0 (None: check).
     """
-    greedy = temperature <= 0
-    if bool(greedy.all()):  # the common eval / test case: no scaling, no randomness
+    if all_greedy is None:
+        all_greedy = bool((temperature <= 0).all())
+    if all_greedy:  # the common eval / test case: no scaling, no randomness
         logprobs_all = logits.log_softmax(dim=-1)
         tokens = logits.max(dim=-1).indices
     else:
+        greedy = temperature <= 0
         temp = torch.where(greedy, torch.ones_like(temperature), temperature)
         scaled = logits / temp[:, None]
         logprobs_all = scaled.log_softmax(dim=-1)
