@@ -262,6 +262,10 @@ class DataConfig:
     """Row field holding the prompt (a string, or a list of chat messages)."""
     answer_key: str = "answer"
     """Row field holding the reference answer / label."""
+    solution_key: str = "solution"
+    """Optional row field holding a reference response (e.g. a teacher trace): what `sft` with
+    train.offline_source=dataset trains on for file sources. Rows without it fall back to the procedural
+    task's trace; a present but non-string or empty value is a bad row."""
     metadata_keys: List[str] = field(default_factory=list)
     """Extra row fields kept with each sample (e.g. difficulty) and reported per value in eval."""
     template: str = "chat"

@@ -113,13 +113,20 @@ def validate_row(row: Dict[str, Any], keys: Dict[str, Any], source: str, number:
         return BadRow(source, number, ak, "empty answer")
     # JSON-safe so samples (which carry the record) can be saved to jsonl and sent over HTTP.
     metadata = dict(row["metadata"]) if keys["task"] else {k: json_safe(row[k]) for k in mkeys}
-    return {"prompt": row[pk], "answer": answer, "metadata": metadata, "id": f"{source}:{number}"}
+    record = {"prompt": row[pk], "answer": answer, "metadata": metadata, "id": f"{source}:{number}"}
+    sk = keys.get("solution")
+    if sk and sk in row:  # optional reference response (offline distillation from the user's own traces)
+        if not isinstance(row[sk], str) or not row[sk].strip():
+            return BadRow(source, number, sk, f"solution must be a non-empty string, got {type(row[sk]).__name__}")
+        record["solution"] = row[sk]
+    return record
 
 
 def _field_keys(source: str, data_cfg: Any) -> Dict[str, Any]:
     if source.startswith(("task:", "reasoning_gym:")):
         return {"prompt": "prompt", "answer": "answer", "metadata": [], "task": True}
-    return {"prompt": data_cfg.prompt_key, "answer": data_cfg.answer_key, "metadata": list(data_cfg.metadata_keys), "task": False}
+    return {"prompt": data_cfg.prompt_key, "answer": data_cfg.answer_key, "metadata": list(data_cfg.metadata_keys),
+            "solution": data_cfg.solution_key, "task": False}
 
 
 def _tokenize(record: Dict[str, Any], data_cfg: Any, tokenizer: Any, source: str, number: int, key: str):

@@ -89,6 +89,20 @@ def test_field_mapping_and_chat_template(tmp_path, tok):
                                                          bad_rows="skip"), tok)[0]["prompt_ids"]) == "hi"
 
 
+def test_solution_field_is_kept_for_offline_distillation(tmp_path, tok):
+    from rlad_megatron.components import trace_fn
+    from rlad_megatron.config import load_config
+
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "2+2=", "answer": "4", "trace": "2+2 is 4 #4"},
+                                              {"prompt": "1+1=", "answer": "2", "trace": ""}])
+    with pytest.raises(DatasetError, match="trace"):
+        load_prompts(str(path), DataConfig(solution_key="trace"), tok)
+    ds = load_prompts(str(path), DataConfig(solution_key="trace", bad_rows="skip"), tok)
+    assert [r["record"]["solution"] for r in ds] == ["2+2 is 4 #4"]
+    assert trace_fn(load_config(None, []))(ds[0]["record"]) == "2+2 is 4 #4"
+    assert "solution" not in load_prompts(str(path), DataConfig(), tok)[0]["record"]  # default key absent: no field
+
+
 def test_template_misconfiguration_is_refused(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", [GOOD])
     with pytest.raises(DatasetError, match="not a valid template"):
