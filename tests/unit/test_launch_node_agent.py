@@ -85,9 +85,8 @@ def test_server_node_stops_when_the_trainer_is_done(tmp_path, fake_sglang, monke
         done.write_text("0")
 
     threading.Thread(target=finish_later, daemon=True).start()
-    start = time.monotonic()
     assert agent.run_node(cfg, RECIPE, [], 0, ["127.0.0.1"] * 3, env) == 0  # node 0: two teacher servers + router
-    assert 1.0 < time.monotonic() - start < 30
+    assert done.exists(), "the server node returned before the trainer wrote its done file"
 
 
 def test_a_crashing_server_fails_the_node(tmp_path, fake_sglang, monkeypatch):
