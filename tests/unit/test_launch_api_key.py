@@ -9,7 +9,7 @@ from rlad_megatron.launch import node as agent
 from rlad_megatron.launch.render import render
 from rlad_megatron.launch.topology import plan_topology
 
-from test_launch_node_agent import RECIPE, config, free_ports
+from test_launch_node_agent import RECIPE, config, fake_python, free_ports
 
 KEY = "s3cret-fleet-key"
 # A fake SGLang server that, like SGLang's api-key middleware, answers 401 without the right bearer key.
@@ -29,10 +29,7 @@ http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 
 @pytest.fixture
 def keyed_sglang(tmp_path):
-    exe = tmp_path / "fake_python"
-    exe.write_text(f"#!{sys.executable}\n{FAKE_KEYED_SGLANG}")
-    exe.chmod(0o755)
-    return str(exe)
+    return fake_python(tmp_path, FAKE_KEYED_SGLANG)
 
 
 def test_keyed_fleets_get_the_key_option_no_router_and_direct_trainer_urls(tmp_path):

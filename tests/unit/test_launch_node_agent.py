@@ -34,12 +34,17 @@ def free_ports(n):
     return ports
 
 
-@pytest.fixture
-def fake_sglang(tmp_path):
+def fake_python(tmp_path, script: str) -> str:
+    """An executable standing in for SGLang's python: it runs `script` whatever arguments it gets."""
     exe = tmp_path / "fake_python"
-    exe.write_text(f"#!{sys.executable}\n{FAKE_SGLANG}")
+    exe.write_text(f"#!{sys.executable}\n{script}")
     exe.chmod(0o755)
     return str(exe)
+
+
+@pytest.fixture
+def fake_sglang(tmp_path):
+    return fake_python(tmp_path, FAKE_SGLANG)
 
 
 def config(tmp_path, nodes, extra=()):
