@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides (before the options, or use --set)")
     parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="another override (repeatable; may follow the options)")
-    parser.add_argument("--nodes", type=int, help="launch.nodes")
+    parser.add_argument("--nodes", type=int, help="launch.nodes; the recipe's launch.*_nodes role counts become "
+                        "automatic (0) unless given as overrides too")
     parser.add_argument("--gpus-per-node", type=int, help="launch.gpus_per_node")
     parser.add_argument("--gpu", help=f"launch.gpu: one of {sorted(hw.GPUS)}")
     parser.add_argument("--prompt-fill", type=float, default=0.25, help="mean prompt length / max_prompt_length")
@@ -168,15 +169,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
+ROLE_COUNTS = ("trainer_nodes", "rollout_nodes", "teacher_nodes")
+
+
+def flag_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """launch.* overrides for --nodes / --gpus-per-node / --gpu, applied after `overrides`.
+
+    `--nodes N` asks "what if the job had N nodes": the recipe's role counts were chosen for its own node
+    count (and may not even fit in N), so they go back to automatic unless the command line sets them too."""
+    extra = [f"launch.{key}={getattr(args, key)}" for key in ("nodes", "gpus_per_node", "gpu")
+             if getattr(args, key) is not None]
+    if args.nodes is not None:
+        given = {item.split("=", 1)[0] for item in overrides}
+        extra += [f"launch.{name}=0" for name in ROLE_COUNTS if f"launch.{name}" not in given]
+    return extra
+
+
 def run(args: argparse.Namespace) -> int:
-    extra: list[str] = []
-    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("gpu", "gpu")):
-        if getattr(args, flag) is not None:
-            extra.append(f"launch.{key}={getattr(args, flag)}")
     try:
         if not (0 < args.prompt_fill <= 1 and 0 < args.response_fill <= 1):
             raise ValueError("--prompt-fill and --response-fill must be in (0, 1]")
-        cfg = load_config(args.recipe, parse_overrides(args.overrides + args.set_overrides) + extra)
+        overrides = parse_overrides(args.overrides + args.set_overrides)
+        cfg = load_config(args.recipe, overrides + flag_overrides(args, overrides))
         plan = make_plan(cfg, args.prompt_fill, args.response_fill)
     except ValueError as err:
         print(f"rlad plan: {err}", file=sys.stderr)

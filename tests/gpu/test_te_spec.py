@@ -80,6 +80,10 @@ def test_fp8_hybrid_train_step_is_finite_and_updates(tmp_path):
     trainer = _trainer(_cfg(tmp_path, "transformer_engine", fp8="hybrid"))
     assert trainer.config.fp8 == "hybrid"
     samples = _samples()
+    # Unpadded rows would trip TE's FP8 shape check (assert_dim_for_fp8_exec); the trainer pads them to 16.
+    assert sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples) % 16
+    batches, _ = trainer._micro_batches(samples, {})
+    assert all(b.num_tokens % 16 == 0 for b in batches)
     old = trainer.compute_logprobs(samples)
     metrics = trainer.train_step(samples, [1.0 if s.reward else -1.0 for s in samples], 0, old_logprobs=old)
     assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0

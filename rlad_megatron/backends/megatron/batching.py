@@ -8,8 +8,9 @@ positions `P - 1 .. L - 2` and `mask` is 1 exactly there.
 Packing: samples are laid end to end in one row (`[1, T]`); `cu_seqlens` marks the boundaries
 so attention never crosses a sequence (Megatron's `thd` PackedSeqParams) and RoPE positions
 restart per sequence. The row is padded at the end (a padding "sequence" with mask 0) to a
-multiple of `pad_to_multiple` (TP under sequence parallelism) or to a fixed length (pipeline
-parallelism needs one activation shape for all micro-batches).
+multiple of `pad_to_multiple` (`token_multiple`: TP under sequence parallelism, 16 more under FP8)
+or to a fixed length (pipeline parallelism needs one activation shape for all micro-batches).
+Padding carries no loss and, attending only to itself, changes no real token's log-prob.
 
 Micro-batching: first-fit-decreasing by length into bins of `micro_batch_tokens` tokens; a sample
 longer than the budget gets a bin of its own. `split_for_data_parallel` first deals samples to
@@ -93,6 +94,21 @@ def split_for_data_parallel(samples: Sequence[Sample], data_parallel_size: int) 
         shards[rank].append(index)
         loads[rank] += sequence_length(samples[index])
     return [sorted(s) for s in shards]
+
+
+FP8_TOKEN_MULTIPLE = 16
+"""Transformer Engine's FP8 Linear / LayerNormLinear forward asserts (`assert_dim_for_fp8_exec`) that the
+tokens of its input are a multiple of 8 and the hidden size of 16; FP8 GEMMs want 16 on every dimension
+(tokens are the inner dimension of the weight-gradient GEMM), so rows are padded to 16."""
+
+
+def token_multiple(tensor_model_parallel_size: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every packed row's length must be a multiple of.
+
+    Sequence parallelism splits the row over TP ranks, so it must divide by TP; under FP8 each rank's
+    Linear layers see that shard (T / TP tokens), so the shard itself must divide by 16: 16 x TP."""
+    shards = tensor_model_parallel_size if sequence_parallel else 1
+    return shards * (FP8_TOKEN_MULTIPLE if fp8 else 1)
 
 
 def _round_up(value: int, multiple: int) -> int:

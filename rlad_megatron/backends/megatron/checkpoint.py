@@ -79,10 +79,11 @@ def _torch_optimizers(optimizer) -> list:
     return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
-def _optimizer_has_state(optimizer) -> bool:
+def _optimizer_has_state(optimizer, device: torch.device) -> bool:
     """True once any rank's optimizer stepped. Collective (MAX over the world), so that every rank
-    takes the same save path even if a rank's distributed-optimizer shard is empty."""
-    has_state = torch.tensor([int(any(len(opt.state) > 0 for opt in _torch_optimizers(optimizer)))])
+    takes the same save path even if a rank's distributed-optimizer shard is empty. The flag lives on
+    the trainer's device: with CUDA the default group is NCCL, which has no CPU tensors."""
+    has_state = torch.tensor([int(any(len(opt.state) > 0 for opt in _torch_optimizers(optimizer)))], device=device)
     if dist.is_initialized():
         dist.all_reduce(has_state, op=dist.ReduceOp.MAX)
     return bool(has_state.item())
@@ -93,6 +94,24 @@ def _reset_to_fresh_optimizer(optimizer) -> None:
     as for a new optimizer."""
     for opt in _torch_optimizers(optimizer):
         opt.state.clear()
+
+
+def _give_fresh_state_a_step(optimizer) -> None:
+    """Loading into a never-stepped distributed optimizer (a restarted job) also goes through
+    `DistributedOptimizer.state_dict`, whose one-`step` assertion (Megatron-Core 0.16.1
+    `optimizer/distrib_optimizer.py:641-642`, torch Adam without Apex / TE) fails on empty state. Give every
+    param the state torch's first step creates (step 0, zero moments); the load then overwrites all of it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for megatron_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(megatron_opt, DistributedOptimizer):
+            continue
+        for group in megatron_opt.optimizer.param_groups:
+            for param in group["params"]:
+                state = megatron_opt.optimizer.state[param]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -117,7 +136,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra_state: dict |
         tmp.mkdir()
     _barrier()
     # Before the first update there is no optimizer state to save (see the module docstring).
-    with_optimizer = _optimizer_has_state(trainer.optimizer)
+    with_optimizer = _optimizer_has_state(trainer.optimizer, trainer.ctx.device)
     state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer)
     state.update(step=step, scheduler=trainer.scheduler.state_dict(), extra_state=dict(extra_state or {}),
                  num_updates=trainer.num_updates, optimizer_saved=with_optimizer)
@@ -184,6 +203,8 @@ def load_checkpoint(trainer, path: str | Path, *, load_optimizer: bool = True) -
     optimizer_saved = bool(common.get("optimizer_saved", int(common["num_updates"]) > 0))
     reset_optimizer = load_optimizer and not optimizer_saved
     load_optimizer = load_optimizer and optimizer_saved
+    if load_optimizer:
+        _give_fresh_state_a_step(trainer.optimizer)
     state = _sharded_state_dict(trainer, is_loading=True, with_optimizer=load_optimizer)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(trainer.unwrapped_model()):

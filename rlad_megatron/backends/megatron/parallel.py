@@ -6,7 +6,7 @@ It then calls `parallel_state.initialize_model_parallel` and seeds the model-par
 Megatron's `model_parallel_cuda_manual_seed` with CUDA, the CPU tracker of `compat` without.
 The returned `ParallelContext` carries the process groups so callers pass them on explicitly.
 
-Left out: virtual pipeline stages, expert parallelism, context parallelism > 1 on CPU.
+Left out: virtual pipeline stages, expert parallelism, context parallelism (refused: not supported yet).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rlad_megatron.backends.megatron import compat
+from rlad_megatron.config import CONTEXT_PARALLEL_UNSUPPORTED
 
 
 @dataclass
@@ -74,12 +75,17 @@ def _init_process_group(parallel_cfg) -> bool:
     return True
 
 
+def _refuse_context_parallel(parallel_cfg) -> None:
+    """Checked again here: setting the attribute after loading skips ParallelConfig.__post_init__."""
+    if parallel_cfg.context_parallel_size != 1:
+        raise ValueError(CONTEXT_PARALLEL_UNSUPPORTED.format(size=parallel_cfg.context_parallel_size))
+
+
 def check_layout(parallel_cfg, world_size: int) -> int:
     """Validate the layout against the world size; return the data-parallel size."""
     tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
     cp = parallel_cfg.context_parallel_size
-    if cp != 1 and not torch.cuda.is_available():
-        raise ValueError("parallel.context_parallel_size > 1 is not supported on CPU; set it to 1")
+    _refuse_context_parallel(parallel_cfg)
     if world_size % (tp * pp * cp):
         raise ValueError(
             f"world size {world_size} is not divisible by tensor({tp}) x pipeline({pp}) x context({cp}) "
@@ -92,6 +98,7 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
     """Initialise torch.distributed and Megatron's parallel state; seed the model-parallel RNG."""
     from megatron.core import parallel_state as mpu
 
+    _refuse_context_parallel(parallel_cfg)  # before a process group is started
     compat.activate_cpu_compat()
     owns = _init_process_group(parallel_cfg)
     world_size = dist.get_world_size()

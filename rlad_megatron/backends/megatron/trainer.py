@@ -36,6 +36,7 @@ from rlad_megatron.backends.megatron.batching import (
     PackedBatch,
     make_micro_batches,
     split_for_data_parallel,
+    token_multiple,
 )
 from rlad_megatron.backends.megatron.logprobs import (
     vocab_parallel_entropy,
@@ -148,10 +149,10 @@ class MegatronTrainer:
             )
         mine = [samples[i] for i in shard]
         sub = {k: [v[i] for i in shard] for k, v in per_token.items()}
-        sp = self.config.sequence_parallel
+        multiple = token_multiple(self.ctx.tensor_model_parallel_size, self.config.sequence_parallel,
+                                  fp8=bool(self.cfg.model.fp8))
         batches = make_micro_batches(
-            mine, sub, self.cfg.train.micro_batch_tokens,
-            pad_to_multiple=self.ctx.tensor_model_parallel_size if sp else 1,
+            mine, sub, self.cfg.train.micro_batch_tokens, pad_to_multiple=multiple,
             uniform_length=self.ctx.pipeline_model_parallel_size > 1, topk=topk,
         )
         return batches, shard
