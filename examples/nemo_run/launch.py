@@ -10,8 +10,10 @@ On Slurm every node runs `python -m rlad_megatron.launch.node RECIPE [overrides]
 picks its role from the recipe's `launch` section, exactly as the rendered sbatch does. nemo-run supplies the
 #SBATCH header, the container flags and the log folders; `SIGUSR1` 120 s before the time limit reaches the node
 agents, which stop the trainer and servers cleanly (the next run resumes from the checkpoint in run_dir).
-The code is expected inside the container image (see the Dockerfile), so the packager is the plain
-`run.Packager()`; pass --git-package to ship the current commit instead.
+The job runs in nemo-run's code folder (`<job_dir>/code`, `/nemo_run/code` in the container), where a path
+on this machine means nothing, so the recipe file is packaged into that folder and passed by its name. The
+code itself is expected inside the container image (see the Dockerfile); --git-package ships the current
+commit into the code folder as well.
 """
 from __future__ import annotations
 
@@ -33,7 +35,15 @@ def node_agent_script(recipe: str, overrides: Sequence[str]) -> run.Script:
     return run.Script(path="rlad_megatron.launch.node", entrypoint="python", m=True, args=[recipe, *overrides])
 
 
-def slurm_executor(cfg: RunConfig, tunnel, git_package: bool = False) -> run.SlurmExecutor:
+def recipe_packager(recipe: str | Path, git_package: bool = False) -> tuple[run.Packager, str]:
+    """(packager, recipe path as the job sees it): the recipe file lands at the top of the code folder."""
+    path = Path(recipe).resolve()
+    if git_package:  # the commit's tree plus the local recipe file (uncommitted edits included)
+        return run.GitArchivePackager(include_pattern=str(path), include_pattern_relative_path=str(path.parent)), path.name
+    return run.PatternPackager(include_pattern=str(path), relative_path=str(path.parent)), path.name
+
+
+def slurm_executor(cfg: RunConfig, tunnel, packager: run.Packager) -> run.SlurmExecutor:
     """One task per node on `launch.nodes` nodes, from the recipe's launch section."""
     la = cfg.launch
     return run.SlurmExecutor(
@@ -43,19 +53,21 @@ def slurm_executor(cfg: RunConfig, tunnel, git_package: bool = False) -> run.Slu
         container_image=la.container_image or None, container_mounts=list(la.container_mounts),
         env_vars={"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
                   **la.env},
-        tunnel=tunnel, packager=run.GitArchivePackager() if git_package else run.Packager())
+        tunnel=tunnel, packager=packager)
 
 
-def sbatch_text(cfg: RunConfig, recipe: str, overrides: Sequence[str], job_dir: str) -> str:
-    """The sbatch script nemo-run would submit, without a cluster.
+def sbatch_text(cfg: RunConfig, recipe: str, overrides: Sequence[str], job_dir: str, git_package: bool = False) -> str:
+    """The sbatch script nemo-run would submit, without a cluster; the code folder is filled under `job_dir`.
 
     Uses nemo-run 0.11's `package` and the scheduler's private `_submit_dryrun`; `exp.dryrun()` prints the same."""
     from nemo_run.run.torchx_backend.packaging import package
     from nemo_run.run.torchx_backend.schedulers.slurm import SlurmTunnelScheduler
 
-    executor = slurm_executor(cfg, run.LocalTunnel(job_dir=job_dir))
-    executor.assign(exp_id="rlad", exp_dir=job_dir, task_id="rlad", task_dir="rlad")
-    app = package(name="rlad", fn_or_script=node_agent_script(recipe, overrides), executor=executor)
+    packager, job_recipe = recipe_packager(recipe, git_package)
+    executor = slurm_executor(cfg, run.LocalTunnel(job_dir=job_dir), packager)
+    # The experiment folder the local tunnel runs from (<job_dir>/<exp_id>), so the mounts point at this package.
+    executor.assign(exp_id="rlad", exp_dir=str(Path(job_dir) / "rlad"), task_id="rlad", task_dir="rlad")
+    app = package(name="rlad", fn_or_script=node_agent_script(job_recipe, overrides), executor=executor)
     return SlurmTunnelScheduler(session_name="rlad")._submit_dryrun(app, executor).request.materialize()
 
 
@@ -111,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         run_local("rlad-demo", demo_script(smoke=not args.full, done_file=args.done_file))
         return 0
     cfg = load_config(args.recipe, args.overrides)
-    recipe = str(Path(args.recipe).resolve())  # the job runs in nemo-run's code folder, not here
     if args.dryrun:
-        print(sbatch_text(cfg, recipe, args.overrides, args.job_dir))
+        print(sbatch_text(cfg, args.recipe, args.overrides, args.job_dir, args.git_package))
         return 0
     tunnel = (run.SSHTunnel(host=args.ssh_host, user=args.user, job_dir=args.job_dir) if args.ssh_host
               else run.LocalTunnel(job_dir=args.job_dir))
-    with run.Experiment("rlad", executor=slurm_executor(cfg, tunnel, args.git_package)) as exp:
-        exp.add(node_agent_script(recipe, args.overrides), name="rlad")
+    packager, job_recipe = recipe_packager(args.recipe, args.git_package)
+    with run.Experiment("rlad", executor=slurm_executor(cfg, tunnel, packager)) as exp:
+        exp.add(node_agent_script(job_recipe, args.overrides), name="rlad")
         exp.run(detach=True)
     return 0
 

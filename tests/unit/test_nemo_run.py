@@ -44,8 +44,29 @@ def test_slurm_executor_renders_sbatch_without_a_cluster(launcher, tmp_path, mon
                      "--partition=gpu", "--account=myproj", "--signal=USR1@120", "--exclusive"):
         assert f"#SBATCH {expected}" in header
     assert "--container-image nvcr.io/myorg/rlad-megatron:0.1.0" in text
-    assert f"python -m rlad_megatron.launch.node {RECIPE} launch.nodes=4" in text
+    assert "python -m rlad_megatron.launch.node launch_qwen3_8b_32b.yaml launch.nodes=4" in text
     assert "export NCCL_IB_HCA=mlx5_0,mlx5_1" in text
+
+
+def test_slurm_job_finds_the_recipe_in_its_code_folder(launcher, tmp_path, monkeypatch):
+    """The job runs in nemo-run's code folder, not in this checkout: the recipe it is given must be there."""
+    cfg = load_config(RECIPE)
+    with open(os.devnull) as devnull:
+        monkeypatch.setattr("sys.stdin", devnull)
+        text = launcher.sbatch_text(cfg, RECIPE, [], str(tmp_path / "jobs"))
+    srun = next(line for line in text.splitlines() if line.startswith("srun ") and "rlad_megatron.launch.node" in line)
+    args = srun.split()
+    job_recipe = args[args.index("rlad_megatron.launch.node") + 1]
+    assert not Path(job_recipe).is_absolute()
+    assert args[args.index("--container-workdir") + 1] == "/nemo_run/code"
+    mounts = dict(m.split(":")[::-1] for m in args[args.index("--container-mounts") + 1].split(","))
+    assert (Path(mounts["/nemo_run"]) / "code" / job_recipe).read_text() == Path(RECIPE).read_text()
+
+
+def test_git_package_ships_the_recipe_next_to_the_commit(launcher):
+    packager, job_recipe = launcher.recipe_packager(RECIPE, git_package=True)
+    assert type(packager).__name__ == "GitArchivePackager" and job_recipe == Path(RECIPE).name
+    assert packager.include_pattern == RECIPE and packager.include_pattern_relative_path == str(Path(RECIPE).parent)
 
 
 def test_local_executor_runs_rlad_plan(launcher, tmp_path, venv_python_on_path):
