@@ -45,16 +45,25 @@ def build_trainer(cfg, objective):
 
 
 def push_weights(run, version: int) -> None:
-    """Trainer -> rollout engine. Collective over the trainer ranks; rank 0 owns the engine.
+    """Trainer -> rollout engine. Collective over the trainer ranks.
 
-    Without pipeline parallelism rank 0 receives every HF tensor in memory (TP-gathered buckets);
-    with it, each stage holds only its layers, so the stages write one HF folder together and the
-    engine reloads it from disk (the same path SGLang's update_weights_from_disk takes).
+    Three paths, chosen from config alone so every rank agrees:
+    - an in-process engine (kind=embedded, rank 0 owns it): without pipeline parallelism rank 0 receives
+      every HF tensor in memory (TP-gathered buckets); with it, the stages write one HF folder together
+      and the engine reloads it;
+    - servers with `rollout.sync=distributed` (the default): SGLang's update-from-distributed protocol,
+      one named group per pipeline stage (`sync_over_wire`);
+    - servers with `rollout.sync=disk`: the stages write one HF folder, every server loads it
+      (/update_weights_from_disk; the folder must be readable by the servers).
     """
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
 
     trainer, engine = run.trainer, run.ctx.rollout_engine
-    if trainer.ctx.pipeline_model_parallel_size > 1:
+    in_process = engine_kind(run.cfg.rollout) == "embedded"
+    if not in_process and run.cfg.rollout.sync == "distributed":
+        sync_over_wire(run, version)
+        return
+    if trainer.ctx.pipeline_model_parallel_size > 1 or not in_process:
         folder = save_hf(run, Path(run.cfg.run_dir) / "weights", version)
         if engine is not None:
             engine.update_weights(path=str(folder), version=version)
@@ -64,6 +73,65 @@ def push_weights(run, version: int) -> None:
     for bucket in export_hf_tensors(trainer.unwrapped_model(), tp_group=trainer.ctx.tp_group):
         if engine is not None:
             engine.update_weights(named_tensors=bucket, version=version)
+
+
+def engine_kind(engine_cfg) -> str:
+    from rlad_megatron.rollout.factory import resolve_kind
+
+    return resolve_kind(engine_cfg)
+
+
+def sync_over_wire(run, version: int) -> None:
+    """Every pipeline stage broadcasts its own HF buckets into every live server (rollout/weight_sync.py).
+
+    Rank 0 owns the engine: it finds the live servers, opens and closes the update window and checks
+    that every server then reports `version`. Each stage's DP=0 / TP=0 rank sends, stage after stage; the
+    stage's other TP ranks take part in the TP gathers; other DP replicas wait at the barriers."""
+    from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
+    from rlad_megatron.rollout.weight_sync import ServerCalls, StageSender, default_sync_host
+
+    c, cfg, engine = run.trainer.ctx, run.cfg.rollout, run.ctx.rollout_engine
+    wire = run.weight_wire
+    if wire is None:
+        calls = ServerCalls(resolve_api_key(cfg), timeout_s=cfg.sync_timeout_s)
+        backend = "nccl" if c.device.type == "cuda" else "gloo"
+        wire = run.weight_wire = StageSender(c.pp_rank, calls, cfg.sync_host or default_sync_host(), backend,
+                                             cfg.sync_timeout_s)
+    members, restarted = broadcast(engine.sync_members() if engine is not None else None, c.rank)
+    sender = c.dp_rank == 0 and c.tp_rank == 0
+    if members != wire.members or restarted:
+        generation = broadcast(engine.sync_generation + 1 if engine is not None else None, c.rank)
+        if engine is not None:
+            engine.sync_generation = generation
+        if sender:
+            wire.connect(members, generation)
+    if c.rank == 0:
+        wire.calls.post_all(members, "/begin_weight_update", {})
+    _barrier()
+    # One stage at a time: a server handles one update call at a time, so two stages sending at once could
+    # each hold a different server and wait for the other forever.
+    for stage in range(c.pipeline_model_parallel_size):
+        if c.dp_rank == 0 and c.pp_rank == stage:
+            for bucket in export_hf_tensors(run.trainer.unwrapped_model(), tp_group=c.tp_group, to_first=True):
+                wire.send(bucket, version)  # only the TP rank 0 of the stage gets buckets
+        _barrier()
+    if c.rank == 0:
+        wire.calls.post_all(members, "/end_weight_update", {})
+        engine.synced(members, version, wire.calls.versions(members))
+    wire.members = list(members)  # every rank remembers the membership, so all agree when it changes next
+
+
+def resolve_api_key(engine_cfg) -> str:
+    from rlad_megatron.rollout.factory import resolve_api_key as resolve
+
+    return resolve(engine_cfg)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def save_hf(run, root: Path, step: int) -> Path:
@@ -129,10 +197,15 @@ def build_context(cfg, objective, source, *, with_engines: bool) -> Context:
     ctx = Context(cfg=cfg, objective=objective, tokenizer=tokenizer, sampler=sampler,
                   reward_fn=build_reward_fn(cfg.reward, cfg.data))
     if with_engines:
-        if wants_rollout_engine(cfg, source):
-            ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout")
-        if wants_teacher_engine(objective, source):
-            ctx.teacher_engine = build_engine(cfg.teacher, cfg.model.teacher, "teacher")
+        from rlad_megatron.rollout.factory import fleet_gpu_offsets
+
+        wanted = {"rollout": wants_rollout_engine(cfg, source), "teacher": wants_teacher_engine(objective, source)}
+        # fleets launched here go on GPUs after the trainer's local ranks, never on top of them or each other
+        offsets = fleet_gpu_offsets({role: getattr(cfg, role) for role, want in wanted.items() if want})
+        if wanted["rollout"]:
+            ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout", offsets["rollout"])
+        if wanted["teacher"]:
+            ctx.teacher_engine = build_engine(cfg.teacher, cfg.model.teacher, "teacher", offsets["teacher"])
     return ctx
 
 
@@ -147,10 +220,10 @@ def wants_teacher_engine(objective, source) -> bool:
     return bool((objective.needs_teacher and not source.scored) or source.needs_teacher)
 
 
-def build_engine(engine_cfg, model_dir: str, role: str):
+def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0):
     from rlad_megatron.rollout import build_engine as build
 
-    return build(engine_cfg, model_dir, role)
+    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset)
 
 
 def eval_records(cfg) -> Sequence[dict[str, Any]]:

@@ -70,6 +70,10 @@ class ModelConfig:
         _choice(self, "fp8", ("", "hybrid", "e4m3"))
 
 
+CONTEXT_PARALLEL_UNSUPPORTED = ("parallel.context_parallel_size={size}: context parallelism is not supported yet "
+                                "(batches are not split over context-parallel ranks); set it to 1")
+
+
 @dataclass
 class ParallelConfig:
     _SECTION = "parallel"
@@ -80,7 +84,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
     context_parallel_size: int = 1
-    """Context parallel size; only 1 is supported by the CPU path."""
+    """Context parallel size; must be 1: context parallelism is not supported yet (the trainer does not split
+    sequences over CP ranks)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
     backend: str = "auto"
@@ -90,6 +95,8 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
         _choice(self, "backend", ("auto", "nccl", "gloo"))
+        if self.context_parallel_size != 1:
+            raise ValueError(CONTEXT_PARALLEL_UNSUPPORTED.format(size=self.context_parallel_size))
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1")
 
@@ -189,7 +196,8 @@ class EngineConfig:
     num_servers: int = 1
     """kind=sglang: servers to launch."""
     server_args: Dict[str, Any] = field(default_factory=dict)
-    """kind=sglang: SGLang server arguments passed through (e.g. {tp: 8, mem_fraction_static: 0.8})."""
+    """SGLang server arguments passed through as flags (e.g. {tp_size: 8, mem_fraction_static: 0.8} -> --tp-size 8
+    --mem-fraction-static 0.8), by kind=sglang fleets and by the node agent (which sets tp, ports and host)."""
     api_key: str = ""
     """Bearer key sent to the servers; read from the environment variable named by api_key_env if empty."""
     api_key_env: str = "RLAD_API_KEY"
@@ -210,10 +218,18 @@ class EngineConfig:
     """kind=sglang: put sglang-router in front of the servers (client-side balancing when absent)."""
     startup_timeout_s: float = 900.0
     """kind=sglang: seconds to wait for every server's /health_generate."""
+    sglang_python: str = ""
+    """kind=sglang / auto: the Python interpreter that has SGLang (the image keeps it in its own venv); empty =
+    env RLAD_SGLANG_PYTHON, else `python`. kind=auto picks SGLang only when CUDA is present and this
+    interpreter can `import sglang`."""
+    health_timeout_s: float = 30.0
+    """Seconds one /health probe of a server may take before it counts as down (SGLang's /health runs a
+    1-token generation: 1-20 s under load)."""
 
     def __post_init__(self) -> None:
         _choice(self, "kind", ("auto", "embedded", "http", "sglang"))
         _check(self, "startup_timeout_s", self.startup_timeout_s > 0, "> 0")
+        _check(self, "health_timeout_s", self.health_timeout_s > 0, "> 0")
         _check(self, "max_batch_size", self.max_batch_size >= 1, ">= 1")
         _check(self, "num_servers", self.num_servers >= 1, ">= 1")
         _check(self, "max_concurrency", self.max_concurrency >= 1, ">= 1")
@@ -236,9 +252,22 @@ class RolloutConfig(EngineConfig):
     """Response length budget."""
     stop_token_ids: List[int] = field(default_factory=list)
     """Extra stop tokens besides the tokenizer's EOS."""
+    sync: str = "distributed"
+    """How new weights reach rollout servers (kinds http / sglang) after each step: 'distributed' (each
+    pipeline stage broadcasts its HF-named tensors to every server over a process group, SGLang's
+    update_weights_from_distributed protocol; NCCL on GPU, gloo on CPU) or 'disk' (the trainer writes an HF
+    folder under run_dir/weights and every server loads it; the servers must see that folder). The embedded
+    engine lives in the trainer and gets tensors in memory either way."""
+    sync_host: str = ""
+    """Address of the trainer's sending ranks that the servers connect to for 'distributed' sync
+    (empty: this host's fully qualified name)."""
+    sync_timeout_s: float = 600.0
+    """Seconds a weight-sync call or broadcast may take before the step fails."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _choice(self, "sync", ("distributed", "disk"))
+        _check(self, "sync_timeout_s", self.sync_timeout_s > 0, "> 0")
         _check(self, "temperature", self.temperature > 0, "> 0")
         _check(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
         _check(self, "top_k", self.top_k == -1 or self.top_k >= 1, "-1 or >= 1")
@@ -464,6 +493,15 @@ class LaunchConfig:
     """Slurm job name."""
     health_timeout_s: int = 1800
     """Seconds to wait for every server's /health_generate before training starts."""
+    server_impl: str = "sglang"
+    """What the node agent starts as a server: 'sglang' (`<sglang_python> -m sglang.launch_server`) or 'rlad'
+    (`python -m rlad_megatron.cli serve`, the CPU stand-in, with the same SGLang flags; tp 1 only)."""
+    sglang_python: str = ""
+    """Interpreter of the SGLang environment, for the servers and sglang-router; empty = env RLAD_SGLANG_PYTHON,
+    else `python` (with server_impl=rlad: the agent's own interpreter, which has sglang-router in the CPU extra)."""
+    restart_servers: int = 3
+    """Restarts of each server (and router) per job attempt when it exits while the job runs, with back-off;
+    0 = the first crash ends the node (and, through srun --kill-on-bad-exit, the job)."""
     env: Dict[str, str] = field(default_factory=dict)
     """Extra environment exported on every node (e.g. NCCL_IB_HCA, NCCL_SOCKET_IFNAME)."""
 
@@ -483,6 +521,8 @@ class LaunchConfig:
         _check(self, "time_limit", bool(re.fullmatch(r"(\d+-)?\d{1,3}:\d\d(:\d\d)?", self.time_limit)),
                "HH:MM:SS or D-HH:MM:SS")
         _check(self, "health_timeout_s", self.health_timeout_s >= 1, ">= 1")
+        _choice(self, "server_impl", ("sglang", "rlad"))
+        _check(self, "restart_servers", self.restart_servers >= 0, ">= 0 (0 = fail fast)")
         for mount in self.container_mounts:
             if ":" not in mount:
                 raise ValueError(f"launch.container_mounts entry {mount!r} must look like /host/path:/container/path")

@@ -78,6 +78,8 @@ class Run:
     rank: int = 0
     weights_version: int = 0
     eval_records: Sequence[dict[str, Any]] = ()
+    weight_wire: Any = None
+    """This rank's side of the over-the-wire weight sync (rollout/weight_sync.py), built at the first sync."""
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -234,6 +236,7 @@ def _logprob_metrics(samples: Sequence[Sample], old: list[list[float]] | None) -
         diff = np.array([x - y for a, b in zip(first, second) if a and b for x, y in zip(a, b)])
         if diff.size:  # log p_a - log p_b on tokens sampled from p_a
             out[f"kl/{name}_k1"] = float(diff.mean())
+            out[f"kl/{name}_max_abs"] = float(np.abs(diff).max())
             out[f"kl/{name}_k3"] = float(np.mean(np.exp(-diff) + diff - 1.0))
     return out
 
@@ -281,6 +284,8 @@ def restore(run: Run, resume: bool | None) -> int:
     if found is None:
         if resume:
             raise ResumeError(f"--resume: no complete checkpoint in {run.cfg.run_dir}")
+        if run.trainer is not None and components.engine_kind(run.cfg.rollout) != "embedded":
+            sync_weights(run, 0)  # servers that outlived an earlier run may hold its weights, not this student's
         return 0
     step, extra = found
     run.ctx.sampler.load_state_dict(extra["sampler"])

@@ -47,14 +47,17 @@ class _ClientError(Exception):
 class HttpEngine:
     def __init__(self, urls: list[str], api_key: str = "", max_concurrency: int = 64, request_timeout_s: float = 300.0,
                  max_retries: int = 3, backoff_s: float = 0.2, cooldown_s: float = 2.0, connect_timeout_s: float = 5.0,
-                 score_batch_size: int = 8):
-        self.pool = ServerPool(list(urls), cooldown_s=cooldown_s, on_rejoin=self._resync)
+                 score_batch_size: int = 8, health_timeout_s: float = 30.0):
+        self.pool = ServerPool(list(urls), cooldown_s=cooldown_s, probe_timeout_s=health_timeout_s,
+                               on_rejoin=self._resync)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_concurrency, self.max_retries, self.backoff_s = max_concurrency, max_retries, backoff_s
         self.request_timeout_s = request_timeout_s
         self.score_batch_size = score_batch_size
         self.timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
         self.version, self.weights_path = 0, ""
+        self.sync_urls = list(self.pool.servers)  # servers themselves (a fleet behind a router sets them)
+        self.sync_generation = 0  # bumped each time the weight-sync groups are rebuilt (rollout/weight_sync.py)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rlad-http-engine", daemon=True)
         self._thread.start()
@@ -97,7 +100,11 @@ class HttpEngine:
         for attempt in range(self.max_retries + 1):
             try:
                 async with sem:
-                    _, body = await self._post_once(path, payload, deadline)
+                    url, body = await self._post_once(path, payload, deadline)
+                stale = self._stale_version(body)
+                if stale is not None:  # a restarted server: out until a weight sync reaches it
+                    self.pool.mark_dead(url, f"answered with weights version {stale}, not {self.version}")
+                    raise ValueError(f"{url} serves weights version {stale}, not {self.version}")
                 return parse(body)
             except AllServersDown as err:
                 raise EngineError(str(err)) from None
@@ -108,6 +115,17 @@ class HttpEngine:
                 self.stats["retries"] += 1
                 await asyncio.sleep(min(self.backoff_s * 2 ** attempt, 5.0))
         raise EngineError(f"failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _stale_version(self, body: Any) -> str | None:
+        """The weight version an answer was generated with, if it is not the synced one (SGLang and `rlad serve`
+        report it in meta_info); None when it matches or nothing has been synced yet."""
+        if not self.version:
+            return None
+        for item in body if isinstance(body, list) else [body]:
+            got = item.get("meta_info", {}).get("weight_version") if isinstance(item, dict) else None
+            if got is not None and str(got) != str(self.version):
+                return str(got)
+        return None
 
     async def _gather(self, keys: list[Any], coros) -> dict[Any, Any]:
         """Run one coroutine per key; return {key: result} or raise naming every lost key's cause."""
@@ -189,11 +207,51 @@ class HttpEngine:
         return [out for k in range(len(batches)) for out in got[k]]
 
     def update_weights(self, *, named_tensors=None, path: str | None = None, version: int) -> None:
+        """From disk: every live server loads the HF folder `path` (/update_weights_from_disk). Tensors travel
+        over the wire with the distributed protocol instead (rollout/weight_sync.py, driven by the trainer)."""
         if named_tensors is not None or path is None:
             raise ValueError("HttpEngine.update_weights needs path= (an HF folder under the servers' weights root); "
-                             "in-process tensors only reach the embedded engine, NCCL only SGLang (SGLangFleet)")
+                             "tensors reach servers through rollout.sync=distributed (rollout/weight_sync.py)")
         self._run(self._update_all(str(path), int(version)))
         self.version, self.weights_path = int(version), str(path)
+
+    # ------------------------------------------------------------------ distributed weight sync (rank 0's part)
+    def sync_members(self) -> tuple[list[str], bool]:
+        """The servers that take part in the next weight sync: every one answering /health now, dead-marked
+        ones included (a restarted server joins the sync and then serves again); and whether one of them
+        restarted since the last sync (it reports another weights version), so the sync groups must be rebuilt
+        even though the list of URLs is the same."""
+        async def probe(url: str) -> str | None:
+            try:
+                if (await self._http().get(url + "/health", headers=self.headers,
+                                           timeout=self.pool.probe_timeout_s)).status_code != 200:
+                    return None
+                info = await self._http().get(url + "/model_info", headers=self.headers, timeout=30.0)
+                return str(info.json().get("weight_version"))
+            except (httpx.HTTPError, ValueError):
+                return None
+
+        async def probe_all() -> list[str | None]:
+            return await asyncio.gather(*(probe(u) for u in self.sync_urls))
+
+        urls = list(self.sync_urls)
+        versions = dict(zip(urls, self._run(probe_all())))
+        members = [u for u in urls if versions[u] is not None]
+        if not members:
+            raise EngineError("no rollout server answers /health; cannot sync weights: " + ", ".join(urls))
+        restarted = bool(self.version) and any(versions[u] != str(self.version) for u in members)
+        return members, restarted
+
+    def synced(self, members: list[str], version: int, versions: dict[str, str]) -> None:
+        """After a sync: every member must report `version`; members serve again, the others stay out."""
+        stale = {u: v for u, v in versions.items() if v != str(version)}
+        if stale:
+            raise EngineError(f"after the weight sync to version {version} these servers report another version: "
+                              f"{stale}")
+        for url in members:
+            if url in self.pool.servers:
+                self.pool.mark_ok(url)
+        self.version, self.weights_path = int(version), ""
 
     async def _update_all(self, path: str, version: int) -> None:
         live = [s.url for s in self.pool.servers.values() if s.alive]
@@ -211,12 +269,17 @@ class HttpEngine:
             raise EngineError(f"update_weights_from_disk returned {r.status_code}: {r.text[:300]}")
 
     async def _resync(self, url: str) -> None:
-        """Before a server rejoins: make sure it serves the current weights version."""
-        if not self.weights_path:
+        """Before a server rejoins: make sure it serves the current weights version. From disk it is pushed the
+        folder now; with distributed sync a stale server stays out until the next sync includes it."""
+        if not self.weights_path and not self.version:
             return
-        r = await self._http().get(url + "/get_model_info", headers=self.headers, timeout=10.0)
-        if str(r.json().get("weight_version")) != str(self.version):
-            await self._update_one(url, self.weights_path, self.version)
+        r = await self._http().get(url + "/model_info", headers=self.headers, timeout=10.0)
+        if str(r.json().get("weight_version")) == str(self.version):
+            return
+        if not self.weights_path:
+            raise EngineError(f"{url} serves weights version {r.json().get('weight_version')}, not {self.version}; "
+                              "it rejoins after the next weight sync")
+        await self._update_one(url, self.weights_path, self.version)
 
     def health(self) -> bool:
         async def check():

@@ -1,15 +1,44 @@
 """build_engine: one place that turns an EngineConfig section into an Engine.
 
-kind=auto picks an SGLang fleet when CUDA and SGLang are present, the embedded engine otherwise;
-kind=http (or any `urls`) talks to running SGLang-compatible servers; kind=embedded runs the torch
-engine in-process. The API key comes from `api_key` or the environment variable `api_key_env`.
+kind=auto picks an SGLang fleet when CUDA is present and SGLang's interpreter (`sglang_python`: SGLang
+lives in its own venv in the image, so the trainer's own `find_spec` would never see it) can import
+sglang, the embedded engine otherwise; kind=http (or any `urls`) talks to running SGLang-compatible
+servers; kind=embedded runs the torch engine in-process. The API key comes from `api_key` or the
+environment variable `api_key_env`.
+
+Fleets the trainer launches itself (kind=sglang) share the node with the trainer: `fleet_gpu_offsets`
+puts them after the trainer's local ranks (GPUs 0..LOCAL_WORLD_SIZE-1), the teacher first, then the
+rollout fleet, and refuses a node with too few GPUs.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 ROLES = ("rollout", "teacher")
+SGLANG_PYTHON_ENV = "RLAD_SGLANG_PYTHON"
+
+
+def sglang_python(engine_cfg) -> str:
+    """The interpreter with SGLang: `<section>.sglang_python`, else env RLAD_SGLANG_PYTHON, else `python`."""
+    return engine_cfg.sglang_python or os.environ.get(SGLANG_PYTHON_ENV, "") or "python"
+
+
+def sglang_missing(engine_cfg) -> str:
+    """'' when SGLang's interpreter can import sglang, else why not (checked in a subprocess, cached)."""
+    from rlad_megatron.rollout.fleet import import_error
+
+    return import_error(sglang_python(engine_cfg), "sglang")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def resolve_kind(engine_cfg) -> str:
@@ -17,17 +46,63 @@ def resolve_kind(engine_cfg) -> str:
         return "http"
     if engine_cfg.kind != "auto":
         return engine_cfg.kind
-    try:
+    if not _cuda():
+        return "embedded"
+    missing = sglang_missing(engine_cfg)
+    if not missing:
+        return "sglang"
+    warnings.warn(f"{engine_cfg._SECTION}.kind=auto: CUDA is present but `{sglang_python(engine_cfg)}` cannot import "
+                  f"sglang ({missing}); using the embedded engine. {_python_hint(engine_cfg)}", stacklevel=2)
+    return "embedded"
+
+
+def _python_hint(engine_cfg) -> str:
+    return (f"Set {engine_cfg._SECTION}.sglang_python or {SGLANG_PYTHON_ENV} to the python of SGLang's environment "
+            "(in the image: /opt/sglang/bin/python).")
+
+
+def check_sglang(engine_cfg) -> None:
+    """kind=sglang: fail now, naming the setting, when SGLang's interpreter is missing or lacks sglang."""
+    missing = sglang_missing(engine_cfg)
+    if missing:
+        raise RuntimeError(f"{engine_cfg._SECTION}.kind=sglang, but `{sglang_python(engine_cfg)} -c 'import sglang'` "
+                           f"failed ({missing}). {_python_hint(engine_cfg)}")
+
+
+def fleet_gpus(engine_cfg) -> int:
+    """GPUs a fleet launched by this process takes (0 unless it resolves to kind=sglang)."""
+    if resolve_kind(engine_cfg) != "sglang":
+        return 0
+    from rlad_megatron.rollout.sglang_fleet import tp_size
+
+    return engine_cfg.num_servers * tp_size(engine_cfg.server_args)
+
+
+def fleet_gpu_offsets(engines: Mapping[str, object], trainer_gpus: int | None = None,
+                      device_count: int | None = None) -> dict[str, int]:
+    """{role: first GPU} for the fleets this trainer process launches (`engines`: role -> EngineConfig).
+
+    The trainer's local ranks hold GPUs 0..W-1 (W = LOCAL_WORLD_SIZE, torchrun's; 1 without it), so the
+    fleets start after them: the teacher first, then the rollout fleet. Fleets not launched here (http,
+    embedded) take no GPU. Too few GPUs on the node is an error naming the sizes."""
+    sizes = {role: fleet_gpus(engines[role]) for role in ("teacher", "rollout") if role in engines}
+    if not any(sizes.values()):
+        return {role: 0 for role in engines}
+    first = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if trainer_gpus is None else trainer_gpus
+    offsets, next_gpu = {}, first
+    for role, size in sizes.items():
+        offsets[role], next_gpu = next_gpu, next_gpu + size
+    if device_count is None:
         import torch
 
-        if torch.cuda.is_available():
-            import importlib.util
-
-            if importlib.util.find_spec("sglang") is not None:
-                return "sglang"
-    except ImportError:
-        pass
-    return "embedded"
+        device_count = torch.cuda.device_count()
+    if next_gpu > device_count:
+        used = " + ".join(f"{role} {size}" for role, size in sizes.items() if size)
+        raise ValueError(f"this node has {device_count} GPU(s) (torch.cuda.device_count()) but the trainer's {first} "
+                         f"local rank(s) (LOCAL_WORLD_SIZE) + the fleets it launches ({used}: num_servers x "
+                         "server_args.tp_size) need " + str(next_gpu) + "; lower the fleets' num_servers / tp_size, "
+                         "run fewer trainer ranks, or launch the fleets with the node agent (rlad render)")
+    return offsets
 
 
 def resolve_api_key(engine_cfg) -> str:
@@ -36,26 +111,18 @@ def resolve_api_key(engine_cfg) -> str:
 
 def _client_kwargs(engine_cfg) -> dict:
     return {"max_concurrency": engine_cfg.max_concurrency, "request_timeout_s": engine_cfg.request_timeout_s,
-            "max_retries": engine_cfg.max_retries}
+            "max_retries": engine_cfg.max_retries, "health_timeout_s": engine_cfg.health_timeout_s}
 
 
 class FleetEngine:
-    """An HttpEngine over a fleet this process launched; close() also stops the servers."""
+    """An HttpEngine over a fleet this process launched; close() also stops the servers. Weights reach the
+    servers like any others' (rollout.sync: distributed over NCCL, or disk)."""
 
     def __init__(self, fleet):
         self.fleet, self.engine = fleet, fleet.engine
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
-
-    def update_weights(self, *, named_tensors=None, path=None, version: int) -> None:
-        """From disk through HTTP, or CUDA tensors over NCCL (after fleet.init_weight_sync on trainer rank 0)."""
-        if named_tensors is None:
-            return self.engine.update_weights(path=path, version=version)
-        if getattr(self.fleet, "_group", None) is None:
-            raise RuntimeError("NCCL weight sync needs fleet.init_weight_sync(master_address, master_port) first")
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        self.fleet.update_weights_from_distributed(items, version)
 
     def close(self) -> None:
         self.fleet.stop()
@@ -79,10 +146,11 @@ def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str
     if kind == "sglang":
         from rlad_megatron.rollout.sglang_fleet import SGLangFleet
 
+        check_sglang(engine_cfg)
         fleet = SGLangFleet(model_dir, engine_cfg.num_servers, engine_cfg.server_args,
                             log_dir or os.path.join("logs", f"{role}_fleet"), host=engine_cfg.host,
                             api_key=resolve_api_key(engine_cfg), gpu_offset=gpu_offset,
                             use_router=engine_cfg.use_router, startup_timeout_s=engine_cfg.startup_timeout_s,
-                            **_client_kwargs(engine_cfg))
+                            python=sglang_python(engine_cfg), **_client_kwargs(engine_cfg))
         return FleetEngine(fleet.start())
     raise ValueError(f"unknown engine kind {kind!r}")

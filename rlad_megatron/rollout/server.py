@@ -1,7 +1,10 @@
 """`rlad serve --model DIR`: the embedded engine behind the subset of SGLang's native HTTP API.
 
 Endpoints: POST /generate, GET /health, GET /health_generate, POST /update_weights_from_disk,
-POST|GET /flush_cache, GET /get_model_info, GET /get_server_info, GET /v1/models. Field names,
+POST|GET /flush_cache, GET /model_info, GET /server_info (and their older
+get_* names), GET /v1/models, and the distributed
+weight sync (POST /init_weights_update_group, /begin_weight_update, /update_weights_from_distributed,
+/end_weight_update, /destroy_weights_update_group; rollout/weight_receiver.py). Field names,
 defaults and response shapes follow SGLang (rollout/protocol.py has the mapping), so the same
 client talks to either, directly or through sglang-router.
 
@@ -21,6 +24,7 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -31,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from rlad_megatron.rollout import serve_args
 from rlad_megatron.rollout.base import GenerateOutput, SamplingParams, sample_seed
 from rlad_megatron.rollout.protocol import (
     GenRequest,
@@ -39,6 +44,7 @@ from rlad_megatron.rollout.protocol import (
     parse_generate,
     triples,
 )
+from rlad_megatron.rollout.weight_receiver import WeightReceiver
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -119,6 +125,13 @@ class ServerState:
         self.weight_version = str(engine.version)
         self.scheduler = Scheduler(engine)
         self.max_context = engine.spec.max_positions
+        self.receiver = WeightReceiver(self.apply_received)
+
+    def apply_received(self, named_tensors, version: str | None) -> None:
+        """Swap in the tensors of one distributed weight update, between batches."""
+        new_version = int(version) if version is not None and version.isdigit() else self.engine.version + 1
+        self.scheduler.run_paused(lambda: self.engine.update_weights(named_tensors=named_tensors, version=new_version))
+        self.weight_version = version if version is not None else str(new_version)
 
     async def generate(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
@@ -280,20 +293,46 @@ def create_app(state: ServerState):
             return JSONResponse({"success": False, "message": f"failed to load weights: {err}"}, status_code=400)
         return JSONResponse(result)
 
+    def weight_sync_route(path: str, handler):
+        """The distributed weight-sync endpoints (rollout/weight_receiver.py): JSON object in, SGLang's
+        {success, message} out, 400 when refused; the blocking receive runs off the event loop."""
+        async def endpoint(request: Request):
+            try:
+                body = await read_json(request) if await request.body() else {}
+                if not isinstance(body, dict):
+                    raise RequestError("request body must be a JSON object")
+                return JSONResponse(await asyncio.to_thread(handler, body))
+            except RequestError as err:
+                return JSONResponse({"success": False, "message": str(err)}, status_code=400)
+            except (RuntimeError, ValueError, OSError) as err:  # a failed rendezvous or broadcast
+                return JSONResponse({"success": False, "message": f"{type(err).__name__}: {err}"}, status_code=400)
+
+        app.add_api_route(path, endpoint, methods=["POST"])
+
+    receiver = state.receiver
+    weight_sync_route("/init_weights_update_group", receiver.init_group)
+    weight_sync_route("/destroy_weights_update_group", receiver.destroy_group)
+    weight_sync_route("/begin_weight_update", lambda body: receiver.begin())
+    weight_sync_route("/update_weights_from_distributed", receiver.receive)
+    weight_sync_route("/end_weight_update", lambda body: receiver.end())
+
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         return PlainTextResponse("Cache flushed.\n")  # no prefix cache to flush
 
-    @app.get("/get_model_info")
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # SGLang's older name, still served by 0.5.23
     async def get_model_info():
         return {"model_path": state.engine.model_dir, "tokenizer_path": state.model_dir, "is_generation": True,
                 "weight_version": state.weight_version, "max_context_length": state.max_context,
                 "vocab_size": state.engine.spec.vocab_size}
 
-    @app.get("/get_server_info")
+    @app.get("/server_info")
+    @app.get("/get_server_info")  # SGLang's older name, still served by 0.5.23
     async def get_server_info():
         return {"model_path": state.engine.model_dir, "weight_version": state.weight_version,
-                "max_total_num_tokens": state.max_context * state.engine.max_batch_size, "engine": "rlad-embedded"}
+                "max_total_num_tokens": state.max_context * state.engine.max_batch_size, "engine": "rlad-embedded",
+                "tp_size": 1}
 
     @app.get("/v1/models")
     async def models():
@@ -303,37 +342,42 @@ def create_app(state: ServerState):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors)")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: env RLAD_API_KEY)")
-    parser.add_argument("--weights-root", default="", help="folder under which /update_weights_from_disk paths must lie")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    """Its own flags and the SGLang launch flags the node agent passes (rollout/serve_args.py)."""
+    serve_args.add_arguments(parser)
 
 
 def build_state(args) -> ServerState:
+    """The engine behind the app; a ValueError names an SGLang flag this server cannot honour."""
     import torch
 
     from rlad_megatron.rollout.embedded import EmbeddedEngine
 
+    serve_args.check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size, dtype=getattr(torch, args.dtype))
+    engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size,
+                            dtype=getattr(torch, serve_args.torch_dtype(args)))
+    max_context = serve_args.context_length(args, engine.spec.max_positions)
     tokenizer = None
-    if (Path(args.model) / "tokenizer.json").is_file() or (Path(args.model) / "tokenizer_config.json").is_file():
+    has_tokenizer = any((Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer and not args.skip_tokenizer_init:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("RLAD_API_KEY", "")
-    return ServerState(engine, args.model, api_key=api_key, weights_root=args.weights_root, tokenizer=tokenizer)
+    state = ServerState(engine, args.model, api_key=api_key, weights_root=args.weights_root, tokenizer=tokenizer)
+    state.max_context = max_context
+    return state
 
 
 def run(args) -> int:
     import uvicorn
 
-    state = build_state(args)
+    try:
+        state = build_state(args)
+    except ValueError as err:  # e.g. an SGLang flag it cannot honour: the message names it, no traceback
+        print(f"rlad serve: {err}", file=sys.stderr)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not state.api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach the port can use it")
     print(f"rlad serve: {args.model} on http://{args.host}:{args.port} (api key {'on' if state.api_key else 'off'})",

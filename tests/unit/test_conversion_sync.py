@@ -83,33 +83,41 @@ def test_embedded_engine_scores_like_the_trainer_after_bucket_updates(trained):
     assert engine.version == 1
 
 
-def test_sglang_distributed_requests_describe_each_bucket_in_broadcast_order(trained, monkeypatch):
+def test_distributed_requests_describe_each_bucket_and_the_broadcast_carries_its_bytes(trained, monkeypatch):
+    """The trainer side of the wire sync: one /update_weights_from_distributed per bucket on every server,
+    naming the bucket's tensors in order, then one flat broadcast whose bytes unflatten to those tensors."""
     import torch.distributed as dist
 
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
-    from rlad_megatron.rollout.sglang_fleet import SGLangFleet
+    from rlad_megatron.rollout import weight_sync as ws
 
     _, chunks = trained
-    fleet = SGLangFleet("unused", num_servers=2, server_args={"tp": 2}, log_dir="unused")
-    fleet.worker_urls = ["http://a", "http://b"]
-    fleet._group, fleet._group_name = object(), "rlad_weight_sync"
+    sender = ws.StageSender(0, ws.ServerCalls(), "127.0.0.1", "gloo", 10.0)
+    sender.members, sender.name, sender.group = ["http://a", "http://b"], "rlad_weights_pp0_g1", object()
     posts, sent = [], []
-    monkeypatch.setattr(fleet, "_post", lambda url, path, payload, timeout: posts.append((url, path, payload))
-                        or {"status": 200, "success": True})
-    monkeypatch.setattr(dist, "broadcast", lambda tensor, src, group: sent.append((tensor, src, group)))
+
+    def post_all(urls, path, payload, during=None):
+        posts.extend((u, path, payload) for u in urls)
+        during()
+
+    monkeypatch.setattr(sender.calls, "post_all", post_all)
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src, group: sent.append((tensor.clone(), src, group)))
     buckets = list(export_hf_tensors(chunks, bucket_bytes=BUCKET_BYTES, dtype=torch.bfloat16))
+    assert len(buckets) > 1
     for bucket in buckets:
-        fleet.update_weights_from_distributed(bucket, version=3)
+        sender.send(bucket, version=3)
     assert len(posts) == 2 * len(buckets) and {p[1] for p in posts} == {"/update_weights_from_distributed"}
-    offset = 0
+    assert len(sent) == len(buckets)
     for k, bucket in enumerate(buckets):
         payloads = [p for _, _, p in posts[2 * k: 2 * k + 2]]
         assert payloads[0] == payloads[1]
         assert payloads[0]["names"] == [n for n, _ in bucket]
         assert payloads[0]["dtypes"] == ["bfloat16"] * len(bucket)
         assert payloads[0]["shapes"] == [list(t.shape) for _, t in bucket]
-        assert payloads[0]["group_name"] == "rlad_weight_sync" and payloads[0]["weight_version"] == "3"
-        for (_, tensor), (sent_tensor, src, _) in zip(bucket, sent[offset: offset + len(bucket)]):
-            assert sent_tensor is tensor and src == 0
-        offset += len(bucket)
-    assert offset == len(sent)
+        assert payloads[0]["group_name"] == "rlad_weights_pp0_g1" and payloads[0]["weight_version"] == "3"
+        assert payloads[0]["load_format"] == "flattened_bucket"
+        flat, src, group = sent[k]
+        assert src == 0 and group is sender.group and flat.dtype == torch.uint8
+        got = ws.unflatten_bucket(flat, [torch.bfloat16] * len(bucket), payloads[0]["shapes"])
+        for (_, want), have in zip(bucket, got):
+            assert torch.equal(want, have)

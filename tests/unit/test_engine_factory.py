@@ -9,7 +9,13 @@ from rlad_megatron.rollout import build_engine
 from rlad_megatron.rollout.client import HttpEngine
 from rlad_megatron.rollout.embedded import EmbeddedEngine
 from rlad_megatron.rollout.factory import resolve_api_key, resolve_kind
-from rlad_megatron.rollout.sglang_fleet import server_args_to_cli, sglang_server_cmd
+from rlad_megatron.rollout.sglang_fleet import (
+    SGLangFleet,
+    normalize_server_args,
+    server_args_to_cli,
+    sglang_server_cmd,
+    tp_size,
+)
 from rlad_megatron.testing import save_tiny_model
 
 
@@ -21,9 +27,21 @@ def test_server_args_pass_through():
     cmd = sglang_server_cmd("/m", 30001, "127.0.0.1", {"tp": 2}, base_gpu_id=2, api_key="k")
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     assert cmd[cmd.index("--model-path") + 1] == "/m" and cmd[cmd.index("--base-gpu-id") + 1] == "2"
-    assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[-2:] == ["--tp", "2"]
+    assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[-2:] == ["--tp-size", "2"] and "--tp" not in cmd
     with pytest.raises(ValueError, match="set by the fleet"):
         sglang_server_cmd("/m", 1, "h", {"port": 5}, 0)
+
+
+def test_tp_is_sent_as_sglangs_tp_size():
+    """`--tp` is no SGLang flag (argparse only took it as a prefix of --tp-size): a legacy `tp` key becomes
+    --tp-size, a fleet's GPU count reads either spelling, and giving both is refused."""
+    for args in ({"tp": 4}, {"tp_size": 4}, {"tensor_parallel_size": 4}):
+        cmd = sglang_server_cmd("/m", 1, "h", args, 0)
+        assert cmd[cmd.index("--tp-size") + 1] == "4" and "--tp" not in cmd and "--tensor-parallel-size" not in cmd
+        assert tp_size(args) == 4 and SGLangFleet("/m", 2, args, "logs").tp == 4
+    assert tp_size({}) == 1
+    with pytest.raises(ValueError, match="tensor-parallel size twice"):
+        normalize_server_args({"tp": 2, "tp_size": 2})
 
 
 def test_build_engine_kinds(tmp_path, monkeypatch):
@@ -49,21 +67,26 @@ def test_sglang_fleet_generates_and_syncs_weights_over_nccl(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.fleet import free_port
     from rlad_megatron.rollout.sglang_fleet import SGLangFleet
 
     save_tiny_model(tmp_path / "base", "qwen2", seed=0)
     save_tiny_model(tmp_path / "new", "qwen2", seed=3)
-    fleet = SGLangFleet(str(tmp_path / "base"), 1, {"tp": 1, "mem_fraction_static": 0.3, "dtype": "float32",
+    fleet = SGLangFleet(str(tmp_path / "base"), 1, {"tp_size": 1, "mem_fraction_static": 0.3, "dtype": "float32",
                                                    "skip_tokenizer_init": True}, str(tmp_path / "logs")).start()
     try:
         prompt = [5, 6, 7, 8]
         out = fleet.engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
         assert len(out[0][0].response_ids) == 6
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-        fleet.init_weight_sync("127.0.0.1", free_port())
+        from rlad_megatron.rollout.weight_sync import ServerCalls, StageSender
+
         new = AutoModelForCausalLM.from_pretrained(tmp_path / "new", dtype=torch.float32).cuda()
-        fleet.update_weights_from_distributed(list(new.state_dict().items()), version=1)
+        calls = ServerCalls()
+        sender = StageSender(0, calls, "127.0.0.1", "nccl", 600.0)  # the trainer's side, as sync_over_wire runs it
+        sender.connect(fleet.worker_urls, generation=1)
+        calls.post_all(fleet.worker_urls, "/begin_weight_update", {})
+        sender.send(list(new.state_dict().items()), version=1)
+        calls.post_all(fleet.worker_urls, "/end_weight_update", {})
+        assert calls.versions(fleet.worker_urls) == {u: "1" for u in fleet.worker_urls}
         seq = prompt + out[0][0].response_ids
         got = fleet.engine.score([seq], [len(prompt)])[0].logprobs
         with torch.no_grad():
