@@ -12,6 +12,12 @@ the teacher fleet (teacher SGLang servers plus one router). Rules:
 * A fleet is launched only when its engine kind is 'auto' or 'sglang' (and, for the teacher, when the
   algorithm uses one); kind 'http' means servers run elsewhere, 'embedded' means inside the trainer.
 
+* Ports: servers count up from launch.<fleet>_port on each node; a multi-node server's torch rendezvous
+  uses its port + DIST_INIT_PORT_OFFSET; each router's Prometheus exporter uses its port +
+  ROUTER_METRICS_PORT_OFFSET (sglang-router's default, 29000 for every router, makes the second router on a
+  host fail).
+* launch.server_impl=rlad (`rlad serve`, the CPU stand-in) serves tp 1 only.
+
 Hosts are known only inside the job, so the topology speaks in node indices; `urls(hosts)` resolves them.
 Left out: co-locating trainer and servers on the same GPUs (slime's colocate mode) and heterogeneous nodes.
 """
@@ -25,6 +31,12 @@ from dataclasses import dataclass, field
 from rlad_megatron.config import RunConfig
 
 DIST_INIT_PORT_OFFSET = 50  # multi-node SGLang server: torch rendezvous port = server port + this
+ROUTER_METRICS_PORT_OFFSET = 100  # a router's Prometheus port = its own port + this
+
+
+def metrics_port(router_port: int) -> int:
+    """The Prometheus port of the router on `router_port` (distinct per router, so two can share a host)."""
+    return router_port + ROUTER_METRICS_PORT_OFFSET
 
 
 @dataclass(frozen=True)
@@ -174,6 +186,8 @@ def plan_topology(cfg: RunConfig) -> Topology:
                          f"{la.gpus_per_node} GPUs on the only node; use more nodes or a smaller teacher_tp")
     topo = (_single_node(cfg, want_rollout, want_teacher) if la.nodes == 1
             else _multi_node(cfg, *_node_counts(cfg, want_rollout, want_teacher)))
+    _check_server_impl(la.server_impl, topo)
+    _check_metrics_ports(topo, la.master_port)
     world = len(topo.trainer_nodes) * len(topo.trainer_gpus)
     par = cfg.parallel
     model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
@@ -181,6 +195,25 @@ def plan_topology(cfg: RunConfig) -> Topology:
         raise ValueError(f"the trainer has {world} GPUs, not a multiple of TP*PP*CP={model_parallel} (parallel.*); "
                          "change launch.trainer_nodes or the parallel sizes")
     return topo
+
+
+def _check_server_impl(impl: str, topo: Topology) -> None:
+    big = [s for s in topo.servers if s.tp > 1]
+    if impl == "rlad" and big:
+        raise ValueError(f"launch.server_impl=rlad runs each server as one CPU process (tp 1), but "
+                         f"launch.{big[0].fleet}_tp={big[0].tp}; set launch.rollout_tp=1 and launch.teacher_tp=1, "
+                         "or use launch.server_impl=sglang")
+
+
+def _check_metrics_ports(topo: Topology, master_port: int) -> None:
+    """A router's Prometheus port must not be a port something else on the job listens on."""
+    taken = {master_port} | {p for s in topo.servers for p in (s.port, s.port + DIST_INIT_PORT_OFFSET)}
+    taken |= {p for _, p in topo.routers.values()}
+    for fleet, (_, port) in sorted(topo.routers.items()):
+        if metrics_port(port) in taken or metrics_port(port) > 65535:
+            raise ValueError(f"the {fleet} router's Prometheus port launch.{fleet}_router_port + "
+                             f"{ROUTER_METRICS_PORT_OFFSET} = {metrics_port(port)} is taken or out of range; "
+                             f"move launch.{fleet}_router_port")
 
 
 def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Topology:

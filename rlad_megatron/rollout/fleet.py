@@ -2,16 +2,25 @@
 
 ServerPool keeps one record per base URL. A transport error or 5xx marks a server dead with a
 cool-down; picking a server prefers the live one with the fewest requests in flight; dead
-servers past their cool-down are probed (GET /health) and rejoin when they answer, after an
-optional `on_rejoin` hook (the client uses it to push the current weights version first).
+servers past their cool-down are probed (GET /health, up to `probe_timeout_s`: SGLang answers
+it with a 1-token generation) and rejoin when they answer, after an optional `on_rejoin` hook
+(the client uses it to push the current weights version first). While some server is live the
+probes run in the background, so a slow or hung server never delays requests.
 
 ServerProcess / launch_fleet start N HTTP servers (`rlad serve` for the embedded engine,
 SGLang's launcher on GPU nodes, see sglang_fleet.py), wait for /health_generate, and stop them
-(SIGTERM, then SIGKILL after a grace period). launch_router puts sglang-router in front.
+(SIGTERM, then SIGKILL after a grace period). launch_router puts sglang-router in front, each
+router with its own Prometheus port (sglang-router 0.3.2 binds 0.0.0.0:29000 by default, so a
+second router on the same host would die with "Address already in use").
+
+`import_error(python, module)` asks another interpreter whether it can import a module (SGLang
+lives in its own venv in the image), once per (interpreter, module).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.util
 import os
 import signal
 import socket
@@ -43,7 +52,7 @@ class AllServersDown(RuntimeError):
 class ServerPool:
     urls: list[str]
     cooldown_s: float = 2.0
-    probe_timeout_s: float = 2.0
+    probe_timeout_s: float = 30.0  # SGLang's /health runs a 1-token generation: seconds under load
     on_rejoin: Callable[[str], Awaitable[None]] | None = None
     servers: dict[str, ServerState] = field(default_factory=dict)
 
@@ -52,7 +61,8 @@ class ServerPool:
             raise ValueError("a server pool needs at least one URL")
         self.urls = [u.rstrip("/") for u in self.urls]
         self.servers = {u: ServerState(u) for u in self.urls}
-        self._probe_lock = asyncio.Lock()
+        self._probing: set[str] = set()  # URLs with a /health probe in flight (one at a time per server)
+        self._background: set[asyncio.Task] = set()  # keeps background probes referenced until they finish
 
     def mark_dead(self, url: str, reason: str) -> None:
         s = self.servers[url]
@@ -66,9 +76,10 @@ class ServerPool:
     def live(self) -> list[ServerState]:
         return [s for s in self.servers.values() if s.alive]
 
-    async def probe(self, client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> bool:
+    async def probe(self, client: httpx.AsyncClient, url: str, headers: dict[str, str],
+                    timeout_s: float | None = None) -> bool:
         try:
-            r = await client.get(url + "/health", headers=headers, timeout=self.probe_timeout_s)
+            r = await client.get(url + "/health", headers=headers, timeout=timeout_s or self.probe_timeout_s)
             ok = r.status_code == 200
         except httpx.HTTPError as err:
             ok, reason = False, f"{type(err).__name__}: {err}"
@@ -86,18 +97,45 @@ class ServerPool:
         self.mark_ok(url)
         return True
 
-    async def revive_due(self, client: httpx.AsyncClient, headers: dict[str, str], force: bool = False) -> None:
-        """Probe dead servers whose cool-down has passed (all dead ones when force)."""
-        async with self._probe_lock:
-            now = time.monotonic()
-            due = [s.url for s in self.servers.values() if not s.alive and (force or s.retry_at <= now)]
-            if due:
-                await asyncio.gather(*(self.probe(client, u, headers) for u in due))
+    def _claim_due(self, force: bool) -> list[str]:
+        """Dead servers whose cool-down has passed (all dead ones when force), marked as being probed."""
+        now = time.monotonic()
+        due = [s.url for s in self.servers.values()
+               if not s.alive and (force or (s.retry_at <= now and s.url not in self._probing))]
+        self._probing.update(due)
+        return due
+
+    async def _probe_claimed(self, client: httpx.AsyncClient, url: str, headers: dict[str, str],
+                             timeout_s: float | None = None) -> bool:
+        try:
+            return await self.probe(client, url, headers, timeout_s)
+        finally:
+            self._probing.discard(url)
+
+    async def revive_due(self, client: httpx.AsyncClient, headers: dict[str, str], force: bool = False,
+                         timeout_s: float | None = None) -> None:
+        """Probe dead servers whose cool-down has passed (all dead ones when force) and wait for the answers."""
+        due = self._claim_due(force)
+        if due:
+            await asyncio.gather(*(self._probe_claimed(client, u, headers, timeout_s) for u in due))
+
+    def revive_in_background(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        """Start the due probes without waiting: a hung server's slow /health must not stall requests
+        that live servers can take."""
+        for url in self._claim_due(False):
+            task = asyncio.ensure_future(self._probe_claimed(client, url, headers))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def pick(self, client: httpx.AsyncClient, headers: dict[str, str], deadline: float) -> ServerState:
         """The live server with the fewest requests in flight; waits (probing) until `deadline`."""
         while True:
-            await self.revive_due(client, headers)
+            if self.live():
+                self.revive_in_background(client, headers)
+                return min(self.live(), key=lambda s: s.inflight)
+            left = deadline - time.monotonic()
+            if left > 0:  # nobody to serve: wait for the probes, but not past the request's deadline
+                await self.revive_due(client, headers, timeout_s=max(0.1, min(self.probe_timeout_s, left)))
             live = self.live()
             if live:
                 return min(live, key=lambda s: s.inflight)
@@ -184,16 +222,39 @@ def launch_fleet(cmds: list[list[str]], urls: list[str], log_dir: str, timeout_s
     return procs
 
 
-def launch_router(worker_urls: list[str], port: int, log_dir: str, host: str = "127.0.0.1",
-                  policy: str = "round_robin", timeout_s: float = 60.0) -> ServerProcess | None:
-    """sglang-router in front of the workers; None when sglang_router is not installed."""
+@functools.lru_cache(maxsize=None)
+def import_error(python: str, module: str) -> str:
+    """'' when `python -c "import <module>"` works, else why not (a missing interpreter, the last line of the
+    traceback). Cached: one subprocess per (interpreter, module) and process."""
+    if python == sys.executable:
+        return "" if importlib.util.find_spec(module) is not None else f"No module named '{module}'"
     try:
-        import sglang_router  # noqa: F401
-    except ImportError:
+        done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{type(err).__name__}: {err}"
+    if done.returncode == 0:
+        return ""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit code {done.returncode}"
+
+
+def router_cmd(python: str, worker_urls: list[str], host: str, port: int, metrics_port: int,
+               policy: str = "round_robin", extra: list[str] | None = None) -> list[str]:
+    """sglang-router's command line, with its Prometheus exporter on `host:metrics_port`: its default
+    (0.0.0.0:29000) is shared by every router on a host, and the second one to bind it panics."""
+    return [python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+            "--prometheus-host", host, "--prometheus-port", str(metrics_port), "--policy", policy,
+            *(extra or []), "--worker-urls", *worker_urls]
+
+
+def launch_router(worker_urls: list[str], port: int, log_dir: str, host: str = "127.0.0.1",
+                  policy: str = "round_robin", timeout_s: float = 60.0,
+                  python: str = sys.executable) -> ServerProcess | None:
+    """sglang-router in front of the workers (from `python`'s environment); None when it has no sglang_router."""
+    if import_error(python, "sglang_router"):
         return None
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-           "--policy", policy, "--worker-urls", *worker_urls]
+    cmd = router_cmd(python, worker_urls, host, port, free_port(), policy)
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     proc = ServerProcess(cmd, f"http://{host}:{port}", str(Path(log_dir) / "router.log")).start()
-    proc.wait_healthy(timeout_s, path="/health")
+    proc.wait_healthy(timeout_s)  # /health_generate: the router's /health says 200 before it has a worker
     return proc

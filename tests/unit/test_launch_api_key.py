@@ -44,7 +44,8 @@ def test_keyed_fleets_get_the_key_option_no_router_and_direct_trainer_urls(tmp_p
     trainer = agent.node_commands(cfg, topo, topo.trainer_nodes[0], hosts, RECIPE, [], keys=keys)["trainer"]
     teacher_urls = next(a for a in trainer[0][1] if a.startswith("teacher.urls="))
     assert teacher_urls == f"teacher.urls=[{','.join(topo.server_urls('teacher', hosts))}]"
-    assert not any(u.endswith("/health") for u in agent.health_urls(topo, hosts, keys))
+    routers = tuple(topo.urls(hosts).values())
+    assert not any(u.startswith(routers) for u in agent.health_urls(topo, hosts, keys))
 
 
 def test_without_a_key_nothing_changes(tmp_path):
@@ -55,7 +56,8 @@ def test_without_a_key_nothing_changes(tmp_path):
     assert agent.node_commands(cfg, topo, 0, hosts, RECIPE, [], keys=keys) == \
         agent.node_commands(cfg, topo, 0, hosts, RECIPE, [])
     assert not any("--api-key" in argv for _, argv in agent.node_commands(cfg, topo, 0, hosts, RECIPE, [])["servers"])
-    assert sum(u.endswith("/health") for u in agent.health_urls(topo, hosts, keys)) == len(topo.routers)
+    routers = tuple(topo.urls(hosts).values())
+    assert sum(u.startswith(routers) for u in agent.health_urls(topo, hosts, keys)) == len(topo.routers)
 
 
 def test_probes_send_the_bearer_key_and_logs_do_not_show_it(tmp_path, keyed_sglang, monkeypatch, capfd):
@@ -68,7 +70,7 @@ def test_probes_send_the_bearer_key_and_logs_do_not_show_it(tmp_path, keyed_sgla
 
     real_wait = agent.wait_healthy
     monkeypatch.setattr(agent, "trainer_command", fake_trainer)
-    monkeypatch.setattr(agent, "wait_healthy", lambda urls, timeout, alive: real_wait(urls, 20, 0.1, alive))
+    monkeypatch.setattr(agent, "wait_healthy", lambda urls, timeout, **kw: real_wait(urls, 20, 0.1, **kw))
     env = {"RLAD_SGLANG_PYTHON": keyed_sglang, "SLURM_JOB_ID": "11", "RLAD_API_KEY": KEY}
     assert agent.run_node(cfg, RECIPE, [], 0, ["127.0.0.1"], env) == 0
     assert f"teacher.urls=[http://127.0.0.1:{cfg.launch.teacher_port}]" in trainer_argv[0]

@@ -107,3 +107,98 @@ def test_trainer_overrides_parse_as_config():
     again = load_config(RECIPE, ["launch.nodes=4", *over])
     assert again.teacher.kind == "http" and again.teacher.urls == ["http://h0:31800"]
     assert again.rollout.urls[0] == "http://h1:30000" and len(again.rollout.urls) == 4
+
+
+# ---------------------------------------------------------------- GPU sets, bind address, server_impl
+EXAMPLES = {"kk": "examples/qwen3_kk/recipe.yaml", "math": "examples/qwen3_math/recipe.yaml"}
+LAYOUTS = [  # (recipe, overrides): 1, 2 and 8 nodes, shared and dedicated, nodes of 4 and 8 GPUs
+    ("kk", []),
+    ("kk", ["launch.rollout_tp=2", "launch.teacher_tp=4"]),
+    ("kk", ["launch.gpus_per_node=4", "launch.rollout_tp=1", "launch.teacher_tp=1"]),
+    ("math", ["launch.nodes=1", "launch.trainer_nodes=0", "launch.rollout_nodes=0", "launch.teacher_nodes=0",
+              "launch.teacher_tp=2", "parallel.pipeline_model_parallel_size=1"]),
+    ("kk", ["launch.nodes=2", "algorithm.name=grpo"]),
+    ("kk", ["launch.nodes=2", "teacher.kind=http", "teacher.urls=[http://t:1]", "launch.rollout_tp=4"]),
+    ("math", ["launch.nodes=2", "launch.trainer_nodes=0", "launch.rollout_nodes=0", "launch.teacher_nodes=0",
+              "algorithm.name=grpo"]),
+    ("kk", ["launch.nodes=8"]),
+    ("math", []),
+    ("math", ["launch.teacher_tp=16"]),
+    ("math", ["launch.gpus_per_node=4", "launch.rollout_tp=4", "launch.teacher_tp=8"]),
+]
+
+
+def visible_gpus(command) -> set[int]:
+    env, _ = command
+    return {int(g) for g in env["CUDA_VISIBLE_DEVICES"].split(",")}
+
+
+@pytest.mark.parametrize("recipe, overrides", LAYOUTS, ids=[f"{r}:{' '.join(o) or 'as is'}" for r, o in LAYOUTS])
+def test_every_nodes_trainer_and_servers_have_disjoint_gpus(recipe, overrides):
+    cfg = load_config(EXAMPLES[recipe], overrides)
+    t = plan_topology(cfg)
+    hosts = [f"h{i}" for i in range(t.nodes)]
+    for node in range(t.nodes):
+        cmds = node_commands(cfg, t, node, hosts, "r.yaml", [])
+        sets = [visible_gpus(c) for c in cmds["servers"] + cmds["trainer"]]
+        assert sets, f"node {node} runs nothing"
+        for i, gpus in enumerate(sets):
+            assert gpus <= set(range(cfg.launch.gpus_per_node)), f"node {node}: GPUs {gpus} beyond the node"
+            for other in sets[i + 1:]:
+                assert not gpus & other, f"node {node}: GPUs {sorted(gpus & other)} given twice: {sets}"
+
+
+def test_servers_and_routers_bind_rlad_bind_host_with_a_prometheus_port_each():
+    cfg = load_config(RECIPE, ["launch.nodes=1"])
+    t = plan_topology(cfg)
+    for env, host in (({}, "0.0.0.0"), ({"RLAD_BIND_HOST": "127.0.0.3"}, "127.0.0.3")):
+        cmds = node_commands(cfg, t, 0, ["127.0.0.3"], "r.yaml", [], env=env)
+        assert [argv[argv.index("--host") + 1] for _, argv in cmds["servers"] + cmds["routers"]] == [host] * 4
+        metrics = []
+        for (_, argv), (_, port) in zip(cmds["routers"], (t.routers[f] for f in sorted(t.routers))):
+            assert argv[argv.index("--prometheus-host") + 1] == host
+            metrics.append(int(argv[argv.index("--prometheus-port") + 1]))
+            assert metrics[-1] == port + 100
+        assert len(set(metrics)) == 2
+
+
+def test_a_routers_prometheus_port_must_be_free():
+    with pytest.raises(ValueError, match="rollout router's Prometheus port"):
+        topo("launch.nodes=1", "launch.rollout_router_port=29900")  # + 100 = the first rollout server's port
+
+
+def test_rlad_serve_gets_sglangs_flags_its_weights_root_and_its_key_by_environment(tmp_path):
+    import sys
+
+    cfg = load_config(RECIPE, ["launch.nodes=1", "launch.server_impl=rlad", "launch.teacher_tp=1",
+                               "launch.rollout_tp=1", f"run_dir={tmp_path / 'run'}"])
+    t = plan_topology(cfg)
+    cmds = node_commands(cfg, t, 0, ["h0"], "r.yaml", [], keys={"teacher": "K3Y"}, env={})
+    (teacher_env, teacher), (rollout_env, rollout) = cmds["servers"]
+    assert teacher[:4] == [sys.executable, "-m", "rlad_megatron.cli", "serve"]
+    assert teacher[teacher.index("--model-path") + 1] == "/models/Qwen3-32B" and "--tp-size" in teacher
+    assert teacher[teacher.index("--weights-root") + 1] == str((tmp_path / "run").resolve())
+    assert "K3Y" not in teacher and "--api-key" not in teacher and teacher_env["RLAD_API_KEY"] == "K3Y"
+    assert rollout_env["RLAD_API_KEY"] == "" and rollout[-2:] == ["--mem-fraction-static", "0.8"]
+    assert [argv[0] for _, argv in cmds["routers"]] == [sys.executable]  # rollout only: the teacher is keyed
+    sglang = node_commands(load_config(RECIPE, ["launch.nodes=1"]), topo("launch.nodes=1"), 0, ["h0"], "r.yaml", [],
+                           keys={"teacher": "K3Y"}, env={"RLAD_SGLANG_PYTHON": "/opt/sglang/bin/python"})
+    (_, teacher), _ = sglang["servers"]
+    assert teacher[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"] and "--weights-root" not in teacher
+    assert teacher[teacher.index("--api-key") + 1] == "K3Y"
+
+
+def test_launch_sglang_python_wins_over_the_environment():
+    cfg = load_config(RECIPE, ["launch.nodes=1", "launch.sglang_python=/venvs/sglang/bin/python"])
+    cmds = node_commands(cfg, plan_topology(cfg), 0, ["h0"], "r.yaml", [], env={"RLAD_SGLANG_PYTHON": "/other"})
+    assert {argv[0] for _, argv in cmds["servers"] + cmds["routers"]} == {"/venvs/sglang/bin/python"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launch.nodes=1", "launch.server_impl=rlad"], "launch.server_impl=rlad runs each server as one CPU process"),
+    (["launch.server_impl=vllm"], "launch.server_impl='vllm' is not allowed"),
+    (["launch.restart_servers=-1"], "launch.restart_servers=-1 is invalid"),
+])
+def test_server_impl_and_restarts_are_validated(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        topo(*overrides)
