@@ -18,6 +18,7 @@ COMMANDS = {
     "serve": ("rlad_megatron.rollout.server", "serve a HF checkpoint over SGLang's native HTTP API (embedded engine)", 5),
     "plan": ("rlad_megatron.launch.plan", "memory and time plan of a recipe on a GPU cluster", 8),
     "render": ("rlad_megatron.launch.render", "render the sbatch job of a recipe (DRY_RUN prints the topology)", 8),
+    "rehearse": ("rlad_megatron.launch.rehearse", "run a recipe's job on this machine: tiny models, loopback nodes", 8),
     "report": ("rlad_megatron.report", "plots and a markdown table comparing run folders", 7),
 }
 
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     # positional list at the first option): hand any leftover KEY=VALUE to the command's overrides.
     if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides.extend(extra)
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # a command may add why, e.g. `rlad serve` refusing an SGLang flag it cannot honour
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{getattr(args, 'unrecognized_hint', '')}")
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
