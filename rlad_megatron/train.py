@@ -142,15 +142,48 @@ def collect(run: Run, step: int, timer: PhaseTimer):
     metrics: dict[str, float] = {}
     if run.rank == 0:
         with timer("generate"):
-            samples, metrics = run.source.collect(run.ctx, step)
+            samples, metrics = generate_with_resync(run, step)
         if run.objective.needs_teacher and not run.source.scored and samples:
             with timer("score"):
                 components.score_teacher(run, samples)
         metrics.update(sample_metrics(run.cfg, samples))
         if run.cfg.train.save_rollouts or run.cfg.train.mode == "rollout_only":
             save_rollouts(run.cfg.run_dir, step, samples)
+    else:
+        wait_for_samples(run)
     samples = components.broadcast(samples, run.rank)
     return samples, metrics
+
+
+def generate_with_resync(run: Run, step: int, attempts: int = 3):
+    """Rank 0's samples. When every rollout server restarted since the last weight sync (each answers with
+    older weights), rank 0 says so to the other ranks, all of them push the current weights again (the
+    sync rebuilds its groups with the restarted servers) and generation is retried; the other ranks take
+    part from `wait_for_samples`."""
+    from rlad_megatron.rollout.client import StaleWeightsError
+
+    for attempt in range(attempts):
+        try:
+            samples, metrics = run.source.collect(run.ctx, step)
+        except StaleWeightsError as err:
+            if attempt == attempts - 1 or run.trainer is None:
+                raise
+            print(f"step {step}: {err}; syncing weights version {run.weights_version} again", flush=True)
+            components.broadcast(RESYNC, run.rank)
+            sync_weights(run, run.weights_version)
+            continue
+        components.broadcast(None, run.rank)  # no resync needed: the other ranks go on to the samples
+        return samples, metrics
+    raise AssertionError("unreachable")
+
+
+def wait_for_samples(run: Run) -> None:
+    """Ranks other than 0 during generation: join every resync rank 0 asks for."""
+    while components.broadcast(None, run.rank) == RESYNC:
+        sync_weights(run, run.weights_version)
+
+
+RESYNC = "resync-weights"
 
 
 def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> dict[str, float]:

@@ -34,10 +34,14 @@ from rlad_megatron.rollout.base import (
     check_prompts,
     sample_seed,
 )
-from rlad_megatron.rollout.fleet import AllServersDown, ServerPool
+from rlad_megatron.rollout.fleet import AllServersDown, AllServersStale, ServerPool, StaleServer
 from rlad_megatron.rollout.protocol import parse_finish_reason
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class StaleWeightsError(EngineError):
+    """Every server restarted since the last weight sync: the trainer must sync again before generating."""
 
 
 class _ClientError(Exception):
@@ -103,9 +107,11 @@ class HttpEngine:
                     url, body = await self._post_once(path, payload, deadline)
                 stale = self._stale_version(body)
                 if stale is not None:  # a restarted server: out until a weight sync reaches it
-                    self.pool.mark_dead(url, f"answered with weights version {stale}, not {self.version}")
+                    self.pool.mark_dead(url, f"answered with weights version {stale}, not {self.version}", stale=True)
                     raise ValueError(f"{url} serves weights version {stale}, not {self.version}")
                 return parse(body)
+            except AllServersStale as err:
+                raise StaleWeightsError(str(err)) from None
             except AllServersDown as err:
                 raise EngineError(str(err)) from None
             except _ClientError as err:
@@ -138,6 +144,9 @@ class HttpEngine:
                 if key in got:
                     raise EngineError(f"sample {key} came back twice")
                 got[key] = res
+        stale = next((r for r in results if isinstance(r, StaleWeightsError)), None)
+        if stale is not None:
+            raise StaleWeightsError(f"lost {sum(lost.values())} of {len(keys)} requests: {stale}")
         if lost:
             reasons = "; ".join(f"{c} x {msg}" for msg, c in lost.most_common(5))
             raise EngineError(f"lost {sum(lost.values())} of {len(keys)} requests: {reasons}")
@@ -235,10 +244,16 @@ class HttpEngine:
             return await asyncio.gather(*(probe(u) for u in self.sync_urls))
 
         urls = list(self.sync_urls)
-        versions = dict(zip(urls, self._run(probe_all())))
-        members = [u for u in urls if versions[u] is not None]
-        if not members:
-            raise EngineError("no rollout server answers /health; cannot sync weights: " + ", ".join(urls))
+        deadline = time.monotonic() + self.request_timeout_s
+        while True:  # a lone server being restarted (by its node agent) comes back within the request timeout
+            versions = dict(zip(urls, self._run(probe_all())))
+            members = [u for u in urls if versions[u] is not None]
+            if members:
+                break
+            if time.monotonic() > deadline:
+                raise EngineError(f"no rollout server answered /health for {self.request_timeout_s:.0f} s; cannot "
+                                  "sync weights: " + ", ".join(urls))
+            time.sleep(1.0)
         restarted = bool(self.version) and any(versions[u] != str(self.version) for u in members)
         return members, restarted
 
@@ -277,7 +292,7 @@ class HttpEngine:
         if str(r.json().get("weight_version")) == str(self.version):
             return
         if not self.weights_path:
-            raise EngineError(f"{url} serves weights version {r.json().get('weight_version')}, not {self.version}; "
+            raise StaleServer(f"{url} serves weights version {r.json().get('weight_version')}, not {self.version}; "
                               "it rejoins after the next weight sync")
         await self._update_one(url, self.weights_path, self.version)
 

@@ -42,10 +42,20 @@ class ServerState:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+    stale: bool = False
+    """Out because it serves an older weights version (it restarted); only a weight sync brings it back."""
 
 
 class AllServersDown(RuntimeError):
     pass
+
+
+class StaleServer(RuntimeError):
+    """A server answers, but with weights older than the ones the trainer last synced."""
+
+
+class AllServersStale(AllServersDown):
+    """Every server is up but stale: waiting cannot help, the trainer has to sync weights again."""
 
 
 @dataclass
@@ -64,14 +74,14 @@ class ServerPool:
         self._probing: set[str] = set()  # URLs with a /health probe in flight (one at a time per server)
         self._background: set[asyncio.Task] = set()  # keeps background probes referenced until they finish
 
-    def mark_dead(self, url: str, reason: str) -> None:
+    def mark_dead(self, url: str, reason: str, stale: bool = False) -> None:
         s = self.servers[url]
-        s.alive, s.failures, s.last_error = False, s.failures + 1, reason
+        s.alive, s.failures, s.last_error, s.stale = False, s.failures + 1, reason, stale
         s.retry_at = time.monotonic() + min(self.cooldown_s * (2 ** min(s.failures - 1, 4)), 30.0)
 
     def mark_ok(self, url: str) -> None:
         s = self.servers[url]
-        s.alive, s.failures, s.last_error = True, 0, ""
+        s.alive, s.failures, s.last_error, s.stale = True, 0, "", False
 
     def live(self) -> list[ServerState]:
         return [s for s in self.servers.values() if s.alive]
@@ -92,7 +102,7 @@ class ServerPool:
             try:
                 await self.on_rejoin(url)
             except Exception as err:  # noqa: BLE001 (a server that cannot resync stays out)
-                self.mark_dead(url, f"rejoin failed: {err}")
+                self.mark_dead(url, f"rejoin failed: {err}", stale=isinstance(err, StaleServer))
                 return False
         self.mark_ok(url)
         return True
@@ -139,6 +149,9 @@ class ServerPool:
             live = self.live()
             if live:
                 return min(live, key=lambda s: s.inflight)
+            if all(s.stale for s in self.servers.values()):
+                raise AllServersStale("every server serves older weights than the last sync: " + "; ".join(
+                    f"{s.url} ({s.last_error})" for s in self.servers.values()))
             if time.monotonic() >= deadline:
                 raise AllServersDown("all servers are unreachable: " + "; ".join(
                     f"{s.url} ({s.last_error})" for s in self.servers.values()))

@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -108,7 +109,7 @@ def test_restarted_server_stays_out_until_the_next_sync_then_gets_current_weight
     from safetensors.torch import load_file
 
     from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.client import HttpEngine
+    from rlad_megatron.rollout.client import HttpEngine, StaleWeightsError
     from rlad_megatron.rollout.fleet import ServerProcess
     from rlad_megatron.rollout.weight_sync import ServerCalls, StageSender
 
@@ -145,6 +146,19 @@ def test_restarted_server_stays_out_until_the_next_sync_then_gets_current_weight
         per_server = [HttpEngine([u]).generate([[5, 6, 7]], greedy)[0][0] for u in urls]
         assert per_server[0].response_ids == per_server[1].response_ids
         assert max(abs(a - b) for a, b in zip(per_server[0].logprobs, per_server[1].logprobs)) < 1e-6
+        # every server restarted: no waiting for one to become current, the caller is told to sync again
+        for i in range(2):
+            procs[i].kill()
+            procs[i] = ServerProcess(cmds[i], urls[i], str(tmp_path / "logs" / f"again_{i}.log"),
+                                     subprocess_env()).start()
+        for proc in procs:
+            proc.wait_healthy(120)
+        started = time.monotonic()
+        with pytest.raises(StaleWeightsError, match="older weights than the last sync"):
+            engine.generate([[5, 6, 7]], greedy)
+        assert time.monotonic() - started < 30  # not the 300 s request timeout
+        _sync(engine, sender, calls, step2, 2)
+        assert engine.generate([[5, 6, 7]], greedy)[0][0].response_ids == per_server[0].response_ids
     finally:
         sender.close()
         engine.close()
