@@ -28,4 +28,4 @@ bench: setup
 	$(BIN)/python bench/run_all.py
 
 lint: setup
-	$(BIN)/ruff check rlad_megatron tests tools bench
+	$(BIN)/ruff check rlad_megatron tests tools bench examples
