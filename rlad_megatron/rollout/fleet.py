@@ -14,7 +14,7 @@ router with its own Prometheus port (sglang-router 0.3.2 binds 0.0.0.0:29000 by 
 second router on the same host would die with "Address already in use").
 
 `import_error(python, module)` asks another interpreter whether it can import a module (SGLang
-lives in its own venv in the image), once per (interpreter, module).
+lives in another environment than the trainer in the image), once per (interpreter, module).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Launch: `<sglang python> -m sglang.launch_server --model-path M --host H --port 
 [--api-key K] <server_args>` per server, with EngineConfig.server_args passed through
 (`{"tp_size": 8, "mem_fraction_static": 0.8}` -> `--tp-size 8 --mem-fraction-static 0.8`; True -> a
 bare flag; a legacy `tp` key means `tp_size`). The interpreter is EngineConfig.sglang_python (the
-image keeps SGLang in its own venv, not the trainer's). Server i gets GPUs
+image keeps SGLang in the base Python, the trainer in its own venv). Server i gets GPUs
 [gpu_offset + i * tp, gpu_offset + (i + 1) * tp). The fleet waits for /health_generate on every
 server, then starts `sglang_router.launch_router --worker-urls ...` from the same interpreter (when
 it has no router, the client balances over the servers itself).
