@@ -56,7 +56,7 @@ def model_folder_problems(role: str, path: str) -> list[str]:
 
 
 def tokenizer_problems(student: str, teacher: str) -> list[str]:
-    """Student and teacher must share the vocabulary (ALGORITHMS.md section 6; teacher package check)."""
+    """Student and teacher must share the vocabulary (docs/algorithms.md section 6; teacher package check)."""
     from rlad_megatron.teacher import check_same_tokenizer
 
     try:

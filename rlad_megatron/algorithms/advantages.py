@@ -1,4 +1,4 @@
-"""GRPO outcome advantages and zero-advantage group detection (ALGORITHMS.md section 1).
+"""GRPO outcome advantages and zero-advantage group detection (docs/algorithms.md section 1).
 
     mu_g = mean_i r_i,  sigma_g = sqrt(mean_i (r_i - mu_g)^2)   (population std, over one group)
     A_i  = (r_i - mu_g) / (sigma_g + eps)    scale="std"   (GRPO)

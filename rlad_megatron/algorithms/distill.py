@@ -1,4 +1,4 @@
-"""Distillation baselines: on-policy distillation (OPD), GKD top-k, offline SFT (ALGORITHMS.md section 5).
+"""Distillation baselines: on-policy distillation (OPD), GKD top-k, offline SFT (docs/algorithms.md section 5).
 
 OPD (sampled-token reverse KL as a per-token advantage, no discount):
     A_t = -opd_coef * (lp_old - lp_T)   [+ opd_reward_coef * GRPO group advantage]

@@ -1,4 +1,4 @@
-"""Sampled-token KL estimators and the KDRL distillation term (ALGORITHMS.md sections 2 and 4).
+"""Sampled-token KL estimators and the KDRL distillation term (docs/algorithms.md sections 2 and 4).
 
 On a token y_t sampled from the student, with R = lp_target - lp (target: teacher or reference):
     k1 = -R                 unbiased value; as a loss its gradient is grad lp (no KL signal)

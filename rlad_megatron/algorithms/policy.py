@@ -1,4 +1,4 @@
-"""PPO / GRPO clipped surrogate with asymmetric clip (ALGORITHMS.md section 2).
+"""PPO / GRPO clipped surrogate with asymmetric clip (docs/algorithms.md section 2).
 
     ratio_t = exp(log_ratio_t)                  GRPO: log_ratio_t = lp - lp_old
     loss_t  = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_t)

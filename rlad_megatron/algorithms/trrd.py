@@ -1,4 +1,4 @@
-"""RLAD's Trust Region Ratio Distillation (TRRD), ALGORITHMS.md section 3.
+"""RLAD's Trust Region Ratio Distillation (TRRD), docs/algorithms.md section 3.
 
 The teacher enters only through the PPO ratio; there is no separate distillation loss:
     log r_t = alpha * (lp - lp_old) + (1 - alpha) * (lp - lp_T)

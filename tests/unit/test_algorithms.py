@@ -1,5 +1,5 @@
 """Advantages, the clipped policy loss and TRRD: hand-computed cases, a per-token loop reference
-on random tensors (values and gradients), and the identities of ALGORITHMS.md sections 1-3."""
+on random tensors (values and gradients), and the identities of docs/algorithms.md sections 1-3."""
 import math
 
 import pytest

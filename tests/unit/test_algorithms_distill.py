@@ -1,4 +1,4 @@
-"""KL estimators and KDRL, on-policy distillation, GKD top-k divergences and SFT (ALGORITHMS.md 4-5)."""
+"""KL estimators and KDRL, on-policy distillation, GKD top-k divergences and SFT (docs/algorithms.md sections 4-5)."""
 import math
 from types import SimpleNamespace
 
