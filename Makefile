@@ -29,3 +29,4 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check rlad_megatron tests tools bench examples
+	$(BIN)/ruff format --check rlad_megatron tests tools bench examples

@@ -8,6 +8,7 @@
 Targets: decode >= 2x, scoring >= 1x. Usage:
   OMP_NUM_THREADS=2 .venv/bin/python bench/bench_engine.py [--family qwen3] [--batch 64] [--new 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ def _best_of_interleaved(fn_a, fn_b, repeats: int):
 
 def _report(name_a: str, name_b: str, best, num_tokens: int, target: float) -> None:
     (wa, ca), (wb, cb) = best
-    print(f"  {name_a:<22}: {num_tokens / wa:10.0f} tok/s wall ({wa:.3f} s), {num_tokens / ca:10.0f} tok/s CPU ({ca:.3f} s)")
-    print(f"  {name_b:<22}: {num_tokens / wb:10.0f} tok/s wall ({wb:.3f} s), {num_tokens / cb:10.0f} tok/s CPU ({cb:.3f} s)")
+    print(
+        f"  {name_a:<22}: {num_tokens / wa:10.0f} tok/s wall ({wa:.3f} s), {num_tokens / ca:10.0f} tok/s CPU ({ca:.3f} s)"
+    )
+    print(
+        f"  {name_b:<22}: {num_tokens / wb:10.0f} tok/s wall ({wb:.3f} s), {num_tokens / cb:10.0f} tok/s CPU ({cb:.3f} s)"
+    )
     print(f"  speed-up               : {wa / wb:.2f}x wall, {ca / cb:.2f}x CPU time (target >= {target:g}x)")
 
 
@@ -51,9 +56,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.embedded import EmbeddedEngine
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.engines.base import SamplingParams
+    from rlad_megatron.engines.embedded import EmbeddedEngine
+    from rlad_megatron.tiny_models import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny_model(tmp, args.family, tokenizer=False)
@@ -67,8 +72,14 @@ def main() -> None:
     def run_hf():
         with torch.inference_mode():
             # eos_token_id=None: no EOS stopping and no extra logits processor (fair to transformers)
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
-                              do_sample=False, pad_token_id=0, eos_token_id=None)
+            out = hf.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                max_new_tokens=args.new,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         assert out.shape[1] == args.prompt_len + args.new
 
     def run_engine():
@@ -87,8 +98,8 @@ def main() -> None:
 
     def run_hf_score():
         with torch.inference_mode():
-            lp = hf(seqs).logits[:, args.prompt_len - 1:-1].float().log_softmax(-1)
-            lp.gather(-1, seqs[:, args.prompt_len:, None]).squeeze(-1).tolist()
+            lp = hf(seqs).logits[:, args.prompt_len - 1 : -1].float().log_softmax(-1)
+            lp.gather(-1, seqs[:, args.prompt_len :, None]).squeeze(-1).tolist()
 
     def run_engine_score():
         engine.score(seqs.tolist(), starts)

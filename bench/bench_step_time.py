@@ -10,6 +10,7 @@ GRPO's step (RLAD's only added phase; the rest is the same work). The paper repo
 
   OMP_NUM_THREADS=1 .venv/bin/python bench/bench_step_time.py [--steps 6] [--repeats 2] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,18 +71,22 @@ def summarize(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, di
 
 def ratios(stats: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     best, med = stats["best"], stats["median"]
-    return {"best_step": best["rlad"]["step"] / best["grpo"]["step"],
-            "median_step": med["rlad"]["step"] / med["grpo"]["step"],
-            # RLAD adds one phase (teacher scoring); the others do the same work as GRPO's.
-            "added_scoring": 1.0 + med["rlad"]["score"] / med["grpo"]["step"]}
+    return {
+        "best_step": best["rlad"]["step"] / best["grpo"]["step"],
+        "median_step": med["rlad"]["step"] / med["grpo"]["step"],
+        # RLAD adds one phase (teacher scoring); the others do the same work as GRPO's.
+        "added_scoring": 1.0 + med["rlad"]["score"] / med["grpo"]["step"],
+    }
 
 
 def table(stats: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     b, m = stats["best"], stats["median"]
     lines = ["| phase | GRPO best s | RLAD best s | GRPO median s | RLAD median s |", "|---|---|---|---|---|"]
     for phase in PHASES:
-        lines.append(f"| {phase} | {b['grpo'][phase]:.3f} | {b['rlad'][phase]:.3f} | {m['grpo'][phase]:.3f} | "
-                     f"{m['rlad'][phase]:.3f} |")
+        lines.append(
+            f"| {phase} | {b['grpo'][phase]:.3f} | {b['rlad'][phase]:.3f} | {m['grpo'][phase]:.3f} | "
+            f"{m['rlad'][phase]:.3f} |"
+        )
     return lines
 
 
@@ -111,8 +116,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="steps per run (the first is dropped)")
     ap.add_argument("--repeats", type=int, default=2, help="GRPO/RLAD run pairs")
-    ap.add_argument("--setup-root", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "compare" / "small" / "setup" / "addition")
+    ap.add_argument(
+        "--setup-root",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "compare" / "small" / "setup" / "addition",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     ap.add_argument("--plot", type=Path, help="write a per-phase bar chart (PNG) here")
     args = ap.parse_args()
@@ -124,16 +132,19 @@ def main() -> int:
     r = ratios(stats)
     print("\n".join(table(stats)))
     verdict = "within" if r["best_step"] <= TARGET else "over"
-    print(f"RLAD / GRPO time per step: {r['best_step']:.2f}x best step, {r['median_step']:.2f}x median step, "
-          f"{r['added_scoring']:.2f}x from the added teacher-scoring phase alone (paper: about {TARGET:.2f}x; "
-          f"best step {verdict} the +15% target) [{time.time() - started:.0f} s]")
+    print(
+        f"RLAD / GRPO time per step: {r['best_step']:.2f}x best step, {r['median_step']:.2f}x median step, "
+        f"{r['added_scoring']:.2f}x from the added teacher-scoring phase alone (paper: about {TARGET:.2f}x; "
+        f"best step {verdict} the +15% target) [{time.time() - started:.0f} s]"
+    )
     images = []
     if args.plot:
         plot(stats["best"], args.plot)
         images.append(str(args.plot))
     if args.json:
-        args.json.write_text(json.dumps({"stats": stats, "ratios": r, "target": TARGET,
-                                         "table": table(stats), "images": images}))
+        args.json.write_text(
+            json.dumps({"stats": stats, "ratios": r, "target": TARGET, "table": table(stats), "images": images})
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ step. Printed: the median sync time of each path and the ratio disk / distribute
 faster). Both paths end with every server on the new version (the loop checks it for the wire; the disk
 path's /update_weights_from_disk answers only after loading).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _model(root: Path) -> Path:
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
-    return save_tiny_model(root / "student", "qwen3", seed=0, vocab_size=32000, hidden_size=512,
-                           intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=2, head_dim=64)
+    return save_tiny_model(
+        root / "student",
+        "qwen3",
+        seed=0,
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
 
 
 def _recipe(root: Path, student: Path, urls: list[str], sync: str, steps: int) -> Path:
@@ -50,11 +60,23 @@ logging: {{tensorboard: false, progress_bar: false}}
 
 
 def _sync_times(root: Path, recipe: Path, name: str) -> list[float]:
-    from rlad_megatron.rollout.fleet import free_port
+    from rlad_megatron.engines.fleet import free_port
 
     run_dir = root / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "rlad_megatron.train_cli", "--config", str(recipe), f"run_dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "rlad_megatron.train_cli",
+        "--config",
+        str(recipe),
+        f"run_dir={run_dir}",
+    ]
     with open(root / f"{name}.log", "wb") as log:
         if subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
             raise SystemExit(f"training failed; see {root / (name + '.log')}")
@@ -67,15 +89,19 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
-    from rlad_megatron.rollout.fleet import embedded_server_cmd, free_port, launch_fleet
+    from rlad_megatron.engines.fleet import embedded_server_cmd, free_port, launch_fleet
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         student = _model(root)
         ports = [free_port() for _ in range(2)]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        servers = launch_fleet([embedded_server_cmd(str(student), p, weights_root=str(root), threads=1) for p in ports],
-                               urls, str(root / "logs"), timeout_s=300)
+        servers = launch_fleet(
+            [embedded_server_cmd(str(student), p, weights_root=str(root), threads=1) for p in ports],
+            urls,
+            str(root / "logs"),
+            timeout_s=300,
+        )
         times: dict[str, list[float]] = {"distributed": [], "disk": []}
         try:
             for r in range(args.repeats):

@@ -14,6 +14,7 @@ the best step of each side is the least disturbed one. FLOPs per token:
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_trainer.py [--steps 4] [--hidden 512] [--layers 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,30 +30,44 @@ import torch
 
 
 def model_kwargs(args) -> dict:
-    return {"vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.ffn,
-            "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-            "num_key_value_heads": args.kv_heads, "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    return {
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.ffn,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+    }
 
 
 def make_samples(args):
     from rlad_megatron.types import Sample
 
     rng = random.Random(0)
-    return [Sample(prompt_ids=[rng.randrange(1, args.vocab) for _ in range(rng.randint(16, 48))],
-                   response_ids=[rng.randrange(1, args.vocab) for _ in range(rng.randint(32, 160))], reward=1.0)
-            for _ in range(args.batch)]
+    return [
+        Sample(
+            prompt_ids=[rng.randrange(1, args.vocab) for _ in range(rng.randint(16, 48))],
+            response_ids=[rng.randrange(1, args.vocab) for _ in range(rng.randint(32, 160))],
+            reward=1.0,
+        )
+        for _ in range(args.batch)
+    ]
 
 
 def run_megatron(args) -> dict:
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
     from rlad_megatron.config import RunConfig
-    from rlad_megatron.testing import tiny_hf_config
+    from rlad_megatron.tiny_models import tiny_hf_config
 
     cfg = RunConfig()
     cfg.algorithm.name, cfg.algorithm.aggregation = "sft", "token_mean"
     cfg.train.lr, cfg.train.clip_grad, cfg.train.micro_batch_tokens = 1e-4, 1.0, args.micro_batch_tokens
-    trainer = MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=tiny_hf_config("llama", **model_kwargs(args)))
+    trainer = MegatronTrainer(
+        cfg, build_objective(cfg.algorithm), hf_config=tiny_hf_config("llama", **model_kwargs(args))
+    )
     samples = make_samples(args)
 
     def step(i):
@@ -65,7 +80,7 @@ def run_hf(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rlad_megatron.backends.megatron.batching import pad_samples
-    from rlad_megatron.testing import tiny_hf_config
+    from rlad_megatron.tiny_models import tiny_hf_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_hf_config("llama", **model_kwargs(args)), dtype=torch.float32)
@@ -73,8 +88,10 @@ def run_hf(args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     samples = make_samples(args)
     batch = pad_samples(samples)
-    attention = (torch.arange(batch["tokens"].shape[1]) < torch.tensor(
-        [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]).unsqueeze(1)).long()
+    attention = (
+        torch.arange(batch["tokens"].shape[1])
+        < torch.tensor([len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]).unsqueeze(1)
+    ).long()
 
     def step(_):
         logits = model(input_ids=batch["tokens"], attention_mask=attention).logits
@@ -131,14 +148,19 @@ class Side:
 
     def __init__(self, name: str, argv: list[str]):
         self.name, self.times = name, []
-        self.proc = subprocess.Popen([sys.executable, __file__, "--child", name, *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", name, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )
         self._expect("READY")
 
     def _expect(self, prefix: str) -> str:
         for line in self.proc.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
         raise SystemExit(f"{self.name} side exited (rc={self.proc.wait()}) before printing {prefix}")
 
     def step(self) -> None:
@@ -152,15 +174,28 @@ class Side:
         result = json.loads(self._expect("RESULT"))
         self.proc.wait()
         times = sorted(self.times)
-        result.update(tokens_per_s=tokens / times[0], tokens_per_s_median=tokens / times[len(times) // 2],
-                      seconds_per_step=times[0])
+        result.update(
+            tokens_per_s=tokens / times[0],
+            tokens_per_s_median=tokens / times[len(times) // 2],
+            seconds_per_step=times[0],
+        )
         return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (("steps", 4), ("batch", 8), ("hidden", 512), ("ffn", 1408), ("layers", 8), ("heads", 8),
-                          ("kv_heads", 4), ("vocab", 4096), ("micro_batch_tokens", 4096), ("threads", 2)):
+    for name, default in (
+        ("steps", 4),
+        ("batch", 8),
+        ("hidden", 512),
+        ("ffn", 1408),
+        ("layers", 8),
+        ("heads", 8),
+        ("kv_heads", 4),
+        ("vocab", 4096),
+        ("micro_batch_tokens", 4096),
+        ("threads", 2),
+    ):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--child", default="")
     args = parser.parse_args()
@@ -171,7 +206,7 @@ def main() -> None:
     peak = matmul_peak_flops()
     hf, megatron = Side("hf", argv), Side("megatron", argv)  # both built and warmed up, then interleaved
     for i in range(args.steps):
-        for side in ((hf, megatron) if i % 2 == 0 else (megatron, hf)):
+        for side in (hf, megatron) if i % 2 == 0 else (megatron, hf):
             side.step()
         peak = max(peak, matmul_peak_flops(repeats=1))  # sampled between steps too: keep the best
     samples = make_samples(args)
@@ -179,16 +214,22 @@ def main() -> None:
     hf, megatron = hf.finish(tokens), megatron.finish(tokens)
     mean_len = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples) / len(samples)
     fpt = flops_per_token(args, mean_len)
-    print(f"model: {megatron['num_parameters'] / 1e6:.1f}M params (HF {hf['num_parameters'] / 1e6:.1f}M), "
-          f"{args.batch} samples/step, mean length {mean_len:.0f}, threads {args.threads}")
+    print(
+        f"model: {megatron['num_parameters'] / 1e6:.1f}M params (HF {hf['num_parameters'] / 1e6:.1f}M), "
+        f"{args.batch} samples/step, mean length {mean_len:.0f}, threads {args.threads}"
+    )
     print(f"matmul peak (best fp32 GEMM seen, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
     for name, r in (("HF + AdamW", hf), ("Megatron", megatron)):
-        print(f"{name:>11}: {r['tokens_per_s']:8.1f} tokens/s (median {r['tokens_per_s_median']:.1f})  "
-              f"{r['seconds_per_step']:.2f} s/step  "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB  achieved {fpt * r['tokens_per_s'] / 1e9:.1f} GFLOP/s "
-              f"= {fpt * r['tokens_per_s'] / peak:.0%} of matmul peak")
-    print(f"throughput ratio Megatron / HF: {megatron['tokens_per_s'] / hf['tokens_per_s']:.2f} best step, "
-          f"{megatron['tokens_per_s_median'] / hf['tokens_per_s_median']:.2f} median step (target >= 1.0)")
+        print(
+            f"{name:>11}: {r['tokens_per_s']:8.1f} tokens/s (median {r['tokens_per_s_median']:.1f})  "
+            f"{r['seconds_per_step']:.2f} s/step  "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB  achieved {fpt * r['tokens_per_s'] / 1e9:.1f} GFLOP/s "
+            f"= {fpt * r['tokens_per_s'] / peak:.0%} of matmul peak"
+        )
+    print(
+        f"throughput ratio Megatron / HF: {megatron['tokens_per_s'] / hf['tokens_per_s']:.2f} best step, "
+        f"{megatron['tokens_per_s_median'] / hf['tokens_per_s_median']:.2f} median step (target >= 1.0)"
+    )
     print(f"peak RSS ratio Megatron / HF: {megatron['peak_rss_mb'] / hf['peak_rss_mb']:.2f}")
     return None
 

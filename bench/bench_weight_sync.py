@@ -13,6 +13,7 @@ page-cache state, and neither fsyncs. Prints both (best of `--repeats`) and the 
 export / baseline; the target is <= 1.5.
 The model is Qwen3-shaped (GQA 12/4, QK-norm, tied embeddings) with random weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,19 @@ def _args():
 
 
 def _hf_config_dir(root: Path) -> Path:
-    from rlad_megatron.testing import tiny_hf_config
+    from rlad_megatron.tiny_models import tiny_hf_config
 
-    cfg = tiny_hf_config("qwen3", vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True)
+    cfg = tiny_hf_config(
+        "qwen3",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+    )
     out = root / "hf_config"
     cfg.save_pretrained(str(out))
     return out
@@ -55,8 +65,9 @@ def _time_runs(chunks, ctx, root: Path, tensors, dtype, repeats: int):
         os.sync()
         dist.barrier()
         start = time.perf_counter()
-        folder = write_hf_folder(chunks, root / "export", step, hf_config_dir=root / "hf_config",
-                                 tp_group=ctx.tp_group, dtype=dtype)
+        folder = write_hf_folder(
+            chunks, root / "export", step, hf_config_dir=root / "hf_config", tp_group=ctx.tp_group, dtype=dtype
+        )
         export_times.append(time.perf_counter() - start)
         if ctx.rank == 0:
             if step < repeats - 1:
@@ -100,14 +111,20 @@ def main() -> None:
     export_times, save_times = _time_runs(chunks, ctx, root, tensors, dtype, args.repeats)
     if ctx.rank == 0:
         export, baseline = min(export_times), min(save_times)
-        print(f"model: {num_params / 1e6:.1f}M params (TP=2 shards), {nbytes / 2**20:.0f} MiB of HF tensors "
-              f"({args.dtype}), exported to {root / 'export'}")
+        print(
+            f"model: {num_params / 1e6:.1f}M params (TP=2 shards), {nbytes / 2**20:.0f} MiB of HF tensors "
+            f"({args.dtype}), exported to {root / 'export'}"
+        )
         print(f"export (write_hf_folder, TP=2): {export:.3f} s (runs: {', '.join(f'{t:.3f}' for t in export_times)})")
-        print(f"baseline (save_file of the same tensors): {baseline:.3f} s "
-              f"(runs: {', '.join(f'{t:.3f}' for t in save_times)})")
+        print(
+            f"baseline (save_file of the same tensors): {baseline:.3f} s "
+            f"(runs: {', '.join(f'{t:.3f}' for t in save_times)})"
+        )
         ratios = sorted(e / b for e, b in zip(export_times, save_times))
-        print(f"ratio export / baseline: {export / baseline:.2f} best-to-best, "
-              f"{ratios[len(ratios) // 2]:.2f} median of paired runs  (target <= 1.5)")
+        print(
+            f"ratio export / baseline: {export / baseline:.2f} best-to-best, "
+            f"{ratios[len(ratios) // 2]:.2f} median of paired runs  (target <= 1.5)"
+        )
         if not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
     destroy_parallel(ctx)
@@ -122,8 +139,15 @@ def _launch_two_ranks() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           __file__, *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        __file__,
+        *sys.argv[1:],
+    ]
     return subprocess.run(cmd, check=False).returncode
 
 

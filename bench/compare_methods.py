@@ -13,6 +13,7 @@ task; alpha 1.0 is GRPO) and `explain` (clamp mode live vs detached, dynamic sam
 RLAD, RLAD with the untrained student-sized teacher). Sizes and how to scale up: SIZES below and
 docs/method_comparison.md. Left out: GKD top-k (not asked for by the comparison; one override away).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,23 +50,60 @@ class Size:
     explain_seeds: tuple[int, ...] = ()
 
 
-_SMALL_SETUP = Setup(task="", num_test=96, teacher=ModelShape(64, 192, 2), student=ModelShape(32, 96, 2),
-                     teacher_sft_steps=2000, student_sft_steps=800)
+_SMALL_SETUP = Setup(
+    task="",
+    num_test=96,
+    teacher=ModelShape(64, 192, 2),
+    student=ModelShape(32, 96, 2),
+    teacher_sft_steps=2000,
+    student_sft_steps=800,
+)
 SIZES: dict[str, Size] = {
     # ~20 min for the 63 runs with --workers 2 (measured on this 2-core machine while shared), + ~5 min set-up.
-    "small": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3), num_steps=50, prompts_per_step=16,
-                  group_size=8, eval_interval=5, eval_k=4, lr=1e-4, num_minibatches=4, setup=_SMALL_SETUP,
-                  ablation_seeds=(1, 2, 3), explain_seeds=(1, 2, 3)),
+    "small": Size(
+        tasks=("addition", "multiplication"),
+        seeds=(1, 2, 3),
+        num_steps=50,
+        prompts_per_step=16,
+        group_size=8,
+        eval_interval=5,
+        eval_k=4,
+        lr=1e-4,
+        num_minibatches=4,
+        setup=_SMALL_SETUP,
+        ablation_seeds=(1, 2, 3),
+        explain_seeds=(1, 2, 3),
+    ),
     # The issue's size (~90 min on 2 quiet cores, estimated from the small and 100-step runs, not run):
     # twice the steps, a larger held-out set and k, 5 seeds for the main comparison.
-    "full": Size(tasks=("addition", "multiplication"), seeds=(1, 2, 3, 4, 5), num_steps=100, prompts_per_step=16,
-                 group_size=8, eval_interval=10, eval_k=8, lr=1e-4, num_minibatches=4,
-                 setup=replace(_SMALL_SETUP, num_test=128),
-                 ablation_seeds=(1, 2, 3), explain_seeds=(1, 2, 3)),
+    "full": Size(
+        tasks=("addition", "multiplication"),
+        seeds=(1, 2, 3, 4, 5),
+        num_steps=100,
+        prompts_per_step=16,
+        group_size=8,
+        eval_interval=10,
+        eval_k=8,
+        lr=1e-4,
+        num_minibatches=4,
+        setup=replace(_SMALL_SETUP, num_test=128),
+        ablation_seeds=(1, 2, 3),
+        explain_seeds=(1, 2, 3),
+    ),
     # Seconds: the unit-test smoke run (one task, one seed, two methods).
-    "tiny": Size(tasks=("addition",), seeds=(1,), num_steps=2, prompts_per_step=2, group_size=2, eval_interval=1,
-                 eval_k=2, lr=1e-3, setup=replace(_SMALL_SETUP, num_train=64, num_test=4, teacher_sft_steps=2,
-                                                  student_sft_steps=1, max_new_tokens=8)),
+    "tiny": Size(
+        tasks=("addition",),
+        seeds=(1,),
+        num_steps=2,
+        prompts_per_step=2,
+        group_size=2,
+        eval_interval=1,
+        eval_k=2,
+        lr=1e-3,
+        setup=replace(
+            _SMALL_SETUP, num_train=64, num_test=4, teacher_sft_steps=2, student_sft_steps=1, max_new_tokens=8
+        ),
+    ),
 }
 
 MAIN_METHODS = ("grpo", "kdrl_const", "kdrl_anneal", "opd", "sft_offline", "rlad")
@@ -77,12 +115,17 @@ def method_overrides(method: str, num_steps: int) -> list[str]:
     """Config overrides of one method. KDRL's beta is scaled up from the paper's 2e-3 because these
     runs are ~100x shorter: with 2e-3 the KD term would stay negligible next to the policy gradient."""
     if method.startswith("rlad_a"):
-        return ["algorithm.name=rlad", f"algorithm.alpha={float(method[len('rlad_a'):])}"]
+        return ["algorithm.name=rlad", f"algorithm.alpha={float(method[len('rlad_a') :])}"]
     table = {
         "grpo": ["algorithm.name=grpo"],
         "kdrl_const": ["algorithm.name=kdrl", "algorithm.kd_schedule=constant", "algorithm.kd_coef=0.05"],
-        "kdrl_anneal": ["algorithm.name=kdrl", "algorithm.kd_schedule=annealed", "algorithm.kd_coef_start=0.1",
-                        f"algorithm.kd_coef_decay={0.09 / max(num_steps, 1):.6g}", "algorithm.kd_coef_min=0.01"],
+        "kdrl_anneal": [
+            "algorithm.name=kdrl",
+            "algorithm.kd_schedule=annealed",
+            "algorithm.kd_coef_start=0.1",
+            f"algorithm.kd_coef_decay={0.09 / max(num_steps, 1):.6g}",
+            "algorithm.kd_coef_min=0.01",
+        ],
         "opd": ["algorithm.name=opd"],
         # Same prompts and group_size teacher generations per step as the RL methods (same sample
         # budget); only the correct ones are trained on.
@@ -90,8 +133,12 @@ def method_overrides(method: str, num_steps: int) -> list[str]:
         "rlad": ["algorithm.name=rlad", "algorithm.alpha=0.5"],
         "rlad_live": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.clamp_mode=live"],
         "grpo_dyn": ["algorithm.name=grpo", "algorithm.dynamic_sampling=true", "algorithm.max_resample_rounds=2"],
-        "rlad_dyn": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.dynamic_sampling=true",
-                     "algorithm.max_resample_rounds=2"],
+        "rlad_dyn": [
+            "algorithm.name=rlad",
+            "algorithm.alpha=0.5",
+            "algorithm.dynamic_sampling=true",
+            "algorithm.max_resample_rounds=2",
+        ],
         "rlad_weak_teacher": ["algorithm.name=rlad", "algorithm.alpha=0.5"],
         # |lp - lp_T| <= 0.2 keeps the teacher's factor (0.9..1.1 at alpha 0.5) inside the PPO clip range.
         "rlad_clamp0.2": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.teacher_log_ratio_clamp=0.2"],
@@ -113,8 +160,9 @@ class RunSpec:
         return f"{self.task}/{self.method}/seed{self.seed}"
 
 
-def plan(size: Size, groups: Sequence[str] = ("main", "ablation", "explain"),
-         methods: Sequence[str] | None = None) -> list[RunSpec]:
+def plan(
+    size: Size, groups: Sequence[str] = ("main", "ablation", "explain"), methods: Sequence[str] | None = None
+) -> list[RunSpec]:
     """Seed-major order: if the run is cut short, every method has the same number of seeds.
     `methods` keeps only those method names."""
     specs: list[RunSpec] = []
@@ -136,14 +184,26 @@ def result_path(out: Path, spec: RunSpec) -> Path:
 def run_overrides(spec: RunSpec, size: Size, paths: dict[str, Path], run_dir: Path) -> list[str]:
     setup = replace(size.setup, task=spec.task)
     teacher = paths["student"] if spec.method == "rlad_weak_teacher" else paths["teacher"]
-    return common_overrides(setup, paths["train"], paths["test"]) + [
-        f"run_dir={run_dir}", f"seed={spec.seed}", f"model.student={paths['student']}", f"model.teacher={teacher}",
-        f"algorithm.group_size={size.group_size}", f"train.num_steps={size.num_steps}",
-        f"train.prompts_per_step={size.prompts_per_step}", f"train.lr={size.lr}",
-        f"train.num_minibatches={size.num_minibatches}", "checkpoint.interval=0",
-        "checkpoint.save_hf=false", f"eval.interval={size.eval_interval}", f"eval.num_samples={size.eval_k}",
-        "rollout.temperature=1.0",
-    ] + method_overrides(spec.method, size.num_steps)
+    return (
+        common_overrides(setup, paths["train"], paths["test"])
+        + [
+            f"run_dir={run_dir}",
+            f"seed={spec.seed}",
+            f"model.student={paths['student']}",
+            f"model.teacher={teacher}",
+            f"algorithm.group_size={size.group_size}",
+            f"train.num_steps={size.num_steps}",
+            f"train.prompts_per_step={size.prompts_per_step}",
+            f"train.lr={size.lr}",
+            f"train.num_minibatches={size.num_minibatches}",
+            "checkpoint.interval=0",
+            "checkpoint.save_hf=false",
+            f"eval.interval={size.eval_interval}",
+            f"eval.num_samples={size.eval_k}",
+            "rollout.temperature=1.0",
+        ]
+        + method_overrides(spec.method, size.num_steps)
+    )
 
 
 def run_one(spec: RunSpec, size: Size, paths: dict[str, Path], out: Path) -> dict:
@@ -158,9 +218,13 @@ def run_one(spec: RunSpec, size: Size, paths: dict[str, Path], out: Path) -> dic
     started = time.time()
     train(load_config(None, overrides), resume=False)
     rows = read_metrics(run_dir)
-    result = {"spec": vars(spec), "overrides": overrides, "wall_s": time.time() - started,
-              "eval": [r for r in rows if r.get("kind") == "eval"],
-              "train": [r for r in rows if r.get("kind") == "train"]}
+    result = {
+        "spec": vars(spec),
+        "overrides": overrides,
+        "wall_s": time.time() - started,
+        "eval": [r for r in rows if r.get("kind") == "eval"],
+        "train": [r for r in rows if r.get("kind") == "train"],
+    }
     path = result_path(out, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -207,10 +271,16 @@ def resolve_size(name: str, changes: Sequence[str] = ()) -> Size:
     for change in changes:
         key, _, value = change.partition("=")
         if key not in Size.__dataclass_fields__ or key == "setup" or not value:
-            raise ValueError(f"--change {change!r}: expected field=value with field one of "
-                             f"{sorted(k for k in Size.__dataclass_fields__ if k != 'setup')}")
+            raise ValueError(
+                f"--change {change!r}: expected field=value with field one of "
+                f"{sorted(k for k in Size.__dataclass_fields__ if k != 'setup')}"
+            )
         old = getattr(size, key)
-        new = tuple(type(old[0] if old else "")(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
+        new = (
+            tuple(type(old[0] if old else "")(v) for v in value.split(","))
+            if isinstance(old, tuple)
+            else type(old)(value)
+        )
         size = replace(size, **{key: new})
     return size
 
@@ -257,16 +327,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (one folder per size inside)")
     ap.add_argument("--workers", type=int, default=1, help="parallel training processes")
-    ap.add_argument("--groups", nargs="+", default=["main", "ablation", "explain"],
-                    choices=["main", "ablation", "explain"])
+    ap.add_argument(
+        "--groups", nargs="+", default=["main", "ablation", "explain"], choices=["main", "ablation", "explain"]
+    )
     ap.add_argument("--methods", nargs="+", help="run only these methods (e.g. grpo rlad)")
-    ap.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE",
-                    help="change a field of the size (repeatable), e.g. --change num_steps=200; use a new --out")
+    ap.add_argument(
+        "--change",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a field of the size (repeatable), e.g. --change num_steps=200; use a new --out",
+    )
     ap.add_argument("--tag", default="", help="name of the doc's generated block (and plot prefix) for this run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs into tables and plots")
-    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "method_comparison.md",
-                    help="markdown file whose generated-results block is rewritten by --report")
+    ap.add_argument(
+        "--doc",
+        type=Path,
+        default=REPO / "docs" / "method_comparison.md",
+        help="markdown file whose generated-results block is rewritten by --report",
+    )
     args = ap.parse_args(argv)
     out = args.out / args.size
     size = resolve_size(args.size, args.change)
@@ -279,8 +359,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from comparison_report import write_report
 
     shown = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report",))
-    write_report(out, size, args.size, args.doc, tag=args.tag,
-                 command=f"OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py {shown}")
+    write_report(
+        out,
+        size,
+        args.size,
+        args.doc,
+        tag=args.tag,
+        command=f"OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py {shown}",
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ its artifacts are used instead, so the comparison and the demo share one teacher
 Left out: reasoning-gym tasks (their prompts are far longer than a tiny char model can learn in
 minutes on CPU); teachers trained by RL.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,8 +64,10 @@ def _records(task: str, size: int, split: str, difficulties: Sequence[int]) -> l
     rows = task_records(task, size, seed=0, split=split, difficulties=list(difficulties))
     # top-level task / difficulty become the record's metadata (data.metadata_keys), so the
     # `dataset` offline source can rebuild each reference trace from a plain jsonl file.
-    return [dict(r, solution=solution_trace(r), task=r["metadata"]["task"],
-                 difficulty=r["metadata"]["difficulty"]) for r in rows]
+    return [
+        dict(r, solution=solution_trace(r), task=r["metadata"]["task"], difficulty=r["metadata"]["difficulty"])
+        for r in rows
+    ]
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -86,10 +89,17 @@ def data_files(setup: Setup, root: Path) -> tuple[Path, Path]:
 def common_overrides(setup: Setup, train: Path, test: Path) -> list[str]:
     """Data, reward, engines and logging shared by every run on this task (SFT set-up and comparison)."""
     return [
-        f"data.train={train}", f"data.eval={test}", "data.metadata_keys=[task,difficulty]",
-        f"reward.name=task:{setup.task}", "rollout.kind=embedded", "teacher.kind=embedded",
-        f"rollout.max_new_tokens={setup.max_new_tokens}", f"eval.max_new_tokens={setup.max_new_tokens}",
-        "eval.breakdown_keys=[difficulty]", "logging.tensorboard=false", "logging.progress_bar=false",
+        f"data.train={train}",
+        f"data.eval={test}",
+        "data.metadata_keys=[task,difficulty]",
+        f"reward.name=task:{setup.task}",
+        "rollout.kind=embedded",
+        "teacher.kind=embedded",
+        f"rollout.max_new_tokens={setup.max_new_tokens}",
+        f"eval.max_new_tokens={setup.max_new_tokens}",
+        "eval.breakdown_keys=[difficulty]",
+        "logging.tensorboard=false",
+        "logging.progress_bar=false",
         "logging.rollout_samples=0",
     ]
 
@@ -101,10 +111,21 @@ def _sft(init: Path, run_dir: Path, steps: int, lr: float, common: list[str], se
     from rlad_megatron.train import HF_DIR, train
 
     overrides = common + [
-        f"run_dir={run_dir}", f"seed={seed}", f"model.student={init}", "algorithm.name=sft",
-        "train.offline_source=dataset", "algorithm.group_size=1", f"train.num_steps={steps}",
-        "train.prompts_per_step=32", f"train.lr={lr}", "train.lr_decay_style=cosine", f"train.min_lr={lr / 10}",
-        "checkpoint.interval=0", "eval.interval=0", "eval.num_samples=4", "eval.temperature=1.0",
+        f"run_dir={run_dir}",
+        f"seed={seed}",
+        f"model.student={init}",
+        "algorithm.name=sft",
+        "train.offline_source=dataset",
+        "algorithm.group_size=1",
+        f"train.num_steps={steps}",
+        "train.prompts_per_step=32",
+        f"train.lr={lr}",
+        "train.lr_decay_style=cosine",
+        f"train.min_lr={lr / 10}",
+        "checkpoint.interval=0",
+        "eval.interval=0",
+        "eval.num_samples=4",
+        "eval.temperature=1.0",
     ]
     train(load_config(None, overrides), resume=False)
     return Path(resolve_latest(run_dir / HF_DIR))
@@ -133,7 +154,7 @@ def demo_builder():
 
 def prepare(setup: Setup, root: Path) -> dict[str, Path]:
     """Build (or reuse) data, teacher and student for one task; safe to call from several processes."""
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
     train, test = data_files(setup, root)
     teacher, student = root / "teacher", root / "student"
@@ -150,8 +171,10 @@ def prepare(setup: Setup, root: Path) -> dict[str, Path]:
             _link(Path(s_dir), student)
         else:
             common = common_overrides(setup, train, test)
-            for role, shape, steps, lr, seed in (("teacher", setup.teacher, setup.teacher_sft_steps, setup.teacher_lr, 11),
-                                                 ("student", setup.student, setup.student_sft_steps, setup.student_lr, 12)):
+            for role, shape, steps, lr, seed in (
+                ("teacher", setup.teacher, setup.teacher_sft_steps, setup.teacher_lr, 11),
+                ("student", setup.student, setup.student_sft_steps, setup.student_lr, 12),
+            ):
                 if (root / role / "config.json").exists():
                     continue
                 save_tiny_model(root / f"{role}_init", "llama", seed=seed, **vars(shape))

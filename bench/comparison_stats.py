@@ -2,6 +2,7 @@
 target, paired differences, per-phase step times. Input: the results dicts compare_methods writes
 (`{"spec": {...}, "eval": [rows], "train": [rows]}`); no I/O here, so the unit tests drive it directly.
 """
+
 from __future__ import annotations
 
 import math

@@ -11,6 +11,7 @@ or run with `--with-comparison`.
 
   .venv/bin/python bench/run_all.py [--only engine step_time] [--quick] [--with-comparison]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,20 +45,47 @@ class Bench:
 
 
 BENCHES = (
-    Bench("trainer", "bench/bench_trainer.py", "Trainer: Megatron backend vs Hugging Face + AdamW",
-          "HF model + torch.optim.AdamW on the same samples", match=("trainer",)),
-    Bench("engine", "bench/bench_engine.py", "Embedded engine vs transformers generate / forward",
-          "transformers `generate` (KV cache) and a plain forward for scoring", match=("engine",)),
-    Bench("weight_sync", "bench/bench_weight_sync.py", "Weight export vs raw safetensors write",
-          "safetensors `save_file` of the same tensors", match=("weight",)),
-    Bench("sync_wire", "bench/bench_sync_wire.py", "Weight sync into servers: over the wire vs through disk",
-          "the disk path (`rollout.sync=disk`) in the same run, alternating", ("--repeats", "2"), ("--repeats", "1"),
-          match=("over the wire",), threads="1"),
-    Bench("step_time", "bench/bench_step_time.py", "RLAD vs GRPO: time per step by phase",
-          "GRPO with the same config, interleaved in the same run",
-          ("--steps", "6", "--repeats", "2", "--plot", "docs/img/step_time_phases.png"),
-          ("--steps", "3", "--repeats", "1", "--plot", "docs/img/step_time_phases.png"), match=("step time",),
-          threads="1"),
+    Bench(
+        "trainer",
+        "bench/bench_trainer.py",
+        "Trainer: Megatron backend vs Hugging Face + AdamW",
+        "HF model + torch.optim.AdamW on the same samples",
+        match=("trainer",),
+    ),
+    Bench(
+        "engine",
+        "bench/bench_engine.py",
+        "Embedded engine vs transformers generate / forward",
+        "transformers `generate` (KV cache) and a plain forward for scoring",
+        match=("engine",),
+    ),
+    Bench(
+        "weight_sync",
+        "bench/bench_weight_sync.py",
+        "Weight export vs raw safetensors write",
+        "safetensors `save_file` of the same tensors",
+        match=("weight",),
+    ),
+    Bench(
+        "sync_wire",
+        "bench/bench_sync_wire.py",
+        "Weight sync into servers: over the wire vs through disk",
+        "the disk path (`rollout.sync=disk`) in the same run, alternating",
+        ("--repeats", "2"),
+        ("--repeats", "1"),
+        match=("over the wire",),
+        threads="1",
+    ),
+    Bench(
+        "step_time",
+        "bench/bench_step_time.py",
+        "RLAD vs GRPO: time per step by phase",
+        "GRPO with the same config, interleaved in the same run",
+        ("--steps", "6", "--repeats", "2", "--plot", "docs/img/step_time_phases.png"),
+        ("--steps", "3", "--repeats", "1", "--plot", "docs/img/step_time_phases.png"),
+        match=("step time",),
+        threads="1",
+    ),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
 
@@ -73,8 +101,12 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"cores": str(os.cpu_count()), "cpu": cpu or platform.machine(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": cpu or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def accepts_json(script: Path) -> bool:
@@ -96,24 +128,31 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=bench.threads)
         started = time.time()
         try:
-            proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
             status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as err:
             status, stdout, stderr = "timeout", err.stdout or "", f"killed after {timeout:.0f} s"
         after = DOC.read_text() if DOC.exists() else ""
-        own = after[len(before):].strip() if after.startswith(before) and len(after) > len(before) else ""
+        own = after[len(before) :].strip() if after.startswith(before) and len(after) > len(before) else ""
         DOC.write_text(before) if own else None  # run_all reassembles the file itself
         data = None
         if json_path.exists():
             import json
 
             data = json.loads(json_path.read_text())
-    shown = " ".join([f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", bench.script] + [a for a in args if a != "--json"
-                                                                                 and not a.endswith("out.json")])
-    return {"command": shown, "status": status, "stdout": stdout if isinstance(stdout, str) else stdout.decode(),
-            "stderr": stderr if isinstance(stderr, str) else stderr.decode(), "wall_s": time.time() - started,
-            "json": data, "own_section": own}
+    shown = " ".join(
+        [f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", bench.script]
+        + [a for a in args if a != "--json" and not a.endswith("out.json")]
+    )
+    return {
+        "command": shown,
+        "status": status,
+        "stdout": stdout if isinstance(stdout, str) else stdout.decode(),
+        "stderr": stderr if isinstance(stderr, str) else stderr.decode(),
+        "wall_s": time.time() - started,
+        "json": data,
+        "own_section": own,
+    }
 
 
 def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
@@ -121,10 +160,16 @@ def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
     lines = [f"### Latest `run_all` measurement: {bench.title}", ""]
     if result.get("missing"):
         return lines + [f"`{bench.script}` is not in this checkout; nothing measured.", ""]
-    lines += [f"Command: `{result['command']}`  ", (f"Machine: {info['cores']} cores, {info['cpu']}, "
-              f"torch {info['torch']}, Python {info['python']}  "), f"Baseline (same run): {bench.baseline}  ",
-              (f"Wall time: {result['wall_s']:.0f} s, exit status {result['status']}, "
-              f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"), ""]
+    lines += [
+        f"Command: `{result['command']}`  ",
+        (f"Machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, Python {info['python']}  "),
+        f"Baseline (same run): {bench.baseline}  ",
+        (
+            f"Wall time: {result['wall_s']:.0f} s, exit status {result['status']}, "
+            f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        ),
+        "",
+    ]
     if result["status"] != 0:
         tail = "\n".join(result["stderr"].strip().splitlines()[-15:])
         return lines + ["The script failed; last lines of its error output:", "", "```", tail, "```", ""]
@@ -138,8 +183,16 @@ def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
     ratios = [ln.strip() for ln in result["stdout"].splitlines() if RATIO_LINE.search(ln)]
     if ratios:
         lines += ["Ratios against the baseline:", ""] + [f"- {r}" for r in ratios] + [""]
-    lines += ["<details><summary>full output</summary>", "", "```", result["stdout"].rstrip(), "```", "",
-              "</details>", ""]
+    lines += [
+        "<details><summary>full output</summary>",
+        "",
+        "```",
+        result["stdout"].rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
     return lines
 
 
@@ -148,9 +201,14 @@ def comparison_section(run: bool) -> list[str]:
     if run:
         cmd = [sys.executable, "bench/compare_methods.py", "--size", "small", "--workers", "2"]
         subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
-    lines += [("GRPO, KDRL, on-policy and offline distillation and RLAD from the same student, teacher and budget, "
-              "several seeds, two tasks: see [method_comparison.md](method_comparison.md) "
-              "(`OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size small --workers 2`)."), ""]
+    lines += [
+        (
+            "GRPO, KDRL, on-policy and offline distillation and RLAD from the same student, teacher and budget, "
+            "several seeds, two tasks: see [method_comparison.md](method_comparison.md) "
+            "(`OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size small --workers 2`)."
+        ),
+        "",
+    ]
     return lines
 
 
@@ -177,22 +235,36 @@ def _find(sections: list[tuple[str, str]], bench: Bench) -> int | None:
     return None
 
 
-def assemble(results: Sequence[tuple[Bench, dict]], info: dict[str, str], argv: Sequence[str],
-             with_comparison: bool, previous: str = "", benches: Sequence[Bench] | None = None) -> str:
+def assemble(
+    results: Sequence[tuple[Bench, dict]],
+    info: dict[str, str],
+    argv: Sequence[str],
+    with_comparison: bool,
+    previous: str = "",
+    benches: Sequence[Bench] | None = None,
+) -> str:
     """The whole benchmarks.md: header, status table, one section per bench (hand-written text of an
     existing section kept, run_all's block replaced), other existing sections unchanged."""
     ran_benches = {bench.name: bench for bench, _ in results}
     if benches is None:  # BENCHES order, then any other bench that ran
-        benches = [ran_benches.get(b.name, b) for b in BENCHES] + [b for b, _ in results
-                                                                   if b.name not in {x.name for x in BENCHES}]
-    lines = ["# Benchmarks", "",
-             ("Each section is owned by the package it measures (its hand-written text is kept); "
-              "`bench/run_all.py` (`make bench`) appends to each the output of its latest run. Every figure is "
-              "a ratio against a baseline measured in the same run on the same machine; the machine is shared "
-              "and small (CPU only), so absolute numbers are indicative and the ratios are what to compare."), "",
-             f"Command: `.venv/bin/python bench/run_all.py {' '.join(argv)}`".rstrip() + "  ",
-             f"Machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, Python {info['python']}  ",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+        benches = [ran_benches.get(b.name, b) for b in BENCHES] + [
+            b for b, _ in results if b.name not in {x.name for x in BENCHES}
+        ]
+    lines = [
+        "# Benchmarks",
+        "",
+        (
+            "Each section is owned by the package it measures (its hand-written text is kept); "
+            "`bench/run_all.py` (`make bench`) appends to each the output of its latest run. Every figure is "
+            "a ratio against a baseline measured in the same run on the same machine; the machine is shared "
+            "and small (CPU only), so absolute numbers are indicative and the ratios are what to compare."
+        ),
+        "",
+        f"Command: `.venv/bin/python bench/run_all.py {' '.join(argv)}`".rstrip() + "  ",
+        f"Machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, Python {info['python']}  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+    ]
     ran = {bench.name: result for bench, result in results}
     _, sections = split_sections(previous)
     lines += ["| benchmark | script | status | wall s |", "|---|---|---|---|"]
@@ -207,11 +279,16 @@ def assemble(results: Sequence[tuple[Bench, dict]], info: dict[str, str], argv: 
                 body += [f"## {sections[index][0]}", "", sections[index][1].strip(), ""]
                 lines.append(f"| {bench.title} | `{bench.script}` | kept from an earlier run | - |")
             continue
-        status = "missing" if result.get("missing") else ("ok" if result["status"] == 0 else f"failed ({result['status']})")
+        status = (
+            "missing" if result.get("missing") else ("ok" if result["status"] == 0 else f"failed ({result['status']})")
+        )
         wall = "-" if result.get("missing") else f"{result['wall_s']:.0f}"
         lines.append(f"| {bench.title} | `{bench.script}` | {status} | {wall} |")
-        heading, hand = (sections[index][0], strip_generated(sections[index][1], bench.name)) if index is not None \
+        heading, hand = (
+            (sections[index][0], strip_generated(sections[index][1], bench.name))
+            if index is not None
             else (bench.title, "")
+        )
         used.add(index)
         begin, end = _markers(bench.name)
         body += [f"## {heading}", ""] + ([hand, ""] if hand else []) + [begin, *section(bench, result, info), end, ""]
@@ -238,8 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"[run_all] {bench.name} ...", flush=True)
         result = run_bench(bench, args.quick, args.timeout)
-        print(f"[run_all] {bench.name}: " + ("missing" if result.get("missing") else f"status {result['status']}, "
-                                             f"{result['wall_s']:.0f} s"), flush=True)
+        print(
+            f"[run_all] {bench.name}: "
+            + ("missing" if result.get("missing") else f"status {result['status']}, {result['wall_s']:.0f} s"),
+            flush=True,
+        )
         results.append((bench, result))
     previous = DOC.read_text() if DOC.exists() else ""  # after the runs: a script may edit its own section
     DOC.write_text(assemble(results, info, raw, args.with_comparison, previous))

@@ -4,6 +4,7 @@ Each subcommand lives in the package that owns it and exposes `add_arguments(par
 `run(args) -> int`. Modules are imported only when their subcommand runs, so `rlad --help`
 stays fast and never imports Megatron.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,11 @@ COMMANDS = {
     "train": ("rlad_megatron.train_cli", "train a student (RLAD, GRPO, KDRL, OPD, GKD, SFT) from a recipe", 7),
     "eval": ("rlad_megatron.eval.cli", "avg@k / pass@k of a checkpoint on a dataset or task", 6),
     "convert": ("rlad_megatron.conversion.cli", "convert checkpoints between Hugging Face and Megatron formats", 4),
-    "serve": ("rlad_megatron.rollout.server", "serve a HF checkpoint over SGLang's native HTTP API (embedded engine)", 5),
+    "serve": (
+        "rlad_megatron.engines.server",
+        "serve a HF checkpoint over SGLang's native HTTP API (embedded engine)",
+        5,
+    ),
     "plan": ("rlad_megatron.launch.plan", "memory and time plan of a recipe on a GPU cluster", 8),
     "render": ("rlad_megatron.launch.render", "render the sbatch job of a recipe (DRY_RUN prints the topology)", 8),
     "rehearse": ("rlad_megatron.launch.rehearse", "run a recipe's job on this machine: tiny models, loopback nodes", 8),
@@ -52,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Dotted overrides may come anywhere, also after options (argparse alone stops collecting a
     # positional list at the first option): hand any leftover KEY=VALUE to the command's overrides.
-    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides.extend(extra)
     elif extra:  # a command may add why, e.g. `rlad serve` refusing an SGLang flag it cannot honour
         parser.error(f"unrecognized arguments: {' '.join(extra)}{getattr(args, 'unrecognized_hint', '')}")
@@ -61,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mod = _load(args._command)
     if mod is None:
-        print(f"rlad {args._command}: not available yet (issue #{COMMANDS[args._command][2]} delivers it)", file=sys.stderr)
+        print(
+            f"rlad {args._command}: not available yet (issue #{COMMANDS[args._command][2]} delivers it)",
+            file=sys.stderr,
+        )
         return 2
     return int(mod.run(args) or 0)
 

@@ -1,11 +1,12 @@
 """How the training loop builds and talks to the other packages (one function per seam).
 
-train.py reads like pseudocode because every call into data/, rewards/, rollout/, teacher/,
+train.py reads like pseudocode because every call into data/, rewards/, engines/, teacher/,
 eval/, conversion/ and backends/megatron/ goes through a function here: build the trainer,
 the engines, the data and the reward; score with the teacher; broadcast samples to the
 trainer ranks; push weights to the rollout engine; evaluate; save and load checkpoints.
 Left out: engines on ranks other than 0 (they receive samples by broadcast instead).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from rlad_megatron.rollouts import Context
+from rlad_megatron.sample_sources import SourceContext
 from rlad_megatron.types import Sample
 
 
@@ -39,9 +40,13 @@ def build_trainer(cfg, objective):
     from rlad_megatron.backends.megatron.parallel import init_parallel
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
 
-    ctx = init_parallel(cfg.parallel, cfg.seed)
-    return MegatronTrainer(cfg, objective, ctx=ctx,
-                           weight_loader=lambda chunks, hf_dir: load_hf_weights(chunks, hf_dir, tp_group=ctx.tp_group))
+    parallel = init_parallel(cfg.parallel, cfg.seed)
+    return MegatronTrainer(
+        cfg,
+        objective,
+        parallel=parallel,
+        weight_loader=lambda chunks, hf_dir: load_hf_weights(chunks, hf_dir, tp_group=parallel.tp_group),
+    )
 
 
 def push_weights(run, version: int) -> None:
@@ -58,45 +63,46 @@ def push_weights(run, version: int) -> None:
     """
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
 
-    trainer, engine = run.trainer, run.ctx.rollout_engine
+    trainer, engine = run.trainer, run.source_ctx.rollout_engine
     in_process = engine_kind(run.cfg.rollout) == "embedded"
     if not in_process and run.cfg.rollout.sync == "distributed":
         sync_over_wire(run, version)
         return
-    if trainer.ctx.pipeline_model_parallel_size > 1 or not in_process:
+    if trainer.parallel.pipeline_model_parallel_size > 1 or not in_process:
         folder = save_hf(run, Path(run.cfg.run_dir) / "weights", version)
         if engine is not None:
             engine.update_weights(path=str(folder), version=version)
         return
-    if trainer.ctx.dp_rank != 0:
+    if trainer.parallel.dp_rank != 0:
         return
-    for bucket in export_hf_tensors(trainer.unwrapped_model(), tp_group=trainer.ctx.tp_group):
+    for bucket in export_hf_tensors(trainer.unwrapped_model(), tp_group=trainer.parallel.tp_group):
         if engine is not None:
             engine.update_weights(named_tensors=bucket, version=version)
 
 
 def engine_kind(engine_cfg) -> str:
-    from rlad_megatron.rollout.factory import resolve_kind
+    from rlad_megatron.engines.factory import resolve_kind
 
     return resolve_kind(engine_cfg)
 
 
 def sync_over_wire(run, version: int) -> None:
-    """Every pipeline stage broadcasts its own HF buckets into every live server (rollout/weight_sync.py).
+    """Every pipeline stage broadcasts its own HF buckets into every live server (engines/weight_sync.py).
 
     Rank 0 owns the engine: it finds the live servers, opens and closes the update window and checks
     that every server then reports `version`. Each stage's DP=0 / TP=0 rank sends, stage after stage; the
     stage's other TP ranks take part in the TP gathers; other DP replicas wait at the barriers."""
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
-    from rlad_megatron.rollout.weight_sync import ServerCalls, StageSender, default_sync_host
+    from rlad_megatron.engines.weight_sync import ServerCalls, StageSender, default_sync_host
 
-    c, cfg, engine = run.trainer.ctx, run.cfg.rollout, run.ctx.rollout_engine
+    c, cfg, engine = run.trainer.parallel, run.cfg.rollout, run.source_ctx.rollout_engine
     wire = run.weight_wire
     if wire is None:
         calls = ServerCalls(resolve_api_key(cfg), timeout_s=cfg.sync_timeout_s)
         backend = "nccl" if c.device.type == "cuda" else "gloo"
-        wire = run.weight_wire = StageSender(c.pp_rank, calls, cfg.sync_host or default_sync_host(), backend,
-                                             cfg.sync_timeout_s)
+        wire = run.weight_wire = StageSender(
+            c.pp_rank, calls, cfg.sync_host or default_sync_host(), backend, cfg.sync_timeout_s
+        )
     members, restarted = broadcast(engine.sync_members() if engine is not None else None, c.rank)
     sender = c.dp_rank == 0 and c.tp_rank == 0
     if members != wire.members or restarted:
@@ -122,7 +128,7 @@ def sync_over_wire(run, version: int) -> None:
 
 
 def resolve_api_key(engine_cfg) -> str:
-    from rlad_megatron.rollout.factory import resolve_api_key as resolve
+    from rlad_megatron.engines.factory import resolve_api_key as resolve
 
     return resolve(engine_cfg)
 
@@ -138,9 +144,16 @@ def save_hf(run, root: Path, step: int) -> Path:
     """Collective: the live student as an HF folder `<root>/step_N` (`<root>/latest` points at it)."""
     from rlad_megatron.backends.megatron.weight_export import write_hf_folder
 
-    c = run.trainer.ctx
-    return write_hf_folder(run.trainer.unwrapped_model(), root, step, hf_config_dir=run.cfg.model.student,
-                           tp_group=c.tp_group, pp_group=c.pp_group, dp_rank=c.dp_rank)
+    c = run.trainer.parallel
+    return write_hf_folder(
+        run.trainer.unwrapped_model(),
+        root,
+        step,
+        hf_config_dir=run.cfg.model.student,
+        tp_group=c.tp_group,
+        pp_group=c.pp_group,
+        dp_rank=c.dp_rank,
+    )
 
 
 def save(run, step: int, extra: dict[str, Any]) -> None:
@@ -186,7 +199,7 @@ def eos_ids(tokenizer) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
 
 
-def build_context(cfg, objective, source, *, with_engines: bool) -> Context:
+def build_source_context(cfg, objective, source, *, with_engines: bool) -> SourceContext:
     from rlad_megatron.data.loader import load_prompts
     from rlad_megatron.data.sampler import PromptSampler
     from rlad_megatron.rewards import build_reward_fn
@@ -194,10 +207,15 @@ def build_context(cfg, objective, source, *, with_engines: bool) -> Context:
     tokenizer = load_tokenizer(cfg.model.student)
     dataset = load_prompts(cfg.data.train, cfg.data, tokenizer, split="train", seed=cfg.seed)
     sampler = PromptSampler(dataset.records, seed=cfg.seed, shuffle=cfg.data.shuffle)
-    ctx = Context(cfg=cfg, objective=objective, tokenizer=tokenizer, sampler=sampler,
-                  reward_fn=build_reward_fn(cfg.reward, cfg.data))
+    ctx = SourceContext(
+        cfg=cfg,
+        objective=objective,
+        tokenizer=tokenizer,
+        sampler=sampler,
+        reward_fn=build_reward_fn(cfg.reward, cfg.data),
+    )
     if with_engines:
-        from rlad_megatron.rollout.factory import fleet_gpu_offsets
+        from rlad_megatron.engines.factory import fleet_gpu_offsets
 
         wanted = {"rollout": wants_rollout_engine(cfg, source), "teacher": wants_teacher_engine(objective, source)}
         # fleets launched here go on GPUs after the trainer's local ranks, never on top of them or each other
@@ -221,7 +239,7 @@ def wants_teacher_engine(objective, source) -> bool:
 
 
 def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0):
-    from rlad_megatron.rollout import build_engine as build
+    from rlad_megatron.engines import build_engine as build
 
     return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset)
 
@@ -231,8 +249,9 @@ def eval_records(cfg) -> Sequence[dict[str, Any]]:
         return ()
     from rlad_megatron.data.loader import load_prompts
 
-    records = load_prompts(cfg.data.eval, cfg.data, load_tokenizer(cfg.model.student), split="test",
-                           seed=cfg.seed).records
+    records = load_prompts(
+        cfg.data.eval, cfg.data, load_tokenizer(cfg.model.student), split="test", seed=cfg.seed
+    ).records
     return records[: cfg.eval.max_prompts] if cfg.eval.max_prompts else records
 
 
@@ -241,29 +260,44 @@ def score_teacher(run, samples: Sequence[Sample]) -> None:
     """teacher_logprobs (and top-k for GKD) on the student's exact ids, in place."""
     from rlad_megatron.teacher import score_samples
 
-    score_samples(run.ctx.teacher_engine, samples, top_k=run.objective.teacher_top_k,
-                  drop_final_eos=run.cfg.algorithm.drop_final_eos_from_teacher)
+    score_samples(
+        run.source_ctx.teacher_engine,
+        samples,
+        top_k=run.objective.teacher_top_k,
+        drop_final_eos=run.cfg.algorithm.drop_final_eos_from_teacher,
+    )
 
 
 def evaluate(run, step: int) -> dict[str, float]:
     """avg@k / pass@k of the rollout engine's current weights on the held-out prompts (overall numbers)."""
+    from rlad_megatron.engines.base import SamplingParams
     from rlad_megatron.eval.evaluate import evaluate as run_eval
-    from rlad_megatron.rollout.base import SamplingParams
 
     e = run.cfg.eval
     # The same seed at every eval: the curve then compares weights, not sampling luck.
-    sampling = SamplingParams(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                              seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1))
-    result = run_eval(run.ctx.rollout_engine, run.ctx.tokenizer, run.eval_records, run.ctx.reward_fn,
-                      k=e.num_samples, sampling=sampling, max_prompts=e.max_prompts)
+    sampling = SamplingParams(
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1),
+    )
+    result = run_eval(
+        run.source_ctx.rollout_engine,
+        run.source_ctx.tokenizer,
+        run.eval_records,
+        run.source_ctx.reward_fn,
+        k=e.num_samples,
+        sampling=sampling,
+        max_prompts=e.max_prompts,
+    )
     return dict(result["overall"])
 
 
 def close(run) -> None:
-    for engine in (run.ctx.rollout_engine, run.ctx.teacher_engine) if run is not None else ():
+    for engine in (run.source_ctx.rollout_engine, run.source_ctx.teacher_engine) if run is not None else ():
         if engine is not None:
             engine.close()
     if run is not None and run.trainer is not None:
         from rlad_megatron.backends.megatron.parallel import destroy_parallel
 
-        destroy_parallel(run.trainer.ctx)
+        destroy_parallel(run.trainer.parallel)

@@ -11,13 +11,15 @@ through as dicts (`model.megatron`, `rollout.server_args`) instead of being re-d
 
 Pure module: imports only stdlib, omegaconf and yaml.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -57,7 +59,7 @@ class ModelConfig:
     (Transformer Engine when CUDA and TE are present, local otherwise)."""
     fp8: str = ""
     """FP8 recipe for Transformer Engine layers: '' (off), 'hybrid' or 'e4m3'. GPU only."""
-    megatron: Dict[str, Any] = field(default_factory=dict)
+    megatron: dict[str, Any] = field(default_factory=dict)
     """Extra Megatron `TransformerConfig` fields passed through verbatim (e.g. recompute_granularity)."""
     make_vocab_size_divisible_by: int = 128
     """The trainer pads the vocabulary to a multiple of lcm(this, TP) (Megatron's knob); padded logit
@@ -70,8 +72,10 @@ class ModelConfig:
         _choice(self, "fp8", ("", "hybrid", "e4m3"))
 
 
-CONTEXT_PARALLEL_UNSUPPORTED = ("parallel.context_parallel_size={size}: context parallelism is not supported yet "
-                                "(batches are not split over context-parallel ranks); set it to 1")
+CONTEXT_PARALLEL_UNSUPPORTED = (
+    "parallel.context_parallel_size={size}: context parallelism is not supported yet "
+    "(batches are not split over context-parallel ranks); set it to 1"
+)
 
 
 @dataclass
@@ -177,8 +181,16 @@ class AlgorithmConfig:
         _choice(self, "gkd_divergence", ("forward_kl", "reverse_kl", "jsd"))
         _check(self, "gkd_top_k", self.gkd_top_k >= 1, ">= 1")
         _check(self, "gkd_jsd_beta", 0.0 <= self.gkd_jsd_beta <= 1.0, "in [0, 1]")
-        for name in ("kd_coef", "kd_coef_start", "kd_coef_decay", "kd_coef_min", "ref_kl_coef", "opd_coef",
-                     "opd_reward_coef", "advantage_eps"):
+        for name in (
+            "kd_coef",
+            "kd_coef_start",
+            "kd_coef_decay",
+            "kd_coef_min",
+            "ref_kl_coef",
+            "opd_coef",
+            "opd_reward_coef",
+            "advantage_eps",
+        ):
             _check(self, name, getattr(self, name) >= 0.0, ">= 0")
         _check(self, "max_resample_rounds", self.max_resample_rounds >= 0, ">= 0")
 
@@ -191,11 +203,11 @@ class EngineConfig:
     kind: str = "auto"
     """'embedded' (in-process torch engine), 'http' (existing SGLang-compatible servers at `urls`),
     'sglang' (launch an SGLang fleet; GPU only), or 'auto' (sglang with CUDA, embedded otherwise)."""
-    urls: List[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
     """Server base URLs for kind=http (a router URL or the servers themselves)."""
     num_servers: int = 1
     """kind=sglang: servers to launch."""
-    server_args: Dict[str, Any] = field(default_factory=dict)
+    server_args: dict[str, Any] = field(default_factory=dict)
     """SGLang server arguments passed through as flags (e.g. {tp_size: 8, mem_fraction_static: 0.8} -> --tp-size 8
     --mem-fraction-static 0.8), by kind=sglang fleets and by the node agent (which sets tp, ports and host)."""
     api_key: str = ""
@@ -250,7 +262,7 @@ class RolloutConfig(EngineConfig):
     """Top-k sampling; -1 disables it (SGLang's convention)."""
     max_new_tokens: int = 256
     """Response length budget."""
-    stop_token_ids: List[int] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop tokens besides the tokenizer's EOS."""
     sync: str = "distributed"
     """How new weights reach rollout servers (kinds http / sglang) after each step: 'distributed' (each
@@ -295,7 +307,7 @@ class DataConfig:
     """Optional row field holding a reference response (e.g. a teacher trace): what `sft` with
     train.offline_source=dataset trains on for file sources. Rows without it fall back to the procedural
     task's trace; a present but non-string or empty value is a bad row."""
-    metadata_keys: List[str] = field(default_factory=list)
+    metadata_keys: list[str] = field(default_factory=list)
     """Extra row fields kept with each sample (e.g. difficulty) and reported per value in eval."""
     template: str = "chat"
     """'chat' (tokenizer.apply_chat_template), 'plain' (plain_template.format(prompt=...)) or 'none'."""
@@ -305,7 +317,7 @@ class DataConfig:
     """Prompts longer than this (in tokens) are bad rows."""
     bad_rows: str = "error"
     """Bad-row policy: 'error' (stop before training, listing file/row/field) or 'skip' (drop and count)."""
-    task_kwargs: Dict[str, Any] = field(default_factory=dict)
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
     """Options for task: / reasoning_gym: sources (size, difficulty, ...)."""
     shuffle: bool = True
     """Shuffle prompt order each epoch (seeded, resumable)."""
@@ -325,7 +337,7 @@ class RewardConfig:
     _SECTION = "reward"
     name: str = "auto"
     """Reward function: math, knights_knaves, task:<name>, reasoning_gym:<task>, or auto (from data.train)."""
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     """Options of the reward function (e.g. K&K format / answer scores)."""
     timeout_s: float = 5.0
     """Per-response verification timeout (math-verify runs in a separate process)."""
@@ -420,7 +432,7 @@ class EvalConfig:
     """Cap on eval prompts (0 = all)."""
     batch_size: int = 64
     """Prompts per engine.generate call during eval."""
-    breakdown_keys: List[str] = field(default_factory=lambda: ["difficulty"])
+    breakdown_keys: list[str] = field(default_factory=lambda: ["difficulty"])
     """Record metadata keys reported per value (nested dicts expand: difficulty -> difficulty.n_people)."""
 
     def __post_init__(self) -> None:
@@ -481,7 +493,7 @@ class LaunchConfig:
     """Port of the teacher router on the first teacher node."""
     container_image: str = ""
     """Container image for pyxis/enroot (srun --container-image); empty runs on the host environment."""
-    container_mounts: List[str] = field(default_factory=list)
+    container_mounts: list[str] = field(default_factory=list)
     """pyxis mounts, 'host_path:container_path' each."""
     partition: str = ""
     """Slurm partition (#SBATCH --partition); empty = cluster default."""
@@ -502,7 +514,7 @@ class LaunchConfig:
     restart_servers: int = 3
     """Restarts of each server (and router) per job attempt when it exits while the job runs, with back-off;
     0 = the first crash ends the node (and, through srun --kill-on-bad-exit, the job)."""
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     """Extra environment exported on every node (e.g. NCCL_IB_HCA, NCCL_SOCKET_IFNAME)."""
 
     def __post_init__(self) -> None:
@@ -518,8 +530,12 @@ class LaunchConfig:
             raise ValueError(f"launch ports {[getattr(self, n) for n in ports]} must all differ")
         fixed = self.trainer_nodes + self.rollout_nodes + self.teacher_nodes
         _check(self, "nodes", fixed <= self.nodes, f">= trainer_nodes + rollout_nodes + teacher_nodes ({fixed})")
-        _check(self, "time_limit", bool(re.fullmatch(r"(\d+-)?\d{1,3}:\d\d(:\d\d)?", self.time_limit)),
-               "HH:MM:SS or D-HH:MM:SS")
+        _check(
+            self,
+            "time_limit",
+            bool(re.fullmatch(r"(\d+-)?\d{1,3}:\d\d(:\d\d)?", self.time_limit)),
+            "HH:MM:SS or D-HH:MM:SS",
+        )
         _check(self, "health_timeout_s", self.health_timeout_s >= 1, ">= 1")
         _choice(self, "server_impl", ("sglang", "rlad"))
         _check(self, "restart_servers", self.restart_servers >= 0, ">= 0 (0 = fail fast)")
@@ -550,7 +566,7 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-def _valid_keys(path: str) -> List[str]:
+def _valid_keys(path: str) -> list[str]:
     cls: Any = RunConfig
     for part in [p for p in path.split(".") if p][:-1]:
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -568,15 +584,15 @@ def _friendly(err: OmegaConfBaseException) -> ValueError:
     return ValueError(f"bad value for config key '{key}': {msg}")
 
 
-def parse_overrides(overrides: Sequence[str]) -> List[str]:
+def parse_overrides(overrides: Sequence[str]) -> list[str]:
     """Accept `a.b=1` and `--set a.b=1` forms; return dotlist entries."""
-    out: List[str] = []
+    out: list[str] = []
     it = iter(overrides)
     for item in it:
         if item == "--set":
             item = next(it, "")
         elif item.startswith("--set="):
-            item = item[len("--set="):]
+            item = item[len("--set=") :]
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         out.append(item)
@@ -612,7 +628,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise _friendly(err) from None
 
 
-def to_dict(cfg: RunConfig, *, redact: bool = True) -> Dict[str, Any]:
+def to_dict(cfg: RunConfig, *, redact: bool = True) -> dict[str, Any]:
     """Plain dict of the config; secrets (api_key fields) are redacted unless asked not to."""
     data = dataclasses.asdict(cfg)
     if redact:

@@ -15,6 +15,7 @@ the trainer return (clip fractions, TRRD metrics, KL estimates, entropy, `grad_n
 Only rank 0 observes; other ranks get a `NullObserver`.
 Left out: wandb/mlflow sinks, histograms.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,15 @@ SAMPLES_FILE = "samples.jsonl"
 
 # Shown in the one-line summary, in this order, when present.
 _LOG_LINE_KEYS = (
-    ("reward/mean", "reward", "{:.3f}"), ("accuracy", "acc", "{:.2f}"),
-    ("response_length/mean", "len", "{:.0f}"), ("loss", "loss", "{:.4f}"),
-    ("grad_norm", "gnorm", "{:.3f}"), ("clip_frac_high", "clip_hi", "{:.3f}"), ("clip_frac_low", "clip_lo", "{:.3f}"),
-    ("teacher_log_ratio_mean", "lp-lpT", "{:+.3f}"), ("zero_adv_group_frac", "zero_adv", "{:.2f}"),
+    ("reward/mean", "reward", "{:.3f}"),
+    ("accuracy", "acc", "{:.2f}"),
+    ("response_length/mean", "len", "{:.0f}"),
+    ("loss", "loss", "{:.4f}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("clip_frac_high", "clip_hi", "{:.3f}"),
+    ("clip_frac_low", "clip_lo", "{:.3f}"),
+    ("teacher_log_ratio_mean", "lp-lpT", "{:+.3f}"),
+    ("zero_adv_group_frac", "zero_adv", "{:.2f}"),
     ("throughput/tokens_per_s", "tok/s", "{:.0f}"),
 )
 
@@ -145,8 +151,13 @@ class Observer:
         )
 
         progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"),
+            TextColumn("[bold]train"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[live]}"),
             transient=False,
         )
         progress.start()
@@ -189,8 +200,14 @@ class Observer:
 
     def log_samples(self, step: int, samples: Iterable[Any]) -> None:
         for sample in list(samples)[: self.cfg.rollout_samples]:
-            row = {"step": step, "prompt": sample.record.get("prompt"), "answer": sample.record.get("answer"),
-                   "response": sample.response_text, "reward": sample.reward, "finish_reason": sample.finish_reason}
+            row = {
+                "step": step,
+                "prompt": sample.record.get("prompt"),
+                "answer": sample.record.get("answer"),
+                "response": sample.response_text,
+                "reward": sample.reward,
+                "finish_reason": sample.finish_reason,
+            }
             self._samples.write(json.dumps(row, default=str) + "\n")
         self._samples.flush()
 

@@ -12,6 +12,7 @@ When a model folder is absent (cluster recipes checked on a laptop), the archite
 layout check comes from `KNOWN_ARCHITECTURES` by folder name.
 Left out: network reachability of http engines, GPU memory (that is `rlad plan`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,16 @@ from rlad_megatron.config import RunConfig
 
 # (attention heads, KV heads, layers) of the models the example recipes name, from their config.json.
 KNOWN_ARCHITECTURES: dict[str, tuple[int, int, int]] = {
-    "Qwen3-0.6B": (16, 8, 28), "Qwen3-1.7B": (16, 8, 28), "Qwen3-4B": (32, 8, 36),
-    "Qwen3-8B": (32, 8, 36), "Qwen3-14B": (40, 8, 40), "Qwen3-32B": (64, 8, 64),
+    "Qwen3-0.6B": (16, 8, 28),
+    "Qwen3-1.7B": (16, 8, 28),
+    "Qwen3-4B": (32, 8, 36),
+    "Qwen3-8B": (32, 8, 36),
+    "Qwen3-14B": (40, 8, 40),
+    "Qwen3-32B": (64, 8, 64),
 }
-KNOWN_ARCHITECTURES.update({f"{name}-Base": arch for name, arch in list(KNOWN_ARCHITECTURES.items()) if name != "Qwen3-32B"})
+KNOWN_ARCHITECTURES.update(
+    {f"{name}-Base": arch for name, arch in list(KNOWN_ARCHITECTURES.items()) if name != "Qwen3-32B"}
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -99,14 +106,18 @@ def layout_problems(cfg: RunConfig) -> list[str]:
     if arch is not None:
         heads, kv_heads, layers = arch
         if heads % tp or kv_heads % tp:
-            problems.append(f"parallel.tensor_model_parallel_size={tp} must divide the student's attention heads "
-                            f"({heads}) and KV heads ({kv_heads}); choose a TP size dividing both")
+            problems.append(
+                f"parallel.tensor_model_parallel_size={tp} must divide the student's attention heads "
+                f"({heads}) and KV heads ({kv_heads}); choose a TP size dividing both"
+            )
         if layers % pp:
             problems.append(f"parallel.pipeline_model_parallel_size={pp} must divide the student's {layers} layers")
     gpus = trainer_gpus(cfg)
     if gpus % (tp * pp * p.context_parallel_size):
-        problems.append(f"the trainer has {gpus} process(es), not a multiple of TP({tp}) x PP({pp}) x "
-                        f"CP({p.context_parallel_size}); change parallel.* or the number of trainer GPUs")
+        problems.append(
+            f"the trainer has {gpus} process(es), not a multiple of TP({tp}) x PP({pp}) x "
+            f"CP({p.context_parallel_size}); change parallel.* or the number of trainer GPUs"
+        )
     return problems
 
 
@@ -116,8 +127,10 @@ def data_file_problems(cfg: RunConfig) -> list[str]:
     for name in ("train", "eval"):
         source = getattr(cfg.data, name)
         if source and not source.startswith(("task:", "reasoning_gym:")) and not Path(source).exists():
-            problems.append(f"data.{name}={source!r} does not exist; give a .jsonl / .parquet file, a datasets folder, "
-                            "task:<name> or reasoning_gym:<task>")
+            problems.append(
+                f"data.{name}={source!r} does not exist; give a .jsonl / .parquet file, a datasets folder, "
+                "task:<name> or reasoning_gym:<task>"
+            )
     return problems
 
 
@@ -180,8 +193,10 @@ def preflight(cfg: RunConfig):
     if folders_ok and "teacher" in roles:
         problems += tokenizer_problems(cfg.model.student, cfg.model.teacher)
     if cfg.train.mode == "train_only" and not Path(cfg.train.rollout_dir or "-").is_dir():
-        problems.append(f"train.mode=train_only needs train.rollout_dir to be a folder of saved rollouts "
-                        f"(got {cfg.train.rollout_dir!r}); write one with train.mode=rollout_only")
+        problems.append(
+            f"train.mode=train_only needs train.rollout_dir to be a folder of saved rollouts "
+            f"(got {cfg.train.rollout_dir!r}); write one with train.mode=rollout_only"
+        )
     file_problems = data_file_problems(cfg)
     problems += file_problems
     if folders_ok and not file_problems:

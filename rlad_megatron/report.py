@@ -6,6 +6,7 @@ name). Writes `reward.png` (train reward mean vs step), `eval.png` (each eval me
 and `report.md` (one row per run: algorithm, steps, first / last / best values).
 Left out: smoothing controls, confidence bands across seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]
     runs: dict[str, list[dict[str, Any]]] = {}
     for run_dir in map(Path, run_dirs):
         if not (run_dir / "metrics.jsonl").exists():
-            raise FileNotFoundError(f"{run_dir}/metrics.jsonl not found: is {run_dir} a run folder written by `rlad train`?")
+            raise FileNotFoundError(
+                f"{run_dir}/metrics.jsonl not found: is {run_dir} a run folder written by `rlad train`?"
+            )
         label = run_dir.name if run_dir.name not in runs else f"{run_dir.parent.name}/{run_dir.name}"
         runs[label] = read_metrics(run_dir)
     return runs
@@ -93,12 +96,20 @@ def table(runs: dict[str, list[dict[str, Any]]], run_dirs: Sequence[Path]) -> st
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (label, rows), run_dir in zip(runs.items(), run_dirs):
         steps, rewards = _series(rows, "train", REWARD_KEY)
-        cells = [label, _algorithm(Path(run_dir)), str(steps[-1] if steps else 0),
-                 _fmt(rewards[0] if rewards else None), _fmt(rewards[-1] if rewards else None)]
+        cells = [
+            label,
+            _algorithm(Path(run_dir)),
+            str(steps[-1] if steps else 0),
+            _fmt(rewards[0] if rewards else None),
+            _fmt(rewards[-1] if rewards else None),
+        ]
         for key in eval_keys:
             _, values = _series(rows, "eval", key)
-            cells += [_fmt(values[0] if values else None), _fmt(values[-1] if values else None),
-                      _fmt(max(values) if values else None)]
+            cells += [
+                _fmt(values[0] if values else None),
+                _fmt(values[-1] if values else None),
+                _fmt(max(values) if values else None),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

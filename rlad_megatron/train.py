@@ -11,7 +11,7 @@ One step:
   7. sync      <- engine.update_weights      HF-named tensors exported from the Megatron shards
   8. metrics, periodic eval, checkpoint (model, optimizer, scheduler, step, RNG, sampler, weights version)
 Per-algorithm differences live in the Objective's attributes (`needs_teacher`, `teacher_top_k`,
-`needs_old_logprobs`, `needs_ref`, `uses_rewards`) and in the sample source (rollouts.py); the
+`needs_old_logprobs`, `needs_ref`, `uses_rewards`) and in the sample source (sample_sources.py); the
 loop never tests an algorithm name.
 
 Distributed design: rank 0 owns the engines (rollout, teacher, eval) and broadcasts each
@@ -20,6 +20,7 @@ pushes them to its engine. Determinism: generation is seeded per (seed, step), s
 on CPU reproduces the uninterrupted run's metrics step for step.
 Left out: asynchronous (off-policy) rollouts overlapping training; colocated GPU memory swapping.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,10 +35,10 @@ import torch
 from rlad_megatron import components
 from rlad_megatron.config import RunConfig, save_config
 from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
-from rlad_megatron.rollouts import (
-    Context,
+from rlad_megatron.sample_sources import (
     DatasetTraces,
     SavedRollouts,
+    SourceContext,
     StudentRollouts,
     TeacherTraces,
     save_rollouts,
@@ -72,14 +73,14 @@ def sample_source(cfg: RunConfig):
 class Run:
     cfg: RunConfig
     objective: Any
-    ctx: Context
+    source_ctx: SourceContext
     source: Any
     trainer: Any = None
     rank: int = 0
     weights_version: int = 0
     eval_records: Sequence[dict[str, Any]] = ()
     weight_wire: Any = None
-    """This rank's side of the over-the-wire weight sync (rollout/weight_sync.py), built at the first sync."""
+    """This rank's side of the over-the-wire weight sync (engines/weight_sync.py), built at the first sync."""
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -105,7 +106,9 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
                     with timer("sync"):
                         sync_weights(run, step)
             metrics.update(timer.metrics())
-            metrics["throughput/tokens_per_s"] = sum(len(s.response_ids) for s in samples) / max(metrics["time/step"], 1e-9)
+            metrics["throughput/tokens_per_s"] = sum(len(s.response_ids) for s in samples) / max(
+                metrics["time/step"], 1e-9
+            )
             history.append(obs.log_step(step, metrics))
             obs.log_samples(step, samples)
             if bad_steps:
@@ -125,11 +128,15 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
 
 def handle_bad_step(cfg: RunConfig, obs, step: int, bad_steps: int) -> None:
     """Warn about a skipped update; stop once train.max_bad_steps happened in a row."""
-    obs.echo(f"WARNING step {step}: non-finite loss or gradient; update skipped "
-             f"({bad_steps}/{cfg.train.max_bad_steps} consecutive)")
+    obs.echo(
+        f"WARNING step {step}: non-finite loss or gradient; update skipped "
+        f"({bad_steps}/{cfg.train.max_bad_steps} consecutive)"
+    )
     if bad_steps >= cfg.train.max_bad_steps:
-        raise TrainingStopped(f"{bad_steps} consecutive non-finite steps (train.max_bad_steps); "
-                              f"the last good checkpoint in {cfg.run_dir} is kept")
+        raise TrainingStopped(
+            f"{bad_steps} consecutive non-finite steps (train.max_bad_steps); "
+            f"the last good checkpoint in {cfg.run_dir} is kept"
+        )
 
 
 def _due(step: int, interval: int, last: int) -> bool:
@@ -160,11 +167,11 @@ def generate_with_resync(run: Run, step: int, attempts: int = 3):
     older weights), rank 0 says so to the other ranks, all of them push the current weights again (the
     sync rebuilds its groups with the restarted servers) and generation is retried; the other ranks take
     part from `wait_for_samples`."""
-    from rlad_megatron.rollout.client import StaleWeightsError
+    from rlad_megatron.engines.client import StaleWeightsError
 
     for attempt in range(attempts):
         try:
-            samples, metrics = run.source.collect(run.ctx, step)
+            samples, metrics = run.source.collect(run.source_ctx, step)
         except StaleWeightsError as err:
             if attempt == attempts - 1 or run.trainer is None:
                 raise
@@ -191,12 +198,18 @@ def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> dict[str, float
         return {"num_samples": 0.0}
     rewards = np.array([s.reward for s in samples], dtype=np.float64)
     lengths = np.array([len(s.response_ids) for s in samples], dtype=np.float64)
-    correct = [bool(s.reward_details.get("correct", s.reward >= cfg.algorithm.correct_reward_threshold))
-               for s in samples]
-    return {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "accuracy": float(np.mean(correct)),
-            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
-            "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
-            "num_samples": float(len(samples))}
+    correct = [
+        bool(s.reward_details.get("correct", s.reward >= cfg.algorithm.correct_reward_threshold)) for s in samples
+    ]
+    return {
+        "reward/mean": rewards.mean(),
+        "reward/std": rewards.std(),
+        "accuracy": float(np.mean(correct)),
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
+        "num_samples": float(len(samples)),
+    }
 
 
 def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, advantage_hook=None) -> dict[str, float]:
@@ -212,8 +225,13 @@ def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, adva
     with timer("train"):
         for _epoch in range(cfg.train.ppo_epochs):
             for index in minibatches(samples, cfg.train.num_minibatches):
-                out = trainer.train_step([samples[i] for i in index], [advantages[i] for i in index], step,
-                                         old_logprobs=_pick(old, index), ref_logprobs=_pick(ref, index))
+                out = trainer.train_step(
+                    [samples[i] for i in index],
+                    [advantages[i] for i in index],
+                    step,
+                    old_logprobs=_pick(old, index),
+                    ref_logprobs=_pick(ref, index),
+                )
                 _accumulate(metrics, out)
     metrics.update(objective.step_scalars(step))
     metrics.update(_logprob_metrics(samples, old))
@@ -224,16 +242,21 @@ def _pick(values: list[Any] | None, index: Sequence[int]) -> list[Any] | None:
     return None if values is None else [values[i] for i in index]
 
 
-def compute_advantages(run: Run, samples: Sequence[Sample], old: list[list[float]] | None,
-                       step: int) -> list[list[float]]:
+def compute_advantages(
+    run: Run, samples: Sequence[Sample], old: list[list[float]] | None, step: int
+) -> list[list[float]]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
-    eos = set(components.eos_ids(run.ctx.tokenizer))
+    eos = set(components.eos_ids(run.source_ctx.tokenizer))
     per_seq = objective.token_advantages(
-        rewards, run.cfg.algorithm.group_size if objective.uses_rewards else 1,
-        seq_lens=[len(s.response_ids) for s in samples], old_logprobs=old,
+        rewards,
+        run.cfg.algorithm.group_size if objective.uses_rewards else 1,
+        seq_lens=[len(s.response_ids) for s in samples],
+        old_logprobs=old,
         teacher_logprobs=[s.teacher_logprobs for s in samples] if objective.needs_teacher else None,
-        ends_with_eos=[bool(s.response_ids) and s.response_ids[-1] in eos for s in samples], step=step)
+        ends_with_eos=[bool(s.response_ids) and s.response_ids[-1] in eos for s in samples],
+        step=step,
+    )
     return [a.tolist() for a in per_seq]
 
 
@@ -261,8 +284,10 @@ def _accumulate(metrics: dict[str, float], out: dict[str, float]) -> None:
 def _logprob_metrics(samples: Sequence[Sample], old: list[list[float]] | None) -> dict[str, float]:
     """Rollout-vs-trainer mismatch and student-vs-teacher gap on the sampled tokens (k1 / k3 KL estimates)."""
     out: dict[str, float] = {}
-    pairs = {"rollout_vs_old": ([s.rollout_logprobs for s in samples], old),
-             "old_vs_teacher": (old, [s.teacher_logprobs for s in samples])}
+    pairs = {
+        "rollout_vs_old": ([s.rollout_logprobs for s in samples], old),
+        "old_vs_teacher": (old, [s.teacher_logprobs for s in samples]),
+    }
     for name, (first, second) in pairs.items():
         if first is None or second is None:
             continue
@@ -291,8 +316,11 @@ def rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as plain lists / ints (safe for any checkpoint loader)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state().tolist()}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -304,8 +332,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint(run: Run, step: int) -> None:
-    extra = {"step": step, "rng": rng_state(), "sampler": run.ctx.sampler.state_dict(),
-             "weights_version": run.weights_version}
+    extra = {
+        "step": step,
+        "rng": rng_state(),
+        "sampler": run.source_ctx.sampler.state_dict(),
+        "weights_version": run.weights_version,
+    }
     components.save(run, step, components.broadcast(extra, run.rank))  # rank 0 drives sampling: its state is the run's
 
 
@@ -321,7 +353,7 @@ def restore(run: Run, resume: bool | None) -> int:
             sync_weights(run, 0)  # servers that outlived an earlier run may hold its weights, not this student's
         return 0
     step, extra = found
-    run.ctx.sampler.load_state_dict(extra["sampler"])
+    run.source_ctx.sampler.load_state_dict(extra["sampler"])
     set_rng_state(extra["rng"])
     sync_weights(run, extra.get("weights_version", step))
     return int(step)
@@ -348,8 +380,7 @@ def build_run(cfg: RunConfig) -> Run:
     rank = components.rank()
     if rank == 0:
         save_config(cfg)
-    ctx = components.build_context(cfg, objective, source, with_engines=rank == 0)
-    run = Run(cfg=cfg, objective=objective, ctx=ctx, source=source, trainer=trainer, rank=rank)
+    source_ctx = components.build_source_context(cfg, objective, source, with_engines=rank == 0)
+    run = Run(cfg=cfg, objective=objective, source_ctx=source_ctx, source=source, trainer=trainer, rank=rank)
     run.eval_records = components.eval_records(cfg) if rank == 0 and cfg.train.mode == "full" else ()
     return run
-

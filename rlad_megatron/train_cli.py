@@ -9,6 +9,7 @@ plan; it exits 0 when the run could start and 1 otherwise. Resume is the default
 folder already holds a complete checkpoint; `--no-resume` refuses to mix a fresh run into it.
 Debug modes come from `train.mode` (rollout_only, train_only; see docs/training.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,25 @@ from rlad_megatron.config import RunConfig, load_config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML (see examples/*/recipe.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.num_steps=2")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="another way to give an override (repeatable)")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
-                        help="continue from the latest checkpoint in run_dir (default: yes when one exists)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="resolve the config, check models, tokenizers, data and parallel layout, print the plan, exit")
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another way to give an override (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continue from the latest checkpoint in run_dir (default: yes when one exists)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the config, check models, tokenizers, data and parallel layout, print the plan, exit",
+    )
 
 
 def resolve(args: argparse.Namespace) -> RunConfig:
@@ -47,15 +61,23 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         f"teacher          {cfg.model.teacher if needs_teacher else '(not used)'}",
         f"data             train={cfg.data.train} eval={cfg.data.eval or '(none)'}",
         f"reward           {cfg.reward.name}",
-        (f"steps            {t.num_steps} x {t.prompts_per_step} prompts x {a.group_size} responses "
-         f"= {t.prompts_per_step * a.group_size} samples/step; {t.ppo_epochs} epoch(s) x {t.num_minibatches} minibatch(es)"),
+        (
+            f"steps            {t.num_steps} x {t.prompts_per_step} prompts x {a.group_size} responses "
+            f"= {t.prompts_per_step * a.group_size} samples/step; {t.ppo_epochs} epoch(s) x {t.num_minibatches} minibatch(es)"
+        ),
         f"optimizer        lr={t.lr} ({t.lr_decay_style}, warmup {t.lr_warmup_steps}) clip_grad={t.clip_grad}",
-        (f"parallel         TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} "
-         f"SP={cfg.parallel.sequence_parallel} dist_opt={cfg.parallel.use_distributed_optimizer}"),
-        (f"engines          rollout={cfg.rollout.kind} teacher={cfg.teacher.kind if needs_teacher else '-'} "
-         f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}"),
-        (f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
-         + (f"eval every {cfg.eval.interval or 'start/end only'}" if cfg.data.eval else "no eval (data.eval empty)")),
+        (
+            f"parallel         TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} "
+            f"SP={cfg.parallel.sequence_parallel} dist_opt={cfg.parallel.use_distributed_optimizer}"
+        ),
+        (
+            f"engines          rollout={cfg.rollout.kind} teacher={cfg.teacher.kind if needs_teacher else '-'} "
+            f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}"
+        ),
+        (
+            f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
+            + (f"eval every {cfg.eval.interval or 'start/end only'}" if cfg.data.eval else "no eval (data.eval empty)")
+        ),
         f"resume           {_resume_text(cfg)}",
     ]
     return "\n".join(lines)

@@ -3,23 +3,24 @@
 Lists of Python numbers rather than tensors, so samples can cross process and HTTP
 boundaries, be saved to jsonl and replayed. The trainer packs them into tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 @dataclass
 class Sample:
-    prompt_ids: List[int]
+    prompt_ids: list[int]
     """Token ids of the templated prompt."""
-    record: Dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
     """The dataset row: prompt, answer and metadata (what the reward function reads)."""
     group_index: int = 0
     """Index of the prompt within the step; the G responses of one prompt share it."""
-    response_ids: List[int] = field(default_factory=list)
+    response_ids: list[int] = field(default_factory=list)
     """Sampled response tokens (EOS included when generation stopped on it)."""
-    rollout_logprobs: List[float] = field(default_factory=list)
+    rollout_logprobs: list[float] = field(default_factory=list)
     """Engine log-probs of response_ids (temperature-scaled, before top-p/top-k; docs/rollout.md)."""
     finish_reason: str = ""
     """stop, length or abort."""
@@ -27,22 +28,22 @@ class Sample:
     """Decoded response (special tokens skipped)."""
     reward: float = 0.0
     """Scalar reward of the response."""
-    reward_details: Dict[str, Any] = field(default_factory=dict)
+    reward_details: dict[str, Any] = field(default_factory=dict)
     """What the reward function found (parsed answer, format ok, ...)."""
-    teacher_logprobs: Optional[List[float]] = None
+    teacher_logprobs: list[float] | None = None
     """Teacher log-probs of response_ids, same positions."""
-    teacher_topk_ids: Optional[List[List[int]]] = None
+    teacher_topk_ids: list[list[int]] | None = None
     """GKD: teacher top-k token ids per response position."""
-    teacher_topk_logprobs: Optional[List[List[float]]] = None
+    teacher_topk_logprobs: list[list[float]] | None = None
     """GKD: teacher log-probs of teacher_topk_ids."""
 
     @property
     def num_response_tokens(self) -> int:
         return len(self.response_ids)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "Sample":
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
         return cls(**data)

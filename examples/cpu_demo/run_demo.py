@@ -15,6 +15,7 @@ Stages (each a normal `rlad train` run, through the Megatron trainer and the emb
 The tokenizer, teacher and student are cached under <out>/cache and reused by the next run with
 the same settings; the RLAD run starts fresh each time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,36 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TEACHER_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=128)
-STUDENT_ARCH = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=128)
+TEACHER_ARCH = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+STUDENT_ARCH = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 # Reduced sizes for CI: same stages, a few steps each.
 SMOKE = {
     "teacher": ["train.num_steps=6", "train.prompts_per_step=16"],
     "student": ["train.num_steps=3", "train.prompts_per_step=16"],
-    "rlad": ["train.num_steps=2", "train.prompts_per_step=4", "algorithm.group_size=4", "eval.interval=0",
-             "eval.max_prompts=8", "eval.num_samples=2", "rollout.max_new_tokens=24", "eval.max_new_tokens=24"],
+    "rlad": [
+        "train.num_steps=2",
+        "train.prompts_per_step=4",
+        "algorithm.group_size=4",
+        "eval.interval=0",
+        "eval.max_prompts=8",
+        "eval.num_samples=2",
+        "rollout.max_new_tokens=24",
+        "eval.max_new_tokens=24",
+    ],
 }
 
 
@@ -67,11 +88,19 @@ def init_model(folder: Path, tokenizer_dir: Path, arch: dict, seed: int) -> Path
     """A random-init HF llama with the cached tokenizer."""
     from transformers import AutoTokenizer
 
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    save_tiny_model(folder, "llama", seed=seed, tokenizer=False, vocab_size=len(tok),
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **arch)
+    save_tiny_model(
+        folder,
+        "llama",
+        seed=seed,
+        tokenizer=False,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **arch,
+    )
     tok.save_pretrained(str(folder))
     return folder
 
@@ -99,18 +128,28 @@ def evaluate_model(model_dir: Path, cfg) -> dict:
     from transformers import AutoTokenizer
 
     from rlad_megatron.components import eval_records
+    from rlad_megatron.engines.base import SamplingParams
+    from rlad_megatron.engines.embedded import EmbeddedEngine
     from rlad_megatron.eval.evaluate import evaluate
     from rlad_megatron.rewards import build_reward_fn
-    from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.embedded import EmbeddedEngine
 
     e = cfg.eval
     engine = EmbeddedEngine(str(model_dir), max_batch_size=cfg.rollout.max_batch_size)
-    sampling = SamplingParams(temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                              seed=(cfg.seed * 7919 + 17) % (2**31 - 1))
-    result = evaluate(engine, AutoTokenizer.from_pretrained(str(model_dir)), eval_records(cfg),
-                      build_reward_fn(cfg.reward, cfg.data), k=e.num_samples, sampling=sampling,
-                      max_prompts=e.max_prompts)
+    sampling = SamplingParams(
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens,
+        seed=(cfg.seed * 7919 + 17) % (2**31 - 1),
+    )
+    result = evaluate(
+        engine,
+        AutoTokenizer.from_pretrained(str(model_dir)),
+        eval_records(cfg),
+        build_reward_fn(cfg.reward, cfg.data),
+        k=e.num_samples,
+        sampling=sampling,
+        max_prompts=e.max_prompts,
+    )
     return result["overall"]
 
 
@@ -126,10 +165,16 @@ def rl_run(out: Path, algorithm: str, student: Path, teacher: Path, overrides: l
 
     run_dir = out / algorithm
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(HERE / "rlad.yaml", [f"run_dir={run_dir}", f"model.student={student}",
-                                           f"model.teacher={teacher}", f"algorithm.name={algorithm}"] + overrides)
-    print(f"[5/6] {algorithm}: {cfg.train.num_steps} steps x {cfg.train.prompts_per_step} prompts x "
-          f"{cfg.algorithm.group_size} responses", flush=True)
+    cfg = load_config(
+        HERE / "rlad.yaml",
+        [f"run_dir={run_dir}", f"model.student={student}", f"model.teacher={teacher}", f"algorithm.name={algorithm}"]
+        + overrides,
+    )
+    print(
+        f"[5/6] {algorithm}: {cfg.train.num_steps} steps x {cfg.train.prompts_per_step} prompts x "
+        f"{cfg.algorithm.group_size} responses",
+        flush=True,
+    )
     train(cfg, resume=False)
     return run_dir, evaluate_model(resolve_latest(run_dir / "hf"), cfg)
 
@@ -138,8 +183,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="reduced size (CI): a few steps per stage")
     parser.add_argument("--out", default="runs/cpu_demo", help="output folder (cache, runs, report)")
-    parser.add_argument("--compare", nargs="*", default=None, metavar="ALGORITHM",
-                        help="baselines run from the same student for the report (default: grpo opd; none with --smoke)")
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=None,
+        metavar="ALGORITHM",
+        help="baselines run from the same student for the report (default: grpo opd; none with --smoke)",
+    )
     args = parser.parse_args(argv)
     if args.compare is None:
         args.compare = [] if args.smoke else ["grpo", "opd"]
@@ -160,11 +210,17 @@ def main(argv=None) -> int:
     cfg = load_config(HERE / "rlad.yaml", [f"model.student={student}"] + smoke["rlad"])  # eval settings
     k = cfg.eval.num_samples
     teacher_eval, student_eval = evaluate_model(teacher, cfg), evaluate_model(student, cfg)
-    print(f"[4/6] held-out eval before RL: teacher avg@{k} {teacher_eval[f'avg@{k}']:.3f}, "
-          f"student avg@{k} {student_eval[f'avg@{k}']:.3f}", flush=True)
+    print(
+        f"[4/6] held-out eval before RL: teacher avg@{k} {teacher_eval[f'avg@{k}']:.3f}, "
+        f"student avg@{k} {student_eval[f'avg@{k}']:.3f}",
+        flush=True,
+    )
     if not args.smoke and teacher_eval[f"avg@{k}"] < student_eval[f"avg@{k}"] + 0.1:
-        print("WARNING: the teacher is not clearly better than the student; raise train.num_steps in "
-              "teacher_sft.yaml (the cached teacher is keyed by the recipe, so it is retrained)", flush=True)
+        print(
+            "WARNING: the teacher is not clearly better than the student; raise train.num_steps in "
+            "teacher_sft.yaml (the cached teacher is keyed by the recipe, so it is retrained)",
+            flush=True,
+        )
     rows = [_row("teacher (SFT)", teacher_eval, k), _row("student before RL", student_eval, k)]
     run_dirs = []
     for algorithm in ["rlad"] + [a for a in args.compare if a != "rlad"]:
@@ -172,8 +228,9 @@ def main(argv=None) -> int:
         run_dirs.append(run_dir)
         rows.append(_row(f"student after {algorithm}", after, k))
     written = write_report(run_dirs, out / "report")
-    summary = "\n".join([f"| model (held-out addition, {cfg.eval.max_prompts} prompts) | avg@{k} | pass@{k} |",
-                         "|---|---|---|"] + rows)
+    summary = "\n".join(
+        [f"| model (held-out addition, {cfg.eval.max_prompts} prompts) | avg@{k} | pass@{k} |", "|---|---|---|"] + rows
+    )
     (out / "report" / "summary.md").write_text(summary + "\n")
     print(f"[6/6] done in {time.time() - start:.0f} s\n\n{summary}\n")
     print(f"report:      {written['table']} (plots: {', '.join(str(p) for n, p in written.items() if n != 'table')})")

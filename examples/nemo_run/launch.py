@@ -15,6 +15,7 @@ on this machine means nothing, so the recipe file is packaged into that folder a
 code itself is expected inside the container image (see the Dockerfile); --git-package ships the current
 commit into the code folder as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ def recipe_packager(recipe: str | Path, git_package: bool = False) -> tuple[run.
     """(packager, recipe path as the job sees it): the recipe file lands at the top of the code folder."""
     path = Path(recipe).resolve()
     if git_package:  # the commit's tree plus the local recipe file (uncommitted edits included)
-        return run.GitArchivePackager(include_pattern=str(path), include_pattern_relative_path=str(path.parent)), path.name
+        return run.GitArchivePackager(
+            include_pattern=str(path), include_pattern_relative_path=str(path.parent)
+        ), path.name
     return run.PatternPackager(include_pattern=str(path), relative_path=str(path.parent)), path.name
 
 
@@ -47,13 +50,26 @@ def slurm_executor(cfg: RunConfig, tunnel, packager: run.Packager) -> run.SlurmE
     """One task per node on `launch.nodes` nodes, from the recipe's launch section."""
     la = cfg.launch
     return run.SlurmExecutor(
-        account=la.account or None, partition=la.partition or None, nodes=la.nodes, ntasks_per_node=1,
-        gpus_per_node=la.gpus_per_node, time=la.time_limit, exclusive=True, signal="USR1@120",
+        account=la.account or None,
+        partition=la.partition or None,
+        nodes=la.nodes,
+        ntasks_per_node=1,
+        gpus_per_node=la.gpus_per_node,
+        time=la.time_limit,
+        exclusive=True,
+        signal="USR1@120",
         job_name_prefix=f"{la.job_name}-",
-        container_image=la.container_image or None, container_mounts=list(la.container_mounts),
-        env_vars={"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
-                  **la.env},
-        tunnel=tunnel, packager=packager)
+        container_image=la.container_image or None,
+        container_mounts=list(la.container_mounts),
+        env_vars={
+            "NCCL_DEBUG": "WARN",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+            "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+            **la.env,
+        },
+        tunnel=tunnel,
+        packager=packager,
+    )
 
 
 def sbatch_text(cfg: RunConfig, recipe: str, overrides: Sequence[str], job_dir: str, git_package: bool = False) -> str:
@@ -126,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dryrun:
         print(sbatch_text(cfg, args.recipe, args.overrides, args.job_dir, args.git_package))
         return 0
-    tunnel = (run.SSHTunnel(host=args.ssh_host, user=args.user, job_dir=args.job_dir) if args.ssh_host
-              else run.LocalTunnel(job_dir=args.job_dir))
+    tunnel = (
+        run.SSHTunnel(host=args.ssh_host, user=args.user, job_dir=args.job_dir)
+        if args.ssh_host
+        else run.LocalTunnel(job_dir=args.job_dir)
+    )
     packager, job_recipe = recipe_packager(args.recipe, args.git_package)
     with run.Experiment("rlad", executor=slurm_executor(cfg, tunnel, packager)) as exp:
         exp.add(node_agent_script(job_recipe, args.overrides), name="rlad")

@@ -5,6 +5,7 @@ No Megatron, no torch.distributed, no host syncs: each loss takes the global tok
 response) count and returns `(loss_share, metrics)` with detached metric tensors, so the
 same code runs in a unit test, a CPU run and a multi-node job. See docs/algorithms.md.
 """
+
 from .advantages import group_advantages, zero_advantage_groups
 from .aggregation import aggregate, seq_weights_from_lengths, seq_weights_from_mask
 from .distill import gkd_loss, opd_advantage_term, sft_loss, topk_divergence

@@ -12,6 +12,7 @@ carries no policy-gradient signal and, for TRRD, no teacher signal either. Dynam
 (DAPO) drops such groups and samples replacements; `zero_advantage_groups` finds them.
 Left out: per-batch (instead of per-group) normalisation and leave-one-out baselines.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,9 +31,7 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.to(torch.float32).view(-1, group_size)
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, *, scale: str = "std", eps: float = 1e-6
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
     """Per-response advantage [N] from rewards [N] (group-contiguous), float32, no gradient."""
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r} is not allowed; choose one of {list(SCALES)}")

@@ -19,6 +19,7 @@ rows where a row holds several responses. For padded rows it can be derived from
 Masked positions must hold finite values (0 is fine): a masked NaN would still poison the sum
 and its gradient, and checking would need a host sync.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -21,6 +21,7 @@ Shape legend: per-token [*] (padded [B, S] or packed [1, T]); top-k [*, K].
 Left out: full-vocabulary GKD (needs teacher logits in the trainer), temperature on the
 top-k distributions, and GKD's mixing of off-policy data (lambda); rollouts are on-policy.
 """
+
 from __future__ import annotations
 
 import math

@@ -15,6 +15,7 @@ Reward-guided masking removes the KD term on responses whose reward marks them c
 Shape legend: per-token tensors share one shape [*] (padded [B, S] or packed [1, T]).
 Left out: full-vocabulary or top-k KL for KDRL (the paper reports top-k as unstable).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,7 +45,9 @@ def kd_coef_at(step: int, cfg: Any) -> float:
         return float(cfg.kd_coef)
     if cfg.kd_schedule == "annealed":
         return max(float(cfg.kd_coef_start) - float(cfg.kd_coef_decay) * step, float(cfg.kd_coef_min))
-    raise ValueError(f"algorithm.kd_schedule={cfg.kd_schedule!r} is not allowed; choose one of ['constant', 'annealed']")
+    raise ValueError(
+        f"algorithm.kd_schedule={cfg.kd_schedule!r} is not allowed; choose one of ['constant', 'annealed']"
+    )
 
 
 def incorrect_mask(rewards: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -35,6 +35,7 @@ OPD adds -opd_coef * (lp_old - lp_T) (its group term is weighted by opd_reward_c
 default); KDRL with kd_estimator='k1' adds beta_t * (lp_T - lp_old). GKD and SFT return zeros.
 Left out: value functions (PPO critics) and process rewards.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -162,7 +163,9 @@ class Objective:
                 f"algorithm '{self.name}' needs batch keys {missing}; it reads {list(self.required_batch_keys)}"
             )
         agg = {
-            "aggregation": self.cfg.aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs,
+            "aggregation": self.cfg.aggregation,
+            "num_tokens": num_tokens,
+            "num_seqs": num_seqs,
             "seq_weights": batch.get("seq_weights"),
         }
         return self._loss(batch, agg, step)
@@ -175,8 +178,11 @@ class Objective:
     def _policy_kwargs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         cfg = self.cfg
         return {
-            "clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "ref_logprobs": batch.get("ref_logprobs"),
-            "ref_kl_coef": cfg.ref_kl_coef, "ref_kl_estimator": cfg.ref_kl_estimator,
+            "clip_low": cfg.clip_low,
+            "clip_high": cfg.clip_high,
+            "ref_logprobs": batch.get("ref_logprobs"),
+            "ref_kl_coef": cfg.ref_kl_coef,
+            "ref_kl_estimator": cfg.ref_kl_estimator,
         }
 
     def _loss(self, batch, agg, step) -> tuple[torch.Tensor, Metrics]:
@@ -198,9 +204,17 @@ class RLADObjective(Objective):
     def _loss(self, batch, agg, step):
         b, cfg = batch, self.cfg
         return trrd_loss(
-            b["logprobs"], b["old_logprobs"], b["teacher_logprobs"], b["advantages"], b["mask"],
-            alpha=cfg.alpha, teacher_log_ratio_clamp=cfg.teacher_log_ratio_clamp, clamp_mode=cfg.clamp_mode,
-            teacher_mask=b.get("teacher_mask"), **self._policy_kwargs(b), **agg,
+            b["logprobs"],
+            b["old_logprobs"],
+            b["teacher_logprobs"],
+            b["advantages"],
+            b["mask"],
+            alpha=cfg.alpha,
+            teacher_log_ratio_clamp=cfg.teacher_log_ratio_clamp,
+            clamp_mode=cfg.clamp_mode,
+            teacher_mask=b.get("teacher_mask"),
+            **self._policy_kwargs(b),
+            **agg,
         )
 
 
@@ -241,8 +255,13 @@ class KDRLObjective(Objective):
         if self.cfg.kd_reward_mask:
             correct = ~incorrect_mask(rewards, self.cfg.correct_reward_threshold)
         kd, kd_metrics = kd_loss(
-            batch["logprobs"], batch["teacher_logprobs"], self._teacher_tokens(batch),
-            kind=self.cfg.kd_estimator, coef=kd_coef_at(step, self.cfg), correct=correct, **agg,
+            batch["logprobs"],
+            batch["teacher_logprobs"],
+            self._teacher_tokens(batch),
+            kind=self.cfg.kd_estimator,
+            coef=kd_coef_at(step, self.cfg),
+            correct=correct,
+            **agg,
         )
         metrics.update(kd_metrics, kd_loss=kd.detach())
         return loss + kd, metrics
@@ -292,8 +311,12 @@ class GKDObjective(_SupervisedObjective):
 
     def _loss(self, batch, agg, step):
         return gkd_loss(
-            batch["student_topk_logprobs"], batch["teacher_topk_logprobs"], self._teacher_tokens(batch),
-            divergence=self.cfg.gkd_divergence, jsd_beta=self.cfg.gkd_jsd_beta, **agg,
+            batch["student_topk_logprobs"],
+            batch["teacher_topk_logprobs"],
+            self._teacher_tokens(batch),
+            divergence=self.cfg.gkd_divergence,
+            jsd_beta=self.cfg.gkd_jsd_beta,
+            **agg,
         )
 
 

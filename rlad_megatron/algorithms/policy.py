@@ -19,6 +19,7 @@ rollout-engine log-probs.
 Shape legend: every per-token tensor has one shape [*] (padded [B, S] or packed [1, T]);
 advantages are per token (the group advantage broadcast over each response).
 """
+
 from __future__ import annotations
 
 import torch

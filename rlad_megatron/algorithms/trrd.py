@@ -27,6 +27,7 @@ lp_old (plain GRPO). Used to drop the final EOS when teacher and student end tur
 Shape legend: every per-token tensor has one shape [*] (padded [B, S] or packed [1, T]).
 Left out: a renormalised (log-sum-exp) mixture anchor; the paper's anchor is not renormalised.
 """
+
 from __future__ import annotations
 
 import torch

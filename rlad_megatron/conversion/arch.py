@@ -7,6 +7,7 @@ Llama-3 style, non-SiLU activations, MLP biases, or an o_proj bias.
 
 Left out: multimodal wrappers (`*ForConditionalGeneration`), MTP heads, Mamba/hybrid layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,12 +75,14 @@ def detect_family(config: dict[str, Any]) -> str:
     if archs:
         raise UnsupportedModelError(
             f"unsupported architecture {archs}; supported: {sorted(ARCHITECTURES)} "
-            "(add a name table in rlad_megatron/conversion/tables.py for a new family)")
+            "(add a name table in rlad_megatron/conversion/tables.py for a new family)"
+        )
     model_type = config.get("model_type")
     if model_type in FAMILIES:
         return model_type
     raise UnsupportedModelError(
-        f"unsupported model_type {model_type!r} (no `architectures` in config.json); supported: {list(FAMILIES)}")
+        f"unsupported model_type {model_type!r} (no `architectures` in config.json); supported: {list(FAMILIES)}"
+    )
 
 
 def _rope_type(config: dict[str, Any]) -> str:
@@ -90,6 +93,7 @@ def _rope_type(config: dict[str, Any]) -> str:
 
 def check_supported(config: dict[str, Any], family: str) -> None:
     """Raise `UnsupportedModelError` naming the first config field the tables cannot convert."""
+
     def bad(field: str, value: Any, fix: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"config field {field}={value!r} is not supported for {family}: {fix}")
 

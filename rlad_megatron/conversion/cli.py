@@ -8,6 +8,7 @@
 (it carries its HF config in `CKPT_DIR/hf_config`) or a trainer checkpoint `run/checkpoints/step_N`
 saved at any TP/PP (then pass `--hf-config` = the student's HF folder for config and tokenizer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf = subs.add_parser("megatron-to-hf", help="Megatron torch_dist checkpoint -> sharded HF safetensors")
     to_hf.add_argument("--ckpt", required=True, help="checkpoint folder (holds metadata.json)")
     to_hf.add_argument("--out", required=True, help="output HF folder")
-    to_hf.add_argument("--hf-config", default=None,
-                       help="HF folder with config.json + tokenizer (default: CKPT/hf_config)")
+    to_hf.add_argument(
+        "--hf-config", default=None, help="HF folder with config.json + tokenizer (default: CKPT/hf_config)"
+    )
     to_hf.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the checkpoint's dtype)")
-    to_hf.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
-                       help="largest safetensors shard (default 2GB)")
-    to_hf.add_argument("--key-prefix", default=None,
-                       help="prefix of the model keys in the checkpoint (default: detected)")
+    to_hf.add_argument(
+        "--max-shard-size", type=parse_size, default=parse_size("2GB"), help="largest safetensors shard (default 2GB)"
+    )
+    to_hf.add_argument(
+        "--key-prefix", default=None, help="prefix of the model keys in the checkpoint (default: detected)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
         if args.direction == "hf-to-megatron":
             out = convert.hf_to_megatron(args.hf, args.out, dtype=dtype)
         else:
-            out = convert.megatron_to_hf(args.ckpt, args.out, hf_config_dir=args.hf_config, dtype=dtype,
-                                         max_shard_bytes=args.max_shard_size, key_prefix=args.key_prefix)
+            out = convert.megatron_to_hf(
+                args.ckpt,
+                args.out,
+                hf_config_dir=args.hf_config,
+                dtype=dtype,
+                max_shard_bytes=args.max_shard_size,
+                key_prefix=args.key_prefix,
+            )
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"rlad convert: error: {err}", file=sys.stderr)
         return 1
@@ -65,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -13,6 +13,7 @@ reverse direction needs no extra argument.
 Left out: optimizer state, checkpoints saved by other frameworks' layouts (e.g. Megatron-LM's
 legacy `mp_rank_XX/model_optim_rng.pt`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,10 @@ def check_hf_shapes(arch: ModelArch, reader: HFReader) -> None:
     for rule, layer in tables.iter_tensors(arch):
         for name, shape in zip(rule.hf_names(layer), tables.expected_hf_shapes(rule, arch)):
             if reader.shape(name) != shape:
-                raise ValueError(f"tensor {name!r} has shape {reader.shape(name)} in the checkpoint, "
-                                 f"expected {shape} from config.json")
+                raise ValueError(
+                    f"tensor {name!r} has shape {reader.shape(name)} in the checkpoint, "
+                    f"expected {shape} from config.json"
+                )
 
 
 def _produce(reader: HFReader, rule: tables.Rule, layer, arch: ModelArch, part: int | None) -> torch.Tensor:
@@ -59,15 +62,33 @@ def _chunks(arch: ModelArch, reader: HFReader, dtype: torch.dtype, rules) -> lis
         shape = tables.megatron_shape(rule, arch)
         make = functools.partial(_produce, reader, rule, layer, arch)
         if layer is None:
-            out.append(dist_ckpt.Chunk(rule.ckpt_key, shape, (0,) * len(shape), shape, dtype,
-                                       functools.partial(make, None)))
+            out.append(
+                dist_ckpt.Chunk(rule.ckpt_key, shape, (0,) * len(shape), shape, dtype, functools.partial(make, None))
+            )
         elif rule.transform == "gate_up":
             half = (shape[0] // 2, shape[1])
-            out += [dist_ckpt.Chunk(rule.ckpt_key, (L, *shape), (layer, part * half[0], 0), (1, *half), dtype,
-                                    functools.partial(make, part)) for part in (0, 1)]
+            out += [
+                dist_ckpt.Chunk(
+                    rule.ckpt_key,
+                    (L, *shape),
+                    (layer, part * half[0], 0),
+                    (1, *half),
+                    dtype,
+                    functools.partial(make, part),
+                )
+                for part in (0, 1)
+            ]
         else:
-            out.append(dist_ckpt.Chunk(rule.ckpt_key, (L, *shape), (layer,) + (0,) * len(shape), (1, *shape),
-                                       dtype, functools.partial(make, None)))
+            out.append(
+                dist_ckpt.Chunk(
+                    rule.ckpt_key,
+                    (L, *shape),
+                    (layer,) + (0,) * len(shape),
+                    (1, *shape),
+                    dtype,
+                    functools.partial(make, None),
+                )
+            )
     return out
 
 
@@ -90,8 +111,14 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     groups = []
     for rules in layer_groups(arch):
         layer = rules[0][1]
-        objects = {} if layer is None else {f"decoder.layers.{m}._extra_state/shard_{layer}_{L}":
-                                            dist_ckpt.serialized_none() for m in EXTRA_STATE_MODULES}
+        objects = (
+            {}
+            if layer is None
+            else {
+                f"decoder.layers.{m}._extra_state/shard_{layer}_{L}": dist_ckpt.serialized_none()
+                for m in EXTRA_STATE_MODULES
+            }
+        )
         groups.append((_chunks(arch, reader, dtype, rules), objects))
     out = Path(out_dir)
     dist_ckpt.write_checkpoint(out, groups)
@@ -112,8 +139,10 @@ def _check_ckpt_shapes(arch: ModelArch, reader: dist_ckpt.CheckpointReader) -> N
         else:
             ok = got == (want if layer is None else (L, *want))
         if not ok:
-            raise ValueError(f"checkpoint tensor {rule.ckpt_key!r} has shape {got}, which does not match "
-                             f"the HF config ({'' if layer is None else f'{L} layers x '}{want})")
+            raise ValueError(
+                f"checkpoint tensor {rule.ckpt_key!r} has shape {got}, which does not match "
+                f"the HF config ({'' if layer is None else f'{L} layers x '}{want})"
+            )
 
 
 def _requests(arch: ModelArch, rules) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
@@ -127,16 +156,23 @@ def _requests(arch: ModelArch, rules) -> dict[str, tuple[str, tuple[int, ...], t
     return out
 
 
-def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, hf_config_dir: str | Path | None = None,
-                   dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
-                   key_prefix: str | None = None) -> Path:
+def megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    hf_config_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 << 30,
+    key_prefix: str | None = None,
+) -> Path:
     """Convert a Megatron dist checkpoint (saved at any TP/PP) into a sharded HF safetensors folder."""
     reader = dist_ckpt.CheckpointReader(ckpt_dir, key_prefix)
     if hf_config_dir is None:
         hf_config_dir = Path(ckpt_dir) / HF_CONFIG_SUBDIR
         if not hf_config_dir.exists():
-            raise FileNotFoundError(f"{ckpt_dir} carries no {HF_CONFIG_SUBDIR}/; pass the student's HF folder "
-                                    "as hf_config_dir (CLI: --hf-config) for config.json and tokenizer files")
+            raise FileNotFoundError(
+                f"{ckpt_dir} carries no {HF_CONFIG_SUBDIR}/; pass the student's HF folder "
+                "as hf_config_dir (CLI: --hf-config) for config.json and tokenizer files"
+            )
     arch = arch_from_config(load_config_dict(hf_config_dir))
     _check_ckpt_shapes(arch, reader)
     dtype = dtype or reader.dtype("embedding.word_embeddings.weight")

@@ -17,6 +17,7 @@ layer of a stacked tensor). No process group is needed for either (`no_dist=True
 
 Left out: optimizer state (use the trainer's own checkpoints), fp8 extra state contents.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,12 @@ from torch.distributed.checkpoint.planner_helpers import (
 
 CONFIG_FNAME = "metadata.json"
 COMMON_FNAME = "common.pt"
-MEGATRON_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                   "common_backend": "torch", "common_backend_version": 1}
+MEGATRON_CONFIG = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 
 
 @contextlib.contextmanager
@@ -90,10 +95,18 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._objects = objects
 
     def create_local_plan(self) -> SavePlan:
-        items = [WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
-            chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
-            properties=TensorProperties(dtype=c.dtype), size=torch.Size(c.global_shape)))
-            for index, c in self._chunks.items()]
+        items = [
+            WriteItem(
+                index=index,
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
+                    properties=TensorProperties(dtype=c.dtype),
+                    size=torch.Size(c.global_shape),
+                ),
+            )
+            for index, c in self._chunks.items()
+        ]
         items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
         self.plan = SavePlan(items)
         return self.plan
@@ -104,8 +117,9 @@ class _LazySavePlanner(DefaultSavePlanner):
         chunk = self._chunks[MetadataIndex(write_item.index.fqn, write_item.index.offset)]
         tensor = chunk.produce()
         if tuple(tensor.shape) != tuple(chunk.sizes):
-            raise ValueError(f"chunk of {chunk.key} at {chunk.offsets} has shape {tuple(tensor.shape)}, "
-                             f"expected {chunk.sizes}")
+            raise ValueError(
+                f"chunk of {chunk.key} at {chunk.offsets} has shape {tuple(tensor.shape)}, expected {chunk.sizes}"
+            )
         return tensor.to(chunk.dtype).contiguous()
 
 
@@ -212,8 +226,9 @@ class CheckpointReader:
         if backend != "torch_dist":
             raise ValueError(f"{self.dir} uses sharded_backend={backend!r}; only 'torch_dist' is supported")
         self.metadata = dcp.FileSystemReader(str(self.dir)).read_metadata()
-        self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
-                        if isinstance(v, TensorStorageMetadata)}
+        self.tensors = {
+            k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
         self.prefix = self._detect_prefix() if key_prefix is None else key_prefix
 
     def _detect_prefix(self) -> str:
@@ -242,6 +257,7 @@ class CheckpointReader:
             self.shape(key)
             plan[name] = (self.prefix + key, tuple(offsets), torch.empty(sizes, dtype=self.dtype(key)))
         with _single_process():
-            dcp.load({}, storage_reader=dcp.FileSystemReader(str(self.dir)), planner=_ChunkLoadPlanner(plan),
-                     no_dist=True)
+            dcp.load(
+                {}, storage_reader=dcp.FileSystemReader(str(self.dir)), planner=_ChunkLoadPlanner(plan), no_dist=True
+            )
         return {name: dest for name, (_, _, dest) in plan.items()}

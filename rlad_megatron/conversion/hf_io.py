@@ -9,6 +9,7 @@ export visible atomically (`step_N.tmp` -> `step_N`, then a `latest` pointer fil
 
 Left out: reading pickled `pytorch_model.bin` checkpoints (convert them with transformers first).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,18 @@ from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 # Non-weight files of a HF folder that an export carries over unchanged.
-METADATA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                  "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                  "chat_template.json", "generation_config.json")
+METADATA_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -43,13 +53,16 @@ class HFReader:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
-                raise FileNotFoundError(f"{self.folder}: shards listed in {INDEX_NAME} are missing: {missing}; "
-                                        "copy the complete folder (or re-export it)")
+                raise FileNotFoundError(
+                    f"{self.folder}: shards listed in {INDEX_NAME} are missing: {missing}; "
+                    "copy the complete folder (or re-export it)"
+                )
         elif (self.folder / "model.safetensors").exists():
             files = ["model.safetensors"]
         else:
-            raise FileNotFoundError(f"no model.safetensors or {INDEX_NAME} in {self.folder}; "
-                                    "convert .bin checkpoints to safetensors first")
+            raise FileNotFoundError(
+                f"no model.safetensors or {INDEX_NAME} in {self.folder}; convert .bin checkpoints to safetensors first"
+            )
         self.weight_map: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for file in files:  # headers only: names and shapes, no tensor data
@@ -129,8 +142,10 @@ class _StreamingSafetensors:
         """Append one tensor (must come in header order); True when the file is complete."""
         exp_name, exp_shape, exp_dtype = self._expected[self._next]
         if (name, tuple(tensor.shape), tensor.dtype) != (exp_name, exp_shape, exp_dtype):
-            raise ValueError(f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} arrived where "
-                             f"{exp_name!r} {exp_shape} {exp_dtype} was planned")
+            raise ValueError(
+                f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} arrived where "
+                f"{exp_name!r} {exp_shape} {exp_dtype} was planned"
+            )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))  # no extra copy of the tensor bytes
         self._next += 1
@@ -186,8 +201,9 @@ def write_index(out_dir: str | Path, weight_map: dict[str, str], total_bytes: in
     (Path(out_dir) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_hf_metadata(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                     config: dict | None = None) -> None:
+def copy_hf_metadata(
+    src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None, config: dict | None = None
+) -> None:
     """Copy config.json (with `dtype` updated) and the tokenizer / generation files of `src_dir`."""
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,8 +239,9 @@ def publish_step_folder(tmp_dir: str | Path, final_dir: str | Path) -> Path:
 def prune_steps(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` `step_N` folders (never the one `latest` names)."""
     root = Path(root)
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
+    steps = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
     latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
     doomed = [p for p in steps[:-keep_last] if p.name != latest] if keep_last > 0 else []
     for path in doomed:

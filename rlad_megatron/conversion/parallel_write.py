@@ -15,6 +15,7 @@ Shape legend: ng = query groups, hpg = heads per group, d = head_dim, V = vocab,
 Left out: ranks on different machines need a shared filesystem on which concurrent writes to
 disjoint byte ranges of one file are safe (local disks, Lustre, GPFS; NFS needs care).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,9 +87,11 @@ def local_pieces(rule: tables.Rule, layer, local: torch.Tensor, arch: ModelArch,
         out = []
         for g in range(groups):
             first = tp_rank * groups + g
-            out += [Piece(names[0], grouped[g, : hpg * d], 0, first * hpg * d),
-                    Piece(names[1], grouped[g, hpg * d: (hpg + 1) * d], 0, first * d),
-                    Piece(names[2], grouped[g, (hpg + 1) * d:], 0, first * d)]
+            out += [
+                Piece(names[0], grouped[g, : hpg * d], 0, first * hpg * d),
+                Piece(names[1], grouped[g, hpg * d : (hpg + 1) * d], 0, first * d),
+                Piece(names[2], grouped[g, (hpg + 1) * d :], 0, first * d),
+            ]
         return out
     if rule.transform == "vocab":
         start = tp_rank * local.shape[0]
@@ -120,6 +123,6 @@ def write_piece(out_dir: Path, slot: Slot, piece: Piece) -> None:
         rows, col = slot.shape[0], piece.start * slot.dtype.itemsize
         width = len(src) // rows
         for row in range(rows):
-            _pwrite_all(fd, src[row * width:(row + 1) * width], slot.offset + row * row_bytes + col)
+            _pwrite_all(fd, src[row * width : (row + 1) * width], slot.offset + row * row_bytes + col)
     finally:
         os.close(fd)

@@ -12,6 +12,7 @@ names onto them in `sharded_state_dict`).
 
 Layer rows use `{i}` for the layer index (global, not per pipeline stage).
 """
+
 from __future__ import annotations
 
 import re
@@ -58,20 +59,44 @@ class Rule:
 def layer_rules(arch: ModelArch) -> list[Rule]:
     """Rules of one transformer layer, in a fixed order (the order exports happen in)."""
     L, A, M = "decoder.layers.{i}.", "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
-    rules = [Rule(L + "input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), "copy",
-                  "replicated", L + "self_attention.linear_qkv.layer_norm_weight"),
-             Rule(L + "self_attention.linear_qkv.weight", (A + "q_proj.weight", A + "k_proj.weight",
-                                                           A + "v_proj.weight"), "qkv", "column")]
+    rules = [
+        Rule(
+            L + "input_layernorm.weight",
+            ("model.layers.{i}.input_layernorm.weight",),
+            "copy",
+            "replicated",
+            L + "self_attention.linear_qkv.layer_norm_weight",
+        ),
+        Rule(
+            L + "self_attention.linear_qkv.weight",
+            (A + "q_proj.weight", A + "k_proj.weight", A + "v_proj.weight"),
+            "qkv",
+            "column",
+        ),
+    ]
     if arch.qkv_bias:
-        rules.append(Rule(L + "self_attention.linear_qkv.bias",
-                          (A + "q_proj.bias", A + "k_proj.bias", A + "v_proj.bias"), "qkv", "column"))
+        rules.append(
+            Rule(
+                L + "self_attention.linear_qkv.bias",
+                (A + "q_proj.bias", A + "k_proj.bias", A + "v_proj.bias"),
+                "qkv",
+                "column",
+            )
+        )
     if arch.qk_norm:
-        rules += [Rule(L + "self_attention.q_layernorm.weight", (A + "q_norm.weight",), "copy", "replicated"),
-                  Rule(L + "self_attention.k_layernorm.weight", (A + "k_norm.weight",), "copy", "replicated")]
+        rules += [
+            Rule(L + "self_attention.q_layernorm.weight", (A + "q_norm.weight",), "copy", "replicated"),
+            Rule(L + "self_attention.k_layernorm.weight", (A + "k_norm.weight",), "copy", "replicated"),
+        ]
     rules += [
         Rule(L + "self_attention.linear_proj.weight", (A + "o_proj.weight",), "copy", "row"),
-        Rule(L + "pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",), "copy",
-             "replicated", L + "mlp.linear_fc1.layer_norm_weight"),
+        Rule(
+            L + "pre_mlp_layernorm.weight",
+            ("model.layers.{i}.post_attention_layernorm.weight",),
+            "copy",
+            "replicated",
+            L + "mlp.linear_fc1.layer_norm_weight",
+        ),
         Rule(L + "mlp.linear_fc1.weight", (M + "gate_proj.weight", M + "up_proj.weight"), "gate_up", "gate_up"),
         Rule(L + "mlp.linear_fc2.weight", (M + "down_proj.weight",), "copy", "row"),
     ]
@@ -106,13 +131,17 @@ def check_hf_names(arch: ModelArch, names) -> None:
     expected = set(expected_hf_names(arch))
     missing = sorted(expected - names)
     if missing:
-        raise KeyError(f"HF checkpoint is missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                       f"required by the {arch.family} table")
+        raise KeyError(
+            f"HF checkpoint is missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"required by the {arch.family} table"
+        )
     allowed = {"lm_head.weight"} if arch.tie_word_embeddings else set()
     extra = sorted(n for n in names - expected - allowed if not any(p.match(n) for p in IGNORED_HF))
     if extra:
-        raise KeyError(f"HF checkpoint has tensor(s) {extra[:8]} that the {arch.family} table does not know; "
-                       "check the architecture / config.json (e.g. attention_bias, num_hidden_layers)")
+        raise KeyError(
+            f"HF checkpoint has tensor(s) {extra[:8]} that the {arch.family} table does not know; "
+            "check the architecture / config.json (e.g. attention_bias, num_hidden_layers)"
+        )
 
 
 def rule_for_megatron_name(arch: ModelArch, name: str) -> tuple[Rule, int | None]:
@@ -128,7 +157,9 @@ def rule_for_megatron_name(arch: ModelArch, name: str) -> tuple[Rule, int | None
         raise KeyError(f"Megatron parameter {name!r} has no rule in the {arch.family} table")
     layer, suffix = int(match.group(1)), match.group(2)
     for rule in layer_rules(arch):
-        spellings = {rule.megatron.split("{i}.")[1]} | ({rule.ckpt_alias.split("{i}.")[1]} if rule.ckpt_alias else set())
+        spellings = {rule.megatron.split("{i}.")[1]} | (
+            {rule.ckpt_alias.split("{i}.")[1]} if rule.ckpt_alias else set()
+        )
         if suffix in spellings:
             return rule, layer
     raise KeyError(f"Megatron parameter {name!r} has no rule in the {arch.family} table")
@@ -196,5 +227,8 @@ def stage_rules(arch: ModelArch, layers, first_stage: bool = True, last_stage: b
 
 def hf_entries(arch: ModelArch, dtype: torch.dtype, rules) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(HF name, shape, dtype) of every HF tensor the given (rule, layer) pairs produce, in order."""
-    return [(name, shape, dtype) for rule, layer in rules
-            for name, shape in zip(rule.hf_names(layer), expected_hf_shapes(rule, arch))]
+    return [
+        (name, shape, dtype)
+        for rule, layer in rules
+        for name, shape in zip(rule.hf_names(layer), expected_hf_shapes(rule, arch))
+    ]

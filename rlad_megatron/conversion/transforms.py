@@ -15,6 +15,7 @@ d = head_dim, H = hidden size, F = ffn hidden size, V = vocab, Vp = padded vocab
 
 Every function only reshapes, slices and concatenates, so HF -> Megatron -> HF is bit-exact.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,10 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups
     kg = k.reshape(num_query_groups, -1, *tail)
     vg = v.reshape(num_query_groups, -1, *tail)
     if kg.shape[1] != vg.shape[1] or qg.shape[1] % kg.shape[1]:
-        raise ValueError(f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not form "
-                         f"{num_query_groups} query groups")
+        raise ValueError(
+            f"q/k/v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} do not form "
+            f"{num_query_groups} query groups"
+        )
     return torch.cat([qg, kg, vg], dim=1).reshape(-1, *tail)
 
 
@@ -42,8 +45,7 @@ def split_qkv(qkv: torch.Tensor, num_query_groups: int, heads_per_group: int, he
         raise ValueError(f"linear_qkv has {qkv.shape[0]} rows, expected ng*(hpg+2)*d = {expected}")
     grouped = qkv.reshape(num_query_groups, (heads_per_group + 2) * head_dim, *tail)
     q, k, v = torch.split(grouped, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
-    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(),
-            v.reshape(-1, *tail).contiguous())
+    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(), v.reshape(-1, *tail).contiguous())
 
 
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,14 @@ sources use their own field names (prompt / answer / metadata); the field mappin
 Left out: batched tokenization (rows are tokenized one by one so each error names its row) and
 system prompts from config (put them in the chat-message prompt or the plain template).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any
 
-from rlad_megatron.data.sources import BadRow, iter_rows
+from rlad_megatron.data.row_readers import BadRow, iter_rows
 from rlad_megatron.tasks.reasoning_gym_tasks import json_safe
 
 _ANSWER_TYPES = (str, int, float, bool, list, dict)
@@ -35,11 +37,11 @@ class DatasetError(ValueError):
 @dataclass
 class PromptDataset:
     source: str
-    records: List[Dict[str, Any]]
+    records: list[dict[str, Any]]
     """`{"prompt_ids": [...], "record": {...}}` per usable row, in file order."""
     num_rows: int = 0
     """Rows read, good and bad."""
-    bad_rows: List[BadRow] = field(default_factory=list)
+    bad_rows: list[BadRow] = field(default_factory=list)
     """Rows dropped under bad_rows=skip."""
 
     @property
@@ -49,11 +51,11 @@ class PromptDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.records[index]
 
 
-def _as_ids(encoded: Any) -> List[int]:
+def _as_ids(encoded: Any) -> list[int]:
     """apply_chat_template(tokenize=True) returns a list, or (transformers 5) a BatchEncoding."""
     if isinstance(encoded, Mapping) or hasattr(encoded, "input_ids"):
         encoded = encoded["input_ids"]
@@ -64,7 +66,7 @@ def _as_ids(encoded: Any) -> List[int]:
     return [int(t) for t in encoded]
 
 
-def encode_prompt(prompt: Union[str, List[Dict[str, str]]], tokenizer: Any, template: str, plain_template: str) -> List[int]:
+def encode_prompt(prompt: str | list[dict[str, str]], tokenizer: Any, template: str, plain_template: str) -> list[int]:
     """Token ids of one prompt under the configured template (no special tokens added for plain/none)."""
     if template == "chat":
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -77,17 +79,21 @@ def encode_prompt(prompt: Union[str, List[Dict[str, str]]], tokenizer: Any, temp
 
 def _check_template(data_cfg: Any, tokenizer: Any) -> None:
     if data_cfg.template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DatasetError("data.template=chat but the tokenizer has no chat template; "
-                           "set data.template=plain (with data.plain_template) or data.template=none")
+        raise DatasetError(
+            "data.template=chat but the tokenizer has no chat template; "
+            "set data.template=plain (with data.plain_template) or data.template=none"
+        )
     if data_cfg.template == "plain":
         try:
             data_cfg.plain_template.format(prompt="x")
         except (KeyError, IndexError, ValueError) as err:
-            raise DatasetError(f"data.plain_template={data_cfg.plain_template!r} is not a valid template ({err!r}); "
-                               "use {prompt} for the prompt and double other braces ({{ }})") from None
+            raise DatasetError(
+                f"data.plain_template={data_cfg.plain_template!r} is not a valid template ({err!r}); "
+                "use {prompt} for the prompt and double other braces ({{ }})"
+            ) from None
 
 
-def _prompt_problem(prompt: Any) -> Optional[str]:
+def _prompt_problem(prompt: Any) -> str | None:
     if isinstance(prompt, str):
         return "empty prompt" if not prompt.strip() else None
     if isinstance(prompt, list) and all(
@@ -97,7 +103,7 @@ def _prompt_problem(prompt: Any) -> Optional[str]:
     return f"wrong type {type(prompt).__name__}: expected a string or a list of {{role, content}} chat messages"
 
 
-def validate_row(row: Dict[str, Any], keys: Dict[str, Any], source: str, number: int) -> Union[Dict[str, Any], BadRow]:
+def validate_row(row: dict[str, Any], keys: dict[str, Any], source: str, number: int) -> dict[str, Any] | BadRow:
     """The record of a readable row, or the first problem found as a BadRow."""
     pk, ak, mkeys = keys["prompt"], keys["answer"], keys["metadata"]
     for name in [pk] + ([ak] if ak else []) + list(mkeys):
@@ -108,7 +114,9 @@ def validate_row(row: Dict[str, Any], keys: Dict[str, Any], source: str, number:
         return BadRow(source, number, pk, problem)
     answer = row[ak] if ak else None
     if ak and (answer is None or not isinstance(answer, _ANSWER_TYPES)):
-        return BadRow(source, number, ak, f"wrong type {type(answer).__name__}: expected a string, number, list or object")
+        return BadRow(
+            source, number, ak, f"wrong type {type(answer).__name__}: expected a string, number, list or object"
+        )
     if ak and isinstance(answer, str) and not answer.strip():
         return BadRow(source, number, ak, "empty answer")
     # JSON-safe so samples (which carry the record) can be saved to jsonl and sent over HTTP.
@@ -122,24 +130,34 @@ def validate_row(row: Dict[str, Any], keys: Dict[str, Any], source: str, number:
     return record
 
 
-def _field_keys(source: str, data_cfg: Any) -> Dict[str, Any]:
+def _field_keys(source: str, data_cfg: Any) -> dict[str, Any]:
     if source.startswith(("task:", "reasoning_gym:")):
         return {"prompt": "prompt", "answer": "answer", "metadata": [], "task": True}
-    return {"prompt": data_cfg.prompt_key, "answer": data_cfg.answer_key, "metadata": list(data_cfg.metadata_keys),
-            "solution": data_cfg.solution_key, "task": False}
+    return {
+        "prompt": data_cfg.prompt_key,
+        "answer": data_cfg.answer_key,
+        "metadata": list(data_cfg.metadata_keys),
+        "solution": data_cfg.solution_key,
+        "task": False,
+    }
 
 
-def _tokenize(record: Dict[str, Any], data_cfg: Any, tokenizer: Any, source: str, number: int, key: str):
+def _tokenize(record: dict[str, Any], data_cfg: Any, tokenizer: Any, source: str, number: int, key: str):
     try:
         ids = encode_prompt(record["prompt"], tokenizer, data_cfg.template, data_cfg.plain_template)
     except (ValueError, TypeError, KeyError) as err:
         return BadRow(source, number, key, f"cannot apply the {data_cfg.template} template: {err}")
     if len(ids) > data_cfg.max_prompt_length:
-        return BadRow(source, number, key, f"prompt is {len(ids)} tokens, over data.max_prompt_length={data_cfg.max_prompt_length}")
+        return BadRow(
+            source,
+            number,
+            key,
+            f"prompt is {len(ids)} tokens, over data.max_prompt_length={data_cfg.max_prompt_length}",
+        )
     return {"prompt_ids": ids, "record": record}
 
 
-def _error_message(source: str, bad: List[BadRow], num_rows: int) -> str:
+def _error_message(source: str, bad: list[BadRow], num_rows: int) -> str:
     lines = [f"{len(bad)} bad rows of {num_rows} in {source}:"] + [f"  {b}" for b in bad[:_MAX_LISTED]]
     if len(bad) > _MAX_LISTED:
         lines.append(f"  ... and {len(bad) - _MAX_LISTED} more")
@@ -154,8 +172,14 @@ def load_prompts(source: str, data_cfg: Any, tokenizer: Any, *, split: str = "tr
     _check_template(data_cfg, tokenizer)
     keys = _field_keys(source, data_cfg)
     records, bad, num_rows = [], [], 0
-    rows = iter_rows(source, split=split, seed=seed, task_kwargs=data_cfg.task_kwargs,
-                     dataset_split=getattr(data_cfg, "dataset_split", "train"), cache_dir=getattr(data_cfg, "cache_dir", ""))
+    rows = iter_rows(
+        source,
+        split=split,
+        seed=seed,
+        task_kwargs=data_cfg.task_kwargs,
+        dataset_split=getattr(data_cfg, "dataset_split", "train"),
+        cache_dir=getattr(data_cfg, "cache_dir", ""),
+    )
     for where, number, row in rows:
         num_rows += 1
         result = row if isinstance(row, BadRow) else validate_row(row, keys, where, number)
@@ -165,5 +189,7 @@ def load_prompts(source: str, data_cfg: Any, tokenizer: Any, *, split: str = "tr
     if bad and data_cfg.bad_rows == "error":
         raise DatasetError(_error_message(source, bad, num_rows), bad)
     if not records:
-        raise DatasetError(f"{source}: no usable rows ({num_rows} read, {len(bad)} bad); check the file and data.prompt_key")
+        raise DatasetError(
+            f"{source}: no usable rows ({num_rows} read, {len(bad)} bad); check the file and data.prompt_key"
+        )
     return PromptDataset(source, records, num_rows, bad)

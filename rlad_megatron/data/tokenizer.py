@@ -4,6 +4,7 @@ Nothing is downloaded: the vocabulary is the given alphabet plus a few special t
 and the result is a regular `PreTrainedTokenizerFast` saved with a chat template, so
 the rest of the pipeline treats it exactly like a real model's tokenizer.
 """
+
 from __future__ import annotations
 
 import string

@@ -1,4 +1,5 @@
 """Evaluation: avg@k / pass@k through the Engine interface (`evaluate`), reports, `rlad eval`."""
+
 from __future__ import annotations
 
 from rlad_megatron.eval.evaluate import evaluate, markdown_table, write_report

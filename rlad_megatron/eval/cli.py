@@ -7,9 +7,10 @@ Models: a Hugging Face folder (config.json + weights + tokenizer files), or a Me
 checkpoint folder (metadata.json), which is first exported to `<out>/hf_model` with
 `rlad_megatron.conversion.convert.megatron_to_hf` (its HF config and tokenizer travel in
 `<ckpt>/hf_config`, or pass `--hf-config`). Generation goes through the
-same Engine interface as training (`rlad_megatron.rollout.build_engine` with the run's `rollout`
+same Engine interface as training (`rlad_megatron.engines.build_engine` with the run's `rollout`
 engine settings); sampling comes from the `eval` section or the flags below.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,13 +21,26 @@ from typing import Any
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model folder, or a Megatron torch_dist checkpoint")
-    parser.add_argument("--hf-config", default="", help="HF config + tokenizer folder for a Megatron checkpoint "
-                        "(default: <ckpt>/hf_config)")
-    parser.add_argument("--data", default="", help="prompt source (file, datasets folder, task:<name>, "
-                        "reasoning_gym:<task>); default: the recipe's data.eval, else data.train")
+    parser.add_argument(
+        "--hf-config",
+        default="",
+        help="HF config + tokenizer folder for a Megatron checkpoint (default: <ckpt>/hf_config)",
+    )
+    parser.add_argument(
+        "--data",
+        default="",
+        help="prompt source (file, datasets folder, task:<name>, "
+        "reasoning_gym:<task>); default: the recipe's data.eval, else data.train",
+    )
     parser.add_argument("--config", default=None, help="YAML recipe supplying data / reward / eval / rollout sections")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, repeatable (e.g. data.task_kwargs.size=100)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, repeatable (e.g. data.task_kwargs.size=100)",
+    )
     parser.add_argument("--split", default="test", choices=("train", "test"), help="task split (default: held-out)")
     parser.add_argument("--reward", default="", help="reward name (default: reward.name, auto from the data source)")
     parser.add_argument("--k", type=int, default=None, help="samples per prompt (eval.num_samples)")
@@ -40,8 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list:
-    pairs = {"eval.num_samples": args.k, "eval.temperature": args.temperature, "eval.top_p": args.top_p,
-             "eval.max_new_tokens": args.max_new_tokens, "eval.max_prompts": args.max_prompts, "seed": args.seed}
+    pairs = {
+        "eval.num_samples": args.k,
+        "eval.temperature": args.temperature,
+        "eval.top_p": args.top_p,
+        "eval.max_new_tokens": args.max_new_tokens,
+        "eval.max_prompts": args.max_prompts,
+        "seed": args.seed,
+    }
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 
@@ -56,8 +76,10 @@ def resolve_model_dir(path: str, out_dir: Path, hf_config: str = "") -> Path:
         exported = out_dir / "hf_model"
         print(f"exporting Megatron checkpoint {model} to {exported}")
         return megatron_to_hf(model, exported, hf_config_dir=hf_config or None)
-    raise SystemExit(f"rlad eval: --model {path!r} is neither a Hugging Face folder (config.json) nor a Megatron "
-                     "torch_dist checkpoint (metadata.json)")
+    raise SystemExit(
+        f"rlad eval: --model {path!r} is neither a Hugging Face folder (config.json) nor a Megatron "
+        "torch_dist checkpoint (metadata.json)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,9 +116,9 @@ def evaluate_checkpoint(cfg: Any, model_dir: Path, source: str, *, split: str, r
     from transformers import AutoTokenizer
 
     from rlad_megatron.data import load_prompts
+    from rlad_megatron.engines import SamplingParams, build_engine
     from rlad_megatron.eval.evaluate import evaluate
     from rlad_megatron.rewards import get_reward_fn, resolve_reward_name
-    from rlad_megatron.rollout import SamplingParams, build_engine
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     records = load_prompts(source, cfg.data, tokenizer, split=split, seed=cfg.seed)
@@ -105,13 +127,23 @@ def evaluate_checkpoint(cfg: Any, model_dir: Path, source: str, *, split: str, r
     if name == "math":
         kwargs.update(timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
     reward_fn = get_reward_fn(name, **kwargs)
-    sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                              max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    sampling = SamplingParams(
+        temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed
+    )
     engine = build_engine(cfg.rollout, str(model_dir), "rollout")
     try:
-        result = evaluate(engine, tokenizer, records, reward_fn, k=cfg.eval.num_samples, sampling=sampling,
-                          batch_size=cfg.eval.batch_size, breakdown_keys=cfg.eval.breakdown_keys,
-                          max_prompts=cfg.eval.max_prompts, keep_samples=8)
+        result = evaluate(
+            engine,
+            tokenizer,
+            records,
+            reward_fn,
+            k=cfg.eval.num_samples,
+            sampling=sampling,
+            batch_size=cfg.eval.batch_size,
+            breakdown_keys=cfg.eval.breakdown_keys,
+            max_prompts=cfg.eval.max_prompts,
+            keep_samples=8,
+        )
     finally:
         getattr(engine, "close", lambda: None)()
     result.update(model=str(model_dir), data=source, split=split, reward=name, num_skipped_rows=records.num_skipped)

@@ -3,10 +3,12 @@
 pass@k for a prompt with n samples of which c are correct is 1 - C(n-c, k) / C(n, k) (Chen et
 al., 2021), computed as 1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms huge binomials.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -21,7 +23,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
-def ks_to_report(n: int) -> List[int]:
+def ks_to_report(n: int) -> list[int]:
     """1, 2, 4, ... up to n, and n itself."""
     ks, k = [], 1
     while k < n:
@@ -30,9 +32,9 @@ def ks_to_report(n: int) -> List[int]:
     return ks + [n]
 
 
-def flatten(metadata: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(metadata: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"difficulty": {"n_people": 3}} -> {"difficulty.n_people": 3}; lists and scalars are leaves."""
-    flat: Dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for key, value in metadata.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
@@ -42,15 +44,15 @@ def flatten(metadata: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return flat
 
 
-def breakdown_values(metadata: Dict[str, Any], keys: Sequence[str]) -> List[Tuple[str, Any]]:
+def breakdown_values(metadata: dict[str, Any], keys: Sequence[str]) -> list[tuple[str, Any]]:
     """(path, value) pairs of the record's metadata selected by `keys` (a key selects itself and its sub-keys)."""
     return [(p, v) for p, v in flatten(metadata).items() if any(p == k or p.startswith(k + ".") for k in keys)]
 
 
-def summarize(per_prompt: Iterable[Dict[str, Any]], k: int) -> Dict[str, float]:
+def summarize(per_prompt: Iterable[dict[str, Any]], k: int) -> dict[str, float]:
     """Mean over prompts of avg@k, pass@j, reward and response length. Each item: num_correct, rewards, lengths."""
     items = list(per_prompt)
-    out: Dict[str, float] = {"num_prompts": len(items)}
+    out: dict[str, float] = {"num_prompts": len(items)}
     if not items:
         return out
     out[f"avg@{k}"] = sum(p["num_correct"] for p in items) / (k * len(items))
@@ -61,9 +63,9 @@ def summarize(per_prompt: Iterable[Dict[str, Any]], k: int) -> Dict[str, float]:
     return out
 
 
-def by_metadata(per_prompt: Sequence[Dict[str, Any]], keys: Sequence[str], k: int) -> Dict[str, Dict[str, Dict]]:
+def by_metadata(per_prompt: Sequence[dict[str, Any]], keys: Sequence[str], k: int) -> dict[str, dict[str, dict]]:
     """{path: {value: summarize(prompts with that value)}} for every selected metadata path."""
-    groups: Dict[str, Dict[str, List]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for p in per_prompt:
         for path, value in breakdown_values(p["metadata"], keys):
             groups[path][str(value)].append(p)
@@ -74,4 +76,6 @@ def by_metadata(per_prompt: Sequence[Dict[str, Any]], keys: Sequence[str], k: in
         except ValueError:
             return (1, 0.0, v)
 
-    return {path: {v: summarize(groups[path][v], k) for v in sorted(groups[path], key=order)} for path in sorted(groups)}
+    return {
+        path: {v: summarize(groups[path][v], k) for v in sorted(groups[path], key=order)} for path in sorted(groups)
+    }

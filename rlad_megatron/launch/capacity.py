@@ -26,6 +26,7 @@ Time of one RL step, each phase on its own GPUs (as `launch.topology` places the
 FLOPs per token of a forward pass: 2 x (parameters without the input embedding) + attention 4 x layers x
 context x heads x head dim / 2 (causal). Left out: MoE, context parallelism, CPU offload, overlap of phases.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,9 +92,17 @@ KNOWN_ARCHS = {
 def arch_from_hf_config(config: dict, name: str = "model") -> Arch:
     """Arch from a Hugging Face config.json dict (Llama / Qwen2 / Qwen3 field names)."""
     heads = config["num_attention_heads"]
-    return Arch(name, config["hidden_size"], config["num_hidden_layers"], heads,
-                config.get("num_key_value_heads", heads), config.get("head_dim") or config["hidden_size"] // heads,
-                config["intermediate_size"], config["vocab_size"], bool(config.get("tie_word_embeddings", False)))
+    return Arch(
+        name,
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        heads,
+        config.get("num_key_value_heads", heads),
+        config.get("head_dim") or config["hidden_size"] // heads,
+        config["intermediate_size"],
+        config["vocab_size"],
+        bool(config.get("tie_word_embeddings", False)),
+    )
 
 
 def _table_key(folder: str) -> str:
@@ -110,12 +119,15 @@ def load_arch(folder: str) -> tuple[Arch, str]:
         return arch_from_hf_config(json.loads(path.read_text()), Path(folder).name), f"{path}"
     key = _table_key(folder)
     if not key:
-        raise ValueError(f"no config.json in {folder!r} and its name matches no built-in architecture; known: "
-                         f"{[a.name for a in KNOWN_ARCHS.values()]} (or point the recipe at a local model folder)")
+        raise ValueError(
+            f"no config.json in {folder!r} and its name matches no built-in architecture; known: "
+            f"{[a.name for a in KNOWN_ARCHS.values()]} (or point the recipe at a local model folder)"
+        )
     return KNOWN_ARCHS[key], f"built-in table entry {KNOWN_ARCHS[key].name} (no {path})"
 
 
 # ---------------- memory ----------------
+
 
 def bytes_per_param(params_dtype: str, distributed_optimizer: bool, dp: int) -> float:
     """Weights + grads + Adam state per parameter (Megatron's table; fp32 grads and fp32 main params)."""
@@ -136,9 +148,18 @@ def layer_activation_bytes(arch: Arch, tokens: int, tp: int) -> float:
     return (12 * s * h + 4 * s * g + 8 * s * f) / tp
 
 
-def student_memory(arch: Arch, *, tp: int, pp: int, dp: int, micro_batch_tokens: int, num_microbatches: int,
-                   params_dtype: str = "bfloat16", distributed_optimizer: bool = True,
-                   recompute: bool = False) -> dict[str, float]:
+def student_memory(
+    arch: Arch,
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    micro_batch_tokens: int,
+    num_microbatches: int,
+    params_dtype: str = "bfloat16",
+    distributed_optimizer: bool = True,
+    recompute: bool = False,
+) -> dict[str, float]:
     """Bytes per GPU of the trainer, by part: params_grads_optimizer, activations, logits, reserve, total."""
     states = stage_params(arch, tp, pp) * bytes_per_param(params_dtype, distributed_optimizer, dp)
     layers = math.ceil(arch.num_layers / pp)
@@ -150,8 +171,13 @@ def student_memory(arch: Arch, *, tp: int, pp: int, dp: int, micro_batch_tokens:
         acts = in_flight * layers * per_layer
     logits = 4 * micro_batch_tokens * arch.vocab_size / tp
     reserve = hw.RUNTIME_RESERVE_GIB * hw.GIB
-    return {"params_grads_optimizer": states, "activations": acts, "logits": logits, "reserve": reserve,
-            "total": states + acts + logits + reserve}
+    return {
+        "params_grads_optimizer": states,
+        "activations": acts,
+        "logits": logits,
+        "reserve": reserve,
+        "total": states + acts + logits + reserve,
+    }
 
 
 def kv_bytes_per_token(arch: Arch, tp: int) -> float:
@@ -160,8 +186,15 @@ def kv_bytes_per_token(arch: Arch, tp: int) -> float:
     return 2 * arch.num_layers * heads_per_gpu * arch.head_dim * 2
 
 
-def server_memory(arch: Arch, *, tp: int, hbm_gb: float, concurrent_seqs: int, seq_len: int,
-                  mem_fraction: float = hw.SGLANG_MEM_FRACTION) -> dict[str, float]:
+def server_memory(
+    arch: Arch,
+    *,
+    tp: int,
+    hbm_gb: float,
+    concurrent_seqs: int,
+    seq_len: int,
+    mem_fraction: float = hw.SGLANG_MEM_FRACTION,
+) -> dict[str, float]:
     """One SGLang server's GPU: weights, the KV pool left by mem_fraction, and what the batch needs."""
     weights = 2 * arch.num_params / tp
     pool = mem_fraction * hbm_gb * hw.GB - weights
@@ -169,14 +202,31 @@ def server_memory(arch: Arch, *, tp: int, hbm_gb: float, concurrent_seqs: int, s
     need = concurrent_seqs * seq_len * per_token
     fits = pool >= seq_len * per_token
     seqs_at_once = max(0, int(pool // (seq_len * per_token))) if pool > 0 else 0
-    return {"weights": weights, "kv_pool": max(pool, 0.0), "kv_needed": need, "fits": float(fits),
-            "seqs_at_once": float(seqs_at_once), "hbm": hbm_gb * hw.GB}
+    return {
+        "weights": weights,
+        "kv_pool": max(pool, 0.0),
+        "kv_needed": need,
+        "fits": float(fits),
+        "seqs_at_once": float(seqs_at_once),
+        "hbm": hbm_gb * hw.GB,
+    }
 
 
 # ---------------- time ----------------
 
-def generate_seconds(arch: Arch, gpu: hw.GPU, *, tp: int, num_servers: int, num_seqs: int, prompt_len: float,
-                     response_len: float, max_response_len: int, seqs_at_once: int) -> float:
+
+def generate_seconds(
+    arch: Arch,
+    gpu: hw.GPU,
+    *,
+    tp: int,
+    num_servers: int,
+    num_seqs: int,
+    prompt_len: float,
+    response_len: float,
+    max_response_len: int,
+    seqs_at_once: int,
+) -> float:
     """Wall time of the rollout phase: every server prefills then decodes its share, in waves of at most
     `seqs_at_once` sequences (KV pool capacity or the client's concurrency, whichever is smaller)."""
     per_server = math.ceil(num_seqs / num_servers)
@@ -187,7 +237,7 @@ def generate_seconds(arch: Arch, gpu: hw.GPU, *, tp: int, num_servers: int, num_
     prefill = batch * prompt_len * arch.forward_flops_per_token(prompt_len / 2) / compute
     allreduce = 2 * arch.num_layers * hw.TP_ALLREDUCE_S if tp > 1 else 0.0
     weight_reads = max_response_len * 2 * arch.num_params / bandwidth
-    kv_reads = batch * (prompt_len * response_len + response_len ** 2 / 2) * kv_bytes_per_token(arch, 1) / bandwidth
+    kv_reads = batch * (prompt_len * response_len + response_len**2 / 2) * kv_bytes_per_token(arch, 1) / bandwidth
     decode_flops = batch * response_len * arch.forward_flops_per_token(prompt_len + response_len / 2) / compute
     floor = max_response_len * hw.DECODE_MIN_STEP_S
     decode = max(weight_reads + kv_reads, decode_flops, floor) + max_response_len * allreduce
@@ -200,8 +250,19 @@ def score_seconds(arch: Arch, gpu: hw.GPU, *, num_gpus: int, num_seqs: int, seq_
     return flops / (num_gpus * gpu.bf16_tflops * 1e12 * hw.MFU_PREFILL)
 
 
-def train_seconds(arch: Arch, gpu: hw.GPU, *, num_gpus: int, num_seqs: int, seq_len: float, ppo_epochs: int,
-                  recompute: bool, pp: int, num_microbatches: int, reference_forward: bool = False) -> float:
+def train_seconds(
+    arch: Arch,
+    gpu: hw.GPU,
+    *,
+    num_gpus: int,
+    num_seqs: int,
+    seq_len: float,
+    ppo_epochs: int,
+    recompute: bool,
+    pp: int,
+    num_microbatches: int,
+    reference_forward: bool = False,
+) -> float:
     """Old log-prob forward (+ reference forward) + PPO epochs x (forward + backward = 3 forwards, +1 with full
     recompute), stretched by the 1F1B pipeline bubble (PP - 1) / micro-batches."""
     forward = num_seqs * seq_len * arch.forward_flops_per_token(seq_len / 2)

@@ -7,6 +7,7 @@ pure Python so the node agent needs no `scontrol` (which is often missing inside
 
 Left out: MPI (OMPI_COMM_WORLD_*) and PMIx variables; torchrun and srun cover the supported launches.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,13 @@ class DistEnv:
 
     def as_torchrun_env(self) -> dict:
         """The variables torch.distributed's env:// init reads (set them before init_process_group)."""
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
@@ -43,16 +49,25 @@ def discover(env: Mapping[str, str] | None = None, default_port: int = 29500) ->
     """Rank / world / local rank / master of this process from torchrun or Slurm variables."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env
-                       else 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)),
-                       "torchrun")
+        return DistEnv(
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", default_port)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        return DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1"),
-                       int(env.get("MASTER_PORT", default_port)), "slurm")
-    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)),
-                   "default")
+        return DistEnv(
+            _int(env, "SLURM_PROCID"),
+            _int(env, "SLURM_NTASKS"),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1"),
+            int(env.get("MASTER_PORT", default_port)),
+            "slurm",
+        )
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)), "default")
 
 
 def ensure_torchrun_env(env: dict | None = None) -> DistEnv:

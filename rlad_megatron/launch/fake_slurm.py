@@ -14,6 +14,7 @@ scontrol answers `show hostnames [LIST]` and `requeue JOBID` (recorded as DIR/re
 
 Left out: more than one task per node, containers (--container-* is refused), GPU binding, step ids.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,9 +45,17 @@ def loopback_nodelist(nodes: int) -> str:
 def node_env(base: Mapping[str, str], node: int, hosts: Sequence[str]) -> dict[str, str]:
     """The environment of the task on `node`: the job's variables plus the per-node ones."""
     n = str(len(hosts))
-    return {**base, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node), "SLURM_LOCALID": "0",
-            "SLURM_NTASKS": n, "SLURM_NNODES": n, "SLURMD_NODENAME": hosts[node],
-            "SLURM_RESTART_COUNT": base.get("SLURM_RESTART_COUNT", "0"), "RLAD_BIND_HOST": loopback_address(node)}
+    return {
+        **base,
+        "SLURM_NODEID": str(node),
+        "SLURM_PROCID": str(node),
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": n,
+        "SLURM_NNODES": n,
+        "SLURMD_NODENAME": hosts[node],
+        "SLURM_RESTART_COUNT": base.get("SLURM_RESTART_COUNT", "0"),
+        "RLAD_BIND_HOST": loopback_address(node),
+    }
 
 
 def parse_srun(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -103,8 +112,10 @@ class Tasks:
         while any(p.poll() is None for p in self.procs):
             failed = [i for i, p in enumerate(self.procs) if p.poll() not in (None, 0)]
             if failed and self.kill_on_bad_exit and self.kill_at is None:
-                self.terminate(f"error: task {failed[0]} exited with {exit_status(self.procs[failed[0]].returncode)}, "
-                               "terminating the job step (--kill-on-bad-exit)")
+                self.terminate(
+                    f"error: task {failed[0]} exited with {exit_status(self.procs[failed[0]].returncode)}, "
+                    "terminating the job step (--kill-on-bad-exit)"
+                )
             if self.kill_at is not None and time.monotonic() > self.kill_at:
                 self.kill_sessions()
             time.sleep(poll_s)
@@ -128,8 +139,11 @@ def srun_main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     except (KeyError, ValueError) as err:
         print(f"srun: error: {err}", file=sys.stderr)
         return 1
-    tasks = Tasks(command, [node_env(env, i, hosts) for i in range(len(hosts))],
-                  options.get("--kill-on-bad-exit", "0") in ("", "1"))
+    tasks = Tasks(
+        command,
+        [node_env(env, i, hosts) for i in range(len(hosts))],
+        options.get("--kill-on-bad-exit", "0") in ("", "1"),
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, tasks.on_signal)
     return tasks.wait()
@@ -144,8 +158,10 @@ def scontrol_main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> 
         (Path(env[REHEARSAL_DIR_ENV]) / f"requeue.{argv[1]}").write_text(str(time.time()))
         print(f"scontrol: job {argv[1]} requeued (rehearsal: the next attempt is run by rlad rehearse)")
         return 0
-    print(f"scontrol (rehearsal): only 'show hostnames' and 'requeue JOBID' are emulated, not {list(argv)}",
-          file=sys.stderr)
+    print(
+        f"scontrol (rehearsal): only 'show hostnames' and 'requeue JOBID' are emulated, not {list(argv)}",
+        file=sys.stderr,
+    )
     return 1
 
 

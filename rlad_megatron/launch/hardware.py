@@ -4,12 +4,13 @@ Peak numbers are vendor datasheet values (dense, no sparsity). Efficiencies (MFU
 assumptions stated here once, not fitted to any measured run; docs/scaling.md compares the resulting
 estimates with published step times and reports the error.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 GB = 1e9
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclass(frozen=True)

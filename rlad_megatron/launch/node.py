@@ -25,6 +25,7 @@ environment variable for it, so the key is on the server's command line; logs an
 only authenticates the router to its workers, its own port would stay open, so the trainer balances over the
 servers itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rlad_megatron.config import RunConfig, load_config
+from rlad_megatron.engines.fleet import router_cmd
 from rlad_megatron.launch.env import slurm_node
 from rlad_megatron.launch.supervise import Command, Supervisor, exit_status, log, redact
 from rlad_megatron.launch.topology import (
@@ -47,7 +49,6 @@ from rlad_megatron.launch.topology import (
     plan_topology,
     trainer_overrides,
 )
-from rlad_megatron.rollout.fleet import router_cmd
 
 POLL_S = 2.0  # how often a node checks its children and (server-only nodes) the done-file
 FLEETS = ("rollout", "teacher")
@@ -57,13 +58,25 @@ DEFAULT_BIND_HOST = "0.0.0.0"
 def _server_flags(server_args: Mapping[str, object]) -> list[str]:
     """SGLang server_args dict -> CLI flags ({mem_fraction_static: 0.8, enable_x: True} -> --mem-fraction-static 0.8
     --enable-x). Launch-owned flags are rejected so the topology stays the single source of TP and ports."""
-    owned = {"tp", "tp_size", "tensor_parallel_size", "port", "host", "model_path", "nnodes", "node_rank",
-             "dist_init_addr", "api_key"}
+    owned = {
+        "tp",
+        "tp_size",
+        "tensor_parallel_size",
+        "port",
+        "host",
+        "model_path",
+        "nnodes",
+        "node_rank",
+        "dist_init_addr",
+        "api_key",
+    }
     flags: list[str] = []
     for key, value in server_args.items():
         if key in owned:
-            raise ValueError(f"server_args.{key} is set by the launcher (use launch.*_tp / launch.*_port, and "
-                             "<fleet>.api_key_env for the key); remove it")
+            raise ValueError(
+                f"server_args.{key} is set by the launcher (use launch.*_tp / launch.*_port, and "
+                "<fleet>.api_key_env for the key); remove it"
+            )
         if value is False or value is None:
             continue
         flags.append("--" + key.replace("_", "-"))
@@ -84,16 +97,42 @@ def auth_headers(key: str) -> dict[str, str]:
 SERVER_MODULES = {"sglang": ["sglang.launch_server"], "rlad": ["rlad_megatron.cli", "serve"]}
 
 
-def server_command(server: Server, node: int, hosts: Sequence[str], model: str,
-                   server_args: Mapping[str, object], python: str = "python", api_key: str = "",
-                   bind_host: str = DEFAULT_BIND_HOST, impl: str = "sglang", weights_root: str = "") -> Command:
+def server_command(
+    server: Server,
+    node: int,
+    hosts: Sequence[str],
+    model: str,
+    server_args: Mapping[str, object],
+    python: str = "python",
+    api_key: str = "",
+    bind_host: str = DEFAULT_BIND_HOST,
+    impl: str = "sglang",
+    weights_root: str = "",
+) -> Command:
     """The server process of `server` on `node` (one process per node of a multi-node server): SGLang, or
     `rlad serve` with the same flags (impl='rlad'; it also gets `--weights-root` and its key by environment)."""
-    argv = [python, "-m", *SERVER_MODULES[impl], "--model-path", model, "--tp-size", str(server.tp),
-            "--host", bind_host, "--port", str(server.port)]
+    argv = [
+        python,
+        "-m",
+        *SERVER_MODULES[impl],
+        "--model-path",
+        model,
+        "--tp-size",
+        str(server.tp),
+        "--host",
+        bind_host,
+        "--port",
+        str(server.port),
+    ]
     if len(server.nodes) > 1:
-        argv += ["--nnodes", str(len(server.nodes)), "--node-rank", str(server.nodes.index(node)),
-                 "--dist-init-addr", f"{hosts[server.nodes[0]]}:{server.port + DIST_INIT_PORT_OFFSET}"]
+        argv += [
+            "--nnodes",
+            str(len(server.nodes)),
+            "--node-rank",
+            str(server.nodes.index(node)),
+            "--dist-init-addr",
+            f"{hosts[server.nodes[0]]}:{server.port + DIST_INIT_PORT_OFFSET}",
+        ]
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, server.gpus))}
     if impl == "rlad":
         # argv is visible to every user of the node (ps); the environment is not. Always set, so a key the
@@ -105,17 +144,37 @@ def server_command(server: Server, node: int, hosts: Sequence[str], model: str,
     return env, argv + _server_flags(server_args)
 
 
-def router_command(topo: Topology, fleet: str, hosts: Sequence[str], timeout_s: int,
-                   python: str = "python", bind_host: str = DEFAULT_BIND_HOST) -> Command:
+def router_command(
+    topo: Topology,
+    fleet: str,
+    hosts: Sequence[str],
+    timeout_s: int,
+    python: str = "python",
+    bind_host: str = DEFAULT_BIND_HOST,
+) -> Command:
     """The sglang_router process in front of one fleet, its Prometheus exporter on its own port + 100."""
     _, port = topo.routers[fleet]
-    argv = router_cmd(python, topo.server_urls(fleet, hosts), bind_host, port, metrics_port(port), "cache_aware",
-                      extra=["--worker-startup-timeout-secs", str(timeout_s)])
+    argv = router_cmd(
+        python,
+        topo.server_urls(fleet, hosts),
+        bind_host,
+        port,
+        metrics_port(port),
+        "cache_aware",
+        extra=["--worker-startup-timeout-secs", str(timeout_s)],
+    )
     return {}, argv
 
 
-def trainer_command(topo: Topology, node: int, hosts: Sequence[str], recipe: str, overrides: Sequence[str],
-                    master_port: int, direct: Sequence[str] = ()) -> Command:
+def trainer_command(
+    topo: Topology,
+    node: int,
+    hosts: Sequence[str],
+    recipe: str,
+    overrides: Sequence[str],
+    master_port: int,
+    direct: Sequence[str] = (),
+) -> Command:
     """torchrun on one trainer node; the trainer reaches the fleets through `trainer_overrides` (the fleets in
     `direct` through their servers; the trainer reads their keys from its own config / environment)."""
     nproc = len(topo.trainer_gpus)
@@ -123,16 +182,36 @@ def trainer_command(topo: Topology, node: int, hosts: Sequence[str], recipe: str
     if len(topo.trainer_nodes) == 1:
         argv += ["--standalone"]
     else:
-        argv += [f"--nnodes={len(topo.trainer_nodes)}", f"--node-rank={topo.trainer_nodes.index(node)}",
-                 f"--master-addr={hosts[topo.trainer_nodes[0]]}", f"--master-port={master_port}"]
+        argv += [
+            f"--nnodes={len(topo.trainer_nodes)}",
+            f"--node-rank={topo.trainer_nodes.index(node)}",
+            f"--master-addr={hosts[topo.trainer_nodes[0]]}",
+            f"--master-port={master_port}",
+        ]
     # `rlad train` resumes from the latest checkpoint in run_dir by default, which is what a requeued job needs.
-    argv += ["-m", "rlad_megatron.cli", "train", "--config", recipe, *overrides, *trainer_overrides(topo, hosts, direct)]
+    argv += [
+        "-m",
+        "rlad_megatron.cli",
+        "train",
+        "--config",
+        recipe,
+        *overrides,
+        *trainer_overrides(topo, hosts, direct),
+    ]
     return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, topo.trainer_gpus))}, argv
 
 
-def node_commands(cfg: RunConfig, topo: Topology, node: int, hosts: Sequence[str], recipe: str,
-                  overrides: Sequence[str], python: str = "", keys: Mapping[str, str] | None = None,
-                  env: Mapping[str, str] | None = None) -> dict[str, list[Command]]:
+def node_commands(
+    cfg: RunConfig,
+    topo: Topology,
+    node: int,
+    hosts: Sequence[str],
+    recipe: str,
+    overrides: Sequence[str],
+    python: str = "",
+    keys: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, list[Command]]:
     """Everything `node` runs: {'servers': [...], 'routers': [...], 'trainer': [...]} (trainer has 0 or 1).
     `python`: SGLang's interpreter (default: `sglang_python`); `env`: the agent's environment
     (RLAD_SGLANG_PYTHON, RLAD_BIND_HOST); `keys` ({fleet: api key}, from `fleet_keys`): keyed fleets get
@@ -143,30 +222,56 @@ def node_commands(cfg: RunConfig, topo: Topology, node: int, hosts: Sequence[str
     args = {"rollout": cfg.rollout.server_args, "teacher": cfg.teacher.server_args}
     server_python = sys.executable if la.server_impl == "rlad" else sglang  # rlad serve: this agent's environment
     weights_root = str(Path(cfg.run_dir).resolve())  # disk weight sync writes under it (rlad serve's allow-list)
-    servers = [server_command(s, node, hosts, models[s.fleet], args[s.fleet], server_python,
-                              keys.get(s.fleet, ""), host, la.server_impl, weights_root)
-               for s in topo.servers if node in s.nodes]
-    routers = [router_command(topo, f, hosts, la.health_timeout_s, sglang, host)
-               for f, (n, _) in sorted(topo.routers.items()) if n == node and not keys.get(f)]
+    servers = [
+        server_command(
+            s,
+            node,
+            hosts,
+            models[s.fleet],
+            args[s.fleet],
+            server_python,
+            keys.get(s.fleet, ""),
+            host,
+            la.server_impl,
+            weights_root,
+        )
+        for s in topo.servers
+        if node in s.nodes
+    ]
+    routers = [
+        router_command(topo, f, hosts, la.health_timeout_s, sglang, host)
+        for f, (n, _) in sorted(topo.routers.items())
+        if n == node and not keys.get(f)
+    ]
     direct = sorted(f for f in topo.routers if keys.get(f))
-    trainer = ([trainer_command(topo, node, hosts, recipe, overrides, cfg.launch.master_port, direct)]
-               if node in topo.trainer_nodes else [])
+    trainer = (
+        [trainer_command(topo, node, hosts, recipe, overrides, cfg.launch.master_port, direct)]
+        if node in topo.trainer_nodes
+        else []
+    )
     return {"servers": servers, "routers": routers, "trainer": trainer}
 
 
-def health_urls(topo: Topology, hosts: Sequence[str],
-                keys: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+def health_urls(
+    topo: Topology, hosts: Sequence[str], keys: Mapping[str, str] | None = None
+) -> dict[str, dict[str, str]]:
     """What must answer 200 before training, {url: request headers}: the /health_generate of every server and
     of every router that is started (none for a keyed fleet, see `node_commands`). A router's /health says 200
     before it has registered any worker; its /health_generate only once it can route a request."""
     keys = keys or {}
-    urls = {f"{u}/health_generate": auth_headers(keys.get(f, "")) for f in topo.routers
-            for u in topo.server_urls(f, hosts)}
+    urls = {
+        f"{u}/health_generate": auth_headers(keys.get(f, "")) for f in topo.routers for u in topo.server_urls(f, hosts)
+    }
     return urls | {f"{u}/health_generate": {} for f, u in topo.urls(hosts).items() if not keys.get(f)}
 
 
-def wait_healthy(urls: Sequence[str] | Mapping[str, Mapping[str, str]], timeout_s: float, poll_s: float = 5.0,
-                 alive: Callable[[], bool] = lambda: True, probe_timeout_s: float = 30.0) -> None:
+def wait_healthy(
+    urls: Sequence[str] | Mapping[str, Mapping[str, str]],
+    timeout_s: float,
+    poll_s: float = 5.0,
+    alive: Callable[[], bool] = lambda: True,
+    probe_timeout_s: float = 30.0,
+) -> None:
     """Poll until every URL answers 200; fail early when `alive()` says a local server process died for good.
     `urls` may map each URL to the headers its probe sends (the fleet's bearer key); one probe may take
     `probe_timeout_s` (SGLang's /health_generate runs a generation)."""
@@ -175,12 +280,15 @@ def wait_healthy(urls: Sequence[str] | Mapping[str, Mapping[str, str]], timeout_
     pending = list(urls)
     while pending:
         if not alive():
-            raise RuntimeError("a server process on this node exited before every endpoint was healthy; "
-                               "see its log above")
+            raise RuntimeError(
+                "a server process on this node exited before every endpoint was healthy; see its log above"
+            )
         pending = [u for u in pending if not _ok(u, headers.get(u), probe_timeout_s)]
         if pending and time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} endpoint(s) not healthy after {timeout_s:.0f} s, e.g. {pending[0]}; "
-                               "see the server logs, or raise launch.health_timeout_s")
+            raise TimeoutError(
+                f"{len(pending)} endpoint(s) not healthy after {timeout_s:.0f} s, e.g. {pending[0]}; "
+                "see the server logs, or raise launch.health_timeout_s"
+            )
         if pending:
             time.sleep(poll_s)
 
@@ -234,13 +342,16 @@ def done_file(cfg: RunConfig, env: Mapping[str, str]) -> Path:
     return Path(cfg.run_dir) / "launch" / f"done.{job}.{env.get('SLURM_RESTART_COUNT', '0')}"
 
 
-def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, hosts: Sequence[str],
-             env: Mapping[str, str]) -> int:
+def run_node(
+    cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, hosts: Sequence[str], env: Mapping[str, str]
+) -> int:
     topo = plan_topology(cfg)
     expected = env.get("RLAD_TOPOLOGY_FINGERPRINT", "")
     if expected and expected != fingerprint(topo):
-        raise ValueError(f"the recipe {recipe} no longer gives the placement this job was rendered with "
-                         f"({fingerprint(topo)} != {expected}); re-run `rlad render` and resubmit")
+        raise ValueError(
+            f"the recipe {recipe} no longer gives the placement this job was rendered with "
+            f"({fingerprint(topo)} != {expected}); re-run `rlad render` and resubmit"
+        )
     if len(hosts) != topo.nodes:
         raise ValueError(f"the job has {len(hosts)} nodes but launch.nodes={topo.nodes}; fix #SBATCH --nodes")
     keys = fleet_keys(cfg, env)
@@ -259,8 +370,16 @@ def run_node(cfg: RunConfig, recipe: str, overrides: Sequence[str], node: int, h
         sup.close()
 
 
-def _run_trainer(cfg: RunConfig, topo: Topology, node: int, hosts: Sequence[str], env: Mapping[str, str],
-                 keys: Mapping[str, str], command: Command, sup: Supervisor) -> int:
+def _run_trainer(
+    cfg: RunConfig,
+    topo: Topology,
+    node: int,
+    hosts: Sequence[str],
+    env: Mapping[str, str],
+    keys: Mapping[str, str],
+    command: Command,
+    sup: Supervisor,
+) -> int:
     """Wait for every endpoint, run torchrun while keeping this node's servers up, write the done-file."""
     urls = health_urls(topo, hosts, keys)
     log("health", f"waiting for {len(urls)} endpoint(s)")
@@ -289,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     node, hosts = slurm_node()
     if args.dry_run:
         keys = fleet_keys(cfg, os.environ)
-        cmds = node_commands(cfg, plan_topology(cfg), node, hosts, args.recipe, args.overrides, keys=keys,
-                             env=os.environ)
+        cmds = node_commands(
+            cfg, plan_topology(cfg), node, hosts, args.recipe, args.overrides, keys=keys, env=os.environ
+        )
         for kind, items in cmds.items():
             for extra_env, cmd in items:
                 shown_env = redact([f"{k}={v}" for k, v in extra_env.items()], keys)

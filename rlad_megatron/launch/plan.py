@@ -8,6 +8,7 @@ recommended TP/PP/DP for the student, and the estimated time of one RL step by p
 are in `capacity.py` and `hardware.py`. Mean prompt and response lengths are assumptions (flags) because the
 recipe holds only maxima; docs/scaling.md compares the estimates with published step times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,23 +33,35 @@ def num_microbatches(cfg: RunConfig, tokens_per_seq: float, dp: int) -> int:
     return max(1, math.ceil(seqs * tokens_per_seq / dp / cfg.train.micro_batch_tokens))
 
 
-def recommend_split(arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node: int, hbm_bytes: float,
-                    tokens_per_seq: float) -> tuple[int, int, int, bool] | None:
+def recommend_split(
+    arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node: int, hbm_bytes: float, tokens_per_seq: float
+) -> tuple[int, int, int, bool] | None:
     """(TP, PP, DP, recompute) with the fewest model-parallel GPUs that fits, TP (inside a node) before PP,
     no recompute before recompute; None when nothing fits. Uses the distributed optimizer."""
     options = []
     for recompute in (False, True):
         for tp in (1, 2, 4, 8):
             for pp in range(1, arch.num_layers + 1):
-                ok = (tp <= gpus_per_node and arch.num_attention_heads % tp == 0
-                      and arch.num_key_value_heads % tp == 0 and arch.num_layers % pp == 0
-                      and num_gpus % (tp * pp) == 0)
+                ok = (
+                    tp <= gpus_per_node
+                    and arch.num_attention_heads % tp == 0
+                    and arch.num_key_value_heads % tp == 0
+                    and arch.num_layers % pp == 0
+                    and num_gpus % (tp * pp) == 0
+                )
                 if not ok:
                     continue
                 dp = num_gpus // (tp * pp)
-                mem = cap.student_memory(arch, tp=tp, pp=pp, dp=dp, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                         num_microbatches=num_microbatches(cfg, tokens_per_seq, dp),
-                                         params_dtype=cfg.model.params_dtype, recompute=recompute)
+                mem = cap.student_memory(
+                    arch,
+                    tp=tp,
+                    pp=pp,
+                    dp=dp,
+                    micro_batch_tokens=cfg.train.micro_batch_tokens,
+                    num_microbatches=num_microbatches(cfg, tokens_per_seq, dp),
+                    params_dtype=cfg.model.params_dtype,
+                    recompute=recompute,
+                )
                 if mem["total"] <= hbm_bytes:
                     options.append((int(recompute), tp * pp, pp, tp, dp))
     if not options:
@@ -57,16 +70,18 @@ def recommend_split(arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node
     return tp, pp, dp, bool(recompute)
 
 
-def _server_report(arch: cap.Arch, gpu: hw.GPU, topo: Topology, fleet: str, cfg: RunConfig,
-                   seq_len: int, num_seqs: int) -> dict[str, float]:
+def _server_report(
+    arch: cap.Arch, gpu: hw.GPU, topo: Topology, fleet: str, cfg: RunConfig, seq_len: int, num_seqs: int
+) -> dict[str, float]:
     servers = topo.fleet(fleet)
     tp = servers[0].tp
     engine = cfg.rollout if fleet == "rollout" else cfg.teacher
     # The HTTP client keeps at most max_concurrency requests in flight per fleet, spread over its servers.
     concurrent = min(math.ceil(num_seqs / len(servers)), max(1, engine.max_concurrency // len(servers)))
     fraction = float(engine.server_args.get("mem_fraction_static", hw.SGLANG_MEM_FRACTION))
-    mem = cap.server_memory(arch, tp=tp, hbm_gb=gpu.hbm_gb, concurrent_seqs=concurrent, seq_len=seq_len,
-                            mem_fraction=fraction)
+    mem = cap.server_memory(
+        arch, tp=tp, hbm_gb=gpu.hbm_gb, concurrent_seqs=concurrent, seq_len=seq_len, mem_fraction=fraction
+    )
     return {**mem, "tp": tp, "num_servers": len(servers), "concurrent": concurrent}
 
 
@@ -88,27 +103,61 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
     for dist in (False, True):
         for rec in (False, True):
             layouts[f"dist_opt={dist} recompute={rec}"] = cap.student_memory(
-                student, tp=tp, pp=pp, dp=dp, micro_batch_tokens=cfg.train.micro_batch_tokens, num_microbatches=mbs,
-                params_dtype=cfg.model.params_dtype, distributed_optimizer=dist, recompute=rec)
+                student,
+                tp=tp,
+                pp=pp,
+                dp=dp,
+                micro_batch_tokens=cfg.train.micro_batch_tokens,
+                num_microbatches=mbs,
+                params_dtype=cfg.model.params_dtype,
+                distributed_optimizer=dist,
+                recompute=rec,
+            )
     configured = layouts[f"dist_opt={par.use_distributed_optimizer} recompute={_recompute(cfg)}"]
     hbm = gpu.hbm_gb * hw.GB
-    plan: dict = {"gpu": gpu.name, "topology": topo.describe(), "student": dataclasses.asdict(student),
-                  "student_source": student_src, "student_params": student.num_params, "num_seqs": num_seqs,
-                  "mean_prompt": prompt_len, "mean_response": response_len, "trainer_gpus": trainer_gpus,
-                  "layout": {"tp": tp, "pp": pp, "dp": dp, "microbatches": mbs}, "student_memory": layouts,
-                  "student_fits": configured["total"] <= hbm, "hbm": hbm,
-                  "recommended": recommend_split(student, cfg, trainer_gpus, cfg.launch.gpus_per_node, hbm, seq_len)}
+    plan: dict = {
+        "gpu": gpu.name,
+        "topology": topo.describe(),
+        "student": dataclasses.asdict(student),
+        "student_source": student_src,
+        "student_params": student.num_params,
+        "num_seqs": num_seqs,
+        "mean_prompt": prompt_len,
+        "mean_response": response_len,
+        "trainer_gpus": trainer_gpus,
+        "layout": {"tp": tp, "pp": pp, "dp": dp, "microbatches": mbs},
+        "student_memory": layouts,
+        "student_fits": configured["total"] <= hbm,
+        "hbm": hbm,
+        "recommended": recommend_split(student, cfg, trainer_gpus, cfg.launch.gpus_per_node, hbm, seq_len),
+    }
     times: dict[str, float] = {}
-    times["train"] = cap.train_seconds(student, gpu, num_gpus=trainer_gpus, num_seqs=num_seqs, seq_len=seq_len,
-                                       ppo_epochs=cfg.train.ppo_epochs, recompute=_recompute(cfg), pp=pp,
-                                       num_microbatches=mbs, reference_forward=cfg.algorithm.ref_kl_coef > 0)
+    times["train"] = cap.train_seconds(
+        student,
+        gpu,
+        num_gpus=trainer_gpus,
+        num_seqs=num_seqs,
+        seq_len=seq_len,
+        ppo_epochs=cfg.train.ppo_epochs,
+        recompute=_recompute(cfg),
+        pp=pp,
+        num_microbatches=mbs,
+        reference_forward=cfg.algorithm.ref_kl_coef > 0,
+    )
     if topo.fleet("rollout"):
         rollout = _server_report(student, gpu, topo, "rollout", cfg, max_seq, num_seqs)
         plan["rollout"] = rollout
         times["generate"] = cap.generate_seconds(
-            student, gpu, tp=int(rollout["tp"]), num_servers=int(rollout["num_servers"]), num_seqs=num_seqs,
-            prompt_len=prompt_len, response_len=response_len, max_response_len=cfg.rollout.max_new_tokens,
-            seqs_at_once=int(min(rollout["seqs_at_once"], rollout["concurrent"])))
+            student,
+            gpu,
+            tp=int(rollout["tp"]),
+            num_servers=int(rollout["num_servers"]),
+            num_seqs=num_seqs,
+            prompt_len=prompt_len,
+            response_len=response_len,
+            max_response_len=cfg.rollout.max_new_tokens,
+            seqs_at_once=int(min(rollout["seqs_at_once"], rollout["concurrent"])),
+        )
         # Launcher-started fleets are kind=http for the trainer, which updates them from disk.
         times["weight_sync"] = cap.sync_seconds(student, gpu, same_node=topo.nodes == 1, via="disk")
         plan["weight_sync_nccl"] = cap.sync_seconds(student, gpu, same_node=topo.nodes == 1)
@@ -117,8 +166,9 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
         plan["teacher_params"] = teacher.num_params
         plan["teacher"] = _server_report(teacher, gpu, topo, "teacher", cfg, max_seq, num_seqs)
         teacher_gpus = sum(s.tp for s in topo.fleet("teacher"))
-        times["teacher_score"] = cap.score_seconds(teacher, gpu, num_gpus=teacher_gpus, num_seqs=num_seqs,
-                                                   seq_len=seq_len)
+        times["teacher_score"] = cap.score_seconds(
+            teacher, gpu, num_gpus=teacher_gpus, num_seqs=num_seqs, seq_len=seq_len
+        )
     times["total"] = sum(times.values())
     plan["seconds"] = times
     return plan
@@ -130,38 +180,60 @@ def _gib(x: float) -> str:
 
 def format_plan(plan: dict) -> str:
     student = f"{plan['student']['name']} ({plan['student_params'] / 1e9:.2f} B params, from {plan['student_source']})"
-    batch = (f"{plan['num_seqs']} sequences, assumed mean prompt {plan['mean_prompt']:.0f} + response "
-             f"{plan['mean_response']:.0f} tokens")
-    lines = [plan["topology"], f"GPU: {plan['gpu']}, HBM {_gib(plan['hbm']).strip()}", f"student: {student}",
-             f"batch: {batch}", f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs"]
+    batch = (
+        f"{plan['num_seqs']} sequences, assumed mean prompt {plan['mean_prompt']:.0f} + response "
+        f"{plan['mean_response']:.0f} tokens"
+    )
+    lines = [
+        plan["topology"],
+        f"GPU: {plan['gpu']}, HBM {_gib(plan['hbm']).strip()}",
+        f"student: {student}",
+        f"batch: {batch}",
+        f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs",
+    ]
     for name, mem in plan["student_memory"].items():
         parts = ", ".join(f"{k} {_gib(v).strip()}" for k, v in mem.items() if k != "total")
         verdict = "fits" if mem["total"] <= plan["hbm"] else "DOES NOT FIT"
         lines.append(f"  student/GPU [{name}]: total {_gib(mem['total'])} ({verdict}): {parts}")
     rec = plan["recommended"]
-    lines.append(f"recommended student split: TP={rec[0]} PP={rec[1]} DP={rec[2]} recompute={rec[3]} "
-                 "(distributed optimizer)" if rec else "recommended student split: none fits; add trainer GPUs")
+    lines.append(
+        f"recommended student split: TP={rec[0]} PP={rec[1]} DP={rec[2]} recompute={rec[3]} (distributed optimizer)"
+        if rec
+        else "recommended student split: none fits; add trainer GPUs"
+    )
     for fleet in ("rollout", "teacher"):
         if fleet in plan:
             s = plan[fleet]
-            lines.append(f"{fleet} server/GPU: {int(s['num_servers'])} server(s) tp {int(s['tp'])}: weights "
-                         f"{_gib(s['weights']).strip()}, KV pool {_gib(s['kv_pool']).strip()} holds "
-                         f"{int(s['seqs_at_once'])} full-length sequences, {int(s['concurrent'])} in flight per "
-                         f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}")
+            lines.append(
+                f"{fleet} server/GPU: {int(s['num_servers'])} server(s) tp {int(s['tp'])}: weights "
+                f"{_gib(s['weights']).strip()}, KV pool {_gib(s['kv_pool']).strip()} holds "
+                f"{int(s['seqs_at_once'])} full-length sequences, {int(s['concurrent'])} in flight per "
+                f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}"
+            )
     lines.append("estimated step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in plan["seconds"].items()))
     if "weight_sync_nccl" in plan:
-        lines.append(f"weight sync through the shared file system; over NCCL it would take "
-                     f"{plan['weight_sync_nccl']:.1f} s")
+        lines.append(
+            f"weight sync through the shared file system; over NCCL it would take {plan['weight_sync_nccl']:.1f} s"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe")
     parser.add_argument("overrides", nargs="*", help="dotted overrides (before the options, or use --set)")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="another override (repeatable; may follow the options)")
-    parser.add_argument("--nodes", type=int, help="launch.nodes; the recipe's launch.*_nodes role counts become "
-                        "automatic (0) unless given as overrides too")
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another override (repeatable; may follow the options)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        help="launch.nodes; the recipe's launch.*_nodes role counts become automatic (0) unless given as overrides too",
+    )
     parser.add_argument("--gpus-per-node", type=int, help="launch.gpus_per_node")
     parser.add_argument("--gpu", help=f"launch.gpu: one of {sorted(hw.GPUS)}")
     parser.add_argument("--prompt-fill", type=float, default=0.25, help="mean prompt length / max_prompt_length")
@@ -177,8 +249,11 @@ def flag_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 
     `--nodes N` asks "what if the job had N nodes": the recipe's role counts were chosen for its own node
     count (and may not even fit in N), so they go back to automatic unless the command line sets them too."""
-    extra = [f"launch.{key}={getattr(args, key)}" for key in ("nodes", "gpus_per_node", "gpu")
-             if getattr(args, key) is not None]
+    extra = [
+        f"launch.{key}={getattr(args, key)}"
+        for key in ("nodes", "gpus_per_node", "gpu")
+        if getattr(args, key) is not None
+    ]
     if args.nodes is not None:
         given = {item.split("=", 1)[0] for item in overrides}
         extra += [f"launch.{name}=0" for name in ROLE_COUNTS if f"launch.{name}" not in given]

@@ -16,6 +16,7 @@ tiny random ones (same family, vocabulary, GQA ratio, tying), cluster nodes -> l
 Left out: containers, InfiniBand / NCCL settings, several trainer nodes, SIGUSR1 preemption (the requeue
 path is entered through a failed attempt instead), GPU memory and speed (see `rlad plan`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,7 +116,9 @@ def ports_needed(cfg: RunConfig, hosts: list[str]) -> tuple[dict, dict]:
     for fleet, (node, _) in topo.routers.items():
         servers = topo.fleet(fleet)
         hosts_of[f"launch.{fleet}_port"] = sorted({hosts[s.nodes[0]] for s in servers})
-        counts[f"launch.{fleet}_port"] = max(sum(s.nodes[0] == n for s in servers) for n in {s.nodes[0] for s in servers})
+        counts[f"launch.{fleet}_port"] = max(
+            sum(s.nodes[0] == n for s in servers) for n in {s.nodes[0] for s in servers}
+        )
         hosts_of[f"launch.{fleet}_router_port"] = [hosts[node]]
     return hosts_of, counts
 
@@ -127,9 +130,14 @@ def plan_job(recipe: str, user: list[str], out: Path, steps: int, kill_server: b
     cfg0 = load_config(recipe, user)
     want_teacher = fleets_to_launch(cfg0)[1]
     changes = shrink.without_user_fields(
-        [shrink.Change("run_dir", cfg0.run_dir, str(out / "run"), "the rehearsal's own folder"),
-         *shrink.job_size_changes(cfg0, steps), *shrink.layout_changes(cfg0, want_teacher),
-         *shrink.machine_changes(cfg0, kill_server)], user)
+        [
+            shrink.Change("run_dir", cfg0.run_dir, str(out / "run"), "the rehearsal's own folder"),
+            *shrink.job_size_changes(cfg0, steps),
+            *shrink.layout_changes(cfg0, want_teacher),
+            *shrink.machine_changes(cfg0, kill_server),
+        ],
+        user,
+    )
     shaped = _load(recipe, user, changes)
     changes += shrink.without_user_fields(model_changes(shaped, out) + data_changes(shaped, out), user)
     shaped = _load(recipe, user, changes)
@@ -142,10 +150,18 @@ def plan_job(recipe: str, user: list[str], out: Path, steps: int, kill_server: b
 def job_env(out: Path, job_id: str, nodes: int, restart: int) -> dict[str, str]:
     """What the batch shell of the job sees on a cluster (Slurm's variables), on this machine."""
     env = {k: v for k, v in os.environ.items() if k not in TORCH_VARS and not k.startswith("SLURM_")}
-    env.update(PATH=f"{out / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}", PYTHON=sys.executable,
-               SLURM_JOB_ID=job_id, SLURM_JOB_NODELIST=loopback_nodelist(nodes), SLURM_NNODES=str(nodes),
-               SLURM_RESTART_COUNT=str(restart), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", GRACE_S="60",
-               **{REHEARSAL_DIR_ENV: str(out)})
+    env.update(
+        PATH=f"{out / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        PYTHON=sys.executable,
+        SLURM_JOB_ID=job_id,
+        SLURM_JOB_NODELIST=loopback_nodelist(nodes),
+        SLURM_NNODES=str(nodes),
+        SLURM_RESTART_COUNT=str(restart),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        GRACE_S="60",
+        **{REHEARSAL_DIR_ENV: str(out)},
+    )
     return env
 
 
@@ -182,12 +198,21 @@ def run_attempt(job: Plan, out: Path, job_id: str, restart: int, faults: Faults,
     resumed_from = latest_checkpoint(run_dir)
     log_path = out / "logs" / f"attempt-{restart}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"attempt {restart}: bash {out / 'job.sbatch'} (SLURM_RESTART_COUNT={restart}"
-        + (f", resuming from {resumed_from}" if resumed_from else "") + f"); log {log_path}")
+    log(
+        f"attempt {restart}: bash {out / 'job.sbatch'} (SLURM_RESTART_COUNT={restart}"
+        + (f", resuming from {resumed_from}" if resumed_from else "")
+        + f"); log {log_path}"
+    )
     watch = ServerWatch(servers).start()
     started = time.monotonic()
-    proc = subprocess.Popen(["bash", str(out / "job.sbatch")], env=job_env(out, job_id, job.cfg.launch.nodes, restart),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(out / "job.sbatch")],
+        env=job_env(out, job_id, job.cfg.launch.nodes, restart),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     copier = threading.Thread(target=_copy_output, args=(proc.stdout, log_path), daemon=True)
     copier.start()
     try:
@@ -200,8 +225,15 @@ def run_attempt(job: Plan, out: Path, job_id: str, restart: int, faults: Faults,
         _stop(proc)
         watch.stop()
         copier.join(timeout=10)
-    return report.Attempt(restart, proc.returncode, time.monotonic() - started, resumed_from,
-                          [asdict(s) for s in watch.seen.values()], faults.events, str(log_path))
+    return report.Attempt(
+        restart,
+        proc.returncode,
+        time.monotonic() - started,
+        resumed_from,
+        [asdict(s) for s in watch.seen.values()],
+        faults.events,
+        str(log_path),
+    )
 
 
 def run_attempts(job: Plan, out: Path, args: argparse.Namespace, killed_url: str) -> list[report.Attempt]:
@@ -219,22 +251,33 @@ def checks(job: Plan, attempts: list[report.Attempt], args: argparse.Namespace, 
 
     topo, run_dir, steps = plan_topology(job.cfg), Path(job.cfg.run_dir), job.cfg.train.num_steps
     rows, (first, last) = report.train_rows(run_dir), attempts
-    out = [report.check_exit(first, expect_failure=bool(args.kill_trainer_at_step)), report.check_exit(last, False),
-           report.check_steps(rows, steps)]
+    out = [
+        report.check_exit(first, expect_failure=bool(args.kill_trainer_at_step)),
+        report.check_exit(last, False),
+        report.check_steps(rows, steps),
+    ]
     if "rollout" in topo.routers:
         out.append(report.check_logprobs(rows))
-        out += [report.check_versions(a, steps) for a in attempts
-                if not (a is first and args.kill_trainer_at_step)]  # a killed attempt stops early
+        out += [
+            report.check_versions(a, steps) for a in attempts if not (a is first and args.kill_trainer_at_step)
+        ]  # a killed attempt stops early
     if "teacher" in topo.routers:
         out.append(report.check_teacher_router(run_dir, rows, topo.urls(job.hosts)["teacher"]))
     if "rollout" in topo.routers:
         out.append(report.check_samples(rows, job.cfg.train.prompts_per_step * job.cfg.algorithm.group_size))
     if killed_url:
-        out += [report.check_server_restarted(first, int(killed_url.rsplit(":", 1)[1])),
-                report.check_server_rejoined(first, killed_url, steps)]
+        out += [
+            report.check_server_restarted(first, int(killed_url.rsplit(":", 1)[1])),
+            report.check_server_rejoined(first, killed_url, steps),
+        ]
     expected = f"step_{args.kill_trainer_at_step or steps}"
-    out.append(report.Check("requeued attempt resumed", last.resumed_from == expected,
-                            f"attempt 1 started from {last.resumed_from or 'no checkpoint'}, expected {expected}"))
+    out.append(
+        report.Check(
+            "requeued attempt resumed",
+            last.resumed_from == expected,
+            f"attempt 1 started from {last.resumed_from or 'no checkpoint'}, expected {expected}",
+        )
+    )
     return out
 
 
@@ -244,8 +287,10 @@ def _validate(args: argparse.Namespace) -> None:
     if args.kill_trainer_at_step and not 1 <= args.kill_trainer_at_step < args.steps:
         raise ValueError(f"--kill-trainer-at-step must be in 1..{args.steps - 1}: the kill lands in the step after")
     if args.kill_server_at_step and not 2 <= args.kill_server_at_step <= args.steps:
-        raise ValueError(f"--kill-server-at-step must be in 2..{args.steps}: the kill is timed from the checkpoint "
-                         "of the step before")
+        raise ValueError(
+            f"--kill-server-at-step must be in 2..{args.steps}: the kill is timed from the checkpoint "
+            "of the step before"
+        )
 
 
 def rehearse(args: argparse.Namespace) -> int:
@@ -255,8 +300,13 @@ def rehearse(args: argparse.Namespace) -> int:
     _validate(args)
     out = Path(args.out or default_out(args.recipe)).resolve()
     prepare_out(out)
-    job = plan_job(args.recipe, parse_overrides(args.overrides + args.set_overrides), out, args.steps,
-                 bool(args.kill_server_at_step))
+    job = plan_job(
+        args.recipe,
+        parse_overrides(args.overrides + args.set_overrides),
+        out,
+        args.steps,
+        bool(args.kill_server_at_step),
+    )
     changes_table = shrink.table(job.changes)
     log(f"{args.recipe} -> {out}; changes from the recipe:\n{changes_table}")
     topo = plan_topology(job.cfg)
@@ -267,8 +317,15 @@ def rehearse(args: argparse.Namespace) -> int:
     started = time.monotonic()
     attempts = run_attempts(job, out, args, killed_url)
     found = checks(job, attempts, args, killed_url)
-    text = report.write_report(out, args.recipe, changes_table, [asdict(c) for c in job.changes],
-                               report.train_rows(Path(job.cfg.run_dir)), attempts, found)
+    text = report.write_report(
+        out,
+        args.recipe,
+        changes_table,
+        [asdict(c) for c in job.changes],
+        report.train_rows(Path(job.cfg.run_dir)),
+        attempts,
+        found,
+    )
     print(text)
     failed = [c.name for c in found if not c.ok]
     log(f"total {time.monotonic() - started:.0f} s; report {out / 'rehearsal.md'}")
@@ -279,17 +336,38 @@ def rehearse(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe (the cluster job to rehearse)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, applied before the shrinking and never "
-                        "changed by it, e.g. rollout.sync=disk")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="another override (repeatable; may follow the options)")
-    parser.add_argument("--out", default="", help="rehearsal folder, emptied first (default runs/rehearse/<recipe name>)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, applied before the shrinking and never changed by it, e.g. rollout.sync=disk",
+    )
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another override (repeatable; may follow the options)",
+    )
+    parser.add_argument(
+        "--out", default="", help="rehearsal folder, emptied first (default runs/rehearse/<recipe name>)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
-    parser.add_argument("--kill-trainer-at-step", type=int, default=0, metavar="N",
-                        help="kill -9 the trainer ranks once step N is logged and checkpointed (N < --steps); "
-                        "the requeued attempt must resume from it and finish")
-    parser.add_argument("--kill-server-at-step", type=int, default=0, metavar="N",
-                        help="kill -9 one rollout server during step N (N >= 2); its node agent restarts it")
+    parser.add_argument(
+        "--kill-trainer-at-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="kill -9 the trainer ranks once step N is logged and checkpointed (N < --steps); "
+        "the requeued attempt must resume from it and finish",
+    )
+    parser.add_argument(
+        "--kill-server-at-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="kill -9 one rollout server during step N (N >= 2); its node agent restarts it",
+    )
     parser.add_argument("--timeout-s", type=float, default=600.0, help="limit per job attempt (default 600)")
 
 

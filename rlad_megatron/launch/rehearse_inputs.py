@@ -14,6 +14,7 @@ data config reads (prompt_key, answer_key, metadata_keys, solution_key).
 Left out: architectures other than llama / qwen2 / qwen3, scaled rope types (the tiny models use plain
 RoPE with the source's theta) and MoE layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,17 +62,34 @@ def source_model(folder: str) -> SourceModel:
         config = json.loads(path.read_text())
         family = config.get("model_type", "")
         heads = config["num_attention_heads"]
-        return SourceModel(family, config["vocab_size"], heads, config.get("num_key_value_heads", heads),
-                           bool(config.get("tie_word_embeddings", False)), float(config.get("rms_norm_eps", 1e-6)),
-                           _rope_theta(config), str(path))
+        return SourceModel(
+            family,
+            config["vocab_size"],
+            heads,
+            config.get("num_key_value_heads", heads),
+            bool(config.get("tie_word_embeddings", False)),
+            float(config.get("rms_norm_eps", 1e-6)),
+            _rope_theta(config),
+            str(path),
+        )
     key = _table_key(folder)
     extra = next((v for k, v in FAMILY_FIELDS.items() if key.startswith(k)), None)
     if not key or extra is None:
-        raise ValueError(f"cannot rehearse model {folder!r}: no config.json there and no built-in entry for its "
-                         f"name; put the model's config.json in {folder} (weights are not needed)")
+        raise ValueError(
+            f"cannot rehearse model {folder!r}: no config.json there and no built-in entry for its "
+            f"name; put the model's config.json in {folder} (weights are not needed)"
+        )
     arch, origin = load_arch(folder)
-    return SourceModel(extra["model_type"], arch.vocab_size, arch.num_attention_heads, arch.num_key_value_heads,
-                       arch.tie_word_embeddings, extra["rms_norm_eps"], extra["rope_theta"], origin)
+    return SourceModel(
+        extra["model_type"],
+        arch.vocab_size,
+        arch.num_attention_heads,
+        arch.num_key_value_heads,
+        arch.tie_word_embeddings,
+        extra["rms_norm_eps"],
+        extra["rope_theta"],
+        origin,
+    )
 
 
 def tiny_model_fields(src: SourceModel, pipeline: int = 1, tensor: int = 1) -> dict[str, Any]:
@@ -83,14 +101,23 @@ def tiny_model_fields(src: SourceModel, pipeline: int = 1, tensor: int = 1) -> d
     if src.family not in FAMILIES:
         raise ValueError(f"cannot rehearse model family {src.family!r} ({src.origin}); supported: {list(FAMILIES)}")
     if src.num_attention_heads % src.num_key_value_heads:
-        raise ValueError(f"{src.origin}: num_attention_heads={src.num_attention_heads} is not a multiple of "
-                         f"num_key_value_heads={src.num_key_value_heads}")
+        raise ValueError(
+            f"{src.origin}: num_attention_heads={src.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={src.num_key_value_heads}"
+        )
     kv_heads = max(2, tensor)
     heads = kv_heads * (src.num_attention_heads // src.num_key_value_heads)
-    fields = dict(vocab_size=src.vocab_size, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  num_hidden_layers=LAYERS_PER_STAGE * pipeline, intermediate_size=TINY_FFN,
-                  tie_word_embeddings=src.tie_word_embeddings, rms_norm_eps=src.rms_norm_eps,
-                  rope_theta=src.rope_theta, max_position_embeddings=MAX_POSITIONS)
+    fields = dict(
+        vocab_size=src.vocab_size,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=LAYERS_PER_STAGE * pipeline,
+        intermediate_size=TINY_FFN,
+        tie_word_embeddings=src.tie_word_embeddings,
+        rms_norm_eps=src.rms_norm_eps,
+        rope_theta=src.rope_theta,
+        max_position_embeddings=MAX_POSITIONS,
+    )
     if src.family == "qwen3":
         return fields | {"hidden_size": TINY_HIDDEN, "head_dim": TINY_HEAD_DIM}
     return fields | {"hidden_size": heads * TINY_HEAD_DIM}
@@ -98,7 +125,7 @@ def tiny_model_fields(src: SourceModel, pipeline: int = 1, tensor: int = 1) -> d
 
 def build_tiny_model(out: Path, src: SourceModel, seed: int, pipeline: int = 1, tensor: int = 1) -> Path:
     """Write the random tiny model with the char tokenizer into `out`."""
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
     return save_tiny_model(out, src.family, seed=seed, **tiny_model_fields(src, pipeline, tensor))
 
@@ -119,8 +146,11 @@ def write_addition_rows(path: Path, data_cfg: Any, size: int, split: str, seed: 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as out:
         for record in task_records("addition", size=size, seed=seed, split=split):
-            row = {data_cfg.prompt_key: record["prompt"], data_cfg.answer_key: str(record["answer"]),
-                   data_cfg.solution_key: solution_trace(record)}
+            row = {
+                data_cfg.prompt_key: record["prompt"],
+                data_cfg.answer_key: str(record["answer"]),
+                data_cfg.solution_key: solution_trace(record),
+            }
             for key in data_cfg.metadata_keys:  # the recipe's extra fields: the task's value when it has one
                 row[key] = record["metadata"].get(key, "rehearsal")
             out.write(json.dumps(row) + "\n")

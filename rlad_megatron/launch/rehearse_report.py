@@ -7,6 +7,7 @@ per-phase `time/*`, the `kl/rollout_vs_old_*` log-prob agreement, the teacher's 
 
 Left out: throughput comparisons against a cluster (a CPU rehearsal says nothing about GPU speed).
 """
+
 from __future__ import annotations
 
 import json
@@ -69,29 +70,38 @@ def logprob_gap(row: dict[str, Any]) -> float | None:
 
 def check_steps(rows: Sequence[dict[str, Any]], steps: int) -> Check:
     got = [int(r["step"]) for r in rows]
-    return Check("steps", got == list(range(1, steps + 1)),
-                 f"train steps logged {got}, expected 1..{steps} once each")
+    return Check("steps", got == list(range(1, steps + 1)), f"train steps logged {got}, expected 1..{steps} once each")
 
 
 def check_logprobs(rows: Sequence[dict[str, Any]], tol: float = LOGPROB_TOL) -> Check:
     gaps = {int(r["step"]): logprob_gap(r) for r in rows}
     missing = [s for s, g in gaps.items() if g is None]
     if missing or not gaps:
-        return Check("rollout log-probs", False, f"kl/rollout_vs_old_max_abs not logged at steps {missing}: the "
-                     "trainer did not compare the servers' log-probs with its own")
+        return Check(
+            "rollout log-probs",
+            False,
+            f"kl/rollout_vs_old_max_abs not logged at steps {missing}: the "
+            "trainer did not compare the servers' log-probs with its own",
+        )
     worst = max(gaps.values())
-    return Check("rollout log-probs", worst <= tol,
-                 f"max |rollout - trainer log-prob| {worst:.2e} (tolerance {tol:.0e}), per step "
-                 + ", ".join(f"{s}: {g:.1e}" for s, g in gaps.items()))
+    return Check(
+        "rollout log-probs",
+        worst <= tol,
+        f"max |rollout - trainer log-prob| {worst:.2e} (tolerance {tol:.0e}), per step "
+        + ", ".join(f"{s}: {g:.1e}" for s, g in gaps.items()),
+    )
 
 
 def check_versions(attempt: Attempt, expected: int) -> Check:
     """Every rollout server of the attempt served weights version `expected` when the job stopped."""
     rollout = [s for s in attempt.servers if s["fleet"] == "rollout"]
     wrong = {s["url"]: s["version"] for s in rollout if s["version"] != str(expected)}
-    return Check(f"weight versions (attempt {attempt.restart})", bool(rollout) and not wrong,
-                 f"{len(rollout)} rollout server(s); expected version {expected}"
-                 + (f"; last seen {wrong}" if wrong else ", all served it at the end"))
+    return Check(
+        f"weight versions (attempt {attempt.restart})",
+        bool(rollout) and not wrong,
+        f"{len(rollout)} rollout server(s); expected version {expected}"
+        + (f"; last seen {wrong}" if wrong else ", all served it at the end"),
+    )
 
 
 def check_teacher_router(run_dir: Path, rows: Sequence[dict[str, Any]], router_url: str) -> Check:
@@ -100,15 +110,21 @@ def check_teacher_router(run_dir: Path, rows: Sequence[dict[str, Any]], router_u
     urls = (config.get("teacher") or {}).get("urls")
     scored = [int(r["step"]) for r in rows if "kl/old_vs_teacher_k1" in r]
     ok = urls == [router_url] and len(scored) == len(rows) > 0
-    return Check("teacher via router", ok, f"trainer's teacher.urls={urls} (router {router_url}); teacher "
-                 f"log-probs at steps {scored}")
+    return Check(
+        "teacher via router",
+        ok,
+        f"trainer's teacher.urls={urls} (router {router_url}); teacher log-probs at steps {scored}",
+    )
 
 
 def check_exit(attempt: Attempt, expect_failure: bool) -> Check:
     ok = attempt.exit_code != 0 if expect_failure else attempt.exit_code == 0
     want = "non-zero (trainer killed)" if expect_failure else "0"
-    return Check(f"job exit (attempt {attempt.restart})", ok, f"exit code {attempt.exit_code}, expected {want}; "
-                 f"log {attempt.log}")
+    return Check(
+        f"job exit (attempt {attempt.restart})",
+        ok,
+        f"exit code {attempt.exit_code}, expected {want}; log {attempt.log}",
+    )
 
 
 def check_samples(rows: Sequence[dict[str, Any]], per_step: int) -> Check:
@@ -122,8 +138,13 @@ def check_server_restarted(attempt: Attempt, port: int) -> Check:
     """The node agent's log says it restarted the killed server."""
     text = Path(attempt.log).read_text(errors="replace") if Path(attempt.log).exists() else ""
     line = next((ln for ln in text.splitlines() if "[restart]" in ln and f"port {port} " in ln), "")
-    return Check("killed server restarted", bool(line), line.strip() or f"no '[restart] ... port {port}' line in "
-                 f"{attempt.log}: the node agent did not restart it (launch.restart_servers)")
+    return Check(
+        "killed server restarted",
+        bool(line),
+        line.strip()
+        or f"no '[restart] ... port {port}' line in "
+        f"{attempt.log}: the node agent did not restart it (launch.restart_servers)",
+    )
 
 
 def check_server_rejoined(attempt: Attempt, url: str, expected: int) -> Check:
@@ -131,43 +152,86 @@ def check_server_rejoined(attempt: Attempt, url: str, expected: int) -> Check:
     seen = next((s for s in attempt.servers if s["url"] == url), None) or {"rejoined": 0, "version": None}
     kill = next((f["at_s"] for f in attempt.faults if f["kind"] == "server"), None)
     ok = seen["rejoined"] >= 1 and seen["version"] == str(expected)
-    hint = "" if ok else (f"; the job ended {attempt.wall_s - (kill or 0):.0f} s after the kill (a restart takes the "
-                          "agent's back-off plus a server start-up): rehearse more --steps after the kill")
-    return Check("killed server rejoined", ok, f"{url}: back up {seen['rejoined']} time(s) after the kill, last "
-                 f"weight version {seen['version']} (expected {expected}){hint}")
+    hint = (
+        ""
+        if ok
+        else (
+            f"; the job ended {attempt.wall_s - (kill or 0):.0f} s after the kill (a restart takes the "
+            "agent's back-off plus a server start-up): rehearse more --steps after the kill"
+        )
+    )
+    return Check(
+        "killed server rejoined",
+        ok,
+        f"{url}: back up {seen['rejoined']} time(s) after the kill, last "
+        f"weight version {seen['version']} (expected {expected}){hint}",
+    )
 
 
 def summary(rows: Sequence[dict[str, Any]], attempts: Sequence[Attempt]) -> dict[str, Any]:
     totals = {p: round(sum(r.get(f"time/{p}", 0.0) for r in rows), 2) for p in PHASES}
     startup = {s["url"]: s["first_up_s"] for a in attempts[:1] for s in a.servers}
-    return {"phase_seconds_total": totals, "server_startup_s": startup,
-            "job_seconds": [round(a.wall_s, 1) for a in attempts]}
+    return {
+        "phase_seconds_total": totals,
+        "server_startup_s": startup,
+        "job_seconds": [round(a.wall_s, 1) for a in attempts],
+    }
 
 
-def render_markdown(title: str, changes_table: str, rows: Sequence[dict[str, Any]], attempts: Sequence[Attempt],
-                    checks: Sequence[Check]) -> str:
-    parts = [f"# Rehearsal: {title}", "", "## What changed from the recipe", "", changes_table, "",
-             "## Phases per step (seconds, from metrics.jsonl)", "", phase_table(rows), ""]
+def render_markdown(
+    title: str, changes_table: str, rows: Sequence[dict[str, Any]], attempts: Sequence[Attempt], checks: Sequence[Check]
+) -> str:
+    parts = [
+        f"# Rehearsal: {title}",
+        "",
+        "## What changed from the recipe",
+        "",
+        changes_table,
+        "",
+        "## Phases per step (seconds, from metrics.jsonl)",
+        "",
+        phase_table(rows),
+        "",
+    ]
     parts += ["## Job attempts", ""]
     for a in attempts:
-        parts.append(f"* attempt {a.restart} (SLURM_RESTART_COUNT={a.restart}): exit {a.exit_code}, {a.wall_s:.0f} s"
-                     + (f", resumed from {a.resumed_from}" if a.resumed_from else "") + f"; log {a.log}")
+        parts.append(
+            f"* attempt {a.restart} (SLURM_RESTART_COUNT={a.restart}): exit {a.exit_code}, {a.wall_s:.0f} s"
+            + (f", resumed from {a.resumed_from}" if a.resumed_from else "")
+            + f"; log {a.log}"
+        )
         for s in a.servers:
             up = "never answered" if s["first_up_s"] is None else f"up after {s['first_up_s']:.0f} s"
-            parts.append(f"  * {s['fleet']} {s['url']}: {up}, last weight version {s['version']}"
-                         + (f", rejoined {s['rejoined']}x" if s["rejoined"] else ""))
+            parts.append(
+                f"  * {s['fleet']} {s['url']}: {up}, last weight version {s['version']}"
+                + (f", rejoined {s['rejoined']}x" if s["rejoined"] else "")
+            )
         parts += [f"  * fault at {f['at_s']} s: {f['what']}" for f in a.faults]
     parts += ["", "## Checks", ""] + [f"* {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks]
     return "\n".join(parts) + "\n"
 
 
-def write_report(out: Path, title: str, changes_table: str, changes: list[dict], rows: Sequence[dict[str, Any]],
-                 attempts: Sequence[Attempt], checks: Sequence[Check]) -> str:
+def write_report(
+    out: Path,
+    title: str,
+    changes_table: str,
+    changes: list[dict],
+    rows: Sequence[dict[str, Any]],
+    attempts: Sequence[Attempt],
+    checks: Sequence[Check],
+) -> str:
     text = render_markdown(title, changes_table, rows, attempts, checks)
     (out / "rehearsal.md").write_text(text)
-    data = {"recipe": title, "ok": all(c.ok for c in checks), "changes": changes,
-            "attempts": [asdict(a) for a in attempts], "checks": [asdict(c) for c in checks],
-            "steps": [{k: v for k, v in r.items() if k.startswith(("time/", "kl/rollout_vs_old")) or k == "step"}
-                      for r in rows], **summary(rows, attempts)}
+    data = {
+        "recipe": title,
+        "ok": all(c.ok for c in checks),
+        "changes": changes,
+        "attempts": [asdict(a) for a in attempts],
+        "checks": [asdict(c) for c in checks],
+        "steps": [
+            {k: v for k, v in r.items() if k.startswith(("time/", "kl/rollout_vs_old")) or k == "step"} for r in rows
+        ],
+        **summary(rows, attempts),
+    }
     (out / "rehearsal.json").write_text(json.dumps(data, indent=2))
     return text

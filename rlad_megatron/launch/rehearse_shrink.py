@@ -8,6 +8,7 @@ most 2 trainer processes and about 4 server processes.
 
 Left out: several trainer nodes (one emulated trainer node holds both processes).
 """
+
 from __future__ import annotations
 
 import socket
@@ -68,8 +69,12 @@ def job_size_changes(cfg: RunConfig, steps: int) -> list[Change]:
         *_smaller(cfg, "train.prompts_per_step", PROMPTS, "2 CPU cores"),
         *_smaller(cfg, "algorithm.group_size", GROUP, "2 CPU cores"),
         *_smaller(cfg, "train.num_minibatches", prompts, "minibatches hold whole groups"),
-        *_smaller(cfg, "train.micro_batch_tokens", MICRO_BATCH_TOKENS,
-                  "the tiny models keep the real vocabulary: bounds the logits' memory"),
+        *_smaller(
+            cfg,
+            "train.micro_batch_tokens",
+            MICRO_BATCH_TOKENS,
+            "the tiny models keep the real vocabulary: bounds the logits' memory",
+        ),
         *_smaller(cfg, "rollout.max_new_tokens", NEW_TOKENS, "random models never stop early"),
         *_changed(cfg, "checkpoint.interval", 1, "checkpoint every step (the restart resumes from one)"),
         *_changed(cfg, "model.params_dtype", "float32", "CPU trainer; the servers run float32 too"),
@@ -78,15 +83,27 @@ def job_size_changes(cfg: RunConfig, steps: int) -> list[Change]:
         *_smaller(cfg, "launch.health_timeout_s", HEALTH_TIMEOUT_S, "a rehearsal that cannot start fails in minutes"),
     ]
     if cfg.data.eval:
-        out += [*_smaller(cfg, "eval.num_samples", GROUP, "2 CPU cores"),
-                *_smaller(cfg, "eval.max_new_tokens", NEW_TOKENS, "random models never stop early"),
-                *_changed(cfg, "eval.max_prompts", min(cfg.eval.max_prompts or EVAL_PROMPTS, EVAL_PROMPTS),
-                          "a tiny eval still runs the eval path")]
+        out += [
+            *_smaller(cfg, "eval.num_samples", GROUP, "2 CPU cores"),
+            *_smaller(cfg, "eval.max_new_tokens", NEW_TOKENS, "random models never stop early"),
+            *_changed(
+                cfg,
+                "eval.max_prompts",
+                min(cfg.eval.max_prompts or EVAL_PROMPTS, EVAL_PROMPTS),
+                "a tiny eval still runs the eval path",
+            ),
+        ]
     if any(s.startswith("reasoning_gym:") for s in (cfg.data.train, cfg.data.eval)):
         size = int(cfg.data.task_kwargs.get("size", 1000))  # 1000: the sources' default
         if size > TASK_SIZE:
-            out.append(Change("data.task_kwargs.size", size, TASK_SIZE, "reasoning-gym builds each puzzle in ~20 ms "
-                              "(the held-out split draws ~10x more to find its share)"))
+            out.append(
+                Change(
+                    "data.task_kwargs.size",
+                    size,
+                    TASK_SIZE,
+                    "reasoning-gym builds each puzzle in ~20 ms (the held-out split draws ~10x more to find its share)",
+                )
+            )
     return out
 
 
@@ -101,8 +118,10 @@ def layout_changes(cfg: RunConfig, want_teacher: bool) -> list[Change]:
     """Trainer TP / PP, node counts and GPUs per node for <= 2 trainer processes and one process per server."""
     tp, pp = trainer_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     why_par = "at most 2 trainer processes on 2 cores"
-    out = [*_changed(cfg, "parallel.tensor_model_parallel_size", tp, why_par),
-           *_changed(cfg, "parallel.pipeline_model_parallel_size", pp, why_par)]
+    out = [
+        *_changed(cfg, "parallel.tensor_model_parallel_size", tp, why_par),
+        *_changed(cfg, "parallel.pipeline_model_parallel_size", pp, why_par),
+    ]
     if tp == 1:
         out += _changed(cfg, "parallel.sequence_parallel", False, "sequence parallelism needs TP > 1")
     one = "rlad serve runs one process per server"
@@ -111,16 +130,21 @@ def layout_changes(cfg: RunConfig, want_teacher: bool) -> list[Change]:
         gpus = tp * pp + 1 + int(want_teacher)
         return out + _changed(cfg, "launch.gpus_per_node", gpus, "one 'GPU' per server and trainer process")
     why = "one emulated node per role"
-    return out + [*_changed(cfg, "launch.nodes", 2 + int(want_teacher), why),
-                  *_changed(cfg, "launch.trainer_nodes", 1, why), *_changed(cfg, "launch.rollout_nodes", 1, why),
-                  *_changed(cfg, "launch.teacher_nodes", int(want_teacher), why),
-                  *_changed(cfg, "launch.gpus_per_node", tp * pp, "trainer processes per node (and servers per node)")]
+    return out + [
+        *_changed(cfg, "launch.nodes", 2 + int(want_teacher), why),
+        *_changed(cfg, "launch.trainer_nodes", 1, why),
+        *_changed(cfg, "launch.rollout_nodes", 1, why),
+        *_changed(cfg, "launch.teacher_nodes", int(want_teacher), why),
+        *_changed(cfg, "launch.gpus_per_node", tp * pp, "trainer processes per node (and servers per node)"),
+    ]
 
 
 def machine_changes(cfg: RunConfig, kill_server: bool) -> list[Change]:
     """What this machine cannot do as a cluster does: containers, SGLang on CPU."""
-    out = [*_changed(cfg, "launch.container_image", "", "no container runtime here: the host venv runs the job"),
-           *_changed(cfg, "launch.container_mounts", [], "no container")]
+    out = [
+        *_changed(cfg, "launch.container_image", "", "no container runtime here: the host venv runs the job"),
+        *_changed(cfg, "launch.container_mounts", [], "no container"),
+    ]
     out += _changed(cfg, "launch.server_impl", "rlad", "SGLang cannot serve on CPU: rlad serve, same HTTP API")
     if kill_server and cfg.launch.restart_servers < 1:
         out.append(Change("launch.restart_servers", 0, 1, "--kill-server-at-step: the agent restarts the server"))
@@ -141,8 +165,9 @@ def port_free(host: str, port: int) -> bool:
         return True
 
 
-def port_changes(cfg: RunConfig, hosts_of: dict[str, Sequence[str]], counts: dict[str, int],
-                 free=port_free) -> list[Change]:
+def port_changes(
+    cfg: RunConfig, hosts_of: dict[str, Sequence[str]], counts: dict[str, int], free=port_free
+) -> list[Change]:
     """Keep the recipe's ports where they are free on the emulated node addresses, else move the block.
 
     `hosts_of`: port field -> addresses that bind it; `counts`: port field -> consecutive ports it needs."""
@@ -159,8 +184,7 @@ def port_changes(cfg: RunConfig, hosts_of: dict[str, Sequence[str]], counts: dic
 
 def _block_free(start: int, count: int, hosts: Iterable[str], taken: set, free) -> bool:
     ports = range(start, start + count)
-    return (ports[-1] <= 65535 and not taken.intersection(ports)
-            and all(free(h, p) for h in hosts for p in ports))
+    return ports[-1] <= 65535 and not taken.intersection(ports) and all(free(h, p) for h in hosts for p in ports)
 
 
 def without_user_fields(changes: Sequence[Change], user_overrides: Sequence[str]) -> list[Change]:
@@ -171,8 +195,9 @@ def without_user_fields(changes: Sequence[Change], user_overrides: Sequence[str]
 
 def table(changes: Sequence[Change]) -> str:
     """The changes as a markdown table (screen and rehearsal.md)."""
-    rows = [("field", "recipe", "rehearsal", "why")] + [(c.field, _cell(c.recipe), _cell(c.value), c.why)
-                                                        for c in changes]
+    rows = [("field", "recipe", "rehearsal", "why")] + [
+        (c.field, _cell(c.recipe), _cell(c.value), c.why) for c in changes
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -10,6 +10,7 @@
 
 Left out: faults of routers and node agents, network partitions, slow (rather than dead) servers.
 """
+
 from __future__ import annotations
 
 import json
@@ -117,9 +118,11 @@ def descendants(root: int) -> list[int]:
 
 def trainer_ranks(root: int) -> list[int]:
     """The trainer's rank processes (the `rlad_megatron.cli train` workers torchrun started, not torchrun)."""
+
     def is_rank(argv: Sequence[str]) -> bool:
         launcher = any("torchrun" in a or "torch.distributed.run" in a for a in argv)
         return "rlad_megatron.cli" in argv and "train" in argv and not launcher
+
     return [pid for pid in descendants(root) if is_rank(cmdline(pid))]
 
 
@@ -127,8 +130,11 @@ def server_process(root: int, port: int) -> int | None:
     """The server process listening on `port` (not a router, whose --worker-urls name the port too)."""
     for pid in descendants(root):
         argv = cmdline(pid)
-        if "--port" in argv and argv[argv.index("--port") + 1:][:1] == [str(port)] and not any(
-                "router" in a for a in argv):
+        if (
+            "--port" in argv
+            and argv[argv.index("--port") + 1 :][:1] == [str(port)]
+            and not any("router" in a for a in argv)
+        ):
             return pid
     return None
 
@@ -170,8 +176,12 @@ class Faults:
         if self.kill_trainer_at and not self._done("trainer") and self._checkpointed(self.kill_trainer_at):
             ranks = trainer_ranks(job_pid)
             kill9(ranks)
-            self._record("trainer", started, f"kill -9 of {len(ranks)} trainer rank(s) {ranks} once step "
-                         f"{self.kill_trainer_at} was logged and checkpointed")
+            self._record(
+                "trainer",
+                started,
+                f"kill -9 of {len(ranks)} trainer rank(s) {ranks} once step "
+                f"{self.kill_trainer_at} was logged and checkpointed",
+            )
         if self.kill_server_at and not self._done("server"):
             self._maybe_kill_server(job_pid, started)
 
@@ -186,8 +196,12 @@ class Faults:
             pid = server_process(job_pid, self.server_port)
             if pid is not None:
                 kill9([pid])
-                self._record("server", started, f"kill -9 of the rollout server on port {self.server_port} "
-                             f"(pid {pid}) during step {self.kill_server_at}")
+                self._record(
+                    "server",
+                    started,
+                    f"kill -9 of the rollout server on port {self.server_port} "
+                    f"(pid {pid}) during step {self.kill_server_at}",
+                )
 
     def _checkpointed(self, step: int) -> bool:
         """Step `step` logged and its checkpoint published: the requeued attempt must resume from it."""

@@ -8,6 +8,7 @@ bash's own `$VARS` pass through untouched.
 
 Left out: heterogeneous Slurm jobs (all nodes share one allocation shape) and non-GPU partitions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,18 @@ DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.t
 def sbatch_lines(cfg: RunConfig, log_dir: str) -> list[str]:
     """The #SBATCH header for `cfg.launch` (one task per node: the node agent starts the rest)."""
     la = cfg.launch
-    lines = [f"--job-name={la.job_name}", f"--nodes={la.nodes}", "--ntasks-per-node=1",
-             f"--gpus-per-node={la.gpus_per_node}", "--exclusive", f"--time={la.time_limit}",
-             f"--output={log_dir}/slurm-%j.out", "--signal=B:USR1@120", "--requeue", "--open-mode=append"]
+    lines = [
+        f"--job-name={la.job_name}",
+        f"--nodes={la.nodes}",
+        "--ntasks-per-node=1",
+        f"--gpus-per-node={la.gpus_per_node}",
+        "--exclusive",
+        f"--time={la.time_limit}",
+        f"--output={log_dir}/slurm-%j.out",
+        "--signal=B:USR1@120",
+        "--requeue",
+        "--open-mode=append",
+    ]
     if la.partition:
         lines.append(f"--partition={la.partition}")
     if la.account:
@@ -54,8 +64,10 @@ def _refuse_embedded_keys(cfg: RunConfig, overrides: Sequence[str]) -> None:
     names = {cfg.rollout.api_key_env, cfg.teacher.api_key_env}
     keyed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].strip().endswith("api_key")]
     if keyed or names & set(cfg.launch.env):
-        raise ValueError(f"{(keyed or sorted(names & set(cfg.launch.env)))[0]} would write the API key into the "
-                         f"sbatch script; export {cfg.rollout.api_key_env} in the shell that runs sbatch instead")
+        raise ValueError(
+            f"{(keyed or sorted(names & set(cfg.launch.env)))[0]} would write the API key into the "
+            f"sbatch script; export {cfg.rollout.api_key_env} in the shell that runs sbatch instead"
+        )
 
 
 def render(cfg: RunConfig, recipe: str, overrides: Sequence[str], template: Path = DEFAULT_TEMPLATE) -> str:
@@ -81,16 +93,25 @@ def render(cfg: RunConfig, recipe: str, overrides: Sequence[str], template: Path
     for key, value in values.items():
         text = text.replace(f"@@{key}@@", value)
     if "@@" in text:
-        raise ValueError(f"template {template} has an unknown placeholder near {text[text.index('@@'):][:30]!r}")
+        raise ValueError(f"template {template} has an unknown placeholder near {text[text.index('@@') :][:30]!r}")
     return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe (the `launch:` section sets nodes, roles, Slurm fields)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. launch.nodes=4 launch.partition=gpu "
-                        "(before the options, or use --set)")
-    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="another override (repeatable; may follow the options)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. launch.nodes=4 launch.partition=gpu (before the options, or use --set)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another override (repeatable; may follow the options)",
+    )
     parser.add_argument("--out", default="", help="write the script here (default: stdout)")
     parser.add_argument("--template", default=str(DEFAULT_TEMPLATE), help="sbatch template")
 

@@ -11,6 +11,7 @@ failed trainer is the job's failure (the requeued job resumes from its checkpoin
 health, while torchrun runs, and on server-only nodes while waiting for the done-file.
 SIGTERM, SIGINT and SIGUSR1 stop every child with SIGTERM (and no more restarts).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,9 @@ class Supervisor:
         self.children: list[Child] = []
         self.stopping = False
         # SIGUSR1 is Slurm's early warning (--signal=USR1@120 without B:, as nemo-run sends it).
-        self._previous = {sig: signal.signal(sig, self._on_signal)
-                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        self._previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        }
 
     @property
     def procs(self) -> list[subprocess.Popen]:
@@ -96,12 +98,18 @@ class Supervisor:
             if child.restart_at is None:
                 code = child.proc.returncode
                 if child.restarts >= self.max_restarts:
-                    log("error", f"{child.name} exited with {code}; no restarts left "
-                                 f"(launch.restart_servers={self.max_restarts})")
+                    log(
+                        "error",
+                        f"{child.name} exited with {code}; no restarts left "
+                        f"(launch.restart_servers={self.max_restarts})",
+                    )
                     return child
-                delay = min(RESTART_BACKOFF_S * 2 ** child.restarts, MAX_BACKOFF_S)
-                log("restart", f"{child.name} exited with {code}; restart {child.restarts + 1}/{self.max_restarts} "
-                               f"in {delay:.0f} s")
+                delay = min(RESTART_BACKOFF_S * 2**child.restarts, MAX_BACKOFF_S)
+                log(
+                    "restart",
+                    f"{child.name} exited with {code}; restart {child.restarts + 1}/{self.max_restarts} "
+                    f"in {delay:.0f} s",
+                )
                 child.restart_at = now + delay
             elif now >= child.restart_at:
                 child.restarts, child.restart_at = child.restarts + 1, None

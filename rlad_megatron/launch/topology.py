@@ -21,6 +21,7 @@ the teacher fleet (teacher SGLang servers plus one router). Rules:
 Hosts are known only inside the job, so the topology speaks in node indices; `urls(hosts)` resolves them.
 Left out: co-locating trainer and servers on the same GPUs (slime's colocate mode) and heterogeneous nodes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -127,35 +128,49 @@ def _needs_teacher_engine(cfg: RunConfig) -> bool:
 def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: int, port: int) -> list[Server]:
     if tp <= gpn:
         if gpn % tp:
-            raise ValueError(f"launch.{fleet}_tp={tp} must divide launch.gpus_per_node={gpn} when the fleet has "
-                             "whole nodes (or be a multiple of it)")
+            raise ValueError(
+                f"launch.{fleet}_tp={tp} must divide launch.gpus_per_node={gpn} when the fleet has "
+                "whole nodes (or be a multiple of it)"
+            )
         per_node = gpn // tp
-        return [Server(fleet, (n,), tuple(range(k * tp, (k + 1) * tp)), port + k, tp)
-                for n in range(first_node, first_node + num_nodes) for k in range(per_node)]
+        return [
+            Server(fleet, (n,), tuple(range(k * tp, (k + 1) * tp)), port + k, tp)
+            for n in range(first_node, first_node + num_nodes)
+            for k in range(per_node)
+        ]
     if tp % gpn:
         raise ValueError(f"launch.{fleet}_tp={tp} is larger than launch.gpus_per_node={gpn} and must be a multiple")
     span = tp // gpn
     if num_nodes % span:
-        raise ValueError(f"launch.{fleet}_nodes={num_nodes} must be a multiple of {span}: one {fleet} server with "
-                         f"tp={tp} spans {span} nodes of {gpn} GPUs")
-    return [Server(fleet, tuple(range(n, n + span)), tuple(range(gpn)), port, tp)
-            for n in range(first_node, first_node + num_nodes, span)]
+        raise ValueError(
+            f"launch.{fleet}_nodes={num_nodes} must be a multiple of {span}: one {fleet} server with "
+            f"tp={tp} spans {span} nodes of {gpn} GPUs"
+        )
+    return [
+        Server(fleet, tuple(range(n, n + span)), tuple(range(gpn)), port, tp)
+        for n in range(first_node, first_node + num_nodes, span)
+    ]
 
 
 def _single_node(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> Topology:
     la, gpn = cfg.launch, cfg.launch.gpus_per_node
     servers, next_gpu = [], 0
-    for fleet, wanted, tp, port in (("teacher", want_teacher, la.teacher_tp, la.teacher_port),
-                                     ("rollout", want_rollout, la.rollout_tp, la.rollout_port)):
+    for fleet, wanted, tp, port in (
+        ("teacher", want_teacher, la.teacher_tp, la.teacher_port),
+        ("rollout", want_rollout, la.rollout_tp, la.rollout_port),
+    ):
         if wanted:
             servers.append(Server(fleet, (0,), tuple(range(next_gpu, next_gpu + tp)), port, tp))
             next_gpu += tp
     if next_gpu >= gpn:
         used = " + ".join(f"{s.fleet}_tp={s.tp}" for s in servers)
-        raise ValueError(f"one node of {gpn} GPUs cannot hold the servers ({used}) and the trainer: lower "
-                         "launch.teacher_tp / launch.rollout_tp or use launch.nodes >= 3")
-    routers = {s.fleet: (0, la.teacher_router_port if s.fleet == "teacher" else la.rollout_router_port)
-               for s in servers}
+        raise ValueError(
+            f"one node of {gpn} GPUs cannot hold the servers ({used}) and the trainer: lower "
+            "launch.teacher_tp / launch.rollout_tp or use launch.nodes >= 3"
+        )
+    routers = {
+        s.fleet: (0, la.teacher_router_port if s.fleet == "teacher" else la.rollout_router_port) for s in servers
+    }
     return Topology(1, gpn, (0,), tuple(range(next_gpu, gpn)), tuple(servers), routers)
 
 
@@ -165,15 +180,23 @@ def _node_counts(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> tupl
     teacher_min = math.ceil(la.teacher_tp / la.gpus_per_node) if want_teacher else 0
     teacher = la.teacher_nodes or teacher_min
     if want_teacher and teacher * la.gpus_per_node < la.teacher_tp:
-        raise ValueError(f"too few GPUs for the teacher: launch.teacher_nodes={teacher} x {la.gpus_per_node} GPUs "
-                         f"< launch.teacher_tp={la.teacher_tp}; raise teacher_nodes to {teacher_min} or lower teacher_tp")
+        raise ValueError(
+            f"too few GPUs for the teacher: launch.teacher_nodes={teacher} x {la.gpus_per_node} GPUs "
+            f"< launch.teacher_tp={la.teacher_tp}; raise teacher_nodes to {teacher_min} or lower teacher_tp"
+        )
     rest = la.nodes - (teacher if want_teacher else 0)
     rollout = (la.rollout_nodes or (rest - la.trainer_nodes if la.trainer_nodes else rest // 2)) if want_rollout else 0
     trainer = la.trainer_nodes or rest - rollout
-    if trainer < 1 or (want_rollout and rollout < 1) or trainer + rollout + (teacher if want_teacher else 0) != la.nodes:
-        raise ValueError(f"launch.nodes={la.nodes} cannot be split into trainer={trainer}, rollout={rollout}, "
-                         f"teacher={teacher if want_teacher else 0} whole nodes; use launch.nodes=1 (shared node) "
-                         "or enough nodes for every role, and make the explicit counts add up")
+    if (
+        trainer < 1
+        or (want_rollout and rollout < 1)
+        or trainer + rollout + (teacher if want_teacher else 0) != la.nodes
+    ):
+        raise ValueError(
+            f"launch.nodes={la.nodes} cannot be split into trainer={trainer}, rollout={rollout}, "
+            f"teacher={teacher if want_teacher else 0} whole nodes; use launch.nodes=1 (shared node) "
+            "or enough nodes for every role, and make the explicit counts add up"
+        )
     return trainer, rollout, teacher if want_teacher else 0
 
 
@@ -182,27 +205,36 @@ def plan_topology(cfg: RunConfig) -> Topology:
     want_rollout, want_teacher = fleets_to_launch(cfg)
     la = cfg.launch
     if want_teacher and la.nodes == 1 and la.teacher_tp > la.gpus_per_node:
-        raise ValueError(f"too few GPUs for the teacher: launch.teacher_tp={la.teacher_tp} > "
-                         f"{la.gpus_per_node} GPUs on the only node; use more nodes or a smaller teacher_tp")
-    topo = (_single_node(cfg, want_rollout, want_teacher) if la.nodes == 1
-            else _multi_node(cfg, *_node_counts(cfg, want_rollout, want_teacher)))
+        raise ValueError(
+            f"too few GPUs for the teacher: launch.teacher_tp={la.teacher_tp} > "
+            f"{la.gpus_per_node} GPUs on the only node; use more nodes or a smaller teacher_tp"
+        )
+    topo = (
+        _single_node(cfg, want_rollout, want_teacher)
+        if la.nodes == 1
+        else _multi_node(cfg, *_node_counts(cfg, want_rollout, want_teacher))
+    )
     _check_server_impl(la.server_impl, topo)
     _check_metrics_ports(topo, la.master_port)
     world = len(topo.trainer_nodes) * len(topo.trainer_gpus)
     par = cfg.parallel
     model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
     if world % model_parallel:
-        raise ValueError(f"the trainer has {world} GPUs, not a multiple of TP*PP*CP={model_parallel} (parallel.*); "
-                         "change launch.trainer_nodes or the parallel sizes")
+        raise ValueError(
+            f"the trainer has {world} GPUs, not a multiple of TP*PP*CP={model_parallel} (parallel.*); "
+            "change launch.trainer_nodes or the parallel sizes"
+        )
     return topo
 
 
 def _check_server_impl(impl: str, topo: Topology) -> None:
     big = [s for s in topo.servers if s.tp > 1]
     if impl == "rlad" and big:
-        raise ValueError(f"launch.server_impl=rlad runs each server as one CPU process (tp 1), but "
-                         f"launch.{big[0].fleet}_tp={big[0].tp}; set launch.rollout_tp=1 and launch.teacher_tp=1, "
-                         "or use launch.server_impl=sglang")
+        raise ValueError(
+            f"launch.server_impl=rlad runs each server as one CPU process (tp 1), but "
+            f"launch.{big[0].fleet}_tp={big[0].tp}; set launch.rollout_tp=1 and launch.teacher_tp=1, "
+            "or use launch.server_impl=sglang"
+        )
 
 
 def _check_metrics_ports(topo: Topology, master_port: int) -> None:
@@ -211,9 +243,11 @@ def _check_metrics_ports(topo: Topology, master_port: int) -> None:
     taken |= {p for _, p in topo.routers.values()}
     for fleet, (_, port) in sorted(topo.routers.items()):
         if metrics_port(port) in taken or metrics_port(port) > 65535:
-            raise ValueError(f"the {fleet} router's Prometheus port launch.{fleet}_router_port + "
-                             f"{ROUTER_METRICS_PORT_OFFSET} = {metrics_port(port)} is taken or out of range; "
-                             f"move launch.{fleet}_router_port")
+            raise ValueError(
+                f"the {fleet} router's Prometheus port launch.{fleet}_router_port + "
+                f"{ROUTER_METRICS_PORT_OFFSET} = {metrics_port(port)} is taken or out of range; "
+                f"move launch.{fleet}_router_port"
+            )
 
 
 def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Topology:
@@ -222,8 +256,9 @@ def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Top
     routers: dict[str, tuple[int, int]] = {}
     first = 0
     for fleet, count, tp, port, router_port in (
-            ("teacher", teacher, la.teacher_tp, la.teacher_port, la.teacher_router_port),
-            ("rollout", rollout, la.rollout_tp, la.rollout_port, la.rollout_router_port)):
+        ("teacher", teacher, la.teacher_tp, la.teacher_port, la.teacher_router_port),
+        ("rollout", rollout, la.rollout_tp, la.rollout_port, la.rollout_router_port),
+    ):
         if count:
             servers += _fleet_servers(fleet, first, count, tp, gpn, port)
             routers[fleet] = (first, router_port)
@@ -240,7 +275,6 @@ def trainer_overrides(topo: Topology, hosts: Sequence[str], direct: Sequence[str
     `direct` (a fleet with an API key runs no router; the trainer balances over its servers)."""
     out: list[str] = []
     for fleet in sorted(topo.routers):
-        urls = (topo.server_urls(fleet, hosts) if fleet == "rollout" or fleet in direct
-                else [topo.urls(hosts)[fleet]])
+        urls = topo.server_urls(fleet, hosts) if fleet == "rollout" or fleet in direct else [topo.urls(hosts)[fleet]]
         out += [f"{fleet}.kind=http", f"{fleet}.urls=[{','.join(urls)}]"]
     return out

@@ -4,16 +4,18 @@ Names: `math`, `knights_knaves` (Logic-RL scores), `task:<name>` (procedural tas
 `reasoning_gym:<task>` (reasoning-gym's own scorer), `auto` (from the data source).
 Length shaping (`reward.length_penalty`) is applied by `score_samples`, which knows token counts.
 """
+
 from __future__ import annotations
 
 import atexit
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from rlad_megatron.rewards.base import RewardFn, RewardResult
 
@@ -29,7 +31,7 @@ class TaskReward:
         get_task(task)  # fail now on an unknown name
         self.task, self.kwargs = task, kwargs
 
-    def __call__(self, response_text: str, record: Dict[str, Any]) -> RewardResult:
+    def __call__(self, response_text: str, record: dict[str, Any]) -> RewardResult:
         from rlad_megatron.tasks import get_task
 
         return get_task(self.task).reward(response_text, record, **self.kwargs)
@@ -59,11 +61,11 @@ def get_reward_fn(name: str, data_source: str = "", **kwargs: Any) -> RewardFn:
 
         return KnightsKnavesReward(**kwargs)
     if name.startswith("task:"):
-        return TaskReward(name[len("task:"):], **kwargs)
+        return TaskReward(name[len("task:") :], **kwargs)
     if name.startswith("reasoning_gym:"):
         from rlad_megatron.rewards.reasoning_gym import ReasoningGymReward
 
-        return ReasoningGymReward(name[len("reasoning_gym:"):], **kwargs)
+        return ReasoningGymReward(name[len("reasoning_gym:") :], **kwargs)
     raise ValueError(f"unknown reward {name!r}; choose one of {list(NAMES)}")
 
 
@@ -79,7 +81,7 @@ def build_reward_fn(reward_cfg: Any, data_cfg: Any) -> RewardFn:
     return get_reward_fn(name, **kwargs)
 
 
-_EXECUTORS: Dict[int, ProcessPoolExecutor] = {}
+_EXECUTORS: dict[int, ProcessPoolExecutor] = {}
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -99,8 +101,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 def _executor(num_workers: int) -> ProcessPoolExecutor:
     """One spawned process pool per size, kept for the whole run (spawning costs ~1 s per worker)."""
     if num_workers not in _EXECUTORS:
-        _EXECUTORS[num_workers] = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
-                                                      initializer=_exit_with_parent, initargs=(os.getpid(),))
+        _EXECUTORS[num_workers] = ProcessPoolExecutor(
+            num_workers, mp_context=get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+        )
     return _EXECUTORS[num_workers]
 
 
@@ -110,7 +113,7 @@ def _shutdown_executors() -> None:
         pool.shutdown(cancel_futures=True)
 
 
-def _score_all(reward_fn: RewardFn, texts: List[str], records: List[Dict], num_workers: int) -> List[RewardResult]:
+def _score_all(reward_fn: RewardFn, texts: list[str], records: list[dict], num_workers: int) -> list[RewardResult]:
     if hasattr(reward_fn, "score_batch"):
         return list(reward_fn.score_batch(texts, records))
     if num_workers > 1 and len(texts) > 1:
@@ -119,7 +122,9 @@ def _score_all(reward_fn: RewardFn, texts: List[str], records: List[Dict], num_w
             return list(_executor(num_workers).map(reward_fn, texts, records, chunksize=chunksize))
         except BrokenProcessPool as err:  # a worker died: drop the pool so the next call starts a fresh one
             _EXECUTORS.pop(num_workers, None)
-            raise RuntimeError(f"a reward worker process died while scoring ({err}); the pool is restarted next call") from err
+            raise RuntimeError(
+                f"a reward worker process died while scoring ({err}); the pool is restarted next call"
+            ) from err
     return [reward_fn(t, r) for t, r in zip(texts, records)]
 
 
@@ -128,9 +133,9 @@ def score_samples(
     reward_fn: RewardFn,
     *,
     length_penalty: float = 0.0,
-    max_new_tokens: Optional[int] = None,
+    max_new_tokens: int | None = None,
     num_workers: int = 1,
-) -> List[RewardResult]:
+) -> list[RewardResult]:
     """Fill `sample.reward` / `sample.reward_details` for each Sample (in place) and return the results.
 
     Shaping: reward = score - length_penalty * len(response_ids) / max_new_tokens; the unshaped score
@@ -149,5 +154,13 @@ def score_samples(
     return results
 
 
-__all__ = ["NAMES", "RewardFn", "RewardResult", "TaskReward", "build_reward_fn", "get_reward_fn",
-           "resolve_reward_name", "score_samples"]
+__all__ = [
+    "NAMES",
+    "RewardFn",
+    "RewardResult",
+    "TaskReward",
+    "build_reward_fn",
+    "get_reward_fn",
+    "resolve_reward_name",
+    "score_samples",
+]

@@ -4,6 +4,7 @@ math-verify's own signal-based timeouts are disabled (they only work in a main t
 parent enforces the timeout by killing this process. Prints `ready` once math-verify is imported
 so the parent's clock starts on the first real job, not on the import.
 """
+
 from __future__ import annotations
 
 import json

@@ -6,11 +6,13 @@ uses for avg@k / pass@k, independently of how the scalar `score` is shaped.
 
 Pure module: stdlib only, so tasks and workers can import it cheaply.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 
@@ -19,7 +21,7 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 class RewardResult:
     score: float
     """Scalar reward of the response."""
-    details: Dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     """What the function found; always holds `correct` (bool)."""
 
     @property
@@ -27,10 +29,10 @@ class RewardResult:
         return bool(self.details.get("correct", False))
 
 
-RewardFn = Callable[[str, Dict[str, Any]], RewardResult]
+RewardFn = Callable[[str, dict[str, Any]], RewardResult]
 
 
-def answer_tag(text: str) -> Optional[str]:
+def answer_tag(text: str) -> str | None:
     """Content of the LAST `<answer>...</answer>` block, stripped; None when there is none."""
     found = _ANSWER_TAG.findall(text)
     return found[-1].strip() if found else None

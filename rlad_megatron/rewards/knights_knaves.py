@@ -11,10 +11,12 @@ Gold: the record's `answer` as text ("Zoey is a knight, and Oliver is a knave.",
 reasoning-gym writes it) or a mapping {name: role}. Role words are compared as written
 (knight/knave, hero/villain, ...), case-insensitive, so any term pair works.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from rlad_megatron.rewards.base import RewardResult
 
@@ -23,21 +25,23 @@ _THINK_ANSWER = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s
 _ANSWER_ONLY = re.compile(r"^(.*?)<answer>(.*?)</answer>\s*$", re.DOTALL)
 
 
-def parse_roles(text: str) -> Dict[str, str]:
+def parse_roles(text: str) -> dict[str, str]:
     """{name: role} from every "<Name> is a(n) <role>" in text; later claims override earlier ones."""
     return {name: role.lower() for name, role in _CLAIM.findall(text)}
 
 
-def gold_roles(answer: Any) -> Dict[str, str]:
+def gold_roles(answer: Any) -> dict[str, str]:
     if isinstance(answer, Mapping):
         return {str(k): str(v).lower() for k, v in answer.items()}
     roles = parse_roles(str(answer))
     if not roles:
-        raise ValueError(f"cannot read a Knights-and-Knaves solution from answer {answer!r}; write 'Name is a role, ...'")
+        raise ValueError(
+            f"cannot read a Knights-and-Knaves solution from answer {answer!r}; write 'Name is a role, ...'"
+        )
     return roles
 
 
-def split_format(text: str, require_think: bool = True) -> Optional[str]:
+def split_format(text: str, require_think: bool = True) -> str | None:
     """The answer block when the response is well formed, else None."""
     if text.count("<answer>") != 1 or text.count("</answer>") != 1:
         return None
@@ -60,11 +64,16 @@ class KnightsKnavesReward:
         answer_unparseable: float = -2.0,
         require_think: bool = True,
     ) -> None:
-        self.scores = {"format_correct": format_correct, "format_wrong": format_wrong, "answer_correct": answer_correct,
-                       "answer_wrong": answer_wrong, "answer_unparseable": answer_unparseable}
+        self.scores = {
+            "format_correct": format_correct,
+            "format_wrong": format_wrong,
+            "answer_correct": answer_correct,
+            "answer_wrong": answer_wrong,
+            "answer_unparseable": answer_unparseable,
+        }
         self.require_think = require_think
 
-    def __call__(self, response_text: str, record: Dict[str, Any]) -> RewardResult:
+    def __call__(self, response_text: str, record: dict[str, Any]) -> RewardResult:
         gold = gold_roles(record["answer"])
         block = split_format(response_text, self.require_think)
         s = self.scores

@@ -6,10 +6,12 @@ number in the response. Score 1.0 when math-verify says the extracted answer equ
 `answer`, else 0.0 (also for no answer, a verifier error, or a timeout, which sets
 `details["timeout"]=True`). Left out: partial credit, units normalisation beyond math-verify's.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rlad_megatron.rewards.base import RewardResult
 from rlad_megatron.rewards.verify_pool import VerifyPool, shared_pool
@@ -19,7 +21,7 @@ _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?")
 
 
-def last_boxed(text: str) -> Optional[str]:
+def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` with nested braces; None when absent or unclosed."""
     matches = list(_BOX.finditer(text))
     if not matches:
@@ -33,7 +35,7 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-def extract_answer(text: str) -> Optional[Dict[str, str]]:
+def extract_answer(text: str) -> dict[str, str] | None:
     """{"answer": ..., "method": boxed|answer_is|last_number}, or None when nothing looks like an answer."""
     boxed = last_boxed(text)
     if boxed:
@@ -57,7 +59,7 @@ def _as_latex(answer: str) -> str:
 class MathReward:
     """`(response_text, record) -> RewardResult`; `score_batch` verifies a whole batch in parallel."""
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int = 1, pool: Optional[VerifyPool] = None) -> None:
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 1, pool: VerifyPool | None = None) -> None:
         self.timeout_s, self.num_workers, self._pool = timeout_s, num_workers, pool
 
     @property
@@ -66,13 +68,13 @@ class MathReward:
             self._pool = shared_pool(self.num_workers, self.timeout_s)
         return self._pool
 
-    def __getstate__(self) -> Dict[str, Any]:  # pools hold pipes: rebuild one per process
+    def __getstate__(self) -> dict[str, Any]:  # pools hold pipes: rebuild one per process
         return {"timeout_s": self.timeout_s, "num_workers": self.num_workers, "_pool": None}
 
-    def __call__(self, response_text: str, record: Dict[str, Any]) -> RewardResult:
+    def __call__(self, response_text: str, record: dict[str, Any]) -> RewardResult:
         return self.score_batch([response_text], [record])[0]
 
-    def score_batch(self, texts: Sequence[str], records: Sequence[Dict[str, Any]]) -> List[RewardResult]:
+    def score_batch(self, texts: Sequence[str], records: Sequence[dict[str, Any]]) -> list[RewardResult]:
         extracted = [extract_answer(t) for t in texts]
         jobs = [i for i, e in enumerate(extracted) if e is not None]
         pairs = [(_as_latex(records[i]["answer"]), f"$\\boxed{{{extracted[i]['answer']}}}$") for i in jobs]
@@ -83,7 +85,12 @@ class MathReward:
                 results.append(RewardResult(0.0, {"correct": False, "extracted": None, "timeout": False}))
                 continue
             v = verdicts[i]
-            details = {"correct": v["equal"], "extracted": found["answer"], "method": found["method"], "timeout": v["timeout"]}
+            details = {
+                "correct": v["equal"],
+                "extracted": found["answer"],
+                "method": found["method"],
+                "timeout": v["timeout"],
+            }
             if v.get("error"):
                 details["error"] = v["error"]
             results.append(RewardResult(float(v["equal"]), details))

@@ -7,9 +7,10 @@ exactly reasoning-gym's on the entry the prompt came from; records from files ar
 `{"question": prompt, "answer": answer, "metadata": metadata}`. `correct` means score >= 1.0
 (some tasks give partial credit, e.g. countdown gives 0.01 for any non-empty wrong answer).
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from rlad_megatron.rewards.base import RewardResult, answer_tag, final_line
 
@@ -20,10 +21,10 @@ def extract_rg_answer(text: str) -> str:
 
 
 class ReasoningGymReward:
-    def __init__(self, task: str, config: Dict[str, Any] | None = None) -> None:
+    def __init__(self, task: str, config: dict[str, Any] | None = None) -> None:
         self.task, self.config = task, dict(config or {})
 
-    def _scorer_and_entry(self, record: Dict[str, Any]):
+    def _scorer_and_entry(self, record: dict[str, Any]):
         from rlad_megatron.tasks.reasoning_gym_tasks import dataset_for, entry_for
 
         entry = entry_for(record)
@@ -32,10 +33,14 @@ class ReasoningGymReward:
             return dataset_for(spec), entry
         # Records from a file: a small dataset of the same task provides score_answer.
         dataset = dataset_for({"task": self.task, "seed": 0, "size": 1, "config": self.config})
-        entry = {"question": record.get("prompt", ""), "answer": record.get("answer"), "metadata": record.get("metadata") or {}}
+        entry = {
+            "question": record.get("prompt", ""),
+            "answer": record.get("answer"),
+            "metadata": record.get("metadata") or {},
+        }
         return dataset, entry
 
-    def __call__(self, response_text: str, record: Dict[str, Any]) -> RewardResult:
+    def __call__(self, response_text: str, record: dict[str, Any]) -> RewardResult:
         dataset, entry = self._scorer_and_entry(record)
         answer = extract_rg_answer(response_text)
         score = float(dataset.score_answer(answer or None, entry))

@@ -7,6 +7,7 @@ talking JSON lines over pipes (no re-import of the caller's `__main__`, no fork 
 holding torch threads). A job that exceeds `timeout_s` gets `timeout=True`; its worker is killed
 and replaced, so one pathological answer costs one timeout, never a hung pool.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -18,8 +19,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 _STARTUP_TIMEOUT_S = 120.0
 
@@ -28,20 +29,28 @@ class _Worker:
     def __init__(self) -> None:
         # The worker imports this package: make it importable even from an uninstalled checkout.
         root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlad_megatron.rewards._verify_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,  # stderr inherited: import errors show
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,  # stderr inherited: import errors show
         )
         self.fd = self.proc.stdout.fileno()
         self.buffer = b""
         self.ready = False
 
-    def read_lines(self) -> List[bytes]:
+    def read_lines(self) -> list[bytes]:
         chunk = os.read(self.fd, 65536)
         if not chunk:
-            raise RuntimeError(f"math-verify worker {self.proc.pid} exited (code {self.proc.wait()}); see its error above "
-                               "(is math-verify installed in this environment?)")
+            raise RuntimeError(
+                f"math-verify worker {self.proc.pid} exited (code {self.proc.wait()}); see its error above "
+                "(is math-verify installed in this environment?)"
+            )
         self.buffer += chunk
         *lines, self.buffer = self.buffer.split(b"\n")
         return lines
@@ -73,7 +82,7 @@ class VerifyPool:
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError(f"VerifyPool needs num_workers >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
         self.num_workers, self.timeout_s = num_workers, timeout_s
-        self.workers: List[_Worker] = []
+        self.workers: list[_Worker] = []
         self.num_replaced = 0
         self._lock = threading.Lock()
 
@@ -83,17 +92,17 @@ class VerifyPool:
         for w in self.workers:
             w.wait_ready()
 
-    def verify_many(self, pairs: Sequence[Tuple[str, str]]) -> List[Dict]:
+    def verify_many(self, pairs: Sequence[tuple[str, str]]) -> list[dict]:
         with self._lock:
             if not pairs:
                 return []
             self._ensure_workers(len(pairs))
             return self._run(list(pairs))
 
-    def _run(self, pairs: List[Tuple[str, str]]) -> List[Dict]:
-        results: List[Optional[Dict]] = [None] * len(pairs)
+    def _run(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        results: list[dict | None] = [None] * len(pairs)
         pending = deque(range(len(pairs)))
-        busy: Dict[int, Tuple[int, float]] = {}  # worker slot -> (job index, deadline)
+        busy: dict[int, tuple[int, float]] = {}  # worker slot -> (job index, deadline)
         while pending or busy:
             for slot, worker in enumerate(self.workers):
                 if slot not in busy and pending:
@@ -104,7 +113,7 @@ class VerifyPool:
             self._collect(busy, results)
         return results  # type: ignore[return-value]
 
-    def _collect(self, busy: Dict[int, Tuple[int, float]], results: List[Optional[Dict]]) -> None:
+    def _collect(self, busy: dict[int, tuple[int, float]], results: list[dict | None]) -> None:
         sel = selectors.DefaultSelector()
         for slot in busy:
             sel.register(self.workers[slot].fd, selectors.EVENT_READ, slot)
@@ -138,7 +147,7 @@ class VerifyPool:
             self.workers = []
 
 
-_POOLS: Dict[Tuple[int, float], VerifyPool] = {}
+_POOLS: dict[tuple[int, float], VerifyPool] = {}
 
 
 def shared_pool(num_workers: int = 1, timeout_s: float = 5.0) -> VerifyPool:

@@ -10,12 +10,13 @@ Difficulty = number of digits of the (first) operand. Traces stay under ~60 char
 `#` equals the answer, else 0.0, plus `format_weight` (default 0) when the response is a
 well-formed trace. Left out: subtraction, long multiplication (traces grow quadratically).
 """
+
 from __future__ import annotations
 
 import random
 import re
 import string
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 from rlad_megatron.rewards.base import RewardResult
 from rlad_megatron.tasks.base import Task
@@ -31,7 +32,7 @@ def parse_final_answer(text: str) -> str | None:
     return str(int(found[-1])) if found else None
 
 
-def _digits(n: int) -> List[int]:
+def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
@@ -48,13 +49,13 @@ class _ArithmeticTask(Task):
     symbol = "+"
     step_pattern = _STEP_ADD
 
-    def operands(self, rng: random.Random, difficulty: int) -> Tuple[int, int]:
+    def operands(self, rng: random.Random, difficulty: int) -> tuple[int, int]:
         raise NotImplementedError
 
     def compute(self, a: int, b: int) -> int:
         raise NotImplementedError
 
-    def draw(self, rng: random.Random, difficulty: int) -> Dict[str, Any]:
+    def draw(self, rng: random.Random, difficulty: int) -> dict[str, Any]:
         a, b = self.operands(rng, difficulty)
         return {
             "prompt": f"{a}{self.symbol}{b}=",
@@ -62,7 +63,7 @@ class _ArithmeticTask(Task):
             "metadata": {"task": self.name, "difficulty": difficulty},
         }
 
-    def reward(self, response_text: str, record: Dict[str, Any], format_weight: float = 0.0, **_: Any) -> RewardResult:
+    def reward(self, response_text: str, record: dict[str, Any], format_weight: float = 0.0, **_: Any) -> RewardResult:
         parsed = parse_final_answer(response_text)
         correct = parsed is not None and parsed == str(record["answer"]).strip()
         well_formed = re.fullmatch(rf"\s*(?:{self.step_pattern} )+#\d+\s*", response_text) is not None
@@ -70,7 +71,7 @@ class _ArithmeticTask(Task):
         return RewardResult(score, {"correct": correct, "parsed": parsed, "format_ok": well_formed})
 
     @staticmethod
-    def operands_of(record: Dict[str, Any], symbol: str) -> Tuple[int, int]:
+    def operands_of(record: dict[str, Any], symbol: str) -> tuple[int, int]:
         left, right = record["prompt"].rstrip("=").split(symbol)
         return int(left), int(right)
 
@@ -80,13 +81,13 @@ class AdditionTask(_ArithmeticTask):
     symbol = "+"
     step_pattern = _STEP_ADD
 
-    def operands(self, rng: random.Random, difficulty: int) -> Tuple[int, int]:
+    def operands(self, rng: random.Random, difficulty: int) -> tuple[int, int]:
         return _operand(rng, difficulty), _operand(rng, difficulty)
 
     def compute(self, a: int, b: int) -> int:
         return a + b
 
-    def solution_trace(self, record: Dict[str, Any]) -> str:
+    def solution_trace(self, record: dict[str, Any]) -> str:
         a, b = self.operands_of(record, "+")
         da, db = _digits(a), _digits(b)
         width = max(len(da), len(db))
@@ -106,13 +107,13 @@ class MultiplicationTask(_ArithmeticTask):
     symbol = "*"
     step_pattern = _STEP_MUL
 
-    def operands(self, rng: random.Random, difficulty: int) -> Tuple[int, int]:
+    def operands(self, rng: random.Random, difficulty: int) -> tuple[int, int]:
         return _operand(rng, difficulty), rng.randint(2, 9)
 
     def compute(self, a: int, b: int) -> int:
         return a * b
 
-    def solution_trace(self, record: Dict[str, Any]) -> str:
+    def solution_trace(self, record: dict[str, Any]) -> str:
         a, m = self.operands_of(record, "*")
         steps, carry = [], 0
         for x in _digits(a):

@@ -9,11 +9,13 @@ canonical key falls below `heldout_fraction`, so the split depends on the proble
 the seed, the order of generation or the dataset size). Generation draws problems and keeps
 only those of the requested split.
 """
+
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rlad_megatron.rewards.base import RewardResult
 
@@ -34,13 +36,13 @@ class Task:
     """Every character prompts, traces and answers of this task can contain."""
     default_difficulties: Sequence[int] = (1, 2, 3)
 
-    def draw(self, rng: random.Random, difficulty: int) -> Dict[str, Any]:
+    def draw(self, rng: random.Random, difficulty: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def solution_trace(self, record: Dict[str, Any]) -> str:
+    def solution_trace(self, record: dict[str, Any]) -> str:
         raise NotImplementedError
 
-    def reward(self, response_text: str, record: Dict[str, Any], **kwargs: Any) -> RewardResult:
+    def reward(self, response_text: str, record: dict[str, Any], **kwargs: Any) -> RewardResult:
         raise NotImplementedError
 
     def generate(
@@ -51,7 +53,7 @@ class Task:
         split: str = "train",
         difficulties: Sequence[int] | None = None,
         heldout_fraction: float = 0.1,
-    ) -> List[Dict[str, Any]]:
+    ) -> list[dict[str, Any]]:
         """`size` records of `split`, difficulties cycled in order; same arguments -> same records."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; choose one of {list(SPLITS)}")
@@ -59,12 +61,12 @@ class Task:
             raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
         levels = list(difficulties or self.default_difficulties)
         rng = random.Random(f"{self.name}:{seed}:{split}")
-        records: List[Dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
         for i in range(size):
             records.append(self._draw_in_split(rng, levels[i % len(levels)], split, heldout_fraction))
         return records
 
-    def _draw_in_split(self, rng: random.Random, level: int, split: str, fraction: float) -> Dict[str, Any]:
+    def _draw_in_split(self, rng: random.Random, level: int, split: str, fraction: float) -> dict[str, Any]:
         for _ in range(10_000):
             record = self.draw(rng, level)
             if split_of(f"{self.name}:{record['prompt']}", fraction) == split:

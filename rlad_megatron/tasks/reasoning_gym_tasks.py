@@ -9,11 +9,12 @@ reasoning-gym's metadata (solver internals) is dropped from the record.
 Held-out split: like the procedural tasks, an entry belongs to `test` iff a hash of its question
 falls below `heldout_fraction`, so train and eval prompts never overlap for any seeds.
 """
+
 from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from rlad_megatron.tasks.base import SPLITS, split_of
 
@@ -40,13 +41,13 @@ def _dataset(task: str, seed: int, size: int, config_json: str):
     return reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(config_json))
 
 
-def dataset_for(spec: Dict[str, Any]):
+def dataset_for(spec: dict[str, Any]):
     """The (cached) reasoning-gym dataset described by a record's `metadata["reasoning_gym"]`."""
     config = json.dumps(spec.get("config") or {}, sort_keys=True)
     return _dataset(spec["task"], int(spec["seed"]), int(spec["size"]), config)
 
 
-def entry_for(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def entry_for(record: dict[str, Any]) -> dict[str, Any] | None:
     """The reasoning-gym entry a record was generated from, or None for records from files."""
     spec = (record.get("metadata") or {}).get("reasoning_gym")
     if not spec:
@@ -60,10 +61,10 @@ def reasoning_gym_records(
     *,
     seed: int = 0,
     split: str = "train",
-    config: Optional[Dict[str, Any]] = None,
-    configs: Optional[List[Dict[str, Any]]] = None,
+    config: dict[str, Any] | None = None,
+    configs: list[dict[str, Any]] | None = None,
     heldout_fraction: float = 0.1,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     """`size` records `{"prompt", "answer", "metadata"}` of one reasoning-gym task and split.
 
     `configs` (a list of task configs, e.g. K&K with n_people 2..8) mixes them in turn, an equal
@@ -76,8 +77,9 @@ def reasoning_gym_records(
     return _records(task, size, seed, split, config, heldout_fraction)
 
 
-def _records(task: str, size: int, seed: int, split: str, config: Optional[Dict[str, Any]],
-             heldout_fraction: float) -> List[Dict[str, Any]]:
+def _records(
+    task: str, size: int, seed: int, split: str, config: dict[str, Any] | None, heldout_fraction: float
+) -> list[dict[str, Any]]:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed; choose one of {list(SPLITS)}")
     pool_size = int(size / max(min(heldout_fraction, 1 - heldout_fraction), 0.01)) + 16

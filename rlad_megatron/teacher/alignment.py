@@ -12,6 +12,7 @@ entry k (k >= 1) is log p(ids[s + k] | ids[:s + k]). To get the response of a pr
 P we therefore ask for s = P - 1 and drop entry 0 (or any smaller s, dropping P - s entries: a
 batch through sglang-router must share one integer s).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,8 +25,9 @@ def response_logit_positions(seq_len: int, response_start: int) -> list[int]:
     return list(range(response_start - 1, seq_len - 1))
 
 
-def gather_response_logprobs(token_logprobs: Sequence[Sequence[float]], ids: Sequence[int],
-                             response_start: int) -> list[float]:
+def gather_response_logprobs(
+    token_logprobs: Sequence[Sequence[float]], ids: Sequence[int], response_start: int
+) -> list[float]:
     """From a full [seq_len][vocab] log-prob table, the log-probs of ids[response_start:]."""
     return [token_logprobs[p][ids[p + 1]] for p in response_logit_positions(len(ids), response_start)]
 
@@ -37,9 +39,13 @@ def logprob_start_len_for(response_start: int) -> int:
     return response_start - 1
 
 
-def response_from_input_logprobs(input_token_logprobs: Sequence[Sequence], ids: Sequence[int], response_start: int,
-                                 input_top_logprobs: Sequence | None = None, logprob_start_len: int | None = None,
-                                 ) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
+def response_from_input_logprobs(
+    input_token_logprobs: Sequence[Sequence],
+    ids: Sequence[int],
+    response_start: int,
+    input_top_logprobs: Sequence | None = None,
+    logprob_start_len: int | None = None,
+) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
     """Decode SGLang's meta_info input logprobs over ids[response_start:].
 
     input_token_logprobs: [[logprob | None, token_id, text | None], ...], one per token from position
@@ -52,8 +58,10 @@ def response_from_input_logprobs(input_token_logprobs: Sequence[Sequence], ids: 
         raise ValueError(f"logprob_start_len={start} must be in [0, response_start={response_start})")
     expected = len(ids) - start
     if len(input_token_logprobs) != expected:
-        raise ValueError(f"server returned {len(input_token_logprobs)} input log-probs, expected {expected} "
-                         f"(len(ids)={len(ids)}, logprob_start_len={start})")
+        raise ValueError(
+            f"server returned {len(input_token_logprobs)} input log-probs, expected {expected} "
+            f"(len(ids)={len(ids)}, logprob_start_len={start})"
+        )
     skip = response_start - start  # entry index of token response_start (entry 0 is always None)
     entries = list(input_token_logprobs)[skip:]
     echoed = [int(e[1]) for e in entries]

@@ -14,11 +14,12 @@ masks out (Objective.teacher_token_mask), so every list keeps one entry per resp
 Failure policy: an engine error is re-raised with the number of samples affected; a result of
 the wrong length raises. Nothing is ever left without teacher log-probs silently.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rlad_megatron.rollout.base import EngineError
+from rlad_megatron.engines.base import EngineError
 from rlad_megatron.types import Sample
 
 
@@ -30,8 +31,13 @@ def _ends_with_stop(sample: Sample, eos_token_ids: Sequence[int] | None) -> bool
     return sample.finish_reason == "stop"
 
 
-def score_samples(engine, samples: Sequence[Sample], top_k: int = 0, drop_final_eos: bool = False,
-                  eos_token_ids: Sequence[int] | None = None) -> None:
+def score_samples(
+    engine,
+    samples: Sequence[Sample],
+    top_k: int = 0,
+    drop_final_eos: bool = False,
+    eos_token_ids: Sequence[int] | None = None,
+) -> None:
     """Fill sample.teacher_logprobs (and teacher_topk_ids / teacher_topk_logprobs when top_k > 0).
 
     eos_token_ids: which final tokens count as EOS for drop_final_eos (default: finish_reason == 'stop').
@@ -55,8 +61,9 @@ def score_samples(engine, samples: Sequence[Sample], top_k: int = 0, drop_final_
     try:
         outs = engine.score(ids, starts, top_k=top_k) if todo else []
     except EngineError as err:
-        raise EngineError(f"teacher scoring failed for {len(todo)} samples; refusing to continue without "
-                          f"teacher log-probs: {err}") from err
+        raise EngineError(
+            f"teacher scoring failed for {len(todo)} samples; refusing to continue without teacher log-probs: {err}"
+        ) from err
     if len(outs) != len(todo):
         raise EngineError(f"teacher returned {len(outs)} results for {len(todo)} sequences")
     results = dict(zip(todo, outs))

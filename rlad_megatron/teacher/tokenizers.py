@@ -4,6 +4,7 @@ Teacher log-probs are computed on the student's token ids; that is only meaningf
 tokenizers give every token the same id. The check compares the full token -> id maps and the
 special-token ids, and names the first differences.
 """
+
 from __future__ import annotations
 
 
@@ -43,4 +44,5 @@ def check_same_tokenizer(student_dir: str, teacher_dir: str) -> None:
         raise ValueError(
             f"student ({student_dir}) and teacher ({teacher_dir}) tokenizers differ ({n} tokens map to different ids; "
             f"e.g. {'; '.join(diffs)}). Teacher log-probs are computed on the student's token ids, so both models "
-            "must share one tokenizer: pick a teacher from the same family or retokenize.")
+            "must share one tokenizer: pick a teacher from the same family or retokenize."
+        )

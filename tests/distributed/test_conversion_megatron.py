@@ -9,6 +9,7 @@ and convert the checkpoint Megatron itself saved at that layout back to HF.
 Tolerance: fp32 everywhere; TP=2 sums partial matmuls in another order, so logits agree to
 1e-5 absolute (measured: 0.0 at TP=1 and PP=2, 1.6e-7 at TP=2); weights round-trip bit-exact.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,20 +22,32 @@ import torch
 
 from rlad_megatron.conversion import convert, tables
 from rlad_megatron.conversion.arch import arch_from_config
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 WORKER = Path(__file__).with_name("test_conversion_worker.py")
 LOGITS_ATOL = 1e-5
 LAYOUTS = [  # (family, tp, pp, overrides): GQA 4/2; qwen2 = QKV bias, qwen3 = QK-norm; tied at TP=2 and PP=2
-    ("llama", 1, 1, {}), ("qwen2", 2, 1, {"tie_word_embeddings": True}), ("qwen3", 1, 2, {}),
+    ("llama", 1, 1, {}),
+    ("qwen2", 2, 1, {"tie_word_embeddings": True}),
+    ("qwen3", 1, 2, {}),
 ]
 
 
 def _run_worker(work: Path, family: str, tp: int, pp: int) -> dict:
     nproc = tp * pp
     # --standalone: torchrun picks a free rendezvous port itself (no race with other test processes).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(work), family, str(tp), str(pp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(work),
+        family,
+        str(tp),
+        str(pp),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -74,13 +87,15 @@ def test_megatron_matches_transformers_and_exports_round_trip(tmp_path, family, 
     torch.testing.assert_close(result["logits_hf"], reference, atol=LOGITS_ATOL, rtol=0)
 
     exported = Path(result["folder"])
-    assert exported == tmp_path / "export" / "step_1" and (tmp_path / "export" / "latest").read_text().strip() == "step_1"
+    assert (
+        exported == tmp_path / "export" / "step_1" and (tmp_path / "export" / "latest").read_text().strip() == "step_1"
+    )
     torch.testing.assert_close(_hf_logits(exported), result["logits_hf"], atol=LOGITS_ATOL, rtol=0)
     original, back = _state(hf), _state(exported)
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
 
     # Buckets: every rank of a stage yields the same names; together the stages cover the model once.
-    names = [n for rank_buckets in result["buckets"][:: tp] for b in rank_buckets for n, _ in b]
+    names = [n for rank_buckets in result["buckets"][::tp] for b in rank_buckets for n, _ in b]
     assert sorted(names) == sorted(original) and result["buckets"][0] == result["buckets"][tp - 1]
     assert max(result["bucket_sizes"]) <= 64 << 10 or len(result["buckets"][0]) == 1
     # to_first=True: TP rank 0 of each stage gets every tensor of its stage, the other TP ranks none.

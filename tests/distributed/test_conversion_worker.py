@@ -13,6 +13,7 @@ argv: <work_dir> <family> <tp> <pp>. The pytest side has already written a tiny 
 Full-vocabulary logits (gathered over TP, padding dropped) and measurements go to
 `<work_dir>/result_tp<tp>_pp<pp>.pt` on rank 0; the pytest side compares them with transformers.
 """
+
 from __future__ import annotations
 
 import sys
@@ -84,14 +85,24 @@ def main() -> None:
     chunks = build_model(work / "hf", model_cfg, parallel)  # fresh random weights
     load_hf_weights(chunks, work / "hf", tp_group=ctx.tp_group)
     logits_hf = _logits(chunks[0], ctx.tp_group, ctx.pp_group, vocab)
-    folder = write_hf_folder(chunks, work / "export", step=1, hf_config_dir=work / "hf", tp_group=ctx.tp_group,
-                             pp_group=ctx.pp_group, dp_rank=ctx.dp_rank)
+    folder = write_hf_folder(
+        chunks,
+        work / "export",
+        step=1,
+        hf_config_dir=work / "hf",
+        tp_group=ctx.tp_group,
+        pp_group=ctx.pp_group,
+        dp_rank=ctx.dp_rank,
+    )
     buckets = list(export_hf_tensors(chunks, tp_group=ctx.tp_group, bucket_bytes=64 << 10))
     first_only = [(n, t) for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, to_first=True) for n, t in b]
     firsts = [None] * ctx.world_size
     dist.all_gather_object(firsts, [n for n, _ in first_only])
-    whole = [kv for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, pp_group=ctx.pp_group, bucket_bytes=32 << 10)
-             for kv in b]  # every stage's tensors, on global rank 0 only
+    whole = [
+        kv
+        for b in export_hf_tensors(chunks, tp_group=ctx.tp_group, pp_group=ctx.pp_group, bucket_bytes=32 << 10)
+        for kv in b
+    ]  # every stage's tensors, on global rank 0 only
     wholes = [None] * ctx.world_size
     dist.all_gather_object(wholes, len(whole))
     from megatron.core import dist_checkpointing
@@ -103,11 +114,20 @@ def main() -> None:
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, [[(n, tuple(t.shape)) for n, t in b] for b in buckets])
     if ctx.rank == 0:
-        torch.save({"logits_ckpt": logits_ckpt, "logits_hf": logits_hf, "folder": str(folder), "firsts": firsts,
-                    "whole": dict(whole), "whole_order": [n for n, _ in whole], "whole_counts": wholes,
-                    "buckets": gathered, "bucket_sizes": [sum(t.numel() * t.element_size() for _, t in b)
-                                                          for b in buckets]},
-                   work / f"result_tp{tp}_pp{pp}.pt")
+        torch.save(
+            {
+                "logits_ckpt": logits_ckpt,
+                "logits_hf": logits_hf,
+                "folder": str(folder),
+                "firsts": firsts,
+                "whole": dict(whole),
+                "whole_order": [n for n, _ in whole],
+                "whole_counts": wholes,
+                "buckets": gathered,
+                "bucket_sizes": [sum(t.numel() * t.element_size() for _, t in b) for b in buckets],
+            },
+            work / f"result_tp{tp}_pp{pp}.pt",
+        )
     destroy_parallel(ctx)
 
 

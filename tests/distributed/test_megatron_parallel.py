@@ -5,6 +5,7 @@ the tests below assert on it. Reference: a plain single-process forward/backward
 batch (padded layout, torch log_softmax) on the TP=1 model. Tolerances (float32): losses 1e-6,
 gradients 1e-6 absolute (reference gradients reach ~0.3), log-probs 1e-5, HF logits 1e-5.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ def _free_port() -> int:
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron") / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(WORKER), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(WORKER),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -7,6 +7,7 @@ log_softmax, no collectives). Weights travel between layouts through the trainer
 checkpoints (save at one layout, load at another). Measured differences go to a JSON file that
 the pytest side asserts on.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def make_samples(n=6, seed=0):
 def make_trainer(cfg):
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
-    from rlad_megatron.testing import tiny_hf_config
+    from rlad_megatron.tiny_models import tiny_hf_config
 
     hf = tiny_hf_config("qwen3", vocab_size=VOCAB)
     return MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=hf)
@@ -78,21 +79,28 @@ def reference_loss_and_grads(trainer, samples, adv, old):
     logits = model(batch["tokens"], batch["position_ids"], None)[..., :VOCAB].float()
     logp = torch.log_softmax(logits / TEMPERATURE, dim=-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     mask = batch["mask"]
-    tensors = {"logprobs": logp, "mask": mask.bool(), "advantages": torch.zeros_like(mask),
-               "old_logprobs": torch.zeros_like(mask), "seq_weights": torch.zeros_like(mask)}
+    tensors = {
+        "logprobs": logp,
+        "mask": mask.bool(),
+        "advantages": torch.zeros_like(mask),
+        "old_logprobs": torch.zeros_like(mask),
+        "seq_weights": torch.zeros_like(mask),
+    }
     for i, s in enumerate(samples):
         start, n = len(s.prompt_ids) - 1, len(s.response_ids)
-        tensors["advantages"][i, start:start + n] = adv[i]
-        tensors["old_logprobs"][i, start:start + n] = torch.tensor(old[i])
-        tensors["seq_weights"][i, start:start + n] = 1.0 / n
+        tensors["advantages"][i, start : start + n] = adv[i]
+        tensors["old_logprobs"][i, start : start + n] = torch.tensor(old[i])
+        tensors["seq_weights"][i, start : start + n] = 1.0 / n
     num_tokens = float(sum(len(s.response_ids) for s in samples))
     loss, _ = trainer.objective.loss(tensors, num_tokens=num_tokens, num_seqs=float(len(samples)), step=0)
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
     loss.backward()
     grads = full_tensors(trainer, grads=True)
-    padded_lp = [logp[i, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)].tolist()
-                 for i, s in enumerate(samples)]
+    padded_lp = [
+        logp[i, len(s.prompt_ids) - 1 : len(s.prompt_ids) - 1 + len(s.response_ids)].tolist()
+        for i, s in enumerate(samples)
+    ]
     return float(loss), grads, padded_lp
 
 
@@ -100,7 +108,7 @@ def full_tensors(trainer, grads: bool):
     """{global name: full tensor} of params (or their main_grad), gathered over TP and PP."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    ctx, model = trainer.ctx, trainer.unwrapped_model()[0]
+    ctx, model = trainer.parallel, trainer.unwrapped_model()[0]
     offset = get_transformer_layer_offset(model.config)
     out = {}
     for name, p in model.named_parameters():
@@ -140,7 +148,7 @@ def check_vocab_parallel(trainer, results):
         vocab_parallel_topk_logprobs,
     )
 
-    ctx = trainer.ctx
+    ctx = trainer.parallel
     gen = torch.Generator().manual_seed(5)
     full = torch.randn(3, 7, 128, generator=gen) * 3
     targets = torch.randint(0, VOCAB, (3, 7), generator=gen)
@@ -148,22 +156,31 @@ def check_vocab_parallel(trainer, results):
     weights = torch.randn(3, 7, 6, generator=gen)
     ref_in = full.clone().requires_grad_(True)
     ref_lsm = torch.log_softmax(ref_in[..., :VOCAB] / TEMPERATURE, dim=-1)
-    ref = [ref_lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(ref_lsm.exp() * ref_lsm).sum(-1),
-           ref_lsm.gather(-1, topk)]
+    ref = [
+        ref_lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+        -(ref_lsm.exp() * ref_lsm).sum(-1),
+        ref_lsm.gather(-1, topk),
+    ]
     local = full.chunk(ctx.tensor_model_parallel_size, dim=-1)[ctx.tp_rank].clone().requires_grad_(True)
     lp, ent = logprobs_and_entropy(local, targets, ctx.tp_group, temperature=TEMPERATURE, vocab_size=VOCAB)
     tk = vocab_parallel_topk_logprobs(local, topk, ctx.tp_group, temperature=TEMPERATURE, vocab_size=VOCAB)
     outs = [lp, ent, tk]
     results["vp_value_diff"] = max((o - r).abs().max().item() for o, r in zip(outs, ref))
-    combine = lambda xs: (xs[0] * weights[..., 0]).sum() + (xs[1] * weights[..., 1]).sum() + (xs[2] * weights[..., 2:]).sum()
+    combine = lambda xs: (
+        (xs[0] * weights[..., 0]).sum() + (xs[1] * weights[..., 1]).sum() + (xs[2] * weights[..., 2:]).sum()
+    )
     combine(ref).backward()
     combine(outs).backward()
     ref_grad = ref_in.grad.chunk(ctx.tensor_model_parallel_size, dim=-1)[ctx.tp_rank]
     results["vp_grad_diff"] = (local.grad - ref_grad).abs().max().item()
     first_padded = VOCAB - ctx.tp_rank * local.shape[-1]  # local index of global column VOCAB
-    padded_grad = local.grad[..., max(first_padded, 0):]
-    stats = torch.tensor([padded_grad.abs().max().item() if padded_grad.numel() else 0.0,
-                          float(padded_grad.shape[-1]) if first_padded < local.shape[-1] else 0.0])
+    padded_grad = local.grad[..., max(first_padded, 0) :]
+    stats = torch.tensor(
+        [
+            padded_grad.abs().max().item() if padded_grad.numel() else 0.0,
+            float(padded_grad.shape[-1]) if first_padded < local.shape[-1] else 0.0,
+        ]
+    )
     dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=ctx.tp_group)
     results["vp_grad_padded_cols"], results["vp_num_padded_cols"] = stats.tolist()
 
@@ -212,7 +229,7 @@ def check_hf_equivalence(results) -> None:
     from transformers import AutoModelForCausalLM
 
     from rlad_megatron.backends.megatron.model import build_model
-    from rlad_megatron.testing import FAMILIES, tiny_hf_config
+    from rlad_megatron.tiny_models import FAMILIES, tiny_hf_config
 
     cfg = make_cfg()
     tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -227,8 +244,10 @@ def check_hf_equivalence(results) -> None:
             ref = hf(tokens).logits
             out = model(tokens, torch.arange(11).expand(2, 11), None)[..., : hf.config.vocab_size]
         results[f"hf_logits_{family}"] = (out - ref).abs().max().item()
-        results[f"hf_params_{family}"] = [sum(p.numel() for p in hf.parameters()),
-                                          sum(p.numel() for p in model.parameters())]
+        results[f"hf_params_{family}"] = [
+            sum(p.numel() for p in hf.parameters()),
+            sum(p.numel() for p in model.parameters()),
+        ]
 
 
 class Ctx:
@@ -249,8 +268,10 @@ class Ctx:
     def parity(self, trainer, key: str) -> None:
         """Loss and every gradient of one step's forward/backward vs the single-process reference."""
         m = trainer.forward_backward(self.samples, self.adv, 0, old_logprobs=self.old)
-        self.results[key] = {"loss": abs(m["loss"] - self.ref_loss),
-                             "grad": max_diff(full_tensors(trainer, True), self.ref_grads)}
+        self.results[key] = {
+            "loss": abs(m["loss"] - self.ref_loss),
+            "grad": max_diff(full_tensors(trainer, True), self.ref_grads),
+        }
 
 
 def stage_dp2(c: Ctx) -> None:

@@ -5,6 +5,7 @@ Single process (world size 1, NCCL). The TE spec fuses the input norm into `line
 names onto the same checkpoint keys, so a checkpoint written by the local spec loads into the
 TE spec: that is how the two are compared here.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,25 +30,29 @@ def _samples(n=8):
     from rlad_megatron.types import Sample
 
     rng = random.Random(0)
-    return [Sample(prompt_ids=[rng.randrange(2, 128) for _ in range(16)],
-                   response_ids=[rng.randrange(2, 128) for _ in range(rng.randint(8, 32))], reward=float(i % 2))
-            for i in range(n)]
+    return [
+        Sample(
+            prompt_ids=[rng.randrange(2, 128) for _ in range(16)],
+            response_ids=[rng.randrange(2, 128) for _ in range(rng.randint(8, 32))],
+            reward=float(i % 2),
+        )
+        for i in range(n)
+    ]
 
 
 def _trainer(cfg):
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
-    from rlad_megatron.testing import tiny_hf_config
+    from rlad_megatron.tiny_models import tiny_hf_config
 
-    hf = tiny_hf_config("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=8,
-                        num_key_value_heads=4)
+    hf = tiny_hf_config("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
     return MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=hf)
 
 
 def _teardown(trainer):
     from rlad_megatron.backends.megatron.parallel import destroy_parallel
 
-    destroy_parallel(trainer.ctx)
+    destroy_parallel(trainer.parallel)
 
 
 def test_te_spec_builds_te_modules_and_matches_local_spec_logprobs(tmp_path):

@@ -8,6 +8,7 @@ node agents, sglang-router, `rlad serve` fleets and the torchrun trainer, then a
   trains on exactly prompts x group samples, the node agent restarts the server and it serves the final
   weights version.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ TIMING = ("time/", "throughput/")
 def rehearse(out: Path, recipe: str, *args: str) -> dict:
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as sink:
-        code = subprocess.run([sys.executable, "-m", "rlad_megatron.cli", "rehearse", recipe, "--out", str(out), *args],
-                              env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, timeout=1200).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", "rlad_megatron.cli", "rehearse", recipe, "--out", str(out), *args],
+            env=subprocess_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=1200,
+        ).returncode
     report = json.loads((out / "rehearsal.json").read_text()) if (out / "rehearsal.json").exists() else {}
     assert code == 0, f"rlad rehearse exited {code}:\n{log.read_text()[-4000:]}"
     return report
@@ -65,11 +71,18 @@ def math_with_server_killed(tmp_path_factory) -> Path:
 def test_tensor_parallel_job_and_its_requeue_pass_every_check(kk):
     report = json.loads((kk / "rehearsal.json").read_text())
     assert report["ok"] and all(checks(report).values())
-    assert {"rollout log-probs", "teacher via router", "weight versions (attempt 1)", "requeued attempt resumed"} <= set(
-        checks(report))
+    assert {
+        "rollout log-probs",
+        "teacher via router",
+        "weight versions (attempt 1)",
+        "requeued attempt resumed",
+    } <= set(checks(report))
     cfg = run_config(kk)
     assert (cfg["parallel"]["tensor_model_parallel_size"], cfg["launch"]["nodes"]) == (2, 1)
-    assert [(a["restart"], a["exit_code"], a["resumed_from"]) for a in report["attempts"]] == [(0, 0, ""), (1, 0, "step_2")]
+    assert [(a["restart"], a["exit_code"], a["resumed_from"]) for a in report["attempts"]] == [
+        (0, 0, ""),
+        (1, 0, "step_2"),
+    ]
     assert all(r["time/train"] > 0 and r["time/sync"] > 0 for r in train_rows(kk))
 
 

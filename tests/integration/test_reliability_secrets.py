@@ -2,6 +2,7 @@
 environment, then every byte the run wrote (config.yaml, metrics, tensorboard events, samples,
 saved rollouts, checkpoints, HF export) and everything it printed is searched for the keys.
 Also the HTTP client: an unreachable server's error names the URL, never the key."""
+
 from __future__ import annotations
 
 import logging
@@ -34,9 +35,18 @@ def test_api_keys_are_never_written_by_a_run(tmp_path, monkeypatch, capfd, caplo
     monkeypatch.setenv("RLAD_API_KEY", ROLLOUT_ENV_KEY)
     monkeypatch.setenv("RLAD_TEST_TEACHER_KEY", TEACHER_ENV_KEY)
     caplog.set_level(logging.DEBUG)
-    cfg = run_config(tmp_path / "run", "rlad", [
-        "train.num_steps=1", "checkpoint.interval=1", "logging.tensorboard=true", "train.save_rollouts=true",
-        f"rollout.api_key={CONFIG_KEY}", "teacher.api_key_env=RLAD_TEST_TEACHER_KEY"])
+    cfg = run_config(
+        tmp_path / "run",
+        "rlad",
+        [
+            "train.num_steps=1",
+            "checkpoint.interval=1",
+            "logging.tensorboard=true",
+            "train.save_rollouts=true",
+            f"rollout.api_key={CONFIG_KEY}",
+            "teacher.api_key_env=RLAD_TEST_TEACHER_KEY",
+        ],
+    )
     assert cfg.rollout.api_key == CONFIG_KEY  # the key really is in the live config
     train_mod.train(cfg)
 
@@ -53,13 +63,14 @@ def test_api_keys_are_never_written_by_a_run(tmp_path, monkeypatch, capfd, caplo
 
 
 def test_http_client_errors_do_not_echo_the_key(caplog):
-    from rlad_megatron.rollout.base import EngineError, SamplingParams
-    from rlad_megatron.rollout.client import HttpEngine
-    from rlad_megatron.rollout.fleet import free_port
+    from rlad_megatron.engines.base import EngineError, SamplingParams
+    from rlad_megatron.engines.client import HttpEngine
+    from rlad_megatron.engines.fleet import free_port
 
     caplog.set_level(logging.DEBUG)
-    engine = HttpEngine([f"http://127.0.0.1:{free_port()}"], api_key=CONFIG_KEY, request_timeout_s=2.0,
-                        max_retries=1, cooldown_s=0.1)
+    engine = HttpEngine(
+        [f"http://127.0.0.1:{free_port()}"], api_key=CONFIG_KEY, request_timeout_s=2.0, max_retries=1, cooldown_s=0.1
+    )
     try:
         with pytest.raises(EngineError) as info:
             engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))

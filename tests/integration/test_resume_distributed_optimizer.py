@@ -1,6 +1,7 @@
 """A restarted job resumes a checkpoint that holds distributed-optimizer state into a fresh, never-stepped
 optimizer (the shipped recipes set parallel.use_distributed_optimizer: true). Megatron's state_dict on a
 fresh torch Adam asserted here before `checkpoint._give_fresh_state_a_step`."""
+
 from __future__ import annotations
 
 import pytest

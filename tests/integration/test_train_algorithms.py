@@ -1,4 +1,5 @@
 """Every algorithm runs 2 steps end to end on CPU: embedded engines, Megatron trainer, weight sync."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ def _digit_reward(monkeypatch):
 
 def _weights_changed(cfg) -> bool:
     from rlad_megatron.conversion.hf_io import resolve_latest
-    from rlad_megatron.rollout.model import iter_safetensors
+    from rlad_megatron.engines.model import iter_safetensors
 
     before = dict(iter_safetensors(cfg.model.student))
     after = dict(iter_safetensors(resolve_latest(f"{cfg.run_dir}/hf")))
@@ -64,8 +65,11 @@ def test_algorithm_two_steps(tmp_path, case):
 
 
 def test_dynamic_sampling_counts_and_keeps_batch_size(tmp_path):
-    cfg = run_config(tmp_path / "ds", "grpo", ["algorithm.dynamic_sampling=true", "algorithm.max_resample_rounds=2",
-                                                "train.num_steps=1"])
+    cfg = run_config(
+        tmp_path / "ds",
+        "grpo",
+        ["algorithm.dynamic_sampling=true", "algorithm.max_resample_rounds=2", "train.num_steps=1"],
+    )
     (h,) = train_mod.train(cfg)
     assert h["num_samples"] == cfg.train.prompts_per_step * cfg.algorithm.group_size
     assert 0 <= h["dynamic_sampling/rounds"] <= 2

@@ -1,4 +1,5 @@
 """Numerical faults and debug modes of the training loop (in-process, tiny models)."""
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ def _digit_reward(monkeypatch):
 def _poison(steps):
     def hook(step, advantages):
         return [[float("nan")] * len(a) for a in advantages] if step in steps else advantages
+
     return hook
 
 
@@ -50,7 +52,9 @@ def test_rollout_only_then_train_only_replays_the_saved_rollouts(tmp_path):
     assert [p.name for p in saved] == ["step_1.jsonl", "step_2.jsonl"]
     assert "loss" not in gen_history[0] and gen_history[0]["num_samples"] == 4
 
-    replay = run_config(tmp_path / "replay", "rlad", ["train.mode=train_only", f"train.rollout_dir={tmp_path / 'gen' / 'rollouts'}"])
+    replay = run_config(
+        tmp_path / "replay", "rlad", ["train.mode=train_only", f"train.rollout_dir={tmp_path / 'gen' / 'rollouts'}"]
+    )
     history = train_mod.train(replay)
     # Same samples (rewards, teacher scores) as generated, now trained on without any engine.
     assert [h["reward/mean"] for h in history] == [h["reward/mean"] for h in gen_history]

@@ -5,6 +5,7 @@ The killed runs go through a small driver that wraps one internal function to SI
 process at a chosen step (a deterministic kill point); the last kill comes from outside at a
 random moment. Restarts are the plain `python -m rlad_megatron.train_cli` command.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from train_helpers import make_models, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-DRIVER = '''
+DRIVER = """
 import os, signal, sys
 
 def die():
@@ -60,7 +61,7 @@ if __name__ == "__main__":
     arm(sys.argv[1], int(sys.argv[2]))
     from rlad_megatron.train_cli import main
     sys.exit(main(sys.argv[3:]))
-'''
+"""
 
 NUM_STEPS = 5
 

@@ -1,6 +1,7 @@
 """torchrun with tensor or pipeline parallelism (2 gloo ranks): rank 0 drives the engines and
 broadcasts the samples; the metrics match a single-process run of the same recipe. With PP the
 weight sync goes through an HF folder on disk, so a wrong sync would show in the step-2 metrics."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,19 @@ logging: {{tensorboard: false, progress_bar: false}}
     cli = ["-m", "rlad_megatron.train_cli", "--config", str(recipe)]
     _run([sys.executable] + cli + [f"run_dir={tmp_path / 'single'}"], tmp_path)
     single = _metrics(tmp_path / "single")
-    for name, layout in (("tp2", "parallel.tensor_model_parallel_size=2"), ("pp2", "parallel.pipeline_model_parallel_size=2")):
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port())]
+    for name, layout in (
+        ("tp2", "parallel.tensor_model_parallel_size=2"),
+        ("pp2", "parallel.pipeline_model_parallel_size=2"),
+    ):
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_port()),
+        ]
         _run(torchrun + cli + [f"run_dir={tmp_path / name}", layout], tmp_path)
         parallel = _metrics(tmp_path / name)
         assert [r["step"] for r in parallel] == [1, 2]

@@ -6,6 +6,7 @@ arrived: every server then reports the step as its weight version, and the log-p
 for their samples equal the trainer's own log-probs of the same tokens (kl/rollout_vs_old_max_abs, fp32
 on both sides) at every step, which a missed, partial or misnamed tensor would break.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ import httpx
 import pytest
 from train_helpers import make_models, subprocess_env
 
-from rlad_megatron.rollout.fleet import embedded_server_cmd, free_port, launch_fleet
+from rlad_megatron.engines.fleet import embedded_server_cmd, free_port, launch_fleet
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 STEPS = 3
@@ -75,8 +76,11 @@ def _versions(urls: list[str]) -> list[str]:
     return [str(httpx.get(u + "/model_info", timeout=10).json()["weight_version"]) for u in urls]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor_model_parallel_size=2"],
-                                    ["parallel.pipeline_model_parallel_size=2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tensor_model_parallel_size=2"], ["parallel.pipeline_model_parallel_size=2"]],
+    ids=["tp2", "pp2"],
+)
 def test_distributed_sync_reaches_every_server_each_step(servers, layout):
     root, student, teacher, urls = servers
     name = layout[0].split(".")[1].split("_")[0] + "_wire"
@@ -108,10 +112,10 @@ def test_restarted_server_stays_out_until_the_next_sync_then_gets_current_weight
     import torch
     from safetensors.torch import load_file
 
-    from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.client import HttpEngine, StaleWeightsError
-    from rlad_megatron.rollout.fleet import ServerProcess
-    from rlad_megatron.rollout.weight_sync import ServerCalls, StageSender
+    from rlad_megatron.engines.base import SamplingParams
+    from rlad_megatron.engines.client import HttpEngine, StaleWeightsError
+    from rlad_megatron.engines.fleet import ServerProcess
+    from rlad_megatron.engines.weight_sync import ServerCalls, StageSender
 
     root, student, _, _ = servers
     ports = [free_port() for _ in range(2)]
@@ -127,8 +131,7 @@ def test_restarted_server_stays_out_until_the_next_sync_then_gets_current_weight
         step1 = [(n, t + 0.05 * torch.randn_like(t)) for n, t in weights.items()]
         assert _sync(engine, sender, calls, step1, 1) == urls
         procs[1].kill()
-        procs[1] = ServerProcess(cmds[1], urls[1], str(tmp_path / "logs" / "restarted.log"),
-                                 subprocess_env()).start()
+        procs[1] = ServerProcess(cmds[1], urls[1], str(tmp_path / "logs" / "restarted.log"), subprocess_env()).start()
         procs[1].wait_healthy(120)
         assert calls.versions(urls)[urls[1]] == "0"
         # the restarted server answers with its start-up weights: the client takes it out and resamples
@@ -149,8 +152,9 @@ def test_restarted_server_stays_out_until_the_next_sync_then_gets_current_weight
         # every server restarted: no waiting for one to become current, the caller is told to sync again
         for i in range(2):
             procs[i].kill()
-            procs[i] = ServerProcess(cmds[i], urls[i], str(tmp_path / "logs" / f"again_{i}.log"),
-                                     subprocess_env()).start()
+            procs[i] = ServerProcess(
+                cmds[i], urls[i], str(tmp_path / "logs" / f"again_{i}.log"), subprocess_env()
+            ).start()
         for proc in procs:
             proc.wait_healthy(120)
         started = time.monotonic()

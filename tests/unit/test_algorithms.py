@@ -1,5 +1,6 @@
 """Advantages, the clipped policy loss and TRRD: hand-computed cases, a per-token loop reference
 on random tensors (values and gradients), and the identities of docs/algorithms.md sections 1-3."""
+
 import math
 
 import pytest
@@ -96,7 +97,14 @@ def test_policy_loss_reference_kl_hand_case():
     ref = t64([[-1.5, -2.0]])
     zeros = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    kw = {"clip_low": CL, "clip_high": CH, "aggregation": "token_mean", "num_tokens": 2, "ref_logprobs": ref, "ref_kl_coef": 0.1}
+    kw = {
+        "clip_low": CL,
+        "clip_high": CH,
+        "aggregation": "token_mean",
+        "num_tokens": 2,
+        "ref_logprobs": ref,
+        "ref_kl_coef": 0.1,
+    }
     loss, m = policy_loss(lp, lp.detach(), zeros, mask, ref_kl_estimator="k3", **kw)
     k3 = math.exp(-0.5) + 0.5 - 1  # R = lp_ref - lp = -0.5 on token 0, 0 on token 1
     assert loss.item() == pytest.approx(0.1 * k3 / 2)
@@ -117,9 +125,18 @@ def _trrd_hand(clamp_mode):
     lp = leaf(TRRD_CASE["lp"])
     mask = torch.ones(1, 4, dtype=torch.bool)
     loss, m = trrd_loss(
-        lp, lp.detach().clone(), t64(TRRD_CASE["teacher"]), t64(TRRD_CASE["adv"]), mask,
-        alpha=0.5, clip_low=CL, clip_high=CH, teacher_log_ratio_clamp=1.0, clamp_mode=clamp_mode,
-        aggregation="token_mean", num_tokens=4,
+        lp,
+        lp.detach().clone(),
+        t64(TRRD_CASE["teacher"]),
+        t64(TRRD_CASE["adv"]),
+        mask,
+        alpha=0.5,
+        clip_low=CL,
+        clip_high=CH,
+        teacher_log_ratio_clamp=1.0,
+        clamp_mode=clamp_mode,
+        aggregation="token_mean",
+        num_tokens=4,
     )
     loss.backward()
     return loss, m, lp.grad
@@ -197,13 +214,31 @@ def test_trrd_matches_loop_reference_on_random_tensors(aggregation, clamp_mode):
         c = [1.0, 0.0, 0.5][seed % 3]
         x = lp.clone().requires_grad_(True)
         loss, _ = trrd_loss(
-            x, old, teacher, adv, mask, alpha=alpha, clip_low=CL, clip_high=CH, teacher_log_ratio_clamp=c,
-            clamp_mode=clamp_mode, aggregation=aggregation, num_tokens=int(mask.sum()), num_seqs=3,
+            x,
+            old,
+            teacher,
+            adv,
+            mask,
+            alpha=alpha,
+            clip_low=CL,
+            clip_high=CH,
+            teacher_log_ratio_clamp=c,
+            clamp_mode=clamp_mode,
+            aggregation=aggregation,
+            num_tokens=int(mask.sum()),
+            num_seqs=3,
         )
         loss.backward()
         ref_value, ref_grad = reference_loss_and_grad(
-            lp.tolist(), old.tolist(), teacher.tolist(), adv.tolist(), mask.tolist(),
-            alpha=alpha, c=c, clamp_mode=clamp_mode, aggregation=aggregation,
+            lp.tolist(),
+            old.tolist(),
+            teacher.tolist(),
+            adv.tolist(),
+            mask.tolist(),
+            alpha=alpha,
+            c=c,
+            clamp_mode=clamp_mode,
+            aggregation=aggregation,
         )
         assert loss.item() == pytest.approx(ref_value, rel=1e-10, abs=1e-12), seed
         assert torch.allclose(x.grad, t64(ref_grad), rtol=1e-9, atol=1e-12), seed
@@ -229,8 +264,9 @@ def test_trrd_alpha_one_is_exactly_grpo(aggregation, clamp_mode):
         lp, old, teacher, adv, mask = _random(seed)
         kw = {"clip_low": CL, "clip_high": CH, "aggregation": aggregation, "num_tokens": int(mask.sum()), "num_seqs": 4}
         a, b = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
-        loss_t, m_t = trrd_loss(a, old, teacher, adv, mask, alpha=1.0, teacher_log_ratio_clamp=1.0,
-                                clamp_mode=clamp_mode, **kw)
+        loss_t, m_t = trrd_loss(
+            a, old, teacher, adv, mask, alpha=1.0, teacher_log_ratio_clamp=1.0, clamp_mode=clamp_mode, **kw
+        )
         loss_p, m_p = policy_loss(b, old, adv, mask, **kw)
         loss_t.backward()
         loss_p.backward()
@@ -244,12 +280,28 @@ def test_trrd_alpha_one_is_exactly_grpo(aggregation, clamp_mode):
 def test_trrd_first_step_with_teacher_equal_student_has_unit_ratio():
     lp, _, _, adv, mask = _random(3)
     x = lp.clone().requires_grad_(True)
-    loss, m = trrd_loss(x, lp, lp, adv, mask, alpha=0.5, clip_low=CL, clip_high=CH, teacher_log_ratio_clamp=1.0,
-                        aggregation="token_mean", num_tokens=int(mask.sum()))
+    loss, m = trrd_loss(
+        x,
+        lp,
+        lp,
+        adv,
+        mask,
+        alpha=0.5,
+        clip_low=CL,
+        clip_high=CH,
+        teacher_log_ratio_clamp=1.0,
+        aggregation="token_mean",
+        num_tokens=int(mask.sum()),
+    )
     loss.backward()
     assert m["ratio_mean"].item() == pytest.approx(1.0)
-    for key in ("clip_frac_high", "clip_frac_low", "clamp_active_frac", "teacher_widened_frac",
-                "teacher_narrowed_frac"):
+    for key in (
+        "clip_frac_high",
+        "clip_frac_low",
+        "clamp_active_frac",
+        "teacher_widened_frac",
+        "teacher_narrowed_frac",
+    ):
         assert m[key].item() == 0.0, key
     # ratio 1 everywhere: the plain policy gradient -A / N
     assert torch.allclose(x.grad, -adv * mask / mask.sum())
@@ -260,9 +312,20 @@ def test_trrd_zero_advantage_gives_zero_gradient_whatever_the_teacher(clamp_mode
     for seed in range(5):
         lp, old, teacher, _, mask = _random(seed)
         x = lp.clone().requires_grad_(True)
-        loss, m = trrd_loss(x, old, teacher * 3 - 5, torch.zeros_like(lp), mask, alpha=0.2, clip_low=CL,
-                            clip_high=CH, teacher_log_ratio_clamp=0.0, clamp_mode=clamp_mode,
-                            aggregation="token_mean", num_tokens=int(mask.sum()))
+        loss, m = trrd_loss(
+            x,
+            old,
+            teacher * 3 - 5,
+            torch.zeros_like(lp),
+            mask,
+            alpha=0.2,
+            clip_low=CL,
+            clip_high=CH,
+            teacher_log_ratio_clamp=0.0,
+            clamp_mode=clamp_mode,
+            aggregation="token_mean",
+            num_tokens=int(mask.sum()),
+        )
         loss.backward()
         assert loss.item() == 0.0
         assert torch.equal(x.grad, torch.zeros_like(lp))
@@ -274,8 +337,20 @@ def test_trrd_detached_gradient_is_ratio_times_advantage_where_unclipped():
         lp, old, teacher, adv, mask = _random(seed)
         x = lp.clone().requires_grad_(True)
         n = int(mask.sum())
-        loss, _ = trrd_loss(x, old, teacher, adv, mask, alpha=0.5, clip_low=CL, clip_high=CH,
-                            teacher_log_ratio_clamp=1.0, clamp_mode="detached", aggregation="token_mean", num_tokens=n)
+        loss, _ = trrd_loss(
+            x,
+            old,
+            teacher,
+            adv,
+            mask,
+            alpha=0.5,
+            clip_low=CL,
+            clip_high=CH,
+            teacher_log_ratio_clamp=1.0,
+            clamp_mode="detached",
+            aggregation="token_mean",
+            num_tokens=n,
+        )
         loss.backward()
         d = torch.clamp(lp - teacher, -1.0, 1.0)
         r = torch.exp(0.5 * (lp - old) + 0.5 * d)
@@ -292,8 +367,9 @@ def test_trrd_teacher_mask_falls_back_to_grpo_on_dropped_tokens():
     teacher_mask[:, -1] = False  # e.g. the final EOS of every response
     kw = {"clip_low": CL, "clip_high": CH, "aggregation": "token_mean", "num_tokens": mask.numel()}
     a, b = lp.clone().requires_grad_(True), lp.clone().requires_grad_(True)
-    trrd_loss(a, old, teacher, adv, mask, alpha=0.5, teacher_log_ratio_clamp=1.0, teacher_mask=teacher_mask,
-              **kw)[0].backward()
+    trrd_loss(a, old, teacher, adv, mask, alpha=0.5, teacher_log_ratio_clamp=1.0, teacher_mask=teacher_mask, **kw)[
+        0
+    ].backward()
     policy_loss(b, old, adv, mask, **kw)[0].backward()
     assert torch.equal(a.grad[:, -1], b.grad[:, -1])
     assert not torch.allclose(a.grad[:, :-1], b.grad[:, :-1])

@@ -1,4 +1,5 @@
 """KL estimators and KDRL, on-policy distillation, GKD top-k divergences and SFT (docs/algorithms.md sections 4-5)."""
+
 import math
 from types import SimpleNamespace
 
@@ -69,15 +70,29 @@ def test_k2_gradient_is_the_on_policy_reverse_kl_score_function_form():
 
 def test_k3_loss_gradient_hand_case():
     lp = t64([[-1.0]]).requires_grad_(True)
-    loss, _ = kd_loss(lp, t64([[-2.0]]), torch.ones(1, 1, dtype=torch.bool), kind="k3", coef=1.0,
-                      aggregation="token_mean", num_tokens=1)
+    loss, _ = kd_loss(
+        lp,
+        t64([[-2.0]]),
+        torch.ones(1, 1, dtype=torch.bool),
+        kind="k3",
+        coef=1.0,
+        aggregation="token_mean",
+        num_tokens=1,
+    )
     loss.backward()
     # k3 = exp(R) - R - 1 with R = lp_T - lp: d/d lp = -exp(R) + 1
     assert loss.item() == pytest.approx(math.exp(-1))
     assert lp.grad.item() == pytest.approx(1 - math.exp(-1))
     with pytest.raises(ValueError, match="k1 is an advantage term"):
-        kd_loss(lp, lp.detach(), torch.ones(1, 1, dtype=torch.bool), kind="k1", coef=1.0, aggregation="token_mean",
-                num_tokens=1)
+        kd_loss(
+            lp,
+            lp.detach(),
+            torch.ones(1, 1, dtype=torch.bool),
+            kind="k1",
+            coef=1.0,
+            aggregation="token_mean",
+            num_tokens=1,
+        )
 
 
 def test_kd_reward_mask_removes_correct_responses_but_keeps_denominators():
@@ -86,8 +101,9 @@ def test_kd_reward_mask_removes_correct_responses_but_keeps_denominators():
     mask = torch.ones(2, 2, dtype=torch.bool)
     rewards = t64([[1.0, 1.0], [0.0, 0.0]])  # row 0 correct, row 1 wrong
     correct = ~incorrect_mask(rewards, 1.0)
-    loss, metrics = kd_loss(lp, teacher, mask, kind="k2", coef=1.0, aggregation="token_mean", num_tokens=4,
-                            correct=correct)
+    loss, metrics = kd_loss(
+        lp, teacher, mask, kind="k2", coef=1.0, aggregation="token_mean", num_tokens=4, correct=correct
+    )
     assert loss.item() == pytest.approx(2 * 0.5 * 4 / 4)  # only row 1: R = -2, k2 = 2 per token
     assert metrics["kd_masked_frac"].item() == pytest.approx(0.5)
     loss.backward()
@@ -138,12 +154,14 @@ def test_gkd_hand_case_renormalises_over_top_k():
     assert topk_divergence(student, teacher, divergence="reverse_kl").item() == pytest.approx(rev)
     m = [0.625, 0.375]
     jsd = 0.5 * (0.75 * math.log(0.75 / m[0]) + 0.25 * math.log(0.25 / m[1])) + 0.5 * (
-        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1]))
+        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
+    )
     assert topk_divergence(student, teacher, divergence="jsd", jsd_beta=0.5).item() == pytest.approx(jsd)
 
 
-@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5),
-                                       ("jsd", 0.9)])
+@pytest.mark.parametrize(
+    "kind,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
+)
 def test_gkd_matches_direct_computation_on_random_tensors(kind, beta):
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ responses end to end with prompt tokens in between, as the Megatron backend does
 step is computed as 1 micro-batch or 3. With the global token / response counts passed in,
 the summed loss shares, the gradients on the per-response leaves and the summed metric
 shares must agree across all four ways."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,18 +25,20 @@ def make_responses(seed, num=6):
         n = int(torch.randint(1, 8, (1,), generator=g))
         lp = -torch.rand(n, generator=g, dtype=torch.float64) * 2
         reward = float(i % 2)  # odd responses "correct" (reward 1)
-        responses.append({
-            "prompt_len": int(torch.randint(1, 4, (1,), generator=g)),
-            "logprobs": lp.clone().requires_grad_(True),
-            "student_topk_logprobs": (-torch.rand(n, K, generator=g, dtype=torch.float64) * 3).requires_grad_(True),
-            "teacher_topk_logprobs": -torch.rand(n, K, generator=g, dtype=torch.float64) * 3,
-            "old_logprobs": lp + 0.4 * torch.randn(n, generator=g, dtype=torch.float64),
-            "teacher_logprobs": lp + 1.5 * torch.randn(n, generator=g, dtype=torch.float64),
-            "ref_logprobs": lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64),
-            "advantages": torch.randn(n, generator=g, dtype=torch.float64),
-            "rewards": torch.full((n,), reward, dtype=torch.float64),
-            "teacher_mask": torch.arange(n) < n - (i % 3 == 0),  # drop the "final EOS" of some
-        })
+        responses.append(
+            {
+                "prompt_len": int(torch.randint(1, 4, (1,), generator=g)),
+                "logprobs": lp.clone().requires_grad_(True),
+                "student_topk_logprobs": (-torch.rand(n, K, generator=g, dtype=torch.float64) * 3).requires_grad_(True),
+                "teacher_topk_logprobs": -torch.rand(n, K, generator=g, dtype=torch.float64) * 3,
+                "old_logprobs": lp + 0.4 * torch.randn(n, generator=g, dtype=torch.float64),
+                "teacher_logprobs": lp + 1.5 * torch.randn(n, generator=g, dtype=torch.float64),
+                "ref_logprobs": lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64),
+                "advantages": torch.randn(n, generator=g, dtype=torch.float64),
+                "rewards": torch.full((n,), reward, dtype=torch.float64),
+                "teacher_mask": torch.arange(n) < n - (i % 3 == 0),  # drop the "final EOS" of some
+            }
+        )
     return responses
 
 
@@ -67,8 +70,9 @@ def padded(responses):
 
 def packed(responses):
     segs = [_segment(r) for r in responses]
-    return {k: _pad_to(torch.cat([s[k] for s in segs]), sum(s["mask"].numel() for s in segs) + 2)[None]
-            for k in segs[0]}
+    return {
+        k: _pad_to(torch.cat([s[k] for s in segs]), sum(s["mask"].numel() for s in segs) + 2)[None] for k in segs[0]
+    }
 
 
 CONFIGS = {
@@ -98,10 +102,19 @@ def run_step(objective, responses, layout, num_micro):
         total = total + loss.detach()
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v
-    grads = [torch.cat([r["logprobs"].grad if r["logprobs"].grad is not None else torch.zeros_like(r["logprobs"]),
-                        (r["student_topk_logprobs"].grad if r["student_topk_logprobs"].grad is not None
-                         else torch.zeros_like(r["student_topk_logprobs"])).flatten()])
-             for r in responses]
+    grads = [
+        torch.cat(
+            [
+                r["logprobs"].grad if r["logprobs"].grad is not None else torch.zeros_like(r["logprobs"]),
+                (
+                    r["student_topk_logprobs"].grad
+                    if r["student_topk_logprobs"].grad is not None
+                    else torch.zeros_like(r["student_topk_logprobs"])
+                ).flatten(),
+            ]
+        )
+        for r in responses
+    ]
     return total, torch.cat(grads), metrics
 
 
@@ -133,9 +146,17 @@ def test_padded_seq_mean_without_seq_weights_matches_explicit_weights():
     from rlad_megatron.algorithms import policy_loss
 
     explicit, _ = objective.loss(batch, num_tokens=1, num_seqs=6)
-    derived, _ = policy_loss(batch["logprobs"], batch["old_logprobs"], batch["advantages"], batch["mask"],
-                             clip_low=0.2, clip_high=0.28, aggregation="seq_mean_token_mean", num_tokens=1,
-                             num_seqs=6)
+    derived, _ = policy_loss(
+        batch["logprobs"],
+        batch["old_logprobs"],
+        batch["advantages"],
+        batch["mask"],
+        clip_low=0.2,
+        clip_high=0.28,
+        aggregation="seq_mean_token_mean",
+        num_tokens=1,
+        num_seqs=6,
+    )
     assert torch.allclose(explicit, derived, rtol=1e-12)
 
 
@@ -155,12 +176,14 @@ def test_any_partition_into_micro_batches_gives_the_same_step(chunk_ids, aggrega
     total = 0.0
     for chunk in sorted(set(chunk_ids)):
         part = [r for r, c in zip(responses, chunk_ids) if c == chunk]
-        loss, _ = objective.loss(packed(part), num_tokens=sum(r["logprobs"].numel() for r in responses),
-                                 num_seqs=len(responses))
+        loss, _ = objective.loss(
+            packed(part), num_tokens=sum(r["logprobs"].numel() for r in responses), num_seqs=len(responses)
+        )
         loss.backward()
         total = total + loss.detach()
-    grad = torch.cat([r["logprobs"].grad if r["logprobs"].grad is not None else torch.zeros_like(r["logprobs"])
-                      for r in responses])
+    grad = torch.cat(
+        [r["logprobs"].grad if r["logprobs"].grad is not None else torch.zeros_like(r["logprobs"]) for r in responses]
+    )
     assert torch.allclose(total, ref_loss, rtol=1e-12, atol=1e-14)
     assert torch.allclose(grad, _logprob_grads(ref_grad, responses), rtol=1e-10, atol=1e-14)
 
@@ -170,6 +193,6 @@ def _logprob_grads(full_grad, responses):
     parts, offset = [], 0
     for r in responses:
         n = r["logprobs"].numel()
-        parts.append(full_grad[offset:offset + n])
+        parts.append(full_grad[offset : offset + n])
         offset += n + r["student_topk_logprobs"].numel()
     return torch.cat(parts)

@@ -1,4 +1,5 @@
 """The method comparison's statistics, plan, locking and report, without training (plus one smoke run)."""
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,11 @@ def test_phase_times_skip_warmup_step():
 
 def test_method_rows_steps_to_reach_grpo_final():
     size = cm.SIZES["small"]
-    groups = st.group_results([_result("grpo", s, [(0, 0.1), (12, 0.3), (24, 0.5)]) for s in (1, 2)] +
-                              [_result("rlad", s, [(0, 0.1), (12, 0.5), (24, 0.6)]) for s in (1, 2)] +
-                              [_result("opd", s, [(0, 0.1), (12, 0.2), (24, 0.2)]) for s in (1, 2)])
+    groups = st.group_results(
+        [_result("grpo", s, [(0, 0.1), (12, 0.3), (24, 0.5)]) for s in (1, 2)]
+        + [_result("rlad", s, [(0, 0.1), (12, 0.5), (24, 0.6)]) for s in (1, 2)]
+        + [_result("opd", s, [(0, 0.1), (12, 0.2), (24, 0.2)]) for s in (1, 2)]
+    )
     rows = {r["method"]: r for r in rep.method_rows(groups, "addition", ("grpo", "rlad", "opd"), size)}
     assert rows["grpo"]["steps_to_grpo_final"] == 24 and rows["rlad"]["steps_to_grpo_final"] == 12
     assert rows["opd"]["steps_to_grpo_final"] is None
@@ -129,8 +132,19 @@ def test_report_splices_generated_block_and_keeps_analysis(tmp_path):
 @pytest.mark.slow
 def test_smoke_tiny_comparison_is_resumable(tmp_path):
     """Two methods, 2 steps each, from a just-built teacher/student; the rerun skips finished runs."""
-    argv = ["--size", "tiny", "--out", str(tmp_path), "--groups", "main", "--methods", "grpo", "rlad",
-            "--doc", str(tmp_path / "doc.md")]
+    argv = [
+        "--size",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--groups",
+        "main",
+        "--methods",
+        "grpo",
+        "rlad",
+        "--doc",
+        str(tmp_path / "doc.md"),
+    ]
     assert cm.main(argv) == 0
     results = sorted((tmp_path / "tiny" / "addition").glob("*/seed1.json"))
     assert [p.parent.name for p in results] == ["grpo", "rlad"]

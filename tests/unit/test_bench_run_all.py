@@ -1,4 +1,5 @@
 """bench/run_all.py: running bench scripts as subprocesses and assembling docs/benchmarks.md from their output."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,15 @@ def _script(repo: Path, name: str, body: str) -> run_all.Bench:
 
 
 def test_json_table_ratio_lines_and_command(fake_repo):
-    bench = _script(fake_repo, "b_json.py", (
-        "import argparse, json\np = argparse.ArgumentParser(); p.add_argument('--n'); p.add_argument('--json')\n"
-        "a = p.parse_args()\nprint('speed-up : 2.50x (target >= 2x)')\nprint('noise line')\n"
-        "open(a.json, 'w').write(json.dumps({'table': ['| a | b |', '|---|---|', '| 1 | 2 |']}))\n"))
+    bench = _script(
+        fake_repo,
+        "b_json.py",
+        (
+            "import argparse, json\np = argparse.ArgumentParser(); p.add_argument('--n'); p.add_argument('--json')\n"
+            "a = p.parse_args()\nprint('speed-up : 2.50x (target >= 2x)')\nprint('noise line')\n"
+            "open(a.json, 'w').write(json.dumps({'table': ['| a | b |', '|---|---|', '| 1 | 2 |']}))\n"
+        ),
+    )
     result = run_all.run_bench(bench, quick=False, timeout=60)
     assert result["status"] == 0 and result["json"]["table"][2] == "| 1 | 2 |"
     text = "\n".join(run_all.section(bench, result, INFO))
@@ -42,9 +48,14 @@ def test_json_table_ratio_lines_and_command(fake_repo):
 
 
 def test_script_own_section_is_kept_and_doc_rebuilt(fake_repo):
-    bench = _script(fake_repo, "b_own.py", (
-        "import pathlib\np = pathlib.Path('docs/benchmarks.md')\n"
-        "p.write_text((p.read_text() if p.exists() else '') + '\\n### Own numbers\\n| x | 3.0x |\\n')\n"))
+    bench = _script(
+        fake_repo,
+        "b_own.py",
+        (
+            "import pathlib\np = pathlib.Path('docs/benchmarks.md')\n"
+            "p.write_text((p.read_text() if p.exists() else '') + '\\n### Own numbers\\n| x | 3.0x |\\n')\n"
+        ),
+    )
     run_all.DOC.write_text("# old file\n")
     result = run_all.run_bench(bench, quick=False, timeout=60)
     assert result["own_section"].startswith("### Own numbers")
@@ -82,8 +93,10 @@ def test_hand_written_sections_are_kept_and_generated_blocks_replaced(fake_repo)
     bench = _script(fake_repo, "b_tr.py", "print('ratio 1.03x')\n")
     bench = run_all.Bench("trainer", bench.script, "Trainer: X vs Y", "Y", match=("trainer",))
     begin, end = run_all._markers("trainer")
-    previous = ("# Benchmarks\n\nold intro\n\n## Trainer\n\nHand-written table | 1.03 |\n\n"
-                f"{begin}\nOLD GENERATED\n{end}\n\n## Notes from someone\n\nkeep me\n")
+    previous = (
+        "# Benchmarks\n\nold intro\n\n## Trainer\n\nHand-written table | 1.03 |\n\n"
+        f"{begin}\nOLD GENERATED\n{end}\n\n## Notes from someone\n\nkeep me\n"
+    )
     result = run_all.run_bench(bench, quick=False, timeout=60)
     doc = run_all.assemble([(bench, result)], INFO, [], False, previous)
     assert doc.count("## Trainer") == 1 and "Hand-written table | 1.03 |" in doc
@@ -99,7 +112,13 @@ def test_only_keeps_sections_of_benchmarks_not_rerun_in_place(fake_repo):
     second = _script(fake_repo, "b_second.py", "print('ratio 2.00x')\n")
     second = run_all.Bench("second", second.script, "Second", "y", match=("second",))
     previous = "# B\n\n## First\n\nfirst text, measured earlier\n\n## Second\n\nsecond hand text\n"
-    doc = run_all.assemble([(second, run_all.run_bench(second, False, 60))], INFO, ["--only", "second"], False,
-                           previous, benches=[first, second])
+    doc = run_all.assemble(
+        [(second, run_all.run_bench(second, False, 60))],
+        INFO,
+        ["--only", "second"],
+        False,
+        previous,
+        benches=[first, second],
+    )
     assert doc.index("## First") < doc.index("## Second") and "first text, measured earlier" in doc
     assert "| First | `bench/first.py` | kept from an earlier run | - |" in doc and "- ratio 2.00x" in doc

@@ -1,5 +1,6 @@
 """The `rlad` console script: help works for every subcommand, missing modules fail in one clear line,
 real import errors are not hidden, and dispatch reaches the module's `run`."""
+
 import os
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_overrides_may_follow_options(monkeypatch, tmp_path, argv, capsys):
         "    p.add_argument('--flag', action='store_true')\n"
         "def run(args):\n"
         "    print('OVERRIDES', args.overrides, args.flag)\n"
-        "    return 0\n")
+        "    return 0\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(cli.COMMANDS, "over", ("rlad_test_over_cmd", "over", 99))
     assert cli.main(["over", "--config", "r.yaml", "a.b=1", "--flag", "c.d=2"]) == 0

@@ -1,4 +1,5 @@
 """Config: every example recipe loads, overrides work, and bad input is a ValueError naming the field."""
+
 import dataclasses
 from pathlib import Path
 
@@ -35,7 +36,12 @@ def test_recipe_then_overrides_in_both_forms(tmp_path):
     recipe.write_text("algorithm:\n  name: kdrl\n  alpha: 0.7\ntrain:\n  num_steps: 5\n")
     cfg = load_config(recipe, ["algorithm.alpha=0.3", "--set", "train.lr=2e-6", "--set=seed=7"])
     assert (cfg.algorithm.name, cfg.algorithm.alpha, cfg.train.num_steps, cfg.train.lr, cfg.seed) == (
-        "kdrl", 0.3, 5, 2e-6, 7)
+        "kdrl",
+        0.3,
+        5,
+        2e-6,
+        7,
+    )
     assert parse_overrides(["--set", "a.b=1", "c.d=x=y"]) == ["a.b=1", "c.d=x=y"]
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["algorithm.alpha"])

@@ -4,6 +4,7 @@ The trainer never splits a packed row over context-parallel ranks, so CP > 1 wou
 inputs on GPU. Config validation, `rlad train --dry-run`, `init_parallel` and `rlad plan` must all say so
 (or, for the plan, never propose it).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,9 @@ def test_config_validation_refuses_context_parallel():
 def test_dry_run_reports_context_parallel(capsys):
     from rlad_megatron.train_cli import main
 
-    code = main(["--config", str(REPO / "examples/qwen3_kk/recipe.yaml"), "parallel.context_parallel_size=2",
-                 "--dry-run"])
+    code = main(
+        ["--config", str(REPO / "examples/qwen3_kk/recipe.yaml"), "parallel.context_parallel_size=2", "--dry-run"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "context_parallel_size=2" in err and "not supported yet" in err
@@ -47,8 +49,10 @@ def test_init_parallel_refuses_on_every_device_before_starting_a_process_group(m
         parallel.init_parallel(cfg, seed=0)
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match=MESSAGE):
-        parallel.check_layout(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                              context_parallel_size=2), world_size=8)
+        parallel.check_layout(
+            SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=2),
+            world_size=8,
+        )
 
 
 def test_plan_recommends_no_context_parallel_layout():

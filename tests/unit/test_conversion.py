@@ -1,4 +1,5 @@
 """Name tables and transforms on plain tensors: round trips, layouts checked against slow references, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,20 @@ ARCH_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3":
 
 
 def config(family="llama", heads=4, kv_heads=2, tied=False, **extra):
-    cfg = {"architectures": [ARCH_NAMES[family]], "model_type": family, "num_hidden_layers": 2, "hidden_size": 32,
-           "intermediate_size": 48, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": 37,
-           "tie_word_embeddings": tied, "hidden_act": "silu", "dtype": "float32",
-           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    cfg = {
+        "architectures": [ARCH_NAMES[family]],
+        "model_type": family,
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 37,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "dtype": "float32",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
     if family == "qwen3":
         cfg["head_dim"] = 16
     cfg.update(extra)
@@ -28,13 +39,20 @@ def config(family="llama", heads=4, kv_heads=2, tied=False, **extra):
 
 def random_hf_state(arch, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=gen) for name, shape, _ in tables.hf_entries(
-        arch, torch.float32, tables.iter_tensors(arch))}
+    return {
+        name: torch.randn(shape, generator=gen)
+        for name, shape, _ in tables.hf_entries(arch, torch.float32, tables.iter_tensors(arch))
+    }
 
 
 CASES = [  # (family, heads, kv_heads, tied): GQA ratios 1, 2 and 4; bias; QK-norm; tied embeddings
-    ("llama", 4, 4, False), ("llama", 4, 2, True), ("llama", 4, 1, False),
-    ("qwen2", 4, 2, False), ("qwen2", 4, 1, True), ("qwen3", 4, 4, True), ("qwen3", 8, 2, False),
+    ("llama", 4, 4, False),
+    ("llama", 4, 2, True),
+    ("llama", 4, 1, False),
+    ("qwen2", 4, 2, False),
+    ("qwen2", 4, 1, True),
+    ("qwen3", 4, 4, True),
+    ("qwen3", 8, 2, False),
 ]
 
 
@@ -66,12 +84,12 @@ def test_qkv_layout_matches_megatron_grouping():
     q, k, v = torch.randn(ng * hpg * d, hidden), torch.randn(ng * d, hidden), torch.randn(ng * d, hidden)
     rows = []
     for g in range(ng):
-        rows += [q[(g * hpg + h) * d:(g * hpg + h + 1) * d] for h in range(hpg)]
-        rows += [k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+        rows += [q[(g * hpg + h) * d : (g * hpg + h + 1) * d] for h in range(hpg)]
+        rows += [k[g * d : (g + 1) * d], v[g * d : (g + 1) * d]]
     fused = T.fuse_qkv(q, k, v, ng)
     assert torch.equal(fused, torch.cat(rows))
     shards = T.tp_split(fused, "column", 2)  # each TP rank gets one whole group
-    assert torch.equal(shards[1], torch.cat(rows[hpg + 2:]))
+    assert torch.equal(shards[1], torch.cat(rows[hpg + 2 :]))
     assert all(torch.equal(a, b) for a, b in zip(T.split_qkv(fused, ng, hpg, d), (q, k, v)))
 
 
@@ -96,25 +114,30 @@ def test_vocab_padding_round_trip():
 def test_live_names_local_and_te_spellings():
     arch = arch_from_config(config("qwen3"))
     rule, layer = tables.rule_for_megatron_name(arch, "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight")
-    assert (rule.hf_names(layer), rule.ckpt_key) == (["model.layers.1.input_layernorm.weight"],
-                                                      "decoder.layers.self_attention.linear_qkv.layer_norm_weight")
+    assert (rule.hf_names(layer), rule.ckpt_key) == (
+        ["model.layers.1.input_layernorm.weight"],
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+    )
     rule, _ = tables.rule_for_megatron_name(arch, "decoder.layers.0.pre_mlp_layernorm.weight")
     assert rule.hf == ("model.layers.{i}.post_attention_layernorm.weight",)
     with pytest.raises(KeyError, match="decoder.layers.0.mlp.router.weight"):
         tables.rule_for_megatron_name(arch, "decoder.layers.0.mlp.router.weight")
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture \\['GPT2LMHeadModel'\\]"),
-    ({"architectures": None, "model_type": "mistral"}, "unsupported model_type 'mistral'"),
-    ({"num_experts": 8}, "num_experts=8"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type='yarn'"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"attention_bias": True}, "attention_bias=True"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
-    ({"dtype": "float8_e4m3fn"}, "dtype='float8_e4m3fn'"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture \\['GPT2LMHeadModel'\\]"),
+        ({"architectures": None, "model_type": "mistral"}, "unsupported model_type 'mistral'"),
+        ({"num_experts": 8}, "num_experts=8"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type='yarn'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
+        ({"dtype": "float8_e4m3fn"}, "dtype='float8_e4m3fn'"),
+    ],
+)
 def test_unsupported_configs_name_the_field(change, match):
     with pytest.raises(UnsupportedModelError, match=match):
         arch_from_config(config("llama", **change))

@@ -1,4 +1,5 @@
 """Offline conversion on real files: HF -> Megatron dist checkpoint -> HF, the CLI, errors, streaming memory."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from rlad_megatron.conversion.hf_io import (
     publish_step_folder,
     resolve_latest,
 )
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 
 def read_folder(folder):
@@ -30,9 +31,14 @@ def read_folder(folder):
     return out
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("llama", {"num_key_value_heads": 1}), ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {}),
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", {"num_key_value_heads": 1}),
+        ("qwen2", {"tie_word_embeddings": True}),
+        ("qwen3", {}),
+    ],
+)
 def test_round_trip_through_dist_checkpoint_is_bit_exact(tmp_path, family, overrides):
     hf = save_tiny_model(tmp_path / "hf", family, **overrides)
     convert.hf_to_megatron(hf, tmp_path / "mcore")
@@ -78,8 +84,22 @@ def test_checkpoint_not_matching_the_config_is_named(tmp_path):
 def test_cli_both_directions_and_errors(tmp_path, capsys):
     hf = save_tiny_model(tmp_path / "hf", "qwen3")
     assert cli_main(["hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "mc")]) == 0
-    assert cli_main(["megatron-to-hf", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "hf2"),
-                     "--dtype", "bf16", "--max-shard-size", "50KB"]) == 0
+    assert (
+        cli_main(
+            [
+                "megatron-to-hf",
+                "--ckpt",
+                str(tmp_path / "mc"),
+                "--out",
+                str(tmp_path / "hf2"),
+                "--dtype",
+                "bf16",
+                "--max-shard-size",
+                "50KB",
+            ]
+        )
+        == 0
+    )
     assert read_folder(tmp_path / "hf2")["model.norm.weight"].dtype == torch.bfloat16
     assert cli_main(["megatron-to-hf", "--ckpt", str(tmp_path / "hf"), "--out", str(tmp_path / "x")]) == 1
     assert "not a Megatron dist checkpoint" in capsys.readouterr().err
@@ -122,8 +142,13 @@ STREAMING_SCRIPT = textwrap.dedent("""
 
 
 def _peak_growth_mb(*args) -> float:
-    out = subprocess.run([sys.executable, "-c", STREAMING_SCRIPT, *map(str, args)], capture_output=True, text=True,
-                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", STREAMING_SCRIPT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -134,10 +159,21 @@ def test_streaming_peak_memory_stays_near_one_layer(tmp_path):
     read buffers (about three copies of the largest tensor, 8 MB here).
     """
     layers, hidden, ffn, vocab = 12, 512, 2048, 4096
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
-           "hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": 8, "num_key_value_heads": 8,
-           "vocab_size": vocab, "tie_word_embeddings": False, "hidden_act": "silu", "dtype": "float32",
-           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rms_norm_eps": 1e-6}
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "dtype": "float32",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rms_norm_eps": 1e-6,
+    }
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(cfg))
@@ -146,12 +182,17 @@ def test_streaming_peak_memory_stays_near_one_layer(tmp_path):
 
     arch = arch_from_config(cfg)
     entries = tables.hf_entries(arch, torch.float32, tables.iter_tensors(arch))
-    save_file({name: torch.randn(shape) for name, shape, _ in entries}, str(hf / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {name: torch.randn(shape) for name, shape, _ in entries},
+        str(hf / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     model_mb = sum(torch.Size(s).numel() * 4 for _, s, _ in entries) / 2**20
     layer_mb = (4 * hidden * hidden + 3 * hidden * ffn) * 4 / 2**20
-    peaks = {"to_megatron_mb": _peak_growth_mb("to_megatron", hf, tmp_path / "mc"),
-             "to_hf_mb": _peak_growth_mb("to_hf", tmp_path / "mc", tmp_path / "back")}
+    peaks = {
+        "to_megatron_mb": _peak_growth_mb("to_megatron", hf, tmp_path / "mc"),
+        "to_hf_mb": _peak_growth_mb("to_hf", tmp_path / "mc", tmp_path / "back"),
+    }
     print(f"model {model_mb:.0f} MB, one layer {layer_mb:.1f} MB, peak RSS growth {peaks}")
     assert model_mb > 200 and layer_mb < 20
     assert peaks["to_megatron_mb"] < model_mb / 3, (peaks, model_mb)

@@ -6,6 +6,7 @@ loads the buckets in place and must then score exactly like the trainer's own fo
 The SGLang NCCL flow is driven with its HTTP calls and `dist.broadcast` recorded instead of
 sent: each request must describe its bucket (names, dtypes, shapes) in broadcast order.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rlad_megatron.conversion import tables
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 BUCKET_BYTES = 16 << 10
 IDS = [[5, 17, 42, 9, 77, 3, 61, 28], [64, 2, 8, 99, 41, 12, 56, 70]]
@@ -69,7 +70,7 @@ def test_buckets_cover_the_table_in_order_and_never_alias_params(trained):
 
 def test_embedded_engine_scores_like_the_trainer_after_bucket_updates(trained):
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
-    from rlad_megatron.rollout.embedded import EmbeddedEngine
+    from rlad_megatron.engines.embedded import EmbeddedEngine
 
     hf, chunks = trained
     engine = EmbeddedEngine(hf)
@@ -89,7 +90,7 @@ def test_distributed_requests_describe_each_bucket_and_the_broadcast_carries_its
     import torch.distributed as dist
 
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
-    from rlad_megatron.rollout import weight_sync as ws
+    from rlad_megatron.engines import weight_sync as ws
 
     _, chunks = trained
     sender = ws.StageSender(0, ws.ServerCalls(), "127.0.0.1", "gloo", 10.0)
@@ -109,7 +110,7 @@ def test_distributed_requests_describe_each_bucket_and_the_broadcast_carries_its
     assert len(posts) == 2 * len(buckets) and {p[1] for p in posts} == {"/update_weights_from_distributed"}
     assert len(sent) == len(buckets)
     for k, bucket in enumerate(buckets):
-        payloads = [p for _, _, p in posts[2 * k: 2 * k + 2]]
+        payloads = [p for _, _, p in posts[2 * k : 2 * k + 2]]
         assert payloads[0] == payloads[1]
         assert payloads[0]["names"] == [n for n, _ in bucket]
         assert payloads[0]["dtypes"] == ["bfloat16"] * len(bucket)

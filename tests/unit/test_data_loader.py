@@ -1,4 +1,5 @@
 """Dataset loading: every bad-row kind named by file/row/field, skip counting, fuzzing, formats, templates."""
+
 import datetime
 import json
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from rlad_megatron.config import DataConfig
 from rlad_megatron.data import DatasetError, load_prompts, load_run_data
 from rlad_megatron.data.loader import encode_prompt
-from rlad_megatron.data.sources import iter_jsonl
+from rlad_megatron.data.row_readers import iter_jsonl
 from rlad_megatron.data.tokenizer import build_char_tokenizer
 
 
@@ -37,12 +38,18 @@ BAD_ROWS = [  # (line content, field named in the error, words in the problem)
     (b'{"prompt": "2+2=", "answer": ', "<row>", "malformed JSON"),
     (b"[1, 2]", "<row>", "expected an object"),
     ({"prompt": "9" * 100, "answer": "4", "level": 1}, "prompt", "over data.max_prompt_length=40"),
-    ({"prompt": [{"role": "user", "content": "hi"}], "answer": "4", "level": 1}, "prompt", "cannot apply the plain template"),
+    (
+        {"prompt": [{"role": "user", "content": "hi"}], "answer": "4", "level": 1},
+        "prompt",
+        "cannot apply the plain template",
+    ),
 ]
 
 
 def cfg(**kw):
-    return DataConfig(metadata_keys=["level"], max_prompt_length=40, template="plain", plain_template="Q: {prompt}", **kw)
+    return DataConfig(
+        metadata_keys=["level"], max_prompt_length=40, template="plain", plain_template="Q: {prompt}", **kw
+    )
 
 
 @pytest.mark.parametrize("line,field,problem", BAD_ROWS)
@@ -78,23 +85,36 @@ def test_all_rows_bad_under_skip_is_an_error(tmp_path, tok):
 
 
 def test_field_mapping_and_chat_template(tmp_path, tok):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"question": "hi", "label": 3, "d": "easy", "other": 1},
-                                              {"question": [{"role": "user", "content": "yo"}], "label": [1], "d": "hard"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"question": "hi", "label": 3, "d": "easy", "other": 1},
+            {"question": [{"role": "user", "content": "yo"}], "label": [1], "d": "hard"},
+        ],
+    )
     ds = load_prompts(str(path), DataConfig(prompt_key="question", answer_key="label", metadata_keys=["d"]), tok)
     assert [r["record"]["answer"] for r in ds] == [3, [1]]
     assert [r["record"]["metadata"] for r in ds] == [{"d": "easy"}, {"d": "hard"}]
     assert tok.decode(ds[0]["prompt_ids"]) == "<user>hi<assistant>"
     assert ds[0]["prompt_ids"] == encode_prompt("hi", tok, "chat", "")
-    assert tok.decode(load_prompts(str(path), DataConfig(prompt_key="question", answer_key="label", template="none",
-                                                         bad_rows="skip"), tok)[0]["prompt_ids"]) == "hi"
+    assert (
+        tok.decode(
+            load_prompts(
+                str(path), DataConfig(prompt_key="question", answer_key="label", template="none", bad_rows="skip"), tok
+            )[0]["prompt_ids"]
+        )
+        == "hi"
+    )
 
 
 def test_solution_field_is_kept_for_offline_distillation(tmp_path, tok):
     from rlad_megatron.components import trace_fn
     from rlad_megatron.config import load_config
 
-    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "2+2=", "answer": "4", "trace": "2+2 is 4 #4"},
-                                              {"prompt": "1+1=", "answer": "2", "trace": ""}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"prompt": "2+2=", "answer": "4", "trace": "2+2 is 4 #4"}, {"prompt": "1+1=", "answer": "2", "trace": ""}],
+    )
     with pytest.raises(DatasetError, match="trace"):
         load_prompts(str(path), DataConfig(solution_key="trace"), tok)
     ds = load_prompts(str(path), DataConfig(solution_key="trace", bad_rows="skip"), tok)
@@ -124,7 +144,10 @@ def test_missing_and_unsupported_sources(tmp_path, tok):
 def test_parquet_and_datasets_folder(tmp_path, tok):
     import datasets
 
-    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "level": {"n": i % 2, "day": datetime.date(2024, 1, i + 1)}} for i in range(5)]
+    rows = [
+        {"prompt": f"{i}+1=", "answer": str(i + 1), "level": {"n": i % 2, "day": datetime.date(2024, 1, i + 1)}}
+        for i in range(5)
+    ]
     rows.append({"prompt": "", "answer": "1", "level": {"n": 0, "day": datetime.date(2024, 2, 1)}})
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "t.parquet"))
@@ -152,8 +175,15 @@ class _nothing:
 def test_task_sources_and_run_data(tok):
     from rlad_megatron.config import load_config
 
-    run = load_config(None, ["data.train=task:addition", "data.eval=task:addition", "data.task_kwargs={size: 30}",
-                             "data.prompt_key=ignored_for_tasks"])
+    run = load_config(
+        None,
+        [
+            "data.train=task:addition",
+            "data.eval=task:addition",
+            "data.task_kwargs={size: 30}",
+            "data.prompt_key=ignored_for_tasks",
+        ],
+    )
     train, evaluation = load_run_data(run, tok)
     assert len(train) == len(evaluation) == 30
     assert not {r["record"]["prompt"] for r in train} & {r["record"]["prompt"] for r in evaluation}
@@ -164,14 +194,19 @@ def test_task_sources_and_run_data(tok):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["prompt", "answer", "x"]) | st.text(max_size=5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["prompt", "answer", "x"]) | st.text(max_size=5), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(st.binary(max_size=60) | json_values.map(lambda v: json.dumps(v).encode()), min_size=1, max_size=6),
-       policy=st.sampled_from(["error", "skip"]))
+@given(
+    lines=st.lists(st.binary(max_size=60) | json_values.map(lambda v: json.dumps(v).encode()), min_size=1, max_size=6),
+    policy=st.sampled_from(["error", "skip"]),
+)
 def test_fuzz_jsonl_gives_rows_or_dataset_error(tmp_path_factory, tok, lines, policy):
     path = tmp_path_factory.mktemp("fuzz") / "f.jsonl"
     path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")

@@ -1,4 +1,5 @@
 """PromptSampler: seeded order, epoch wrap, exact continuation after state_dict / load_state_dict."""
+
 import json
 
 import pytest

@@ -1,12 +1,13 @@
 """The embedded engine against transformers' own generate / forward on tiny random models."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlad_megatron.rollout.base import SamplingParams
-from rlad_megatron.rollout.embedded import EmbeddedEngine
-from rlad_megatron.testing import FAMILIES, save_tiny_model
+from rlad_megatron.engines.base import SamplingParams
+from rlad_megatron.engines.embedded import EmbeddedEngine
+from rlad_megatron.tiny_models import FAMILIES, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _prompts(vocab, lengths, seed=0):
 def _hf_logprobs(hf, prompt, response, temperature=1.0):
     with torch.no_grad():
         logits = hf(torch.tensor([prompt + response])).logits[0].float()
-    lp = (logits / temperature).log_softmax(-1)[len(prompt) - 1:-1]
+    lp = (logits / temperature).log_softmax(-1)[len(prompt) - 1 : -1]
     return lp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), lp
 
 
@@ -45,9 +46,15 @@ def test_greedy_matches_transformers_generate(models, family):
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True))
     for prompt, (out,) in zip(prompts, outs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert out.response_ids == ref[0, len(prompt):].tolist()
+            ref = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=10,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        assert out.response_ids == ref[0, len(prompt) :].tolist()
         assert out.finish_reason == "length"
         want, _ = _hf_logprobs(hf, prompt, out.response_ids)  # greedy: temperature-1 distribution
         torch.testing.assert_close(torch.tensor(out.logprobs), want, atol=1e-4, rtol=0)
@@ -88,12 +95,14 @@ def test_top_k_one_is_greedy_and_stop_tokens_end_generation(models):
     engine = EmbeddedEngine(models["qwen2"])
     prompts = _prompts(100, [4, 6])
     greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
-    topk1 = engine.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, seed=1,
-                                                    ignore_eos=True))
+    topk1 = engine.generate(
+        prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, seed=1, ignore_eos=True)
+    )
     assert [o[0].response_ids for o in greedy] == [o[0].response_ids for o in topk1]
     stop = greedy[0][0].response_ids[3]
-    out = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(stop,),
-                                                      ignore_eos=True))[0][0]
+    out = engine.generate(
+        prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(stop,), ignore_eos=True)
+    )[0][0]
     first = greedy[0][0].response_ids.index(stop)
     assert out.response_ids == greedy[0][0].response_ids[: first + 1]  # stop token included
     assert out.finish_reason == "stop"
@@ -151,7 +160,7 @@ def test_missing_shard_and_pickle_only_folders_are_refused(models, tmp_path):
     import json
     import shutil
 
-    from rlad_megatron.rollout.model import iter_safetensors
+    from rlad_megatron.engines.model import iter_safetensors
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

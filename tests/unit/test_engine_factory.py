@@ -1,29 +1,44 @@
 """build_engine and the SGLang fleet: command construction on CPU, the real fleet and NCCL sync on GPU."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlad_megatron.config import RolloutConfig, TeacherConfig
-from rlad_megatron.rollout import build_engine
-from rlad_megatron.rollout.client import HttpEngine
-from rlad_megatron.rollout.embedded import EmbeddedEngine
-from rlad_megatron.rollout.factory import resolve_api_key, resolve_kind
-from rlad_megatron.rollout.sglang_fleet import (
+from rlad_megatron.engines import build_engine
+from rlad_megatron.engines.client import HttpEngine
+from rlad_megatron.engines.embedded import EmbeddedEngine
+from rlad_megatron.engines.factory import resolve_api_key, resolve_kind
+from rlad_megatron.engines.sglang_fleet import (
     SGLangFleet,
     normalize_server_args,
     server_args_to_cli,
     sglang_server_cmd,
     tp_size,
 )
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 
 def test_server_args_pass_through():
-    args = {"tp": 2, "mem_fraction_static": 0.8, "enable_deterministic_inference": True, "disable_radix_cache": False,
-            "cuda_graph_bs": [1, 2, 4]}
-    assert server_args_to_cli(args) == ["--tp", "2", "--mem-fraction-static", "0.8", "--enable-deterministic-inference",
-                                        "--cuda-graph-bs", "1", "2", "4"]
+    args = {
+        "tp": 2,
+        "mem_fraction_static": 0.8,
+        "enable_deterministic_inference": True,
+        "disable_radix_cache": False,
+        "cuda_graph_bs": [1, 2, 4],
+    }
+    assert server_args_to_cli(args) == [
+        "--tp",
+        "2",
+        "--mem-fraction-static",
+        "0.8",
+        "--enable-deterministic-inference",
+        "--cuda-graph-bs",
+        "1",
+        "2",
+        "4",
+    ]
     cmd = sglang_server_cmd("/m", 30001, "127.0.0.1", {"tp": 2}, base_gpu_id=2, api_key="k")
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     assert cmd[cmd.index("--model-path") + 1] == "/m" and cmd[cmd.index("--base-gpu-id") + 1] == "2"
@@ -66,18 +81,22 @@ def test_sglang_fleet_generates_and_syncs_weights_over_nccl(tmp_path):
     """Real SGLang: 1 server + router, generation, then an NCCL weight update checked against transformers."""
     from transformers import AutoModelForCausalLM
 
-    from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.sglang_fleet import SGLangFleet
+    from rlad_megatron.engines.base import SamplingParams
+    from rlad_megatron.engines.sglang_fleet import SGLangFleet
 
     save_tiny_model(tmp_path / "base", "qwen2", seed=0)
     save_tiny_model(tmp_path / "new", "qwen2", seed=3)
-    fleet = SGLangFleet(str(tmp_path / "base"), 1, {"tp_size": 1, "mem_fraction_static": 0.3, "dtype": "float32",
-                                                   "skip_tokenizer_init": True}, str(tmp_path / "logs")).start()
+    fleet = SGLangFleet(
+        str(tmp_path / "base"),
+        1,
+        {"tp_size": 1, "mem_fraction_static": 0.3, "dtype": "float32", "skip_tokenizer_init": True},
+        str(tmp_path / "logs"),
+    ).start()
     try:
         prompt = [5, 6, 7, 8]
         out = fleet.engine.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
         assert len(out[0][0].response_ids) == 6
-        from rlad_megatron.rollout.weight_sync import ServerCalls, StageSender
+        from rlad_megatron.engines.weight_sync import ServerCalls, StageSender
 
         new = AutoModelForCausalLM.from_pretrained(tmp_path / "new", dtype=torch.float32).cuda()
         calls = ServerCalls()
@@ -90,8 +109,8 @@ def test_sglang_fleet_generates_and_syncs_weights_over_nccl(tmp_path):
         seq = prompt + out[0][0].response_ids
         got = fleet.engine.score([seq], [len(prompt)])[0].logprobs
         with torch.no_grad():
-            lp = new(torch.tensor([seq]).cuda()).logits[0].float().log_softmax(-1)[len(prompt) - 1:-1]
-        want = lp.gather(-1, torch.tensor(seq[len(prompt):]).cuda()[:, None]).squeeze(-1).cpu()
+            lp = new(torch.tensor([seq]).cuda()).logits[0].float().log_softmax(-1)[len(prompt) - 1 : -1]
+        want = lp.gather(-1, torch.tensor(seq[len(prompt) :]).cuda()[:, None]).squeeze(-1).cpu()
         torch.testing.assert_close(torch.tensor(got), want, atol=2e-3, rtol=0)
     finally:
         fleet.stop()

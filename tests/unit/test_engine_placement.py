@@ -3,15 +3,16 @@
 Fake interpreters stand in for SGLang's venv: shell scripts that succeed (sglang importable) or fail like a
 python without it. CUDA and the GPU count are faked where the rule depends on them.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-import rlad_megatron.rollout as rollout_pkg
+import rlad_megatron.engines as rollout_pkg
 from rlad_megatron.config import RolloutConfig, TeacherConfig, load_config
-from rlad_megatron.rollout import factory, sglang_fleet
-from rlad_megatron.rollout.factory import build_engine, fleet_gpu_offsets, resolve_kind, sglang_python
+from rlad_megatron.engines import factory, sglang_fleet
+from rlad_megatron.engines.factory import build_engine, fleet_gpu_offsets, resolve_kind, sglang_python
 
 
 def interpreter(tmp_path, name: str, has_sglang: bool) -> str:
@@ -51,7 +52,9 @@ def test_auto_picks_sglang_only_with_cuda_and_an_interpreter_that_imports_it(tmp
 def test_kind_sglang_without_sglang_fails_at_build_time_naming_the_setting(tmp_path, model_dir):
     for python in (str(tmp_path / "missing"), interpreter(tmp_path, "bad", False)):
         with pytest.raises(RuntimeError, match=r"teacher.sglang_python or RLAD_SGLANG_PYTHON") as err:
-            build_engine(TeacherConfig(kind="sglang", sglang_python=python), model_dir, "teacher", str(tmp_path / "logs"))
+            build_engine(
+                TeacherConfig(kind="sglang", sglang_python=python), model_dir, "teacher", str(tmp_path / "logs")
+            )
         assert python in str(err.value)
 
 
@@ -79,8 +82,10 @@ def gpu_sets(offsets: dict[str, int], engines: dict[str, object], trainer_gpus: 
 
 
 def test_fleets_go_after_the_trainers_gpus_teacher_first():
-    engines = {"rollout": RolloutConfig(kind="sglang", num_servers=2, server_args={"tp": 1}),
-               "teacher": TeacherConfig(kind="sglang", server_args={"tp_size": 4})}
+    engines = {
+        "rollout": RolloutConfig(kind="sglang", num_servers=2, server_args={"tp": 1}),
+        "teacher": TeacherConfig(kind="sglang", server_args={"tp_size": 4}),
+    }
     offsets = fleet_gpu_offsets(engines, trainer_gpus=2, device_count=8)
     assert offsets == {"teacher": 2, "rollout": 6}
     sets = gpu_sets(offsets, engines, 2)
@@ -89,8 +94,10 @@ def test_fleets_go_after_the_trainers_gpus_teacher_first():
 
 def test_too_few_gpus_is_refused_with_the_sizes(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-    engines = {"rollout": RolloutConfig(kind="sglang", num_servers=2),
-               "teacher": TeacherConfig(kind="sglang", server_args={"tp_size": 4})}
+    engines = {
+        "rollout": RolloutConfig(kind="sglang", num_servers=2),
+        "teacher": TeacherConfig(kind="sglang", server_args={"tp_size": 4}),
+    }
     with pytest.raises(ValueError, match=r"has 8 GPU.*3 local rank\(s\) \(LOCAL_WORLD_SIZE\).*teacher 4 \+ rollout 2"):
         fleet_gpu_offsets(engines, device_count=8)
 
@@ -103,17 +110,28 @@ def test_fleets_not_launched_here_take_no_gpu():
 def test_the_training_context_builds_its_fleets_on_disjoint_gpus(tmp_path, monkeypatch):
     from rlad_megatron import components
     from rlad_megatron.algorithms.objectives import build_objective
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
     from rlad_megatron.train import sample_source
 
     save_tiny_model(tmp_path / "m", "qwen3")
-    cfg = load_config(None, [f"model.student={tmp_path / 'm'}", f"model.teacher={tmp_path / 'm'}",
-                             "data.train=task:addition", "data.task_kwargs={size: 16}", "rollout.kind=sglang",
-                             "rollout.num_servers=2", "teacher.kind=sglang", "teacher.server_args={tp_size: 2}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.student={tmp_path / 'm'}",
+            f"model.teacher={tmp_path / 'm'}",
+            "data.train=task:addition",
+            "data.task_kwargs={size: 16}",
+            "rollout.kind=sglang",
+            "rollout.num_servers=2",
+            "teacher.kind=sglang",
+            "teacher.server_args={tp_size: 2}",
+        ],
+    )
     built = {}
-    monkeypatch.setattr(rollout_pkg, "build_engine",
-                        lambda engine_cfg, model, role, gpu_offset=0: built.setdefault(role, gpu_offset))
+    monkeypatch.setattr(
+        rollout_pkg, "build_engine", lambda engine_cfg, model, role, gpu_offset=0: built.setdefault(role, gpu_offset)
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    components.build_context(cfg, build_objective(cfg.algorithm), sample_source(cfg), with_engines=True)
+    components.build_source_context(cfg, build_objective(cfg.algorithm), sample_source(cfg), with_engines=True)
     assert built == {"teacher": 4, "rollout": 6}  # trainer 0-3, teacher 4-5, rollout 6-7

@@ -1,18 +1,25 @@
 """Counter-based sampling: exact categorical draws from the truncated temperature-scaled distribution."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlad_megatron.rollout.base import SamplingParams, sample_seed
-from rlad_megatron.rollout.sampling import sample_next, truncation_mask, uniform_noise
+from rlad_megatron.engines.base import SamplingParams, sample_seed
+from rlad_megatron.engines.sampling import sample_next, truncation_mask, uniform_noise
 
 
 def _draw(logits, temperature=1.0, top_p=1.0, top_k=-1, n=20000):
     rows = logits.expand(n, -1)
     t = torch.full((n,), temperature)
-    tokens, lps = sample_next(rows, t, torch.full((n,), top_p), torch.full((n,), top_k, dtype=torch.int64),
-                              torch.arange(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64))
+    tokens, lps = sample_next(
+        rows,
+        t,
+        torch.full((n,), top_p),
+        torch.full((n,), top_k, dtype=torch.int64),
+        torch.arange(n, dtype=torch.int64),
+        torch.zeros(n, dtype=torch.int64),
+    )
     return tokens, lps
 
 

@@ -1,4 +1,5 @@
 """Evaluation: unbiased pass@k vs brute-force enumeration, evaluate() with a scripted engine, reports, `rlad eval`."""
+
 import itertools
 import json
 import math
@@ -62,8 +63,16 @@ class ScriptedEngine:
             good = solution_trace(rec)
             c = self.num_correct(prompt)
             texts = [good if s < c else good.split("#")[0] + "#99999" for s in range(n)]
-            results.append([Out(self.tok(t, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id],
-                                [-0.1] * (len(t) + 1), "stop") for t in texts])
+            results.append(
+                [
+                    Out(
+                        self.tok(t, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id],
+                        [-0.1] * (len(t) + 1),
+                        "stop",
+                    )
+                    for t in texts
+                ]
+            )
         return results
 
 
@@ -77,10 +86,14 @@ def num_correct_of(prompt):
 
 
 def test_evaluate_reports_avg_pass_length_and_breakdown(tok):
-    records = load_prompts("task:addition", DataConfig(task_kwargs={"size": 12, "difficulties": [1, 2, 3]}), tok, split="test")
+    records = load_prompts(
+        "task:addition", DataConfig(task_kwargs={"size": 12, "difficulties": [1, 2, 3]}), tok, split="test"
+    )
     k = 4
     engine = ScriptedEngine(tok, num_correct_of)
-    result = evaluate(engine, tok, records, get_reward_fn("task:addition"), k=k, sampling="S", batch_size=5, keep_samples=3)
+    result = evaluate(
+        engine, tok, records, get_reward_fn("task:addition"), k=k, sampling="S", batch_size=5, keep_samples=3
+    )
     assert [c[0] for c in engine.calls] == [5, 5, 2] and all(c[1:] == ("S", k) for c in engine.calls)
     counts = [min(num_correct_of(r["record"]["prompt"]), k) for r in records]
     overall = result["overall"]
@@ -99,8 +112,15 @@ def test_evaluate_reports_avg_pass_length_and_breakdown(tok):
 
 
 def test_breakdown_expands_nested_metadata():
-    prompts = [{"metadata": {"difficulty": {"n_people": n, "depth": 2}, "source_index": i}, "num_correct": c,
-                "rewards": [0.0] * 2, "lengths": [3, 5]} for i, (n, c) in enumerate([(2, 2), (3, 0), (2, 1), (10, 2)])]
+    prompts = [
+        {
+            "metadata": {"difficulty": {"n_people": n, "depth": 2}, "source_index": i},
+            "num_correct": c,
+            "rewards": [0.0] * 2,
+            "lengths": [3, 5],
+        }
+        for i, (n, c) in enumerate([(2, 2), (3, 0), (2, 1), (10, 2)])
+    ]
     table = by_metadata(prompts, ["difficulty"], 2)
     assert set(table) == {"difficulty.n_people", "difficulty.depth"}
     assert list(table["difficulty.n_people"]) == ["2", "3", "10"]
@@ -110,7 +130,9 @@ def test_breakdown_expands_nested_metadata():
 
 def test_report_files_and_engine_contract_errors(tmp_path, tok):
     records = load_prompts("task:addition", DataConfig(task_kwargs={"size": 3}), tok)
-    result = evaluate(ScriptedEngine(tok, lambda p: 1), tok, records, get_reward_fn("task:addition"), k=2, sampling=None)
+    result = evaluate(
+        ScriptedEngine(tok, lambda p: 1), tok, records, get_reward_fn("task:addition"), k=2, sampling=None
+    )
     paths = write_report(result, tmp_path / "out", "addition")
     assert json.loads(paths["json"].read_text())["overall"]["avg@2"] == 0.5
     md = paths["markdown"].read_text()
@@ -127,7 +149,7 @@ def test_report_files_and_engine_contract_errors(tmp_path, tok):
 
 
 def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch, capsys):
-    from rlad_megatron import rollout
+    from rlad_megatron import engines
     from rlad_megatron.cli import main
 
     model = tmp_path / "model"
@@ -139,11 +161,26 @@ def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch, ca
         built.append((model_dir, role))
         return ScriptedEngine(tok, num_correct_of)
 
-    monkeypatch.setattr(rollout, "build_engine", fake_build_engine, raising=False)
-    monkeypatch.setattr(rollout, "SamplingParams", lambda **kw: SimpleNamespace(**kw), raising=False)
+    monkeypatch.setattr(engines, "build_engine", fake_build_engine, raising=False)
+    monkeypatch.setattr(engines, "SamplingParams", lambda **kw: SimpleNamespace(**kw), raising=False)
     out = tmp_path / "report"
-    code = main(["eval", "--model", str(model), "--data", "task:addition", "--k", "3", "--temperature", "0",
-                 "--set", "data.task_kwargs={size: 6}", "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--data",
+            "task:addition",
+            "--k",
+            "3",
+            "--temperature",
+            "0",
+            "--set",
+            "data.task_kwargs={size: 6}",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and built == [(str(model), "rollout")]
     report = json.loads((out / "eval.json").read_text())
     assert report["reward"] == "task:addition" and report["split"] == "test" and report["overall"]["num_prompts"] == 6
@@ -152,13 +189,18 @@ def test_rlad_eval_command_with_a_scripted_engine(tmp_path, tok, monkeypatch, ca
         main(["eval", "--model", str(tmp_path), "--data", "task:addition"])
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": 3, "answer": "1"}\n')
-    assert main(["eval", "--model", str(model), "--data", str(bad), "--reward", "task:addition", "--out", str(out)]) == 2
+    assert (
+        main(["eval", "--model", str(model), "--data", str(bad), "--reward", "task:addition", "--out", str(out)]) == 2
+    )
     assert f"{bad}:2: field 'prompt'" in capsys.readouterr().err
 
 
 def test_knights_knaves_breakdown_by_number_of_people(tok):
-    cfg = DataConfig(template="none", max_prompt_length=4000,
-                     task_kwargs={"size": 6, "configs": [{"n_people": 2}, {"n_people": 3}, {"n_people": 4}]})
+    cfg = DataConfig(
+        template="none",
+        max_prompt_length=4000,
+        task_kwargs={"size": 6, "configs": [{"n_people": 2}, {"n_people": 3}, {"n_people": 4}]},
+    )
     records = load_prompts("reasoning_gym:knights_knaves", cfg, tok, split="test")
     assert [r["record"]["metadata"]["difficulty"]["n_people"] for r in records] == [2, 3, 4, 2, 3, 4]
 
@@ -168,7 +210,9 @@ def test_knights_knaves_breakdown_by_number_of_people(tok):
             for ids in prompt_ids:
                 rec = next(r["record"] for r in records if r["prompt_ids"] == ids)
                 text = rec["answer"] if rec["metadata"]["difficulty"]["n_people"] == 2 else "no idea"
-                out.append([Out(tok(f"<answer>{text}</answer>", add_special_tokens=False)["input_ids"], [], "stop")] * n)
+                out.append(
+                    [Out(tok(f"<answer>{text}</answer>", add_special_tokens=False)["input_ids"], [], "stop")] * n
+                )
             return out
 
     result = evaluate(AnswerEngine(), tok, records, get_reward_fn("reasoning_gym:knights_knaves"), k=2, sampling=None)

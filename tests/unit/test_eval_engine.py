@@ -1,10 +1,11 @@
 """`rlad eval` end to end with the real embedded engine on a tiny random model, HF folder and Megatron checkpoint."""
+
 import json
 
 import pytest
 
 from rlad_megatron.cli import main
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -13,9 +14,28 @@ def tiny_model(tmp_path_factory):
 
 
 def run_eval(model, out, *extra):
-    code = main(["eval", "--model", str(model), "--data", "task:addition", "--k", "2", "--max-new-tokens", "6",
-                 "--set", "data.task_kwargs={size: 5}", "--set", "rollout.kind=embedded", "--seed", "7",
-                 "--out", str(out), *extra])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--data",
+            "task:addition",
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--set",
+            "data.task_kwargs={size: 5}",
+            "--set",
+            "rollout.kind=embedded",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     return json.loads((out / "eval.json").read_text())
 

@@ -4,6 +4,7 @@ Seeded samples are a pure function of (seed, prompt, sample index), so a sample 
 server after a crash must come back identical to the in-process reference: any loss, duplicate or
 mix-up shows as a mismatch. The tests run in file order and share one fleet.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,17 +14,17 @@ import time
 import httpx
 import pytest
 
-from rlad_megatron.rollout.base import EngineError, SamplingParams
-from rlad_megatron.rollout.client import HttpEngine
-from rlad_megatron.rollout.embedded import EmbeddedEngine
-from rlad_megatron.rollout.fleet import (
+from rlad_megatron.engines.base import EngineError, SamplingParams
+from rlad_megatron.engines.client import HttpEngine
+from rlad_megatron.engines.embedded import EmbeddedEngine
+from rlad_megatron.engines.fleet import (
     ServerProcess,
     embedded_server_cmd,
     free_port,
     launch_fleet,
     launch_router,
 )
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 SP = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7, ignore_eos=True)
 PROMPTS = [[5 + (i % 40), 6 + (i % 7), 9] for i in range(50)]

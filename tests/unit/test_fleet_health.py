@@ -3,6 +3,7 @@
 A server whose /health answers after 3 s is healthy (it must rejoin, and it must pass the node agent's
 check); a hung server's probe must not hold up requests that a live server can take.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,15 +15,16 @@ import httpx
 import pytest
 
 from rlad_megatron.config import RolloutConfig
+from rlad_megatron.engines import build_engine
+from rlad_megatron.engines.fleet import ServerPool
 from rlad_megatron.launch import node as agent
-from rlad_megatron.rollout import build_engine
-from rlad_megatron.rollout.fleet import ServerPool
 
 SLOW_S = 3.0  # longer than the old fixed 2 s probe timeout
 
 
 def serve_health(delay_s: float):
     """A local HTTP server whose /health (and /health_generate) answers 200 after `delay_s`."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             time.sleep(delay_s)

@@ -1,5 +1,6 @@
 """Dependency direction: the pure packages never pull in Megatron, SGLang or Transformer Engine,
 and the algorithm code stays free of host syncs and torch.distributed."""
+
 import ast
 import json
 import subprocess
@@ -10,8 +11,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("megatron", "sglang", "transformer_engine")
-PURE = ("rlad_megatron.algorithms", "rlad_megatron.config", "rlad_megatron.types", "rlad_megatron.rollout",
-        "rlad_megatron.teacher")
+PURE = (
+    "rlad_megatron.algorithms",
+    "rlad_megatron.config",
+    "rlad_megatron.types",
+    "rlad_megatron.engines",
+    "rlad_megatron.teacher",
+)
 
 
 @pytest.mark.parametrize("module", PURE)
@@ -20,7 +26,9 @@ def test_pure_modules_do_not_import_heavy_packages(module):
         f"import json, sys; import {module}; "
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [], f"{module} imported heavy packages"
 

@@ -1,19 +1,19 @@
 """The node agent with a fleet API key: servers get --api-key, probes send the bearer key, no open router,
 and the key never reaches logs, --dry-run output or the rendered sbatch script."""
+
 import subprocess
 import sys
 
 import pytest
+from test_launch_node_agent import RECIPE, config, fake_python, free_ports
 
 from rlad_megatron.launch import node as agent
 from rlad_megatron.launch.render import render
 from rlad_megatron.launch.topology import plan_topology
 
-from test_launch_node_agent import RECIPE, config, fake_python, free_ports
-
 KEY = "s3cret-fleet-key"
 # A fake SGLang server that, like SGLang's api-key middleware, answers 401 without the right bearer key.
-FAKE_KEYED_SGLANG = '''import sys, http.server
+FAKE_KEYED_SGLANG = """import sys, http.server
 port = int(sys.argv[sys.argv.index("--port") + 1])
 key = sys.argv[sys.argv.index("--api-key") + 1] if "--api-key" in sys.argv else ""
 class Health(http.server.BaseHTTPRequestHandler):
@@ -24,7 +24,7 @@ class Health(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-'''
+"""
 
 
 @pytest.fixture
@@ -53,8 +53,9 @@ def test_without_a_key_nothing_changes(tmp_path):
     topo, hosts = plan_topology(cfg), ["n0", "n1", "n2"]
     keys = agent.fleet_keys(cfg, {})
     assert keys == {"rollout": "", "teacher": ""}
-    assert agent.node_commands(cfg, topo, 0, hosts, RECIPE, [], keys=keys) == \
-        agent.node_commands(cfg, topo, 0, hosts, RECIPE, [])
+    assert agent.node_commands(cfg, topo, 0, hosts, RECIPE, [], keys=keys) == agent.node_commands(
+        cfg, topo, 0, hosts, RECIPE, []
+    )
     assert not any("--api-key" in argv for _, argv in agent.node_commands(cfg, topo, 0, hosts, RECIPE, [])["servers"])
     routers = tuple(topo.urls(hosts).values())
     assert sum(u.startswith(routers) for u in agent.health_urls(topo, hosts, keys)) == len(topo.routers)
@@ -96,16 +97,28 @@ def test_dry_run_and_rendered_script_do_not_contain_the_key(tmp_path, monkeypatc
     monkeypatch.setenv("RLAD_API_KEY", KEY)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[0-2]")
     monkeypatch.setenv("SLURM_NODEID", "0")
-    overrides = ["launch.nodes=3", "launch.gpus_per_node=4", "launch.teacher_tp=2", "launch.rollout_tp=1",
-                 "parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false", f"run_dir={tmp_path}"]
+    overrides = [
+        "launch.nodes=3",
+        "launch.gpus_per_node=4",
+        "launch.teacher_tp=2",
+        "launch.rollout_tp=1",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.sequence_parallel=false",
+        f"run_dir={tmp_path}",
+    ]
     assert agent.main([RECIPE, *overrides, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "--api-key <redacted>" in out and KEY not in out
     script = tmp_path / "job.sbatch"
     script.write_text(render(cfg, RECIPE, []))
     assert KEY not in script.read_text()
-    shown = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "RLAD_API_KEY": KEY},
-                           capture_output=True, text=True, check=True)
+    shown = subprocess.run(
+        ["bash", str(script)],
+        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "RLAD_API_KEY": KEY},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert KEY not in shown.stdout + shown.stderr
 
 

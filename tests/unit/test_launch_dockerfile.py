@@ -4,6 +4,7 @@ Coherence is the point of most checks: the trainer and the SGLang servers share 
 weight sync, so the image must hold one torch (SGLang's), one CUDA and one NCCL, with Transformer Engine and
 Megatron-Core at versions that fit them.
 """
+
 import re
 import shutil
 import subprocess
@@ -76,18 +77,20 @@ def test_one_torch_one_cuda_one_nccl(steps, args):
     for command in installs:
         assert BASE_PINS in command, f"unconstrained install could replace torch / NCCL: {command}"
         packages = [w.strip('"') for w in command.split() if not w.startswith("-") and w != "install"]
-        assert not any(re.match(r"(torch|torchvision|torchaudio|triton|nvidia-|cuda-|sglang[=\[])", p)
-                       for p in packages), f"{command} installs a second copy of the base stack"
+        assert not any(
+            re.match(r"(torch|torchvision|torchaudio|triton|nvidia-|cuda-|sglang[=\[])", p) for p in packages
+        ), f"{command} installs a second copy of the base stack"
     assert "[all]" not in DOCKERFILE.read_text()
     pins_from = next(r for r in runs(steps) if "> /etc/rlad-base-pins.txt" in r)
-    assert "torch|" in pins_from and "nvidia-" in pins_from and "grep -q '^torch==' /etc/rlad-base-pins.txt" in pins_from
+    assert (
+        "torch|" in pins_from and "nvidia-" in pins_from and "grep -q '^torch==' /etc/rlad-base-pins.txt" in pins_from
+    )
     # The trainer's venv is layered on SGLang's interpreter, and the build proves both import the same torch.
     venv = [r for r in runs(steps) if "-m venv" in r]
     assert len(venv) == 1
     assert '"${SGLANG_PYTHON}" -m venv --system-site-packages --without-pip /opt/rlad' in venv[0]
     same_torch = "import torch; print(torch.__file__)"
-    assert any(r.startswith("test ") and r.count(same_torch) == 2 and "${RLAD_SGLANG_PYTHON}" in r
-               for r in runs(steps))
+    assert any(r.startswith("test ") and r.count(same_torch) == 2 and "${RLAD_SGLANG_PYTHON}" in r for r in runs(steps))
     # Transformer Engine compiles against that torch, not a fresh one from its build requirements.
     te = next(c for c in installs if "transformer-engine" in c)
     assert "--no-build-isolation" in te
@@ -111,8 +114,15 @@ def test_docs_name_the_stack(args):
     text = (REPO / "docs/launch.md").read_text()
     section = text.split("## The image", 1)[1].split("\n## ", 1)[0]
     sglang = SGLANG_PINS[args["SGLANG"]]
-    for value in (args["SGLANG"], args["SGLANG_ROUTER"], args["MEGATRON_CORE"], args["TRANSFORMER_ENGINE"],
-                  f"torch {sglang['torch']}", f"CUDA {sglang['cuda']}.", "driver"):
+    for value in (
+        args["SGLANG"],
+        args["SGLANG_ROUTER"],
+        args["MEGATRON_CORE"],
+        args["TRANSFORMER_ENGINE"],
+        f"torch {sglang['torch']}",
+        f"CUDA {sglang['cuda']}.",
+        "driver",
+    ):
         assert value in section, f"docs/launch.md 'The image' does not name {value!r}"
 
 

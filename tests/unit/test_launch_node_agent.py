@@ -3,6 +3,7 @@
 With FAKE_PIDS set, every fake server start appends its pid to FAKE_PIDS/<port>, so a test can kill one and
 watch the agent start it again.
 """
+
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ from rlad_megatron.launch import node as agent
 from rlad_megatron.launch import supervise
 
 RECIPE = "tests/data/launch_qwen3_8b_32b.yaml"
-FAKE_SGLANG = '''import os, sys, http.server
+FAKE_SGLANG = """import os, sys, http.server
 port = int(sys.argv[sys.argv.index("--port") + 1])
 if os.environ.get("FAKE_PIDS"):
     with open(os.path.join(os.environ["FAKE_PIDS"], str(port)), "a") as f:
@@ -31,7 +32,7 @@ class Health(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-'''
+"""
 
 
 def free_ports(n):
@@ -59,11 +60,23 @@ def fake_sglang(tmp_path):
 
 def config(tmp_path, nodes, extra=()):
     rollout, teacher, rrouter, trouter = free_ports(4)
-    return load_config(RECIPE, [f"launch.nodes={nodes}", f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=4",
-                                "launch.teacher_tp=2", "launch.rollout_tp=1", "parallel.tensor_model_parallel_size=1",
-                                "parallel.sequence_parallel=false", f"launch.rollout_port={rollout}",
-                                f"launch.teacher_port={teacher}", f"launch.rollout_router_port={rrouter}",
-                                f"launch.teacher_router_port={trouter}", *extra])
+    return load_config(
+        RECIPE,
+        [
+            f"launch.nodes={nodes}",
+            f"run_dir={tmp_path / 'run'}",
+            "launch.gpus_per_node=4",
+            "launch.teacher_tp=2",
+            "launch.rollout_tp=1",
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.sequence_parallel=false",
+            f"launch.rollout_port={rollout}",
+            f"launch.teacher_port={teacher}",
+            f"launch.rollout_router_port={rrouter}",
+            f"launch.teacher_router_port={trouter}",
+            *extra,
+        ],
+    )
 
 
 def test_wait_healthy_times_out_with_a_clear_error():
@@ -188,8 +201,14 @@ def test_a_server_node_restarts_a_killed_server(tmp_path, fake_sglang, fast_rest
     def kill_then_finish():
         if wait_for(lambda: pids(fast_restarts, port)):
             os.kill(pids(fast_restarts, port)[0], signal.SIGKILL)
-            restarted.append(wait_for(lambda: len(pids(fast_restarts, port)) == 2 and agent._ok(
-                f"http://127.0.0.1:{port}/health_generate", timeout_s=2)))
+            restarted.append(
+                wait_for(
+                    lambda: (
+                        len(pids(fast_restarts, port)) == 2
+                        and agent._ok(f"http://127.0.0.1:{port}/health_generate", timeout_s=2)
+                    )
+                )
+            )
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text("0")
 
@@ -200,8 +219,9 @@ def test_a_server_node_restarts_a_killed_server(tmp_path, fake_sglang, fast_rest
 
 
 def test_a_crash_looping_server_ends_the_node_once_its_restarts_are_used(tmp_path, fake_sglang, fast_restarts, capfd):
-    cfg = config(tmp_path, 3, ["rollout.server_args={fail: true}", "launch.restart_servers=2",
-                               "launch.rollout_tp=4"])  # node 1: one rollout server
+    cfg = config(
+        tmp_path, 3, ["rollout.server_args={fail: true}", "launch.restart_servers=2", "launch.rollout_tp=4"]
+    )  # node 1: one rollout server
     env = {"RLAD_SGLANG_PYTHON": fake_sglang, "SLURM_JOB_ID": "14"}
     assert agent.run_node(cfg, RECIPE, [], 1, ["127.0.0.1"] * 3, env) == 3
     assert len(pids(fast_restarts, cfg.launch.rollout_port)) == 3  # the first start and two restarts

@@ -4,6 +4,7 @@
 refuse by name what one CPU process cannot do. The end-to-end test runs a one-node job's servers and router
 for real (tiny model, loopback address) with a script in place of torchrun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,13 @@ import sys
 
 import pytest
 import torch
+from test_launch_node_agent import RECIPE, config
 
 from rlad_megatron import cli
+from rlad_megatron.engines import server
 from rlad_megatron.launch import node as agent
 from rlad_megatron.launch.topology import plan_topology
-from rlad_megatron.rollout import server
-from rlad_megatron.testing import save_tiny_model
-
-from test_launch_node_agent import RECIPE, config
+from rlad_megatron.tiny_models import save_tiny_model
 
 KEY = "t3acher-key-not-in-argv"
 
@@ -39,20 +39,29 @@ def argv(monkeypatch):
 
 
 def rlad_config(tmp_path, model, extra=()):
-    return config(tmp_path, 1, ["launch.server_impl=rlad", "launch.teacher_tp=1", f"model.student={model}",
-                                f"model.teacher={model}", *extra])
+    return config(
+        tmp_path,
+        1,
+        ["launch.server_impl=rlad", "launch.teacher_tp=1", f"model.student={model}", f"model.teacher={model}", *extra],
+    )
 
 
 def test_rlad_serve_takes_the_flags_the_agent_gives_sglang(tmp_path, model):
-    cfg = rlad_config(tmp_path, model, ["teacher.server_args={enable_deterministic_inference: true, "
-                                        "trust_remote_code: true, dtype: auto, context_length: 32, "
-                                        "mem_fraction_static: 0.5, skip_tokenizer_init: true}",
-                                        "rollout.server_args={dtype: bfloat16}"])
+    cfg = rlad_config(
+        tmp_path,
+        model,
+        [
+            "teacher.server_args={enable_deterministic_inference: true, "
+            "trust_remote_code: true, dtype: auto, context_length: 32, "
+            "mem_fraction_static: 0.5, skip_tokenizer_init: true}",
+            "rollout.server_args={dtype: bfloat16}",
+        ],
+    )
     cmds = agent.node_commands(cfg, plan_topology(cfg), 0, ["127.0.0.1"], RECIPE, [], env={})
     for _, argv in cmds["servers"]:
         parser = argparse.ArgumentParser()
         server.add_arguments(parser)
-        args = parser.parse_args(argv[argv.index("serve") + 1:] + ["--base-gpu-id", "3"])
+        args = parser.parse_args(argv[argv.index("serve") + 1 :] + ["--base-gpu-id", "3"])
         state = server.build_state(args)
         try:
             assert state.weights_root == str((tmp_path / "run").resolve())
@@ -64,18 +73,25 @@ def test_rlad_serve_takes_the_flags_the_agent_gives_sglang(tmp_path, model):
             state.scheduler.stop()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tp-size", "2"], "--tp-size 2: rlad serve runs one CPU process"),
-    (["--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "h0:31050"], "--nnodes 2: rlad serve runs on one node"),
-    (["--context-length", "65"], "--context-length 65 is longer than the model's max_position_embeddings"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tp-size", "2"], "--tp-size 2: rlad serve runs one CPU process"),
+        (
+            ["--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "h0:31050"],
+            "--nnodes 2: rlad serve runs on one node",
+        ),
+        (["--context-length", "65"], "--context-length 65 is longer than the model's max_position_embeddings"),
+    ],
+)
 def test_settings_one_cpu_process_cannot_honour_are_refused_by_name(model, argv, capsys, flags, message):
     assert cli.main(["serve", "--model-path", model, *flags]) == 2
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--enable-torch-compile"], ["--chunked-prefill-size", "4096"],
-                                   ["--mem-fraction", "0.8"], ["--tp", "1"]])
+@pytest.mark.parametrize(
+    "flags", [["--enable-torch-compile"], ["--chunked-prefill-size", "4096"], ["--mem-fraction", "0.8"], ["--tp", "1"]]
+)
 def test_other_sglang_flags_and_abbreviations_are_refused_by_name(model, argv, capsys, flags):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--model-path", model, *flags])
@@ -107,8 +123,12 @@ def test_a_one_node_job_runs_on_rlad_serve(tmp_path, model, monkeypatch, capfd):
     cfg = rlad_config(tmp_path, model, ["teacher.api_key_env=TEACHER_KEY"])
     la = cfg.launch
     local = "http://127.0.0.1"
-    script = TRAINER.format(rollout_router=f"{local}:{la.rollout_router_port}", key=KEY,
-                            teacher=f"{local}:{la.teacher_port}", rollout=f"{local}:{la.rollout_port}")
+    script = TRAINER.format(
+        rollout_router=f"{local}:{la.rollout_router_port}",
+        key=KEY,
+        teacher=f"{local}:{la.teacher_port}",
+        rollout=f"{local}:{la.rollout_port}",
+    )
     real_wait = agent.wait_healthy
     monkeypatch.setattr(agent, "trainer_command", lambda *a, **k: ({}, [sys.executable, "-c", script]))
     monkeypatch.setattr(agent, "wait_healthy", lambda urls, timeout, **kw: real_wait(urls, 300, 0.5, **kw))

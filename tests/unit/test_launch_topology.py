@@ -1,4 +1,5 @@
 """Node roles for 1, 4 and 16 nodes, bad layouts, and the commands each node runs."""
+
 import pytest
 
 from rlad_megatron.config import load_config
@@ -15,8 +16,10 @@ def topo(*overrides):
 def test_one_node_shares_gpus():
     t = topo("launch.nodes=1")
     assert t.trainer_nodes == (0,) and t.trainer_gpus == (6, 7)
-    assert [(s.fleet, s.gpus, s.port) for s in t.servers] == [("teacher", (0, 1, 2, 3), 31000),
-                                                              ("rollout", (4, 5), 30000)]
+    assert [(s.fleet, s.gpus, s.port) for s in t.servers] == [
+        ("teacher", (0, 1, 2, 3), 31000),
+        ("rollout", (4, 5), 30000),
+    ]
     assert t.routers == {"teacher": (0, 31800), "rollout": (0, 30800)}
 
 
@@ -24,8 +27,10 @@ def test_four_nodes_one_role_each():
     t = topo("launch.nodes=4")
     assert [t.roles(i)[0].split()[0] for i in range(4)] == ["teacher", "rollout", "trainer", "trainer"]
     assert t.trainer_nodes == (2, 3) and t.trainer_gpus == tuple(range(8))
-    assert [(s.nodes, s.gpus, s.port) for s in t.fleet("teacher")] == [((0,), (0, 1, 2, 3), 31000),
-                                                                       ((0,), (4, 5, 6, 7), 31001)]
+    assert [(s.nodes, s.gpus, s.port) for s in t.fleet("teacher")] == [
+        ((0,), (0, 1, 2, 3), 31000),
+        ((0,), (4, 5, 6, 7), 31001),
+    ]
     assert [s.port for s in t.fleet("rollout")] == [30000, 30001, 30002, 30003]
     assert t.urls(["a", "b", "c", "d"]) == {"teacher": "http://a:31800", "rollout": "http://b:30800"}
 
@@ -50,15 +55,27 @@ def test_sft_gets_a_teacher_fleet_only_when_it_learns_from_teacher_generations()
     assert not topo("launch.nodes=4", "algorithm.name=sft", "train.offline_source=dataset").fleet("teacher")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["launch.nodes=1", "launch.teacher_tp=16"], "too few GPUs for the teacher"),
-    (["launch.nodes=4", "launch.teacher_tp=16", "launch.teacher_nodes=1"], "too few GPUs for the teacher"),
-    (["launch.nodes=1", "launch.teacher_tp=6"], "cannot hold the servers"),
-    (["launch.nodes=2"], "cannot be split"),
-    (["launch.nodes=4", "launch.teacher_tp=3"], "must divide launch.gpus_per_node"),
-    (["launch.nodes=4", "parallel.tensor_model_parallel_size=8", "launch.gpus_per_node=4",
-      "launch.teacher_tp=4", "launch.rollout_tp=1", "launch.trainer_nodes=1"], "not a multiple of TP\\*PP\\*CP"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["launch.nodes=1", "launch.teacher_tp=16"], "too few GPUs for the teacher"),
+        (["launch.nodes=4", "launch.teacher_tp=16", "launch.teacher_nodes=1"], "too few GPUs for the teacher"),
+        (["launch.nodes=1", "launch.teacher_tp=6"], "cannot hold the servers"),
+        (["launch.nodes=2"], "cannot be split"),
+        (["launch.nodes=4", "launch.teacher_tp=3"], "must divide launch.gpus_per_node"),
+        (
+            [
+                "launch.nodes=4",
+                "parallel.tensor_model_parallel_size=8",
+                "launch.gpus_per_node=4",
+                "launch.teacher_tp=4",
+                "launch.rollout_tp=1",
+                "launch.trainer_nodes=1",
+            ],
+            "not a multiple of TP\\*PP\\*CP",
+        ),
+    ],
+)
 def test_bad_layouts_are_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         topo(*overrides)
@@ -72,11 +89,19 @@ def test_node_commands_for_a_trainer_and_a_teacher_node():
     assert cmds["servers"] == [] and cmds["routers"] == []
     env, argv = cmds["trainer"][0]
     assert env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
-    assert argv[:6] == ["torchrun", "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=h2",
-                        "--master-port=29500"]
+    assert argv[:6] == [
+        "torchrun",
+        "--nproc-per-node=8",
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=h2",
+        "--master-port=29500",
+    ]
     assert argv[6:12] == ["-m", "rlad_megatron.cli", "train", "--config", "r.yaml", "train.lr=1e-6"]
-    assert "teacher.urls=[http://h0:31800]" in argv and "rollout.urls=[http://h1:30000,http://h1:30001," \
-        "http://h1:30002,http://h1:30003]" in argv
+    assert (
+        "teacher.urls=[http://h0:31800]" in argv
+        and "rollout.urls=[http://h1:30000,http://h1:30001,http://h1:30002,http://h1:30003]" in argv
+    )
     teacher = node_commands(cfg, t, 0, hosts, "r.yaml", [])
     assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in teacher["servers"]] == ["0,1,2,3", "4,5,6,7"]
     _, server = teacher["servers"][1]
@@ -86,7 +111,7 @@ def test_node_commands_for_a_trainer_and_a_teacher_node():
     assert rollout[rollout.index("--model-path") + 1] == "/models/Qwen3-8B"
     assert rollout[-2:] == ["--mem-fraction-static", "0.8"]  # rollout.server_args passed through
     _, router = teacher["routers"][0]
-    assert router[router.index("--worker-urls") + 1:] == ["http://h0:31000", "http://h0:31001"]
+    assert router[router.index("--worker-urls") + 1 :] == ["http://h0:31000", "http://h0:31001"]
     assert len(health_urls(t, hosts)) == 2 + 4 + 2
 
 
@@ -115,12 +140,29 @@ LAYOUTS = [  # (recipe, overrides): 1, 2 and 8 nodes, shared and dedicated, node
     ("kk", []),
     ("kk", ["launch.rollout_tp=2", "launch.teacher_tp=4"]),
     ("kk", ["launch.gpus_per_node=4", "launch.rollout_tp=1", "launch.teacher_tp=1"]),
-    ("math", ["launch.nodes=1", "launch.trainer_nodes=0", "launch.rollout_nodes=0", "launch.teacher_nodes=0",
-              "launch.teacher_tp=2", "parallel.pipeline_model_parallel_size=1"]),
+    (
+        "math",
+        [
+            "launch.nodes=1",
+            "launch.trainer_nodes=0",
+            "launch.rollout_nodes=0",
+            "launch.teacher_nodes=0",
+            "launch.teacher_tp=2",
+            "parallel.pipeline_model_parallel_size=1",
+        ],
+    ),
     ("kk", ["launch.nodes=2", "algorithm.name=grpo"]),
     ("kk", ["launch.nodes=2", "teacher.kind=http", "teacher.urls=[http://t:1]", "launch.rollout_tp=4"]),
-    ("math", ["launch.nodes=2", "launch.trainer_nodes=0", "launch.rollout_nodes=0", "launch.teacher_nodes=0",
-              "algorithm.name=grpo"]),
+    (
+        "math",
+        [
+            "launch.nodes=2",
+            "launch.trainer_nodes=0",
+            "launch.rollout_nodes=0",
+            "launch.teacher_nodes=0",
+            "algorithm.name=grpo",
+        ],
+    ),
     ("kk", ["launch.nodes=8"]),
     ("math", []),
     ("math", ["launch.teacher_tp=16"]),
@@ -144,7 +186,7 @@ def test_every_nodes_trainer_and_servers_have_disjoint_gpus(recipe, overrides):
         assert sets, f"node {node} runs nothing"
         for i, gpus in enumerate(sets):
             assert gpus <= set(range(cfg.launch.gpus_per_node)), f"node {node}: GPUs {gpus} beyond the node"
-            for other in sets[i + 1:]:
+            for other in sets[i + 1 :]:
                 assert not gpus & other, f"node {node}: GPUs {sorted(gpus & other)} given twice: {sets}"
 
 
@@ -170,8 +212,16 @@ def test_a_routers_prometheus_port_must_be_free():
 def test_rlad_serve_gets_sglangs_flags_its_weights_root_and_its_key_by_environment(tmp_path):
     import sys
 
-    cfg = load_config(RECIPE, ["launch.nodes=1", "launch.server_impl=rlad", "launch.teacher_tp=1",
-                               "launch.rollout_tp=1", f"run_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        RECIPE,
+        [
+            "launch.nodes=1",
+            "launch.server_impl=rlad",
+            "launch.teacher_tp=1",
+            "launch.rollout_tp=1",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
     t = plan_topology(cfg)
     cmds = node_commands(cfg, t, 0, ["h0"], "r.yaml", [], keys={"teacher": "K3Y"}, env={})
     (teacher_env, teacher), (rollout_env, rollout) = cmds["servers"]
@@ -181,8 +231,16 @@ def test_rlad_serve_gets_sglangs_flags_its_weights_root_and_its_key_by_environme
     assert "K3Y" not in teacher and "--api-key" not in teacher and teacher_env["RLAD_API_KEY"] == "K3Y"
     assert rollout_env["RLAD_API_KEY"] == "" and rollout[-2:] == ["--mem-fraction-static", "0.8"]
     assert [argv[0] for _, argv in cmds["routers"]] == [sys.executable]  # rollout only: the teacher is keyed
-    sglang = node_commands(load_config(RECIPE, ["launch.nodes=1"]), topo("launch.nodes=1"), 0, ["h0"], "r.yaml", [],
-                           keys={"teacher": "K3Y"}, env={"RLAD_SGLANG_PYTHON": "/opt/sglang/bin/python"})
+    sglang = node_commands(
+        load_config(RECIPE, ["launch.nodes=1"]),
+        topo("launch.nodes=1"),
+        0,
+        ["h0"],
+        "r.yaml",
+        [],
+        keys={"teacher": "K3Y"},
+        env={"RLAD_SGLANG_PYTHON": "/opt/sglang/bin/python"},
+    )
     (_, teacher), _ = sglang["servers"]
     assert teacher[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"] and "--weights-root" not in teacher
     assert teacher[teacher.index("--api-key") + 1] == "K3Y"
@@ -194,11 +252,14 @@ def test_launch_sglang_python_wins_over_the_environment():
     assert {argv[0] for _, argv in cmds["servers"] + cmds["routers"]} == {"/venvs/sglang/bin/python"}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["launch.nodes=1", "launch.server_impl=rlad"], "launch.server_impl=rlad runs each server as one CPU process"),
-    (["launch.server_impl=vllm"], "launch.server_impl='vllm' is not allowed"),
-    (["launch.restart_servers=-1"], "launch.restart_servers=-1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["launch.nodes=1", "launch.server_impl=rlad"], "launch.server_impl=rlad runs each server as one CPU process"),
+        (["launch.server_impl=vllm"], "launch.server_impl='vllm' is not allowed"),
+        (["launch.restart_servers=-1"], "launch.restart_servers=-1 is invalid"),
+    ],
+)
 def test_server_impl_and_restarts_are_validated(overrides, message):
     with pytest.raises(ValueError, match=message):
         topo(*overrides)

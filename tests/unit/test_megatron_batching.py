@@ -1,4 +1,5 @@
 """Packing and dynamic micro-batching (pure tensors, no Megatron)."""
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ On GPU the default process group is NCCL, which only takes CUDA tensors: a CPU t
 stand-in that accepts only tensors on the trainer's device (a fake `ctx.device` of `meta`, which
 no CPU default can match) and stops the save at the first collective.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -37,7 +38,7 @@ def test_save_checkpoint_collective_uses_the_trainer_device(tmp_path, monkeypatc
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: None)
     monkeypatch.setattr(dist, "all_reduce", _nccl_like(device, seen))
     optimizer = SimpleNamespace(optimizer=SimpleNamespace(state={}))  # a Megatron optimizer that never stepped
-    trainer = SimpleNamespace(optimizer=optimizer, ctx=SimpleNamespace(device=device))
+    trainer = SimpleNamespace(optimizer=optimizer, parallel=SimpleNamespace(device=device))
     with pytest.raises(_Collective):
         checkpoint.save_checkpoint(trainer, tmp_path, step=1)
     assert seen == [device]

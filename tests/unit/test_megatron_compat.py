@@ -1,4 +1,5 @@
 """The CPU compatibility layer: idempotent activation, scoped device rewriting, the CPU RNG tracker."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ sequence parallelism), as Transformer Engine's FP8 layers require, and the paddi
 Transformer Engine is not installed here, so on CPU `model.fp8` only changes the padding: the trainer's
 own CPU forward / backward must give the same log-probs, loss and gradients with and without it.
 """
+
 from __future__ import annotations
 
 import random
@@ -20,18 +21,25 @@ from rlad_megatron.types import Sample
 
 def _samples(n: int = 9, seed: int = 0) -> list[Sample]:
     rng = random.Random(seed)
-    return [Sample(prompt_ids=[rng.randrange(2, 128) for _ in range(rng.randint(2, 7))],
-                   response_ids=[rng.randrange(2, 128) for _ in range(rng.randint(2, 9))],
-                   reward=float(i % 2), finish_reason="stop") for i in range(n)]
+    return [
+        Sample(
+            prompt_ids=[rng.randrange(2, 128) for _ in range(rng.randint(2, 7))],
+            response_ids=[rng.randrange(2, 128) for _ in range(rng.randint(2, 9))],
+            reward=float(i % 2),
+            finish_reason="stop",
+        )
+        for i in range(n)
+    ]
 
 
 def _fake_trainer(fp8: str, tp: int, sp: bool, pp: int = 1):
     """Just what `MegatronTrainer._micro_batches` reads: the trainer's batching without a model."""
     cfg = RunConfig()
     cfg.model.fp8, cfg.train.micro_batch_tokens = fp8, 24
-    ctx = SimpleNamespace(data_parallel_size=1, dp_rank=0, tensor_model_parallel_size=tp,
-                          pipeline_model_parallel_size=pp)
-    return SimpleNamespace(cfg=cfg, ctx=ctx, config=SimpleNamespace(sequence_parallel=sp))
+    ctx = SimpleNamespace(
+        data_parallel_size=1, dp_rank=0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    return SimpleNamespace(cfg=cfg, parallel=ctx, config=SimpleNamespace(sequence_parallel=sp))
 
 
 def _lengths(fp8: str, tp: int, sp: bool, pp: int = 1) -> list[int]:
@@ -46,8 +54,10 @@ def test_token_multiple():
     assert token_multiple(1, sequence_parallel=False, fp8=False) == 1
 
 
-@pytest.mark.parametrize(("tp", "sp", "pp", "multiple"), [(1, False, 1, 16), (2, False, 1, 16), (2, True, 1, 32),
-                                                        (4, True, 1, 64), (1, False, 2, 16)])
+@pytest.mark.parametrize(
+    ("tp", "sp", "pp", "multiple"),
+    [(1, False, 1, 16), (2, False, 1, 16), (2, True, 1, 32), (4, True, 1, 64), (1, False, 2, 16)],
+)
 def test_every_trainer_micro_batch_is_fp8_aligned(tp, sp, pp, multiple):
     plain = _lengths("", tp, sp, pp)
     assert any(n % 16 for n in plain), "the samples must need padding, or this test shows nothing"
@@ -61,7 +71,7 @@ def test_every_trainer_micro_batch_is_fp8_aligned(tp, sp, pp, multiple):
 def trainer():
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.backends.megatron.parallel import destroy_parallel
-    from rlad_megatron.testing import tiny_hf_config
+    from rlad_megatron.tiny_models import tiny_hf_config
 
     cfg = RunConfig()
     cfg.algorithm.name = "grpo"
@@ -69,7 +79,7 @@ def trainer():
     cfg.train.micro_batch_tokens, cfg.rollout.temperature = 24, 0.7
     built = MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=tiny_hf_config("qwen3"))
     yield built
-    destroy_parallel(built.ctx)
+    destroy_parallel(built.parallel)
 
 
 def _grads(trainer) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """HF config -> Megatron TransformerConfig mapping, layout errors, vocab padding, log-prob maths (1 process)."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,12 +16,15 @@ from rlad_megatron.backends.megatron.model import (
     transformer_config_from_hf,
 )
 from rlad_megatron.config import ModelConfig, ParallelConfig
-from rlad_megatron.testing import tiny_hf_config
+from rlad_megatron.tiny_models import tiny_hf_config
 
 
 def _cfg(family, tp=1, pp=1, **over):
-    return transformer_config_from_hf(tiny_hf_config(family, **over), ModelConfig(),
-                                      ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    return transformer_config_from_hf(
+        tiny_hf_config(family, **over),
+        ModelConfig(),
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+    )
 
 
 @pytest.mark.parametrize(
@@ -53,9 +57,17 @@ def test_rope_theta_from_transformers5_and_legacy_fields():
         rope_scaling = None
 
     assert rope_settings(Legacy())["rotary_base"] == 1234.0
-    llama3 = tiny_hf_config("llama", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 64})
+    llama3 = tiny_hf_config(
+        "llama",
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     assert rope_settings(llama3) == {"rotary_base": 5e5, "rope_scaling": True, "rope_scaling_factor": 8.0}
 
 
@@ -89,8 +101,9 @@ def test_single_rank_logprobs_entropy_topk_match_log_softmax_with_padding_and_te
     lp, ent = logprobs_and_entropy(logits, targets, None, temperature=0.6, vocab_size=13)
     assert torch.allclose(lp, ref.gather(-1, targets.unsqueeze(-1)).squeeze(-1), atol=1e-5)
     assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
-    topk = vocab_parallel_topk_logprobs(logits, targets.unsqueeze(-1).repeat(1, 1, 3), None, temperature=0.6,
-                                        vocab_size=13)
+    topk = vocab_parallel_topk_logprobs(
+        logits, targets.unsqueeze(-1).repeat(1, 1, 3), None, temperature=0.6, vocab_size=13
+    )
     assert torch.allclose(topk[..., 2], lp, atol=1e-6)
     lp.sum().backward()
     assert logits.grad[..., 13:].abs().max() == 0  # padded columns get no gradient

@@ -1,4 +1,5 @@
 """examples/nemo_run: LocalExecutor runs real CPU jobs; SlurmExecutor renders its sbatch without a cluster."""
+
 import importlib.util
 import json
 import os
@@ -40,8 +41,16 @@ def test_slurm_executor_renders_sbatch_without_a_cluster(launcher, tmp_path, mon
         monkeypatch.setattr("sys.stdin", devnull)
         text = launcher.sbatch_text(cfg, RECIPE, ["launch.nodes=4"], str(tmp_path))
     header = {line for line in text.splitlines() if line.startswith("#SBATCH")}
-    for expected in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=12:00:00",
-                     "--partition=gpu", "--account=myproj", "--signal=USR1@120", "--exclusive"):
+    for expected in (
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--time=12:00:00",
+        "--partition=gpu",
+        "--account=myproj",
+        "--signal=USR1@120",
+        "--exclusive",
+    ):
         assert f"#SBATCH {expected}" in header
     assert "--container-image nvcr.io/myorg/rlad-megatron:0.1.0" in text
     assert "python -m rlad_megatron.launch.node launch_qwen3_8b_32b.yaml launch.nodes=4" in text

@@ -1,5 +1,6 @@
 """`build_objective`: what each algorithm asks of the loop, its token advantages, and that its loss
 is exactly the documented function call (so the trainer never needs to know algorithm names)."""
+
 import pytest
 import torch
 
@@ -40,7 +41,11 @@ def test_every_configurable_algorithm_has_an_objective():
 def test_what_each_objective_needs(name, teacher, top_k, old, rewards):
     obj = build_objective(cfg(name))
     assert (obj.needs_teacher, obj.teacher_top_k, obj.needs_old_logprobs, obj.uses_rewards) == (
-        teacher, top_k, old, rewards)
+        teacher,
+        top_k,
+        old,
+        rewards,
+    )
     assert obj.needs_ref is False
     assert "mask" in obj.required_batch_keys
     assert ("seq_weights" in obj.required_batch_keys) is True  # default aggregation is seq_mean_token_mean
@@ -93,13 +98,30 @@ def test_loss_dispatch_is_exactly_the_documented_call():
     expected = {
         "grpo": policy_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], **pol)[0],
         "opd": policy_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], **pol)[0],
-        "rlad": trrd_loss(b["logprobs"], b["old_logprobs"], b["teacher_logprobs"], b["advantages"], b["mask"],
-                          alpha=0.3, teacher_log_ratio_clamp=1.0, teacher_mask=b["teacher_mask"], **pol)[0],
+        "rlad": trrd_loss(
+            b["logprobs"],
+            b["old_logprobs"],
+            b["teacher_logprobs"],
+            b["advantages"],
+            b["mask"],
+            alpha=0.3,
+            teacher_log_ratio_clamp=1.0,
+            teacher_mask=b["teacher_mask"],
+            **pol,
+        )[0],
         "kdrl": policy_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], **pol)[0]
-        + kd_loss(b["logprobs"], b["teacher_logprobs"], both, kind="k2", coef=5e-3 - 5e-5 * 10,
-                  correct=b["rewards"] >= 1.0, **AGG)[0],
-        "gkd": gkd_loss(b["student_topk_logprobs"], b["teacher_topk_logprobs"], both, divergence="jsd",
-                        jsd_beta=0.5, **AGG)[0],
+        + kd_loss(
+            b["logprobs"],
+            b["teacher_logprobs"],
+            both,
+            kind="k2",
+            coef=5e-3 - 5e-5 * 10,
+            correct=b["rewards"] >= 1.0,
+            **AGG,
+        )[0],
+        "gkd": gkd_loss(
+            b["student_topk_logprobs"], b["teacher_topk_logprobs"], both, divergence="jsd", jsd_beta=0.5, **AGG
+        )[0],
         "sft": sft_loss(b["logprobs"], b["mask"], **AGG)[0],
     }
     extra = {"rlad": {"alpha": 0.3}, "kdrl": {"kd_schedule": "annealed", "kd_reward_mask": True}}
@@ -108,8 +130,7 @@ def test_loss_dispatch_is_exactly_the_documented_call():
         got, metrics = obj.loss(b, num_tokens=11, num_seqs=3, step=10)
         assert torch.allclose(got, want, rtol=1e-12), name
         assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values()), name
-    assert build_objective(cfg("kdrl", kd_schedule="annealed")).step_scalars(10) == {
-        "kd_coef": pytest.approx(4.5e-3)}
+    assert build_objective(cfg("kdrl", kd_schedule="annealed")).step_scalars(10) == {"kd_coef": pytest.approx(4.5e-3)}
 
 
 def test_token_advantages_grpo_broadcasts_group_advantages():
@@ -127,16 +148,24 @@ def test_token_advantages_opd_with_final_eos_dropped():
     obj = build_objective(cfg("opd", opd_coef=2.0, drop_final_eos_from_teacher=True))
     old = [torch.tensor([-1.0, -2.0]), torch.tensor([-0.5])]
     teacher = [torch.tensor([-1.5, -1.0]), torch.tensor([-0.1])]
-    out = obj.token_advantages(None, 2, seq_lens=[2, 1], old_logprobs=old, teacher_logprobs=teacher,
-                               ends_with_eos=[True, False])
+    out = obj.token_advantages(
+        None, 2, seq_lens=[2, 1], old_logprobs=old, teacher_logprobs=teacher, ends_with_eos=[True, False]
+    )
     assert torch.allclose(out[0], torch.tensor([-1.0, 0.0]))  # final EOS gets no teacher term
     assert torch.allclose(out[1], torch.tensor([0.8]))  # -2 * (-0.5 - -0.1): the teacher likes it
-    packed = obj.token_advantages(None, 2, seq_lens=[2, 1], old_logprobs=torch.cat(old),
-                                  teacher_logprobs=torch.cat(teacher), ends_with_eos=[True, False])
+    packed = obj.token_advantages(
+        None,
+        2,
+        seq_lens=[2, 1],
+        old_logprobs=torch.cat(old),
+        teacher_logprobs=torch.cat(teacher),
+        ends_with_eos=[True, False],
+    )
     assert all(torch.equal(a, b) for a, b in zip(out, packed))
     with_reward = build_objective(cfg("opd", opd_reward_coef=0.5))
-    out = with_reward.token_advantages(torch.tensor([1.0, 0.0]), 2, seq_lens=[2, 1], old_logprobs=old,
-                                       teacher_logprobs=teacher)
+    out = with_reward.token_advantages(
+        torch.tensor([1.0, 0.0]), 2, seq_lens=[2, 1], old_logprobs=old, teacher_logprobs=teacher
+    )
     assert torch.allclose(out[1], torch.tensor([0.5 * -1.0 + 0.4]), atol=1e-5)
 
 
@@ -161,7 +190,8 @@ def test_token_advantages_supervised_are_zero_and_inputs_are_checked():
         build_objective(cfg("opd")).token_advantages(None, 1, seq_lens=[1], teacher_logprobs=[torch.zeros(1)])
     with pytest.raises(ValueError, match="seq_lens"):
         build_objective(cfg("opd")).token_advantages(
-            None, 1, seq_lens=[2], old_logprobs=[torch.zeros(3)], teacher_logprobs=[torch.zeros(2)])
+            None, 1, seq_lens=[2], old_logprobs=[torch.zeros(3)], teacher_logprobs=[torch.zeros(2)]
+        )
 
 
 def test_teacher_token_mask_and_zero_advantage_helper():

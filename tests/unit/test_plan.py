@@ -1,4 +1,5 @@
 """`rlad plan`: memory formulas against a hand computation, monotonicity, architectures, and whole recipes."""
+
 import glob
 import itertools
 import json
@@ -11,9 +12,18 @@ from rlad_megatron.launch import capacity as cap
 from rlad_megatron.launch import hardware as hw
 from rlad_megatron.launch.plan import make_plan, recommend_split
 
-TINY = cap.Arch("tiny", hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                ffn_hidden_size=128, vocab_size=100, tie_word_embeddings=False)
-RESERVE = 5 * 2 ** 30
+TINY = cap.Arch(
+    "tiny",
+    hidden_size=64,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    ffn_hidden_size=128,
+    vocab_size=100,
+    tie_word_embeddings=False,
+)
+RESERVE = 5 * 2**30
 RECIPE = "tests/data/launch_qwen3_8b_32b.yaml"
 
 
@@ -21,8 +31,9 @@ def test_tiny_model_memory_by_hand():
     # per layer: q 64*64 + k,v 2*64*32 + o 64*64 + SwiGLU 3*64*128 + 2 norms 2*64 = 36992
     assert TINY.layer_params == 36992
     assert TINY.num_params == 2 * 36992 + 2 * 100 * 64 + 64
-    mem = cap.student_memory(TINY, tp=1, pp=1, dp=4, micro_batch_tokens=10, num_microbatches=1,
-                             distributed_optimizer=False)
+    mem = cap.student_memory(
+        TINY, tp=1, pp=1, dp=4, micro_batch_tokens=10, num_microbatches=1, distributed_optimizer=False
+    )
     # 18 bytes per param: bf16 weight 2 + fp32 grad 4 + fp32 main param, Adam m, v 12
     assert mem["params_grads_optimizer"] == (2 * 36992 + 2 * 6400) * 18
     # activations per layer: 12*s*h + 4*s*g + 8*s*f = 12*10*64 + 4*10*32 + 8*10*128 = 19200; 2 layers
@@ -33,8 +44,16 @@ def test_tiny_model_memory_by_hand():
     assert dist["params_grads_optimizer"] == 86784 * (6 + 12 / 4)
     rec = cap.student_memory(TINY, tp=1, pp=1, dp=4, micro_batch_tokens=10, num_microbatches=1, recompute=True)
     assert rec["activations"] == 2 * (2 * 10 * 64) + 19200  # layer inputs + one layer recomputed
-    tp2 = cap.student_memory(TINY, tp=2, pp=2, dp=1, micro_batch_tokens=10, num_microbatches=8,
-                             params_dtype="float32", distributed_optimizer=False)
+    tp2 = cap.student_memory(
+        TINY,
+        tp=2,
+        pp=2,
+        dp=1,
+        micro_batch_tokens=10,
+        num_microbatches=8,
+        params_dtype="float32",
+        distributed_optimizer=False,
+    )
     assert tp2["params_grads_optimizer"] == (36992 + 6400) / 2 * 16  # one layer + one embedding per stage
     assert tp2["activations"] == 2 * 1 * 19200 / 2  # 2 micro-batches in flight x 1 layer, split by TP
 
@@ -51,7 +70,7 @@ def test_kv_cache_and_server_memory_by_hand():
 def test_hf_config_matches_transformers_parameter_count(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "llama", "llama", tokenizer=False)
     arch, source = cap.load_arch(str(folder))
@@ -60,8 +79,16 @@ def test_hf_config_matches_transformers_parameter_count(tmp_path):
     assert arch.num_params == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("folder, billions", [("/m/Qwen3-8B", 8.19), ("/m/Qwen3-32B", 32.8), ("Qwen3-0.6B", 0.60),
-                                              ("/x/Meta-Llama-3-70B-Instruct", 70.6), ("llama3-8b", 8.03)])
+@pytest.mark.parametrize(
+    "folder, billions",
+    [
+        ("/m/Qwen3-8B", 8.19),
+        ("/m/Qwen3-32B", 32.8),
+        ("Qwen3-0.6B", 0.60),
+        ("/x/Meta-Llama-3-70B-Instruct", 70.6),
+        ("llama3-8b", 8.03),
+    ],
+)
 def test_builtin_table_matches_published_sizes(folder, billions):
     arch, source = cap.load_arch(folder)
     assert "built-in" in source
@@ -95,8 +122,10 @@ def test_bigger_models_never_need_less_memory():
         if big.hidden_size >= small.hidden_size and big.num_layers >= small.num_layers:
             for tp in (1, 2, 8):
                 assert _student(big, tp) >= _student(small, tp)
-                assert cap.server_memory(big, tp=tp, hbm_gb=80, concurrent_seqs=8, seq_len=4096)["weights"] >= \
-                    cap.server_memory(small, tp=tp, hbm_gb=80, concurrent_seqs=8, seq_len=4096)["weights"]
+                assert (
+                    cap.server_memory(big, tp=tp, hbm_gb=80, concurrent_seqs=8, seq_len=4096)["weights"]
+                    >= cap.server_memory(small, tp=tp, hbm_gb=80, concurrent_seqs=8, seq_len=4096)["weights"]
+                )
     wider = cap.Arch("w", 128, 2, 4, 2, 32, 256, 100, False)
     assert _student(wider) > _student(TINY)
 
@@ -134,12 +163,30 @@ def test_more_rollout_nodes_generate_faster():
 def test_cli_prints_plan_and_json(capsys):
     assert rlad(["plan", RECIPE, "--nodes", "4", "--gpu", "h100", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["gpu"].startswith("H100") and set(plan["seconds"]) == {"generate", "teacher_score", "train",
-                                                                        "weight_sync", "total"}
+    assert plan["gpu"].startswith("H100") and set(plan["seconds"]) == {
+        "generate",
+        "teacher_score",
+        "train",
+        "weight_sync",
+        "total",
+    }
     assert rlad(["plan", RECIPE, "--nodes", "1", "--gpu", "h100"]) == 0
     assert "estimated step time" in capsys.readouterr().out
-    assert rlad(["plan", RECIPE, "rollout.max_new_tokens=1024", "--nodes", "4", "--set", "data.max_prompt_length=64",
-                 "--json"]) == 0
+    assert (
+        rlad(
+            [
+                "plan",
+                RECIPE,
+                "rollout.max_new_tokens=1024",
+                "--nodes",
+                "4",
+                "--set",
+                "data.max_prompt_length=64",
+                "--json",
+            ]
+        )
+        == 0
+    )
     short = json.loads(capsys.readouterr().out)
     assert (short["mean_response"], short["mean_prompt"]) == (512, 16)  # 0.5 and 0.25 fills of the overrides
     assert rlad(["plan", RECIPE, "--gpu", "v100"]) == 2

@@ -4,6 +4,7 @@ They are read from the README's "Everyday commands" block, so changing a line th
 this test. Each runs in a scratch folder whose `examples/` is the repository's, so relative paths resolve as
 they do from the repository root and `--out` files land in the scratch folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,15 @@ def readme_line(subcommand: str) -> list[str]:
 def run_rlad(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     assert argv[0] == "rlad"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "rlad_megatron.cli", *argv[1:]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "rlad_megatron.cli", *argv[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -61,8 +69,15 @@ def test_readme_render_line_runs_and_the_script_dry_runs(workdir):
     assert result.returncode == 0, result.stderr
     script = workdir / argv[argv.index("--out") + 1]
     assert script.is_file()
-    dry = subprocess.run(["bash", str(script)], cwd=workdir, env={**os.environ, "DRY_RUN": "1"},
-                         capture_output=True, text=True, timeout=300, check=False)
+    dry = subprocess.run(
+        ["bash", str(script)],
+        cwd=workdir,
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "topology:" in dry.stdout + dry.stderr
 
@@ -77,6 +92,11 @@ def test_plan_nodes_flag_resets_only_the_role_counts_not_given():
     recipe = str(REPO / "examples/qwen3_math/recipe.yaml")  # launch: 8 nodes = 4 trainer + 2 rollout + 2 teacher
     args = parser.parse_args([recipe, "launch.teacher_nodes=2", "--nodes", "5"])
     cfg = load_config(recipe, args.overrides + flag_overrides(args, args.overrides))
-    assert (cfg.launch.nodes, cfg.launch.teacher_nodes, cfg.launch.trainer_nodes, cfg.launch.rollout_nodes) == (5, 2, 0, 0)
+    assert (cfg.launch.nodes, cfg.launch.teacher_nodes, cfg.launch.trainer_nodes, cfg.launch.rollout_nodes) == (
+        5,
+        2,
+        0,
+        0,
+    )
     topo = plan_topology(cfg)
     assert len(topo.fleet("teacher")) == 2 and len(topo.trainer_nodes) == 2  # the rest split automatically

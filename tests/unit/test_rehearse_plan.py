@@ -1,5 +1,6 @@
 """`rlad rehearse`'s pure parts: model shapes, the recipe shrinking, the fake srun's per-node environment and
 semantics, the report's checks. The whole rehearsal runs in tests/integration/test_rehearse.py."""
+
 import json
 import subprocess
 import sys
@@ -18,20 +19,41 @@ KK, MATH = "examples/qwen3_kk/recipe.yaml", "examples/qwen3_math/recipe.yaml"
 
 
 # ----------------------------------------------------------------------------- models
-@pytest.mark.parametrize("folder, heads, kv, tie", [("/models/Qwen3-1.7B", 16, 8, True), ("/models/Qwen3-8B-Base", 32, 8, False),
-                                                    ("/nowhere/Qwen3-32B", 64, 8, False)])
+@pytest.mark.parametrize(
+    "folder, heads, kv, tie",
+    [
+        ("/models/Qwen3-1.7B", 16, 8, True),
+        ("/models/Qwen3-8B-Base", 32, 8, False),
+        ("/nowhere/Qwen3-32B", 64, 8, False),
+    ],
+)
 def test_published_shapes_come_from_the_table_when_the_folder_is_absent(folder, heads, kv, tie):
     src = inputs.source_model(folder)
     assert (src.family, src.vocab_size, src.num_attention_heads, src.num_key_value_heads, src.tie_word_embeddings) == (
-        "qwen3", 151936, heads, kv, tie)
+        "qwen3",
+        151936,
+        heads,
+        kv,
+        tie,
+    )
     assert (src.rms_norm_eps, src.rope_theta) == (1e-6, 1_000_000.0)
     assert "built-in table" in src.origin
 
 
 def test_a_config_json_wins_and_an_unknown_model_names_the_fix(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 1000, "num_attention_heads": 12, "num_key_value_heads": 4,
-        "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 5e5}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 1000,
+                "num_attention_heads": 12,
+                "num_key_value_heads": 4,
+                "tie_word_embeddings": False,
+                "rms_norm_eps": 1e-5,
+                "rope_parameters": {"rope_theta": 5e5},
+            }
+        )
+    )
     src = inputs.source_model(str(tmp_path))
     assert (src.family, src.vocab_size, src.num_attention_heads, src.rope_theta) == ("llama", 1000, 12, 5e5)
     with pytest.raises(ValueError, match="put the model's config.json in /models/MyModel-7B"):
@@ -82,19 +104,29 @@ def test_math_becomes_pipeline_2_over_three_emulated_nodes():
     la = cfg.launch
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (1, 2)
     assert cfg.parallel.sequence_parallel is False
-    assert (la.nodes, la.trainer_nodes, la.rollout_nodes, la.teacher_nodes, la.gpus_per_node, la.rollout_tp,
-            la.teacher_tp) == (3, 1, 1, 1, 2, 1, 1)
+    assert (
+        la.nodes,
+        la.trainer_nodes,
+        la.rollout_nodes,
+        la.teacher_nodes,
+        la.gpus_per_node,
+        la.rollout_tp,
+        la.teacher_tp,
+    ) == (3, 1, 1, 1, 2, 1, 1)
 
 
-@pytest.mark.parametrize("tp, pp, want", [(2, 1, (2, 1)), (4, 2, (1, 2)), (8, 1, (2, 1)), (1, 4, (1, 2)), (1, 1, (1, 1))])
+@pytest.mark.parametrize(
+    "tp, pp, want", [(2, 1, (2, 1)), (4, 2, (1, 2)), (8, 1, (2, 1)), (1, 4, (1, 2)), (1, 1, (1, 1))]
+)
 def test_trainer_layout_fits_two_processes(tp, pp, want):
     assert shrink.trainer_layout(tp, pp) == want
 
 
 def test_the_users_overrides_win_and_every_change_loads():
     cfg = load_config(MATH)
-    changes = shrink.without_user_fields(shrink.job_size_changes(cfg, 3) + shrink.machine_changes(cfg, False),
-                                         ["train.prompts_per_step=4"])
+    changes = shrink.without_user_fields(
+        shrink.job_size_changes(cfg, 3) + shrink.machine_changes(cfg, False), ["train.prompts_per_step=4"]
+    )
     assert "train.prompts_per_step" not in _fields(changes)
     shrunk = load_config(MATH, [c.override() for c in changes] + ["train.prompts_per_step=4"])
     assert (shrunk.train.prompts_per_step, shrunk.launch.container_image, shrunk.launch.server_impl) == (4, "", "rlad")
@@ -103,10 +135,16 @@ def test_the_users_overrides_win_and_every_change_loads():
 def test_busy_ports_move_by_whole_blocks_and_free_ones_stay():
     cfg = load_config(MATH)
     busy = {("127.0.0.2", 30001), ("127.0.0.1", 31800)}
-    changes = shrink.port_changes(cfg, {"launch.rollout_port": ["127.0.0.2"], "launch.teacher_router_port": ["127.0.0.1"],
-                                        "launch.teacher_port": ["127.0.0.1"]},
-                                  {"launch.rollout_port": 2, "launch.teacher_port": 2},
-                                  free=lambda host, port: (host, port) not in busy)
+    changes = shrink.port_changes(
+        cfg,
+        {
+            "launch.rollout_port": ["127.0.0.2"],
+            "launch.teacher_router_port": ["127.0.0.1"],
+            "launch.teacher_port": ["127.0.0.1"],
+        },
+        {"launch.rollout_port": 2, "launch.teacher_port": 2},
+        free=lambda host, port: (host, port) not in busy,
+    )
     assert _fields(changes) == {"launch.rollout_port": 30097, "launch.teacher_router_port": 31897}
 
 
@@ -134,16 +172,37 @@ def test_out_folder_is_fresh_and_a_foreign_one_is_refused(tmp_path):
 def test_nodelist_and_per_node_environment():
     hosts = expand_hostlist(fake_slurm.loopback_nodelist(3))
     assert hosts == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-    env = fake_slurm.node_env({"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "127.0.0.[1-3]", "SLURM_RESTART_COUNT": "1"},
-                              2, hosts)
-    assert {k: env[k] for k in ("SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NNODES",
-                                "SLURM_RESTART_COUNT", "SLURM_JOB_ID", "RLAD_BIND_HOST")} == {
-        "SLURM_NODEID": "2", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NTASKS": "3", "SLURM_NNODES": "3",
-        "SLURM_RESTART_COUNT": "1", "SLURM_JOB_ID": "7", "RLAD_BIND_HOST": "127.0.0.3"}
+    env = fake_slurm.node_env(
+        {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "127.0.0.[1-3]", "SLURM_RESTART_COUNT": "1"}, 2, hosts
+    )
+    assert {
+        k: env[k]
+        for k in (
+            "SLURM_NODEID",
+            "SLURM_PROCID",
+            "SLURM_LOCALID",
+            "SLURM_NTASKS",
+            "SLURM_NNODES",
+            "SLURM_RESTART_COUNT",
+            "SLURM_JOB_ID",
+            "RLAD_BIND_HOST",
+        )
+    } == {
+        "SLURM_NODEID": "2",
+        "SLURM_PROCID": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "3",
+        "SLURM_NNODES": "3",
+        "SLURM_RESTART_COUNT": "1",
+        "SLURM_JOB_ID": "7",
+        "RLAD_BIND_HOST": "127.0.0.3",
+    }
 
 
 def test_srun_options_end_at_the_command():
-    options, command = fake_slurm.parse_srun(["--nodes=3", "-N", "3", "--kill-on-bad-exit=1", "python", "-m", "x", "--y"])
+    options, command = fake_slurm.parse_srun(
+        ["--nodes=3", "-N", "3", "--kill-on-bad-exit=1", "python", "-m", "x", "--y"]
+    )
     assert options == {"--nodes": "3", "-N": "3", "--kill-on-bad-exit": "1"} and command == ["python", "-m", "x", "--y"]
     with pytest.raises(ValueError, match="no container runtime"):
         fake_slurm._check_options({"--container-image": "img"}, ["h"])
@@ -153,8 +212,9 @@ def _srun(tmp_path, script: str, nodes: int = 2, kill_on_bad_exit: bool = True) 
     bin_dir = fake_slurm.write_bin(tmp_path / "bin")
     env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": fake_slurm.loopback_nodelist(nodes)}
     flags = ["--kill-on-bad-exit=1"] if kill_on_bad_exit else []
-    return subprocess.Popen([str(bin_dir / "srun"), f"--nodes={nodes}", *flags, sys.executable, "-c", script], env=env,
-                            cwd=tmp_path)
+    return subprocess.Popen(
+        [str(bin_dir / "srun"), f"--nodes={nodes}", *flags, sys.executable, "-c", script], env=env, cwd=tmp_path
+    )
 
 
 def test_srun_starts_one_task_per_node_with_its_own_variables(tmp_path):
@@ -162,24 +222,31 @@ def test_srun_starts_one_task_per_node_with_its_own_variables(tmp_path):
     assert _srun(tmp_path, script, nodes=3).wait(timeout=60) == 0
     seen = [json.loads((tmp_path / f"node{i}.json").read_text()) for i in range(3)]
     assert [(e["SLURM_PROCID"], e["RLAD_BIND_HOST"], e["SLURMD_NODENAME"]) for e in seen] == [
-        ("0", "127.0.0.1", "127.0.0.1"), ("1", "127.0.0.2", "127.0.0.2"), ("2", "127.0.0.3", "127.0.0.3")]
+        ("0", "127.0.0.1", "127.0.0.1"),
+        ("1", "127.0.0.2", "127.0.0.2"),
+        ("2", "127.0.0.3", "127.0.0.3"),
+    ]
 
 
 def test_kill_on_bad_exit_ends_the_others_and_reports_the_worst_status(tmp_path):
-    script = ("import os, signal, sys, time\n"
-              "if os.environ['SLURM_NODEID'] == '1': sys.exit(3)\n"
-              "signal.signal(signal.SIGTERM, lambda *a: (open('terminated', 'w').close(), sys.exit(0)))\n"
-              "time.sleep(60)\n")
+    script = (
+        "import os, signal, sys, time\n"
+        "if os.environ['SLURM_NODEID'] == '1': sys.exit(3)\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (open('terminated', 'w').close(), sys.exit(0)))\n"
+        "time.sleep(60)\n"
+    )
     start = time.monotonic()
     assert _srun(tmp_path, script).wait(timeout=60) == 3
     assert time.monotonic() - start < 20 and (tmp_path / "terminated").exists()
 
 
 def test_sigterm_reaches_every_task(tmp_path):
-    script = ("import os, signal, sys, time\n"
-              "signal.signal(signal.SIGTERM, lambda *a: (open('got' + os.environ['SLURM_NODEID'], 'w').close(), "
-              "sys.exit(143)))\n"
-              "open('ready' + os.environ['SLURM_NODEID'], 'w').close(); time.sleep(60)\n")
+    script = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (open('got' + os.environ['SLURM_NODEID'], 'w').close(), "
+        "sys.exit(143)))\n"
+        "open('ready' + os.environ['SLURM_NODEID'], 'w').close(); time.sleep(60)\n"
+    )
     proc = _srun(tmp_path, script, kill_on_bad_exit=False)
     deadline = time.monotonic() + 30
     while not ((tmp_path / "ready0").exists() and (tmp_path / "ready1").exists()) and time.monotonic() < deadline:
@@ -190,10 +257,24 @@ def test_sigterm_reaches_every_task(tmp_path):
 
 
 # ----------------------------------------------------------------------------- report checks
-ROWS = [{"step": 1, "kind": "train", "time/generate": 1.0, "time/step": 2.0, "kl/rollout_vs_old_max_abs": 2e-6,
-         "num_samples": 4.0},
-        {"step": 2, "kind": "train", "time/generate": 1.5, "time/step": 2.5, "kl/rollout_vs_old_max_abs": 3e-6,
-         "num_samples": 4.0}]
+ROWS = [
+    {
+        "step": 1,
+        "kind": "train",
+        "time/generate": 1.0,
+        "time/step": 2.0,
+        "kl/rollout_vs_old_max_abs": 2e-6,
+        "num_samples": 4.0,
+    },
+    {
+        "step": 2,
+        "kind": "train",
+        "time/generate": 1.5,
+        "time/step": 2.5,
+        "kl/rollout_vs_old_max_abs": 3e-6,
+        "num_samples": 4.0,
+    },
+]
 
 
 def test_logprob_check_needs_the_metric_and_a_small_gap():
@@ -205,9 +286,17 @@ def test_logprob_check_needs_the_metric_and_a_small_gap():
 def test_steps_samples_and_versions_checks():
     assert report.check_steps(ROWS, 2).ok and not report.check_steps(ROWS[1:], 2).ok
     assert report.check_samples(ROWS, 4).ok and not report.check_samples(ROWS, 8).ok
-    attempt = report.Attempt(0, 0, 10.0, "", [{"url": "u1", "fleet": "rollout", "version": "2"},
-                                              {"url": "u2", "fleet": "rollout", "version": "1"},
-                                              {"url": "t", "fleet": "teacher", "version": "0"}])
+    attempt = report.Attempt(
+        0,
+        0,
+        10.0,
+        "",
+        [
+            {"url": "u1", "fleet": "rollout", "version": "2"},
+            {"url": "u2", "fleet": "rollout", "version": "1"},
+            {"url": "t", "fleet": "teacher", "version": "0"},
+        ],
+    )
     assert not report.check_versions(attempt, 2).ok
     attempt.servers[1]["version"] = "2"
     assert report.check_versions(attempt, 2).ok
@@ -215,4 +304,6 @@ def test_steps_samples_and_versions_checks():
 
 def test_phase_table_has_a_row_per_step():
     lines = report.phase_table(ROWS).splitlines()
-    assert lines[0] == "| step | generate | step | max abs lp diff |" and lines[3].startswith("| 2 | 1.50 | 2.50 | 3.00e-06")
+    assert lines[0] == "| step | generate | step | max abs lp diff |" and lines[3].startswith(
+        "| 2 | 1.50 | 2.50 | 3.00e-06"
+    )

@@ -9,6 +9,7 @@
   weights and version;
 - a model folder whose index names a missing shard is refused with the file's name (conversion read).
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,11 +26,20 @@ from pathlib import Path
 import pytest
 
 import rlad_megatron
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.tiny_models import save_tiny_model
 
 PACKAGE = Path(rlad_megatron.__file__).parent
-UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("marshal", "load"),
-              ("marshal", "loads"), ("yaml", "load"), ("yaml", "unsafe_load"), ("dill", "load"), ("dill", "loads")}
+UNPICKLERS = {
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("marshal", "load"),
+    ("marshal", "loads"),
+    ("yaml", "load"),
+    ("yaml", "unsafe_load"),
+    ("dill", "load"),
+    ("dill", "loads"),
+}
 
 
 def _unsafe_calls(source: str) -> list[str]:
@@ -47,7 +57,11 @@ def _unsafe_calls(source: str) -> list[str]:
                 found.append(f"{line}: {pair[0]}.{pair[1]}()")
             if pair == ("torch", "load"):
                 weights_only = [k for k in node.keywords if k.arg == "weights_only"]
-                if not (weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True):
+                if not (
+                    weights_only
+                    and isinstance(weights_only[0].value, ast.Constant)
+                    and weights_only[0].value.value is True
+                ):
                     found.append(f"{line}: torch.load() without weights_only=True")
             if pair == ("os", "system"):
                 found.append(f"{line}: os.system()")
@@ -57,8 +71,10 @@ def _unsafe_calls(source: str) -> list[str]:
 
 
 def test_the_scanner_catches_each_unsafe_pattern():
-    bad = ("eval(cfg)\nexec(text)\npickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
-           "yaml.load(s)\nsubprocess.run(cmd, shell=True)\nos.system(cmd)\n")
+    bad = (
+        "eval(cfg)\nexec(text)\npickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
+        "yaml.load(s)\nsubprocess.run(cmd, shell=True)\nos.system(cmd)\n"
+    )
     assert len(_unsafe_calls(bad)) == 8
     assert _unsafe_calls("torch.load(p, weights_only=True)\nmodel.eval()\nre.compile(x)\nyaml.safe_load(s)\n") == []
 
@@ -74,7 +90,7 @@ def test_every_server_defaults_to_loopback():
     import argparse
 
     from rlad_megatron.config import RolloutConfig, TeacherConfig
-    from rlad_megatron.rollout import fleet, server, sglang_fleet
+    from rlad_megatron.engines import fleet, server, sglang_fleet
 
     parser = argparse.ArgumentParser()
     server.add_arguments(parser)
@@ -108,15 +124,32 @@ def test_rlad_serve_listens_on_loopback_only(tmp_path):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "RLAD_API_KEY"}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "rlad_megatron.cli", "serve", "--model", str(model),
-                             "--port", str(port), "--max-batch-size", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlad_megatron.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while not _listening_addresses(port) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         addresses = _listening_addresses(port)
-        assert addresses, f"server never listened: {proc.poll()} {proc.stdout.read() if proc.poll() is not None else ''}"
+        assert addresses, (
+            f"server never listened: {proc.poll()} {proc.stdout.read() if proc.poll() is not None else ''}"
+        )
         assert addresses == {"0100007F"}, addresses  # 127.0.0.1 only, not 0.0.0.0 or ::
     finally:
         proc.terminate()
@@ -162,7 +195,7 @@ def test_export_pointer_to_a_missing_or_unfinished_folder_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from rlad_megatron.rollout.embedded import EmbeddedEngine
+    from rlad_megatron.engines.embedded import EmbeddedEngine
 
     root = tmp_path_factory.mktemp("exports")
     base = save_tiny_model(root / "base", "llama", seed=1, max_position_embeddings=32)
@@ -171,7 +204,7 @@ def served(tmp_path_factory):
 
 
 def _greedy_logprobs(engine) -> list[float]:
-    from rlad_megatron.rollout.base import SamplingParams
+    from rlad_megatron.engines.base import SamplingParams
 
     out = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
     return out[0][0].logprobs
@@ -186,8 +219,16 @@ def test_refused_reloads_keep_serving_the_previous_weights(served):
         engine.update_weights(path=str(unfinished), version=7)
     torn = root / "step_8"  # index names a shard the copy never reached
     shutil.copytree(root / "next", torn, dirs_exist_ok=True)
-    (torn / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    (torn / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "model.norm.weight": "model.safetensors",
+                    "lm_head.weight": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         engine.update_weights(path=str(torn), version=8)
     assert engine.version == version and _greedy_logprobs(engine) == before
@@ -201,8 +242,16 @@ def test_conversion_reader_names_the_missing_shard(served):
     root, _ = served
     folder = root / "sharded"
     shutil.copytree(root / "base", folder, dirs_exist_ok=True)
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "model.norm.weight": "model.safetensors",
+                    "lm_head.weight": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match=r"missing: \['model-00002-of-00002.safetensors'\]"):
         HFReader(folder)
 
@@ -235,7 +284,14 @@ def test_teacher_advantages_refuse_missing_teacher_scores(name):
     objective = build_objective(AlgorithmConfig(name=name, group_size=2))
     olds = [torch.zeros(2), torch.zeros(3)]
     with pytest.raises(ValueError, match="teacher_logprobs is needed"):
-        objective.token_advantages(torch.tensor([0.0, 1.0]), 2, seq_lens=[2, 3], old_logprobs=olds, teacher_logprobs=None)
-    ok = objective.token_advantages(torch.tensor([0.0, 1.0]), 2, seq_lens=[2, 3], old_logprobs=olds,
-                              teacher_logprobs=[torch.full((2,), -1.0), torch.full((3,), -1.0)])
+        objective.token_advantages(
+            torch.tensor([0.0, 1.0]), 2, seq_lens=[2, 3], old_logprobs=olds, teacher_logprobs=None
+        )
+    ok = objective.token_advantages(
+        torch.tensor([0.0, 1.0]),
+        2,
+        seq_lens=[2, 3],
+        old_logprobs=olds,
+        teacher_logprobs=[torch.full((2,), -1.0), torch.full((3,), -1.0)],
+    )
     assert [a.shape[0] for a in ok] == [2, 3]

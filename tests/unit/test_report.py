@@ -1,4 +1,5 @@
 """rlad report: plots and table from the metrics jsonl that observe.Observer writes."""
+
 import json
 from types import SimpleNamespace
 

@@ -1,4 +1,5 @@
 """Knights-and-Knaves (Logic-RL scores), reasoning-gym rewards vs reasoning-gym's scorer, registry, batch scoring."""
+
 import pytest
 
 from rlad_megatron.rewards import get_reward_fn, resolve_reward_name, score_samples
@@ -19,20 +20,23 @@ def wrap(answer: str, think: str = "Zoey says ... so") -> str:
     return f"<think>{think}</think>\n<answer>{answer}</answer>"
 
 
-@pytest.mark.parametrize("response,score,status", [
-    (wrap("(1) Zoey is a knight\n(2) Oliver is a knave"), 3.0, "correct"),
-    (wrap("Oliver is a knave, and Zoey is a knight."), 3.0, "correct"),
-    (wrap("Zoey is a Knight and Oliver is a KNAVE"), 3.0, "correct"),
-    (wrap("Zoey is a knave, and Oliver is a knave."), -0.5, "wrong"),
-    (wrap("Zoey is a knight, Oliver is a knight; no wait, Oliver is a knave"), 3.0, "correct"),
-    (wrap("Zoey is a knight."), -1.0, "unparseable"),
-    (wrap("Zoey: knight, Oliver: knave"), -1.0, "unparseable"),
-    ("Zoey is a knight, and Oliver is a knave.", -1.0, "format"),
-    ("<answer>Zoey is a knight, Oliver is a knave</answer>", -1.0, "format"),
-    ("<think>a</think><answer>x</answer><answer>Zoey is a knight, Oliver is a knave</answer>", -1.0, "format"),
-    ("<answer>Zoey is a knight</answer><think>late</think>", -1.0, "format"),
-    ("", -1.0, "format"),
-])
+@pytest.mark.parametrize(
+    "response,score,status",
+    [
+        (wrap("(1) Zoey is a knight\n(2) Oliver is a knave"), 3.0, "correct"),
+        (wrap("Oliver is a knave, and Zoey is a knight."), 3.0, "correct"),
+        (wrap("Zoey is a Knight and Oliver is a KNAVE"), 3.0, "correct"),
+        (wrap("Zoey is a knave, and Oliver is a knave."), -0.5, "wrong"),
+        (wrap("Zoey is a knight, Oliver is a knight; no wait, Oliver is a knave"), 3.0, "correct"),
+        (wrap("Zoey is a knight."), -1.0, "unparseable"),
+        (wrap("Zoey: knight, Oliver: knave"), -1.0, "unparseable"),
+        ("Zoey is a knight, and Oliver is a knave.", -1.0, "format"),
+        ("<answer>Zoey is a knight, Oliver is a knave</answer>", -1.0, "format"),
+        ("<think>a</think><answer>x</answer><answer>Zoey is a knight, Oliver is a knave</answer>", -1.0, "format"),
+        ("<answer>Zoey is a knight</answer><think>late</think>", -1.0, "format"),
+        ("", -1.0, "format"),
+    ],
+)
 def test_logic_rl_scores(response, score, status):
     result = KnightsKnavesReward()(response, GOLD)
     assert result.score == pytest.approx(score)
@@ -102,8 +106,10 @@ def test_registry_resolution_and_errors():
 
 def test_score_samples_fills_samples_and_applies_length_penalty():
     fn = get_reward_fn("task:addition")
-    samples = [Sample(prompt_ids=[1], record={"answer": "5"}, response_ids=[1] * n, response_text=t)
-               for n, t in [(10, "2+3=5 #5"), (40, "2+3=5 #6"), (0, "")]]
+    samples = [
+        Sample(prompt_ids=[1], record={"answer": "5"}, response_ids=[1] * n, response_text=t)
+        for n, t in [(10, "2+3=5 #5"), (40, "2+3=5 #6"), (0, "")]
+    ]
     score_samples(samples, fn, length_penalty=0.5, max_new_tokens=40)
     assert [s.reward for s in samples] == pytest.approx([1.0 - 0.125, 0.0 - 0.5, 0.0])
     assert samples[0].reward_details["raw_score"] == 1.0 and samples[0].reward_details["correct"]

@@ -1,4 +1,5 @@
 """Math reward: answer extraction, a table of equivalences judged by math-verify, the timeout."""
+
 import time
 
 import pytest
@@ -87,22 +88,28 @@ def test_single_call_matches_batch(reward):
     assert reward("nothing here", {"answer": "0.75"}).details == {"correct": False, "extracted": None, "timeout": False}
 
 
-@pytest.mark.parametrize("text,expected", [
-    (r"\boxed{\frac{a}{b^{2}}}", r"\frac{a}{b^{2}}"),
-    (r"\boxed{1} and \boxed{ {2} }", "{2}"),
-    (r"\boxed{\frac{1}{2}", None),
-    ("no box", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"\boxed{\frac{a}{b^{2}}}", r"\frac{a}{b^{2}}"),
+        (r"\boxed{1} and \boxed{ {2} }", "{2}"),
+        (r"\boxed{\frac{1}{2}", None),
+        ("no box", None),
+    ],
+)
 def test_last_boxed_nested(text, expected):
     assert last_boxed(text) == expected
 
 
-@pytest.mark.parametrize("text,answer,method", [
-    (r"x \boxed{3}", "3", "boxed"),
-    ("So the answer is: $-4$.", "-4", "answer_is"),
-    ("The Answer Is 17\nthanks", "17", "answer_is"),
-    ("a 3 then 4.5 then -2/3 end", "-2/3", "last_number"),
-])
+@pytest.mark.parametrize(
+    "text,answer,method",
+    [
+        (r"x \boxed{3}", "3", "boxed"),
+        ("So the answer is: $-4$.", "-4", "answer_is"),
+        ("The Answer Is 17\nthanks", "17", "answer_is"),
+        ("a 3 then 4.5 then -2/3 end", "-2/3", "last_number"),
+    ],
+)
 def test_extract_answer(text, answer, method):
     assert extract_answer(text) == {"answer": answer, "method": method}
 
@@ -120,6 +127,10 @@ def test_pathological_answer_times_out_and_pool_recovers():
         assert pool.num_replaced == 1
         # the replaced worker answers the next question correctly
         assert reward(r"\boxed{2}", {"answer": "2"}).details == {
-            "correct": True, "extracted": "2", "method": "boxed", "timeout": False}
+            "correct": True,
+            "extracted": "2",
+            "method": "boxed",
+            "timeout": False,
+        }
     finally:
         pool.close()

@@ -1,4 +1,5 @@
 """A killed trainer must not leave reward-pool workers behind (they would idle forever)."""
+
 import os
 import signal
 import subprocess

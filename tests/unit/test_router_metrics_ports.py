@@ -5,6 +5,7 @@ on a host panics ("Address already in use") and exits. Both places that start ro
 in-process fleet's `launch_router` and the node agent's `router_command` (a one-node job runs a rollout and
 a teacher router side by side). A trivial HTTP worker stands in for the SGLang servers.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -16,12 +17,11 @@ import time
 
 import httpx
 import pytest
+from test_launch_node_agent import RECIPE, config
 
+from rlad_megatron.engines.fleet import free_port, launch_router
 from rlad_megatron.launch import node as agent
 from rlad_megatron.launch.topology import plan_topology
-from rlad_megatron.rollout.fleet import free_port, launch_router
-
-from test_launch_node_agent import RECIPE, config
 
 pytest.importorskip("sglang_router")
 
@@ -93,9 +93,12 @@ def port_pair() -> int:
 
 
 def dead_logs(procs: list[subprocess.Popen], logs: list) -> str:
-    return "\n".join(f"router {i} exited {p.returncode}:\n" + "\n".join(
-        line for line in open(log.name).read().splitlines() if " INFO" not in line)[-2000:]
-        for i, (p, log) in enumerate(zip(procs, logs)) if p.poll() is not None)
+    return "\n".join(
+        f"router {i} exited {p.returncode}:\n"
+        + "\n".join(line for line in open(log.name).read().splitlines() if " INFO" not in line)[-2000:]
+        for i, (p, log) in enumerate(zip(procs, logs))
+        if p.poll() is not None
+    )
 
 
 def test_the_node_agents_two_routers_on_one_node_both_answer(tmp_path):
@@ -111,8 +114,9 @@ def test_the_node_agents_two_routers_on_one_node_both_answer(tmp_path):
     procs = [subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT) for (_, argv), log in zip(commands, logs)]
     try:
         for fleet, (_, port) in sorted(topo.routers.items()):
-            assert healthy(f"http://127.0.0.1:{port}", procs), \
+            assert healthy(f"http://127.0.0.1:{port}", procs), (
                 f"{fleet} router died or never answered:\n{dead_logs(procs, logs)}"
+            )
     finally:
         for proc in procs:
             proc.terminate()

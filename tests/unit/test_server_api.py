@@ -1,4 +1,5 @@
 """The embedded server's SGLang-compatible API, its validation (hypothesis fuzzing) and security defaults."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlad_megatron.rollout import server
-from rlad_megatron.rollout.protocol import RequestError, parse_generate
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.engines import server
+from rlad_megatron.engines.protocol import RequestError, parse_generate
+from rlad_megatron.tiny_models import save_tiny_model
 
 GOOD = {"input_ids": [5, 6, 7], "sampling_params": {"temperature": 0, "max_new_tokens": 3}}
 
@@ -41,8 +42,13 @@ def client(root):
 
 
 def test_response_shapes_follow_sglang(client):
-    body = {"input_ids": [5, 6, 7, 8], "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
-            "return_logprob": True, "logprob_start_len": 1, "top_logprobs_num": 2}
+    body = {
+        "input_ids": [5, 6, 7, 8],
+        "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
+        "return_logprob": True,
+        "logprob_start_len": 1,
+        "top_logprobs_num": 2,
+    }
     out = client.post("/generate", json=body).json()
     meta = out["meta_info"]
     assert len(out["output_ids"]) == 4 and meta["completion_tokens"] == 4 and meta["prompt_tokens"] == 4
@@ -59,34 +65,39 @@ def test_response_shapes_follow_sglang(client):
 
 
 def test_batch_and_n_ordering_like_sglang(client):
-    body = {"input_ids": [[5, 6], [7, 8, 9]],
-            "sampling_params": {"temperature": 0, "max_new_tokens": 2, "n": 2, "ignore_eos": True}}
+    body = {
+        "input_ids": [[5, 6], [7, 8, 9]],
+        "sampling_params": {"temperature": 0, "max_new_tokens": 2, "n": 2, "ignore_eos": True},
+    }
     out = client.post("/generate", json=body).json()
     assert len(out) == 4 and [o["meta_info"]["prompt_tokens"] for o in out] == [2, 3, 2, 3]
     single = client.post("/generate", json={**GOOD, "sampling_params": {"max_new_tokens": 2, "n": 3}}).json()
     assert isinstance(single, list) and len(single) == 3
 
 
-@pytest.mark.parametrize("body,message", [
-    ({"input_ids": []}, "non-empty"),
-    ({"input_ids": [1, 2, 10_000]}, "token ids must be integers in"),
-    ({"input_ids": [1, -2]}, "token ids must be"),
-    ({"input_ids": [[1], []]}, "input_ids[1]"),
-    ({"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature"),
-    ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "top_p"),
-    ({"input_ids": [1, 2], "sampling_params": {"top_k": 0}}, "top_k=0"),
-    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, "max_new_tokens"),
-    ({"input_ids": [1] * 60}, "context length"),
-    ({"input_ids": [1, 2], "sampling_params": {"n": 0}}, "n=0"),
-    ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "stop strings"),
-    ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "unknown sampling_params"),
-    ({"input_ids": [1, 2], "logprob_start_len": 5}, "logprob_start_len"),
-    ({"text": "hello"}, "not supported"),
-    ({"input_ids": [1, 2], "stream": True}, "stream"),
-    ({"input_ids": [1, 2], "return_hidden_states": True}, "return_hidden_states"),
-    ({"input_ids": [1.5]}, "token ids"),
-    ({"input_ids": [True]}, "token ids"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"input_ids": []}, "non-empty"),
+        ({"input_ids": [1, 2, 10_000]}, "token ids must be integers in"),
+        ({"input_ids": [1, -2]}, "token ids must be"),
+        ({"input_ids": [[1], []]}, "input_ids[1]"),
+        ({"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature"),
+        ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "top_p"),
+        ({"input_ids": [1, 2], "sampling_params": {"top_k": 0}}, "top_k=0"),
+        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, "max_new_tokens"),
+        ({"input_ids": [1] * 60}, "context length"),
+        ({"input_ids": [1, 2], "sampling_params": {"n": 0}}, "n=0"),
+        ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "stop strings"),
+        ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "unknown sampling_params"),
+        ({"input_ids": [1, 2], "logprob_start_len": 5}, "logprob_start_len"),
+        ({"text": "hello"}, "not supported"),
+        ({"input_ids": [1, 2], "stream": True}, "stream"),
+        ({"input_ids": [1, 2], "return_hidden_states": True}, "return_hidden_states"),
+        ({"input_ids": [1.5]}, "token ids"),
+        ({"input_ids": [True]}, "token ids"),
+    ],
+)
 def test_bad_requests_get_400_with_a_message(client, body, message):
     r = client.post("/generate", json=body)
     assert r.status_code == 400
@@ -100,18 +111,45 @@ def test_malformed_bodies(client):
     assert client.post("/generate", json=GOOD).status_code == 200
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-                     | st.text(max_size=5), lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c,
-                                                                                                     max_size=4),
-                     max_leaves=12)
-_num = st.one_of(st.integers(-(2**65), 2**65), st.floats(allow_nan=True, allow_infinity=True), st.none(), st.text(max_size=3))
-_ids = st.one_of(st.lists(st.integers(-5, 200), max_size=50), st.lists(st.lists(st.integers(-1, 120), max_size=5),
-                                                                       max_size=3), _json)
-_body = st.fixed_dictionaries({"input_ids": _ids}, optional={
-    "sampling_params": st.one_of(_json, st.dictionaries(st.sampled_from(
-        ["temperature", "top_p", "top_k", "max_new_tokens", "n", "sampling_seed", "stop_token_ids", "ignore_eos"]),
-        _num, max_size=5)),
-    "return_logprob": _json, "logprob_start_len": _num, "top_logprobs_num": _num, "rid": _json})
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+    max_leaves=12,
+)
+_num = st.one_of(
+    st.integers(-(2**65), 2**65), st.floats(allow_nan=True, allow_infinity=True), st.none(), st.text(max_size=3)
+)
+_ids = st.one_of(
+    st.lists(st.integers(-5, 200), max_size=50), st.lists(st.lists(st.integers(-1, 120), max_size=5), max_size=3), _json
+)
+_body = st.fixed_dictionaries(
+    {"input_ids": _ids},
+    optional={
+        "sampling_params": st.one_of(
+            _json,
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "temperature",
+                        "top_p",
+                        "top_k",
+                        "max_new_tokens",
+                        "n",
+                        "sampling_seed",
+                        "stop_token_ids",
+                        "ignore_eos",
+                    ]
+                ),
+                _num,
+                max_size=5,
+            ),
+        ),
+        "return_logprob": _json,
+        "logprob_start_len": _num,
+        "top_logprobs_num": _num,
+        "rid": _json,
+    },
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -141,9 +179,14 @@ def test_fuzzed_http_requests_get_4xx_or_200_and_server_keeps_serving(client, bo
 def test_api_key_is_required_on_every_endpoint(root):
     c, state = _client(root / "base", "--api-key", "s3cret", "--weights-root", str(root))
     try:
-        calls = [("get", "/health", None), ("get", "/get_model_info", None), ("get", "/health_generate", None),
-                 ("post", "/generate", GOOD), ("post", "/flush_cache", None),
-                 ("post", "/update_weights_from_disk", {"model_path": str(root / "step_1")})]
+        calls = [
+            ("get", "/health", None),
+            ("get", "/get_model_info", None),
+            ("get", "/health_generate", None),
+            ("post", "/generate", GOOD),
+            ("post", "/flush_cache", None),
+            ("post", "/update_weights_from_disk", {"model_path": str(root / "step_1")}),
+        ]
         for method, path, body in calls:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 assert c.request(method, path, json=body, headers=headers).status_code == 401, (path, headers)
@@ -163,7 +206,10 @@ def test_update_weights_from_disk_only_under_root(client, root, tmp_path):
     link = root / "sneaky"
     os.symlink(outside, link)
     assert client.post("/update_weights_from_disk", json={"model_path": str(link)}).status_code == 403
-    assert client.post("/update_weights_from_disk", json={"model_path": str(root / "../" / outside.name)}).status_code == 403
+    assert (
+        client.post("/update_weights_from_disk", json={"model_path": str(root / "../" / outside.name)}).status_code
+        == 403
+    )
     assert client.post("/update_weights_from_disk", json={"path": "x"}).status_code == 400
     (root / "broken").mkdir()
     (root / "broken" / "config.json").write_text((root / "base" / "config.json").read_text())

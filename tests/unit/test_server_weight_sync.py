@@ -1,6 +1,7 @@
 """`rlad serve`'s side of the distributed weight sync: SGLang 0.5.23's rules for the update window, groups
-and formats (rollout/weight_receiver.py). The successful broadcast path is exercised over real gloo groups by
+and formats (engines/weight_receiver.py). The successful broadcast path is exercised over real gloo groups by
 tests/integration/test_weight_sync_wire.py; here every refusal, without a trainer."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from rlad_megatron.rollout import server
-from rlad_megatron.rollout.weight_sync import flatten_bucket, unflatten_bucket
-from rlad_megatron.testing import save_tiny_model
+from rlad_megatron.engines import server
+from rlad_megatron.engines.weight_sync import flatten_bucket, unflatten_bucket
+from rlad_megatron.tiny_models import save_tiny_model
 
 UPDATE = {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[64]], "group_name": "g"}
 
@@ -48,14 +49,24 @@ def test_window_rules_double_begin_end_without_begin_unknown_group(client):
     assert client.get("/model_info").json()["weight_version"] == "0"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"backend": "nccl"}, "cannot be honoured by rlad serve"),
-    ({"rank_offset": 0}, "rank_offset=0 must be in [1, world_size=2)"),
-    ({"master_port": "x"}, "master_port must be a int"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"backend": "nccl"}, "cannot be honoured by rlad serve"),
+        ({"rank_offset": 0}, "rank_offset=0 must be in [1, world_size=2)"),
+        ({"master_port": "x"}, "master_port must be a int"),
+    ],
+)
 def test_bad_group_requests_are_refused_by_name(client, change, message):
-    body = {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2, "group_name": "x",
-            "backend": "gloo", **change}
+    body = {
+        "master_address": "127.0.0.1",
+        "master_port": 1,
+        "rank_offset": 1,
+        "world_size": 2,
+        "group_name": "x",
+        "backend": "gloo",
+        **change,
+    }
     status, answer = _post(client, "/init_weights_update_group", body)
     assert status == 400 and message in answer["message"]
 

@@ -22,7 +22,7 @@ straight out of it and parsed with `ast`:
 What the project sends is captured on the wire: a recording HTTP server answers like SGLang (good enough
 for the clients to proceed) and the project's real clients are driven against it; every (method, path,
 JSON body) must match a route and its request class (`REQUEST_CLASSES`). The commands the project starts
-SGLang servers and sglang-router with (`launch/node.py`, `rollout/sglang_fleet.py`, `rollout/fleet.py`)
+SGLang servers and sglang-router with (`launch/node.py`, `engines/sglang_fleet.py`, `engines/fleet.py`)
 must use real flags only (argparse's prefix matching would otherwise accept e.g. `--tp` for `--tp-size`).
 The router's flags come from the installed sglang-router (the pinned version, `ARG SGLANG_ROUTER=`).
 
@@ -31,6 +31,7 @@ the project's code send the request to the recorder's `url`) in DRIVERS. Another
 `RLAD_SGLANG_VERSION=X.Y.Z pytest tests/unit/test_sglang_contract.py`. Without access to the package registry
 the tests that need the wheel are skipped, naming pip's error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -145,8 +146,23 @@ def sglang_wheel(version: str) -> Path:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--timeout", "30",
-               "--retries", "1", "--disable-pip-version-check", "-q", f"sglang=={version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--timeout",
+            "30",
+            "--retries",
+            "1",
+            "--disable-pip-version-check",
+            "-q",
+            f"sglang=={version}",
+            "-d",
+            tmp,
+        ]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -155,8 +171,9 @@ def sglang_wheel(version: str) -> Path:
         if done.returncode != 0 or not wheels:
             lines = (done.stderr or done.stdout).strip().splitlines()
             why = [ln for ln in lines if ln.startswith("ERROR")][-1:] + [ln[:200] for ln in lines if "Error" in ln][:1]
-            raise SourceUnavailable(f"`pip download sglang=={version}` failed (exit {done.returncode}): "
-                                    + " | ".join(why or lines[-2:]))
+            raise SourceUnavailable(
+                f"`pip download sglang=={version}` failed (exit {done.returncode}): " + " | ".join(why or lines[-2:])
+            )
         target = cache / wheels[0].name
         os.replace(wheels[0], target)  # atomic: a concurrent run sees the whole wheel or none
         return target
@@ -178,7 +195,7 @@ def sglang_source(version: str | None = None) -> SGLangFacts:
         pytest.skip(_UNAVAILABLE[version])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _facts(version: str) -> SGLangFacts:
     wheel = sglang_wheel(version)
     with zipfile.ZipFile(wheel) as z:
@@ -223,7 +240,8 @@ def _facts(version: str) -> SGLangFacts:
 def _is_classvar(annotation: ast.expr) -> bool:
     node = annotation.value if isinstance(annotation, ast.Subscript) else annotation
     return (isinstance(node, ast.Name) and node.id == "ClassVar") or (
-        isinstance(node, ast.Attribute) and node.attr == "ClassVar")
+        isinstance(node, ast.Attribute) and node.attr == "ClassVar"
+    )
 
 
 def _class_fields(tree: ast.Module) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
@@ -240,8 +258,11 @@ def _class_fields(tree: ast.Module) -> tuple[dict[str, frozenset[str]], dict[str
             if isinstance(base, ast.Name) and base.id in classes:
                 out.update(own(base.id))
         for stmt in classes[name].body:
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and not _is_classvar(
-                    stmt.annotation):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and not _is_classvar(stmt.annotation)
+            ):
                 out[stmt.target.id] = stmt.value is not None and not _field_without_default(stmt.value)
         done[name] = out
         return out
@@ -286,8 +307,11 @@ def _routes(tree: ast.Module, request_classes: set[str]) -> dict[str, Route]:
                 break
         doc = ast.get_docstring(fn) or ""
         for dec in fn.decorator_list:
-            if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)
-                    and ast.unparse(dec.func.value) == "app"):
+            if not (
+                isinstance(dec, ast.Call)
+                and isinstance(dec.func, ast.Attribute)
+                and ast.unparse(dec.func.value) == "app"
+            ):
                 continue
             kind = dec.func.attr
             if kind in ("get", "post", "put", "delete", "patch", "head"):
@@ -301,13 +325,23 @@ def _routes(tree: ast.Module, request_classes: set[str]) -> dict[str, Route]:
             if path is None:
                 continue  # computed at import time from a variable: not a route a client can rely on
             old = routes.get(path)
-            routes[path] = Route(frozenset(methods) | (old.methods if old else frozenset()), fn.name, body_class, auth,
-                                 "deprecated" in doc.lower())
+            routes[path] = Route(
+                frozenset(methods) | (old.methods if old else frozenset()),
+                fn.name,
+                body_class,
+                auth,
+                "deprecated" in doc.lower(),
+            )
     return routes
 
 
-_EXPECT_KINDS = {"_expect_int": "int", "_expect_uint": "uint", "_expect_float": "float", "_expect_bool": "bool",
-                 "_expect_str": "str"}
+_EXPECT_KINDS = {
+    "_expect_int": "int",
+    "_expect_uint": "uint",
+    "_expect_float": "float",
+    "_expect_bool": "bool",
+    "_expect_str": "str",
+}
 
 
 def _api_functions(tree: ast.Module) -> dict[str, ast.FunctionDef]:
@@ -319,8 +353,9 @@ def _api_rejects_unknown(tree: ast.Module) -> dict[str, bool]:
     out = {}
     for name, fn in _api_functions(tree).items():
         if name.startswith("decode_"):
-            out[name[len("decode_"):]] = any(isinstance(c, ast.Call) and ast.unparse(c.func) == "_unknown_field"
-                                             for c in ast.walk(fn))
+            out[name[len("decode_") :]] = any(
+                isinstance(c, ast.Call) and ast.unparse(c.func) == "_unknown_field" for c in ast.walk(fn)
+            )
     return out
 
 
@@ -329,7 +364,7 @@ def _api_value_kinds(tree: ast.Module) -> dict[str, dict[str, frozenset[str]]]:
     of its generated decoder. Keys decoded into a nested object are left out (checked separately, if at all)."""
     funcs = _api_functions(tree)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def leaf_kinds(name: str, seen: frozenset = frozenset()) -> frozenset[str] | None:
         if name in _EXPECT_KINDS:
             return frozenset([_EXPECT_KINDS[name]])
@@ -358,20 +393,31 @@ def _api_value_kinds(tree: ast.Module) -> dict[str, dict[str, frozenset[str]]]:
             continue
         keys: dict[str, frozenset[str]] = {}
         for node in ast.walk(fn):
-            if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-                    and ast.unparse(node.test.left) == "key" and isinstance(node.test.comparators[0], ast.Constant)):
+            if not (
+                isinstance(node, ast.If)
+                and isinstance(node.test, ast.Compare)
+                and ast.unparse(node.test.left) == "key"
+                and isinstance(node.test.comparators[0], ast.Constant)
+            ):
                 continue
             key = node.test.comparators[0].value
             for stmt in node.body:
-                callee = next((c.func.id for c in ast.walk(stmt) if isinstance(c, ast.Call)
-                               and isinstance(c.func, ast.Name) and c.func.id.startswith(("_expect_", "decode_"))),
-                              None)
+                callee = next(
+                    (
+                        c.func.id
+                        for c in ast.walk(stmt)
+                        if isinstance(c, ast.Call)
+                        and isinstance(c.func, ast.Name)
+                        and c.func.id.startswith(("_expect_", "decode_"))
+                    ),
+                    None,
+                )
                 kinds = leaf_kinds(callee) if callee else None
                 if kinds:
                     keys[key] = kinds
                 break
         if keys:
-            out[name[len("decode_"):]] = keys
+            out[name[len("decode_") :]] = keys
     return out
 
 
@@ -381,8 +427,11 @@ def _unwrap_optional(node: ast.expr) -> ast.expr:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
         parts = [p for p in (node.left, node.right) if ast.unparse(p) != "None"]
         return parts[0] if len(parts) == 1 else node
-    if isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("Union", "typing.Union") and isinstance(
-            node.slice, ast.Tuple):
+    if (
+        isinstance(node, ast.Subscript)
+        and ast.unparse(node.value) in ("Union", "typing.Union")
+        and isinstance(node.slice, ast.Tuple)
+    ):
         parts = [p for p in node.slice.elts if ast.unparse(p) != "None"]
         return parts[0] if len(parts) == 1 else node
     return node
@@ -401,10 +450,14 @@ def _server_cli(tree: Callable[[str], ast.Module]):
     registration = ast.unparse(funcs["add_cli_args_from_dataclass"])
 
     sa = tree(SOURCES["server_args"])
-    namespaces = next([e.id for e in n.value.elts] for n in sa.body if isinstance(n, ast.Assign)
-                      and [ast.unparse(t) for t in n.targets] == ["_INPUT_NAMESPACES"])
-    imported = {a.asname or a.name: n.module for n in sa.body if isinstance(n, ast.ImportFrom) and n.module
-                for a in n.names}
+    namespaces = next(
+        [e.id for e in n.value.elts]
+        for n in sa.body
+        if isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["_INPUT_NAMESPACES"]
+    )
+    imported = {
+        a.asname or a.name: n.module for n in sa.body if isinstance(n, ast.ImportFrom) and n.module for a in n.names
+    }
 
     def class_body(module: str, name: str) -> list[ast.stmt]:
         mod = tree(module.replace(".", "/") + ".py")
@@ -426,8 +479,11 @@ def _server_cli(tree: Callable[[str], ast.Module]):
             continue
         name, ann = stmt.target.id, stmt.annotation
         fields.add(name)
-        if not (isinstance(ann, ast.Subscript) and ast.unparse(ann.value) in ("A", "Annotated", "typing.Annotated")
-                and isinstance(ann.slice, ast.Tuple)):
+        if not (
+            isinstance(ann, ast.Subscript)
+            and ast.unparse(ann.value) in ("A", "Annotated", "typing.Annotated")
+            and isinstance(ann.slice, ast.Tuple)
+        ):
             continue  # no Arg metadata: not registered from the dataclass
         inner, *metadata = ann.slice.elts
         arg = None
@@ -531,8 +587,11 @@ def _flag_hint(flag: str, known: Iterable[str]) -> str:
 
 
 def _check_values(where: str, body: dict, kinds: dict[str, frozenset[str]]) -> list[str]:
-    return [f"{where}: {k}={v!r} does not decode as {'/'.join(sorted(kinds[k]))} in SGLang's JSON contract"
-            for k, v in body.items() if k in kinds and not all(_fits(leaf, kinds[k]) for leaf in _leaves(v))]
+    return [
+        f"{where}: {k}={v!r} does not decode as {'/'.join(sorted(kinds[k]))} in SGLang's JSON contract"
+        for k, v in body.items()
+        if k in kinds and not all(_fits(leaf, kinds[k]) for leaf in _leaves(v))
+    ]
 
 
 def check_calls(calls: Iterable[Call], facts: SGLangFacts, api_key: str = "") -> list[str]:
@@ -563,8 +622,9 @@ def check_calls(calls: Iterable[Call], facts: SGLangFacts, api_key: str = "") ->
             problems.append(f"{where}: the body must be a JSON object ({cls}), got {type(body).__name__}")
             continue
         problems += _check_keys(where, body, facts.request_fields[cls], cls)
-        problems += [f"{where}: required field {k!r} of {cls} is missing"
-                     for k in sorted(facts.required_fields[cls] - set(body))]
+        problems += [
+            f"{where}: required field {k!r} of {cls} is missing" for k in sorted(facts.required_fields[cls] - set(body))
+        ]
         if c.path == "/generate":
             problems += _check_generate(where, body, facts)
     return list(dict.fromkeys(problems))
@@ -587,8 +647,12 @@ def _check_generate(where: str, body: dict, facts: SGLangFacts) -> list[str]:
             continue
         problems += _check_keys(at, sp, facts.sampling_params, "SamplingParams")
         if facts.api_rejects_unknown.get("SamplingParams"):
-            problems += _check_keys(at, sp, facts.api_fields["SamplingParams"],
-                                    "the /generate JSON contract's SamplingParams (unknown keys are a 400)")
+            problems += _check_keys(
+                at,
+                sp,
+                facts.api_fields["SamplingParams"],
+                "the /generate JSON contract's SamplingParams (unknown keys are a 400)",
+            )
         problems += _check_values(at, sp, facts.api_value_kinds.get("SamplingParams", {}))
     return problems
 
@@ -597,7 +661,7 @@ def _after(argv: list[str], module: str) -> list[str]:
     """The arguments after `-m <module>`."""
     for i in range(len(argv) - 1):
         if argv[i] == "-m" and argv[i + 1] == module:
-            return argv[i + 2:]
+            return argv[i + 2 :]
     raise AssertionError(f"not a `-m {module}` command: {argv}")
 
 
@@ -611,10 +675,15 @@ def check_server_argv(argv: list[str], facts: SGLangFacts) -> list[str]:
             continue
         flag = tok.split("=", 1)[0]
         if flag not in facts.server_flags:
-            problems.append(f"{flag}: not a flag of SGLang {facts.version}'s launch_server"
-                            + _flag_hint(flag, facts.server_flags))
-        elif flag in facts.server_store_true and "=" not in tok and j + 1 < len(args) and not args[j + 1].startswith(
-                "--"):
+            problems.append(
+                f"{flag}: not a flag of SGLang {facts.version}'s launch_server" + _flag_hint(flag, facts.server_flags)
+            )
+        elif (
+            flag in facts.server_store_true
+            and "=" not in tok
+            and j + 1 < len(args)
+            and not args[j + 1].startswith("--")
+        ):
             problems.append(f"{flag} takes no value, but {args[j + 1]!r} follows it")
     return problems
 
@@ -631,8 +700,11 @@ def router_parser() -> argparse.ArgumentParser:
 def check_router_argv(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     args = _after(argv, "sglang_router.launch_router")
     known = set(parser._option_string_actions)
-    problems = [f"{t.split('=', 1)[0]}: not a flag of sglang-router" + _flag_hint(t.split("=", 1)[0], known)
-                for t in args if t.startswith("--") and t.split("=", 1)[0] not in known]
+    problems = [
+        f"{t.split('=', 1)[0]}: not a flag of sglang-router" + _flag_hint(t.split("=", 1)[0], known)
+        for t in args
+        if t.startswith("--") and t.split("=", 1)[0] not in known
+    ]
     if not problems:  # values too (choices, types, arity): argparse as the router runs it
         err = io.StringIO()
         try:
@@ -712,8 +784,12 @@ class Recorder:
         if path in ("/health", "/health_generate"):
             return 200, None
         if path in ("/get_model_info", "/model_info"):
-            return 200, {"model_path": "/models/fake", "tokenizer_path": "/models/fake", "is_generation": True,
-                         "weight_version": self.weight_version}
+            return 200, {
+                "model_path": "/models/fake",
+                "tokenizer_path": "/models/fake",
+                "is_generation": True,
+                "weight_version": self.weight_version,
+            }
         if path in ("/get_server_info", "/server_info"):
             return 200, {"version": "fake", "tp_size": 1, "dp_size": 1, "weight_version": self.weight_version}
         if path == "/generate" and method in ("POST", "PUT"):
@@ -750,17 +826,26 @@ def fake_generate(body: dict, weight_version: str) -> Any:
             finish = {"type": "stop", "matched": stops[0]}
         else:
             finish = {"type": "length", "length": len(out)}
-        meta = {"id": f"req-{k}", "finish_reason": finish, "prompt_tokens": len(prompt), "completion_tokens": len(out),
-                "cached_tokens": 0, "weight_version": weight_version, "e2e_latency": 0.01}
+        meta = {
+            "id": f"req-{k}",
+            "finish_reason": finish,
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(out),
+            "cached_tokens": 0,
+            "weight_version": weight_version,
+            "e2e_latency": 0.01,
+        }
         if _per_prompt(body.get("return_logprob"), i, batch):
             start = _per_prompt(body.get("logprob_start_len", -1), i, batch)
             start = len(prompt) - 1 if start is None or start < 0 else start
             top = _per_prompt(body.get("top_logprobs_num", 0), i, batch) or 0
-            meta["input_token_logprobs"] = [[None, prompt[start], None]] + [[-0.5, t, None] for t in prompt[start + 1:]]
+            meta["input_token_logprobs"] = [[None, prompt[start], None]] + [
+                [-0.5, t, None] for t in prompt[start + 1 :]
+            ]
             meta["output_token_logprobs"] = [[-0.25, t, None] for t in out]
             if top:
                 others = [[-2.0 - j, j, None] for j in range(top - 1)]
-                meta["input_top_logprobs"] = [None] + [[[-0.5, t, None], *others] for t in prompt[start + 1:]]
+                meta["input_top_logprobs"] = [None] + [[[-0.5, t, None], *others] for t in prompt[start + 1 :]]
                 meta["output_top_logprobs"] = [[[-0.25, t, None], *others] for t in out]
         outs.append({"text": "", "output_ids": out, "meta_info": meta})
     return outs[0] if not batch and n == 1 else outs
@@ -773,13 +858,13 @@ API_KEY = "contract-test-key"
 
 
 def _engine(url: str):
-    from rlad_megatron.rollout.client import HttpEngine
+    from rlad_megatron.engines.client import HttpEngine
 
     return HttpEngine([url], api_key=API_KEY, request_timeout_s=20.0, max_retries=1, backoff_s=0.01, cooldown_s=0.05)
 
 
 def drive_generate(rec: Recorder, tmp_path: Path) -> None:
-    from rlad_megatron.rollout.base import SamplingParams
+    from rlad_megatron.engines.base import SamplingParams
 
     engine = _engine(rec.url)
     try:
@@ -804,7 +889,7 @@ def drive_score(rec: Recorder, tmp_path: Path) -> None:
 
 def drive_update_from_disk_and_rejoin(rec: Recorder, tmp_path: Path) -> None:
     """Weights from disk; then a 503 takes the server out, and it rejoins (/health, then its weight version)."""
-    from rlad_megatron.rollout.base import SamplingParams
+    from rlad_megatron.engines.base import SamplingParams
 
     engine = _engine(rec.url)
     try:
@@ -818,23 +903,25 @@ def drive_update_from_disk_and_rejoin(rec: Recorder, tmp_path: Path) -> None:
 
 
 def drive_wait_healthy(rec: Recorder, tmp_path: Path) -> None:
-    from rlad_megatron.rollout.fleet import ServerProcess
+    from rlad_megatron.engines.fleet import ServerProcess
 
     ServerProcess(["unused"], rec.url).wait_healthy(10.0, headers={"Authorization": f"Bearer {API_KEY}"})
 
 
 def drive_weight_sync(rec: Recorder, tmp_path: Path) -> None:
-    """The trainer's distributed weight sync (rollout/weight_sync.py), HTTP side only: the process group and
+    """The trainer's distributed weight sync (engines/weight_sync.py), HTTP side only: the process group and
     the broadcast are stubbed (the recorder cannot join one); every call the trainer sends is real."""
     from unittest import mock
 
     import torch
 
-    from rlad_megatron.rollout import weight_sync as ws
+    from rlad_megatron.engines import weight_sync as ws
 
-    with mock.patch.object(ws, "init_custom_process_group", lambda *a, **k: object()), \
-            mock.patch.object(ws, "destroy_group", lambda pg: None), \
-            mock.patch("torch.distributed.broadcast", lambda *a, **k: None):
+    with (
+        mock.patch.object(ws, "init_custom_process_group", lambda *a, **k: object()),
+        mock.patch.object(ws, "destroy_group", lambda pg: None),
+        mock.patch("torch.distributed.broadcast", lambda *a, **k: None),
+    ):
         calls = ws.ServerCalls(API_KEY, timeout_s=10.0)
         sender = ws.StageSender(0, calls, "127.0.0.1", "nccl", 10.0)
         sender.connect([rec.url], generation=1)
@@ -852,9 +939,18 @@ DRIVERS: dict[str, Callable[[Recorder, Path], None]] = {
     "wait_healthy": drive_wait_healthy,
     "weight_sync": drive_weight_sync,
 }
-EXPECTED_PATHS = {"/generate", "/update_weights_from_disk", "/health", "/health_generate",  # the drivers reach these
-                  "/init_weights_update_group", "/begin_weight_update", "/update_weights_from_distributed",
-                  "/end_weight_update", "/destroy_weights_update_group", "/server_info"}
+EXPECTED_PATHS = {
+    "/generate",
+    "/update_weights_from_disk",
+    "/health",
+    "/health_generate",  # the drivers reach these
+    "/init_weights_update_group",
+    "/begin_weight_update",
+    "/update_weights_from_distributed",
+    "/end_weight_update",
+    "/destroy_weights_update_group",
+    "/server_info",
+}
 
 
 # =====================================================================================================
@@ -881,8 +977,13 @@ def test_sglang_source_reads_the_pinned_release(facts):
 def test_flags_are_named_by_sglangs_rule(facts):
     """The flag set above assumes arg_utils' registration; fail loudly if SGLang changes it."""
     assert facts.flag_rule == "'--' + name.replace('_', '-')", f"SGLang now names flags {facts.flag_rule}"
-    for marker in ("if arg_meta is None:", "if arg_meta.no_cli:", "arg_meta.cli_name or _field_to_cli_name(field.name)",
-                   "[cli_name] + (arg_meta.aliases or [])", "inner_type is bool"):
+    for marker in (
+        "if arg_meta is None:",
+        "if arg_meta.no_cli:",
+        "arg_meta.cli_name or _field_to_cli_name(field.name)",
+        "[cli_name] + (arg_meta.aliases or [])",
+        "inner_type is bool",
+    ):
         assert marker in facts.flag_registration, f"arg_utils.add_cli_args_from_dataclass no longer has {marker!r}"
     for marker in ("prepare_server_args(sys.argv[1:])", "ServerArgs.add_cli_args(parser)"):
         assert marker in facts.launch_server, f"sglang.launch_server no longer parses flags via {marker!r}"
@@ -939,20 +1040,29 @@ def test_checks_report_what_sglang_would_refuse(facts):
     key = {"authorization": f"Bearer {API_KEY}"}
     cases = {
         "'bogus_field' is not a field of GenerateReqInput": Call("POST", "/generate", {**ok, "bogus_field": 1}, key),
-        "'temprature' is not a field of SamplingParams (did you mean 'temperature'?)":
-            Call("POST", "/generate", {**ok, "sampling_params": {"temprature": 1.0}}, key),
-        "the /generate JSON contract's SamplingParams": Call("POST", "/generate", {
-            **ok, "sampling_params": {"stop_strs": ["x"]}}, key),  # an internal field: the contract refuses it
-        "sampling_seed='3' does not decode as int": Call("POST", "/generate", {
-            **ok, "sampling_params": {"sampling_seed": "3"}}, key),
-        "logprob_start_len=1.5 does not decode as int": Call("POST", "/generate", {
-            **ok, "logprob_start_len": 1.5}, key),
+        "'temprature' is not a field of SamplingParams (did you mean 'temperature'?)": Call(
+            "POST", "/generate", {**ok, "sampling_params": {"temprature": 1.0}}, key
+        ),
+        "the /generate JSON contract's SamplingParams": Call(
+            "POST", "/generate", {**ok, "sampling_params": {"stop_strs": ["x"]}}, key
+        ),  # an internal field: the contract refuses it
+        "sampling_seed='3' does not decode as int": Call(
+            "POST", "/generate", {**ok, "sampling_params": {"sampling_seed": "3"}}, key
+        ),
+        "logprob_start_len=1.5 does not decode as int": Call(
+            "POST", "/generate", {**ok, "logprob_start_len": 1.5}, key
+        ),
         "no such route": Call("POST", "/update_weights_from_disc", {"model_path": "/x"}, key),
         "for ['POST'] only": Call("GET", "/update_weights_from_disk", None, key),
-        "required field 'model_path' of UpdateWeightFromDiskReqInput is missing":
-            Call("POST", "/update_weights_from_disk", {"weight_version": "1"}, key),
-        "'names' is not a field of InitWeightsUpdateGroupReqInput": Call("POST", "/init_weights_update_group", {
-            "master_address": "a", "master_port": 1, "rank_offset": 1, "world_size": 2, "names": []}, key),
+        "required field 'model_path' of UpdateWeightFromDiskReqInput is missing": Call(
+            "POST", "/update_weights_from_disk", {"weight_version": "1"}, key
+        ),
+        "'names' is not a field of InitWeightsUpdateGroupReqInput": Call(
+            "POST",
+            "/init_weights_update_group",
+            {"master_address": "a", "master_port": 1, "rank_offset": 1, "world_size": 2, "names": []},
+            key,
+        ),
         "without `Authorization: Bearer <key>`": Call("POST", "/generate", ok, {}),
         "not in REQUEST_CLASSES": Call("POST", "/abort_request", {"rid": "x"}, key),
         "reads none": Call("GET", "/get_model_info", {"x": 1}, key),
@@ -961,12 +1071,23 @@ def test_checks_report_what_sglang_would_refuse(facts):
     for expected, call in cases.items():
         problems = check_calls([call], facts, api_key=API_KEY)
         assert any(expected in p for p in problems), f"{expected!r} not reported for {call}: {problems}"
-    argv = ["python", "-m", "sglang.launch_server", "--model-path", "m", "--tp", "2", "--trust-remote-code", "true",
-            "--mem-fraction-static=0.8"]
+    argv = [
+        "python",
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        "m",
+        "--tp",
+        "2",
+        "--trust-remote-code",
+        "true",
+        "--mem-fraction-static=0.8",
+    ]
     assert check_server_argv(argv, facts) == [
         f"--tp: not a flag of SGLang {facts.version}'s launch_server (argparse reads it as '--tp-size' only by "
         "prefix matching; spell it out)",
-        "--trust-remote-code takes no value, but 'true' follows it"]
+        "--trust-remote-code takes no value, but 'true' follows it",
+    ]
 
 
 def _recipe_commands(overrides: list[str], keys: dict[str, str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -987,8 +1108,10 @@ def _recipe_commands(overrides: list[str], keys: dict[str, str]) -> tuple[list[l
 
 
 NODE_CASES = {  # the qwen3_math recipe (server_args: mem_fraction_static) plus:
-    "bool server_args, keyed teacher": (["rollout.server_args.enable_deterministic_inference=true",
-                                         "teacher.server_args.disable_radix_cache=false"], {"teacher": "k"}),
+    "bool server_args, keyed teacher": (
+        ["rollout.server_args.enable_deterministic_inference=true", "teacher.server_args.disable_radix_cache=false"],
+        {"teacher": "k"},
+    ),
     "teacher spanning two nodes": (["launch.teacher_tp=16"], {}),
 }
 
@@ -1008,10 +1131,14 @@ def test_node_agent_starts_sglang_and_router_with_real_flags(facts, case):
 
 
 def test_fleet_starts_sglang_with_real_flags(facts):
-    from rlad_megatron.rollout.sglang_fleet import sglang_server_cmd
+    from rlad_megatron.engines.sglang_fleet import sglang_server_cmd
 
-    args = {"tp_size": 2, "mem_fraction_static": 0.8, "enable_deterministic_inference": True,
-            "disable_radix_cache": False}
+    args = {
+        "tp_size": 2,
+        "mem_fraction_static": 0.8,
+        "enable_deterministic_inference": True,
+        "disable_radix_cache": False,
+    }
     argv = sglang_server_cmd("/models/m", 30000, "127.0.0.1", args, 2, api_key="k")
     assert "--tp-size" in argv and "--enable-deterministic-inference" in argv
     assert check_server_argv(argv, facts) == []
@@ -1020,7 +1147,7 @@ def test_fleet_starts_sglang_with_real_flags(facts):
 def test_fleet_turns_a_legacy_tp_key_into_a_real_flag(facts):
     """`server_args: {tp: 8}` (the spelling older docs used) must reach SGLang as --tp-size (or be refused):
     `--tp` is no SGLang flag and only worked through argparse's prefix matching."""
-    from rlad_megatron.rollout.sglang_fleet import sglang_server_cmd
+    from rlad_megatron.engines.sglang_fleet import sglang_server_cmd
 
     try:
         argv = sglang_server_cmd("/models/m", 30000, "127.0.0.1", {"tp": 2}, 0)
@@ -1028,8 +1155,10 @@ def test_fleet_turns_a_legacy_tp_key_into_a_real_flag(facts):
         return  # refusing the key is fine too
     problems = check_server_argv(argv, facts)
     if problems and all(p.startswith("--tp:") for p in problems):
-        pytest.xfail("rollout/sglang_fleet.py passes server_args `tp` as `--tp`; the fix maps it to SGLang's "
-                     "--tp-size (normalize_server_args)")
+        pytest.xfail(
+            "engines/sglang_fleet.py passes server_args `tp` as `--tp`; the fix maps it to SGLang's "
+            "--tp-size (normalize_server_args)"
+        )
     assert problems == []
 
 
@@ -1038,7 +1167,8 @@ def _pinned_router_parser() -> argparse.ArgumentParser:
 
     pin = dockerfile_pin("SGLANG_ROUTER")
     assert f'"sglang-router=={pin}"' in (REPO / "setup.py").read_text(), (
-        f"setup.py's [cpu] extra must pin sglang-router=={pin}, like the Dockerfile")
+        f"setup.py's [cpu] extra must pin sglang-router=={pin}, like the Dockerfile"
+    )
     installed = version("sglang-router")
     if installed != pin:
         pytest.skip(f"this venv has sglang-router {installed}, the pin is {pin}: run `make setup`")
@@ -1046,7 +1176,7 @@ def _pinned_router_parser() -> argparse.ArgumentParser:
 
 
 def test_fleet_starts_the_router_with_real_flags(tmp_path, monkeypatch):
-    from rlad_megatron.rollout import fleet
+    from rlad_megatron.engines import fleet
 
     started: list[list[str]] = []
 
@@ -1065,10 +1195,13 @@ def test_fleet_starts_the_router_with_real_flags(tmp_path, monkeypatch):
     assert fleet.launch_router(["http://127.0.0.1:30001", "http://127.0.0.1:30002"], 30800, str(tmp_path)) is not None
     assert len(started) == 1
     assert check_router_argv(started[0], _pinned_router_parser()) == []
-    assert check_router_argv(["python", "-m", "sglang_router.launch_router", "--worker-url", "http://a"],
-                             _pinned_router_parser()) == ["--worker-url: not a flag of sglang-router (argparse "
-                                                          "reads it as '--worker-urls' only by prefix matching; "
-                                                          "spell it out)"]
+    assert check_router_argv(
+        ["python", "-m", "sglang_router.launch_router", "--worker-url", "http://a"], _pinned_router_parser()
+    ) == [
+        "--worker-url: not a flag of sglang-router (argparse "
+        "reads it as '--worker-urls' only by prefix matching; "
+        "spell it out)"
+    ]
 
 
 def test_the_wheel_is_downloaded_once(facts):

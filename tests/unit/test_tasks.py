@@ -1,4 +1,5 @@
 """Procedural tasks: seeded determinism, disjoint held-out split, traces scored right, tokenizer coverage."""
+
 import random
 
 import pytest
@@ -22,8 +23,12 @@ def test_seeded_generation_is_deterministic(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_heldout_never_overlaps_training(name):
-    train = {r["prompt"] for seed in range(3) for r in task_records(name, 300, seed=seed, split="train", difficulties=[1, 2])}
-    test = {r["prompt"] for seed in range(3) for r in task_records(name, 100, seed=seed, split="test", difficulties=[1, 2])}
+    train = {
+        r["prompt"] for seed in range(3) for r in task_records(name, 300, seed=seed, split="train", difficulties=[1, 2])
+    }
+    test = {
+        r["prompt"] for seed in range(3) for r in task_records(name, 100, seed=seed, split="test", difficulties=[1, 2])
+    }
     assert train and test and not train & test
     assert all(split_of(f"{name}:{p}", 0.1) == "test" for p in test)
 

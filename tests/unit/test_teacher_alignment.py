@@ -1,4 +1,5 @@
 """Teacher alignment: the pure index helpers, SGLang's input-logprob layout, and score_samples end to end."""
+
 from __future__ import annotations
 
 import time
@@ -6,7 +7,7 @@ import time
 import pytest
 import torch
 
-from rlad_megatron.rollout.base import EngineError
+from rlad_megatron.engines.base import EngineError
 from rlad_megatron.teacher.alignment import (
     drop_final_token,
     gather_response_logprobs,
@@ -67,8 +68,8 @@ def test_drop_final_token():
 def teacher(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from rlad_megatron.rollout.embedded import EmbeddedEngine
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.engines.embedded import EmbeddedEngine
+    from rlad_megatron.tiny_models import save_tiny_model
 
     d = tmp_path_factory.mktemp("teacher")
     save_tiny_model(d, "qwen2", seed=3)
@@ -80,9 +81,14 @@ def _samples(n_prompt_lengths=6, vocab=90):
     out = []
     for plen in range(1, n_prompt_lengths + 1):
         rlen = 1 + (plen * 3) % 5
-        out.append(Sample(prompt_ids=torch.randint(5, vocab, (plen,), generator=g).tolist(),
-                          response_ids=torch.randint(5, vocab, (rlen,), generator=g).tolist(),
-                          rollout_logprobs=[-1.0] * rlen, finish_reason="length"))
+        out.append(
+            Sample(
+                prompt_ids=torch.randint(5, vocab, (plen,), generator=g).tolist(),
+                response_ids=torch.randint(5, vocab, (rlen,), generator=g).tolist(),
+                rollout_logprobs=[-1.0] * rlen,
+                finish_reason="length",
+            )
+        )
     return out
 
 
@@ -99,7 +105,7 @@ def test_score_samples_equals_full_forward_for_padded_batches(teacher):
         P = len(s.prompt_ids)
         want = [float(full[P + j - 1, t]) for j, t in enumerate(s.response_ids)]
         assert s.teacher_logprobs == pytest.approx(want, abs=1e-4)
-        vals, idx = full[P - 1:-1].topk(3, dim=-1)
+        vals, idx = full[P - 1 : -1].topk(3, dim=-1)
         assert s.teacher_topk_ids == idx.tolist()
         torch.testing.assert_close(torch.tensor(s.teacher_topk_logprobs), vals, atol=1e-4, rtol=0)
 
@@ -108,8 +114,9 @@ def test_drop_final_eos_keeps_positions_and_skips_the_token(teacher):
     from rlad_megatron.teacher import score_samples
 
     engine, _, _ = teacher
-    stopped = Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9, 1], rollout_logprobs=[-1.0, -2.0, -3.0],
-                     finish_reason="stop")
+    stopped = Sample(
+        prompt_ids=[5, 6, 7], response_ids=[8, 9, 1], rollout_logprobs=[-1.0, -2.0, -3.0], finish_reason="stop"
+    )
     plain = Sample(prompt_ids=[5, 6, 7], response_ids=[8, 9], rollout_logprobs=[-1.0, -2.0], finish_reason="length")
     score_samples(engine, [stopped, plain], drop_final_eos=True)
     assert len(stopped.teacher_logprobs) == 3 and stopped.teacher_logprobs[-1] == -3.0  # placeholder, masked later
@@ -120,8 +127,8 @@ def test_drop_final_eos_keeps_positions_and_skips_the_token(teacher):
 
 
 def test_teacher_unreachable_fails_loudly_and_quickly():
-    from rlad_megatron.rollout.client import HttpEngine
-    from rlad_megatron.rollout.fleet import free_port
+    from rlad_megatron.engines.client import HttpEngine
+    from rlad_megatron.engines.fleet import free_port
     from rlad_megatron.teacher import score_samples
 
     engine = HttpEngine([f"http://127.0.0.1:{free_port()}"], request_timeout_s=3.0, max_retries=2, cooldown_s=0.2)

@@ -1,4 +1,5 @@
 """`rlad train --dry-run`: one clear message per problem, exit 1; the example recipes validate."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     tiny = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
@@ -25,9 +26,14 @@ def models(tmp_path_factory):
 
 def _recipe(tmp_path, models, **extra) -> str:
     lines = {
-        "run_dir": str(tmp_path / "run"), "model.student": str(models / "student"),
-        "model.teacher": str(models / "teacher"), "algorithm.name": "rlad", "data.train": "task:addition",
-        "data.task_kwargs.size": "8", "rollout.kind": "embedded", "teacher.kind": "embedded",
+        "run_dir": str(tmp_path / "run"),
+        "model.student": str(models / "student"),
+        "model.teacher": str(models / "teacher"),
+        "algorithm.name": "rlad",
+        "data.train": "task:addition",
+        "data.task_kwargs.size": "8",
+        "rollout.kind": "embedded",
+        "teacher.kind": "embedded",
     }
     lines.update(extra)
     path = tmp_path / "recipe.yaml"
@@ -67,11 +73,20 @@ def test_missing_weight_shard_is_named(tmp_path, models, capsys):
 
 
 def test_tokenizer_mismatch(tmp_path, models, capsys):
-    from rlad_megatron.testing import save_tiny_model
+    from rlad_megatron.tiny_models import save_tiny_model
 
     other = tmp_path / "other_teacher"
-    save_tiny_model(other, "llama", seed=3, tokenizer=False, hidden_size=32, intermediate_size=64,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
+    save_tiny_model(
+        other,
+        "llama",
+        seed=3,
+        tokenizer=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+    )
     from rlad_megatron.data.tokenizer import build_char_tokenizer
 
     build_char_tokenizer(other, alphabet="0123456789+=# abcdefghijklmnop")  # a different vocabulary

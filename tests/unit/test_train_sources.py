@@ -1,13 +1,14 @@
-"""Sample sources of the loop (rollouts.py) with a scripted engine: dynamic sampling, teacher traces."""
+"""Sample sources of the loop (sample_sources.py) with a scripted engine: dynamic sampling, teacher traces."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 from rlad_megatron.config import load_config
 from rlad_megatron.data.sampler import PromptSampler
+from rlad_megatron.engines.base import GenerateOutput
 from rlad_megatron.rewards.base import RewardResult
-from rlad_megatron.rollout.base import GenerateOutput
-from rlad_megatron.rollouts import Context, StudentRollouts, TeacherTraces, step_seed
+from rlad_megatron.sample_sources import SourceContext, StudentRollouts, TeacherTraces, step_seed
 
 
 class ScriptedEngine:
@@ -18,20 +19,33 @@ class ScriptedEngine:
 
     def generate(self, prompt_ids, sampling, n=1):
         self.seeds.append(sampling.seed)
-        return [[GenerateOutput([5] * (1 if p[0] == 0 else s + 1), [-0.1] * (1 if p[0] == 0 else s + 1), "stop")
-                 for s in range(n)] for p in prompt_ids]
+        return [
+            [
+                GenerateOutput([5] * (1 if p[0] == 0 else s + 1), [-0.1] * (1 if p[0] == 0 else s + 1), "stop")
+                for s in range(n)
+            ]
+            for p in prompt_ids
+        ]
 
 
 def _ctx(kinds, **overrides):
-    cfg = load_config(None, ["algorithm.group_size=2", "train.prompts_per_step=2"]
-                      + [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(
+        None, ["algorithm.group_size=2", "train.prompts_per_step=2"] + [f"{k}={v}" for k, v in overrides.items()]
+    )
     items = [{"prompt_ids": [0 if kind == "flat" else 1], "record": {"kind": kind}} for kind in kinds]
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "x" * len(ids))
     reward = lambda text, record: RewardResult(float(len(text)), {"correct": len(text) >= 2})
     objective = SimpleNamespace(uses_rewards=True)
     engine = ScriptedEngine()
-    ctx = Context(cfg=cfg, objective=objective, tokenizer=tokenizer, sampler=PromptSampler(items, shuffle=False),
-                  reward_fn=reward, rollout_engine=engine, teacher_engine=engine)
+    ctx = SourceContext(
+        cfg=cfg,
+        objective=objective,
+        tokenizer=tokenizer,
+        sampler=PromptSampler(items, shuffle=False),
+        reward_fn=reward,
+        rollout_engine=engine,
+        teacher_engine=engine,
+    )
     return ctx, engine
 
 

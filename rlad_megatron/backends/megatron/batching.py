@@ -22,6 +22,7 @@ targets, mask, seq_weights` plus the per-token keys given by the caller (`advant
 old_logprobs, teacher_logprobs, ref_logprobs, rollout_logprobs`) and, for GKD,
 `teacher_topk_ids` / `teacher_topk_logprobs` `[1, T, K]`. Left out: context-parallel sharding.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -53,8 +54,13 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         """A copy with every tensor on `device` (the model's)."""
         moved = {k: v.to(device, non_blocking=True) for k, v in self.tensors.items()}
-        return PackedBatch(tensors=moved, cu_seqlens=self.cu_seqlens.to(device), max_seqlen=self.max_seqlen,
-                           sample_indices=self.sample_indices, response_spans=self.response_spans)
+        return PackedBatch(
+            tensors=moved,
+            cu_seqlens=self.cu_seqlens.to(device),
+            max_seqlen=self.max_seqlen,
+            sample_indices=self.sample_indices,
+            response_spans=self.response_spans,
+        )
 
 
 def sequence_length(sample: Sample) -> int:
@@ -115,8 +121,14 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def pack_samples(samples: Sequence[Sample], per_token: dict[str, Sequence[Sequence[float]]] | None = None, *,
-                 pad_to_multiple: int = 1, pad_to_length: int = 0, topk: bool = False) -> PackedBatch:
+def pack_samples(
+    samples: Sequence[Sample],
+    per_token: dict[str, Sequence[Sequence[float]]] | None = None,
+    *,
+    pad_to_multiple: int = 1,
+    pad_to_length: int = 0,
+    topk: bool = False,
+) -> PackedBatch:
     """Pack samples into one row. `per_token[key][i]` holds one value per response token of sample i."""
     per_token = per_token or {}
     lengths = [sequence_length(s) for s in samples]
@@ -131,12 +143,12 @@ def pack_samples(samples: Sequence[Sample], per_token: dict[str, Sequence[Sequen
     for i, (sample, length) in enumerate(zip(samples, lengths)):
         _check_sample(i, sample)
         ids = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids), dtype=torch.long)
-        cols["tokens"][offset:offset + length] = ids[:-1]
-        cols["targets"][offset:offset + length] = ids[1:]
-        cols["position_ids"][offset:offset + length] = torch.arange(length)
+        cols["tokens"][offset : offset + length] = ids[:-1]
+        cols["targets"][offset : offset + length] = ids[1:]
+        cols["position_ids"][offset : offset + length] = torch.arange(length)
         start, n_resp = offset + len(sample.prompt_ids) - 1, len(sample.response_ids)
-        floats["mask"][start:start + n_resp] = 1.0
-        floats["seq_weights"][start:start + n_resp] = 1.0 / max(n_resp, 1)
+        floats["mask"][start : start + n_resp] = 1.0
+        floats["seq_weights"][start : start + n_resp] = 1.0 / max(n_resp, 1)
         for key, values in per_token.items():
             _fill(floats[key], start, values[i], n_resp, key, i)
         _fill_topk(topk_cols, start, sample, n_resp)
@@ -147,8 +159,13 @@ def pack_samples(samples: Sequence[Sample], per_token: dict[str, Sequence[Sequen
         bounds.append(padded)  # the padding tail attends only to itself
     tensors = {k: v.unsqueeze(0) for k, v in {**cols, **floats, **topk_cols}.items()}
     seqlens = [b - a for a, b in itertools.pairwise(bounds)]
-    return PackedBatch(tensors=tensors, cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-                       max_seqlen=max(seqlens), sample_indices=list(range(len(samples))), response_spans=spans)
+    return PackedBatch(
+        tensors=tensors,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=max(seqlens),
+        sample_indices=list(range(len(samples))),
+        response_spans=spans,
+    )
 
 
 def _fill(buffer: torch.Tensor, start: int, values: Sequence[float] | None, n_resp: int, key: str, i: int) -> None:
@@ -156,15 +173,17 @@ def _fill(buffer: torch.Tensor, start: int, values: Sequence[float] | None, n_re
         raise ValueError(f"sample {i} has no {key}; it is required by the objective")
     if len(values) != n_resp:
         raise ValueError(f"sample {i}: {key} has {len(values)} values for {n_resp} response tokens")
-    buffer[start:start + n_resp] = torch.as_tensor(values, dtype=torch.float32)
+    buffer[start : start + n_resp] = torch.as_tensor(values, dtype=torch.float32)
 
 
 def _topk_buffers(samples: Sequence[Sample], padded: int) -> dict[str, torch.Tensor]:
     k = max((len(row) for s in samples for row in (s.teacher_topk_ids or [])), default=0)
     if k == 0:
         raise ValueError("top-k distillation needs sample.teacher_topk_ids; the teacher returned none")
-    return {"teacher_topk_ids": torch.zeros(padded, k, dtype=torch.long),
-            "teacher_topk_logprobs": torch.zeros(padded, k)}
+    return {
+        "teacher_topk_ids": torch.zeros(padded, k, dtype=torch.long),
+        "teacher_topk_logprobs": torch.zeros(padded, k),
+    }
 
 
 def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp: int) -> None:
@@ -173,13 +192,19 @@ def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp
     ids, lps = sample.teacher_topk_ids or [], sample.teacher_topk_logprobs or []
     if len(ids) != n_resp or len(lps) != n_resp:
         raise ValueError(f"teacher top-k lists cover {len(ids)} positions for {n_resp} response tokens")
-    cols["teacher_topk_ids"][start:start + n_resp] = torch.as_tensor(ids, dtype=torch.long)
-    cols["teacher_topk_logprobs"][start:start + n_resp] = torch.as_tensor(lps, dtype=torch.float32)
+    cols["teacher_topk_ids"][start : start + n_resp] = torch.as_tensor(ids, dtype=torch.long)
+    cols["teacher_topk_logprobs"][start : start + n_resp] = torch.as_tensor(lps, dtype=torch.float32)
 
 
-def make_micro_batches(samples: Sequence[Sample], per_token: dict[str, Sequence[Sequence[float]]] | None,
-                       micro_batch_tokens: int, *, pad_to_multiple: int = 1, uniform_length: bool = False,
-                       topk: bool = False) -> list[PackedBatch]:
+def make_micro_batches(
+    samples: Sequence[Sample],
+    per_token: dict[str, Sequence[Sequence[float]]] | None,
+    micro_batch_tokens: int,
+    *,
+    pad_to_multiple: int = 1,
+    uniform_length: bool = False,
+    topk: bool = False,
+) -> list[PackedBatch]:
     """Dynamic micro-batches by token budget; `sample_indices` refer to `samples`."""
     per_token = per_token or {}
     lengths = [sequence_length(s) for s in samples]
@@ -188,8 +213,13 @@ def make_micro_batches(samples: Sequence[Sample], per_token: dict[str, Sequence[
     batches = []
     for indices in bins:
         sub = {k: [v[i] for i in indices] for k, v in per_token.items()}
-        batch = pack_samples([samples[i] for i in indices], sub, pad_to_multiple=pad_to_multiple,
-                             pad_to_length=pad_len if uniform_length else 0, topk=topk)
+        batch = pack_samples(
+            [samples[i] for i in indices],
+            sub,
+            pad_to_multiple=pad_to_multiple,
+            pad_to_length=pad_len if uniform_length else 0,
+            topk=topk,
+        )
         batch.sample_indices = list(indices)
         batches.append(batch)
     return batches

@@ -26,6 +26,7 @@ values form exactly one value, and there are none. Such a save is therefore mode
 `optimizer_saved=False` in the common state; loading it restores the model and resets the
 optimizer to fresh (no state), which then steps exactly as a never-saved fresh one.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,7 +71,9 @@ def _sharded_state_dict(trainer, *, is_loading: bool, with_optimizer: bool) -> d
         with compat.cuda_to_cpu():
             state["optimizer"] = trainer.optimizer.sharded_state_dict(
                 model_state if len(model_state) > 1 else model_state["model"],
-                is_loading=is_loading, metadata=_OPT_METADATA)
+                is_loading=is_loading,
+                metadata=_OPT_METADATA,
+            )
     return state
 
 
@@ -110,8 +113,9 @@ def _give_fresh_state_a_step(optimizer) -> None:
             for param in group["params"]:
                 state = megatron_opt.optimizer.state[param]
                 if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                 exp_avg_sq=torch.zeros_like(param))
+                    state.update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+                    )
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -123,8 +127,9 @@ def _write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / "latest")
 
 
-def save_checkpoint(trainer, run_dir: str | Path, step: int, extra_state: dict | None = None,
-                    keep_last: int = 2) -> Path:
+def save_checkpoint(
+    trainer, run_dir: str | Path, step: int, extra_state: dict | None = None, keep_last: int = 2
+) -> Path:
     """Collective: every rank calls it. Returns the final `step_N` folder."""
     from megatron.core import dist_checkpointing
 
@@ -136,10 +141,15 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, extra_state: dict |
         tmp.mkdir()
     _barrier()
     # Before the first update there is no optimizer state to save (see the module docstring).
-    with_optimizer = _optimizer_has_state(trainer.optimizer, trainer.ctx.device)
+    with_optimizer = _optimizer_has_state(trainer.optimizer, trainer.parallel.device)
     state = _sharded_state_dict(trainer, is_loading=False, with_optimizer=with_optimizer)
-    state.update(step=step, scheduler=trainer.scheduler.state_dict(), extra_state=dict(extra_state or {}),
-                 num_updates=trainer.num_updates, optimizer_saved=with_optimizer)
+    state.update(
+        step=step,
+        scheduler=trainer.scheduler.state_dict(),
+        extra_state=dict(extra_state or {}),
+        num_updates=trainer.num_updates,
+        optimizer_saved=with_optimizer,
+    )
     dist_checkpointing.save(state, str(tmp), content_metadata=dict(_OPT_METADATA))
     _barrier()  # every rank finished writing before the checkpoint becomes visible
     if _is_rank0():

@@ -10,6 +10,7 @@
 The offline converters themselves (`rlad_megatron.conversion.convert`) need no Megatron import.
 Left out: optimizer state (see `checkpoint.py` for full trainer checkpoints).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ def _check_same_arch(chunk, arch) -> None:
     fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "qk_norm")
     diff = [f for f in fields if getattr(built, f) != getattr(arch, f)]
     if diff:
-        raise ValueError(f"the HF checkpoint's config differs from the model's in {diff}; "
-                         "build the model from the same config.json")
+        raise ValueError(
+            f"the HF checkpoint's config differs from the model's in {diff}; build the model from the same config.json"
+        )
 
 
 @torch.no_grad()
@@ -56,8 +58,10 @@ def load_hf_weights(model_chunks: list[torch.nn.Module], hf_dir: str | Path, *, 
                 full = pad_vocab(full, param.shape[0] * tp)
             shard = tp_split(full, rule.tp, tp)[tp_rank]
             if shard.shape != param.shape:
-                raise ValueError(f"{rule.megatron_name(layer)}: shard from HF has shape {tuple(shard.shape)}, "
-                                 f"the model parameter {tuple(param.shape)}")
+                raise ValueError(
+                    f"{rule.megatron_name(layer)}: shard from HF has shape {tuple(shard.shape)}, "
+                    f"the model parameter {tuple(param.shape)}"
+                )
             param.copy_(shard)
     reader.close()
 

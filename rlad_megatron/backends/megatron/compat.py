@@ -35,6 +35,7 @@ Patches, each with the Megatron 0.16.1 line it works around:
 
 Left out: context parallelism, CUDA graphs, ``overlap_grad_reduce`` streams (not used on CPU).
 """
+
 from __future__ import annotations
 
 import contextlib

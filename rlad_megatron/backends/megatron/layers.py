@@ -15,6 +15,7 @@ per-head QK-norm: Megatron finds it by name (`q_layernorm` / `k_layernorm`) and 
 
 Left out: attention dropout (RL/distillation fine-tuning uses 0), attention bias, sliding windows.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,9 +28,17 @@ from megatron.core.transformer.module import MegatronModule
 class SDPACoreAttention(MegatronModule):
     """Core attention through torch SDPA; constructor signature of Megatron's DotProductAttention."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection: Any = None) -> None:
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("SDPACoreAttention does not support context parallelism; use the TE spec")
@@ -38,11 +47,11 @@ class SDPACoreAttention(MegatronModule):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                              enable_gqa=self.gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=self.gqa)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":

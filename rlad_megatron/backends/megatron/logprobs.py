@@ -19,6 +19,7 @@ are float32 `[...]` / `[..., k]`. `tp_group=None` (or size 1) means the full voc
 
 Left out: a fused memory-saving backward (the autograd graph keeps `exp(z - m)` of the shard).
 """
+
 from __future__ import annotations
 
 import torch
@@ -90,8 +91,14 @@ class _Shard:
         return _sum_over_tp(torch.where(owned, gathered, torch.zeros_like(gathered)), self.tp_group)
 
 
-def vocab_parallel_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, tp_group=None, *,
-                            temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    tp_group=None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """log softmax(logits / temperature)[target] over the full vocab. [..., V_local], [...] -> [...]."""
     if _tp_size(tp_group) == 1:  # whole vocabulary local: torch's fused log_softmax is cheaper
         if temperature <= 0:
@@ -103,23 +110,36 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, tp_g
     return shard.pick(target_ids) - shard.log_norm
 
 
-def vocab_parallel_entropy(logits: torch.Tensor, tp_group=None, *, temperature: float = 1.0,
-                           vocab_size: int | None = None) -> torch.Tensor:
+def vocab_parallel_entropy(
+    logits: torch.Tensor, tp_group=None, *, temperature: float = 1.0, vocab_size: int | None = None
+) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) over the full vocab. [..., V_local] -> [...]."""
     shard = _Shard(logits, tp_group, vocab_size, temperature)
     weighted = _sum_over_tp((shard.exp * shard.z).sum(-1), tp_group)
     return shard.log_norm - weighted / shard.sum_exp
 
 
-def vocab_parallel_topk_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, tp_group=None, *,
-                                 temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
+def vocab_parallel_topk_logprobs(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    tp_group=None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """Student log-probs at given global ids (GKD). [..., V_local], [..., k] -> [..., k]."""
     shard = _Shard(logits, tp_group, vocab_size, temperature)
     return shard.pick(topk_ids) - shard.log_norm.unsqueeze(-1)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, target_ids: torch.Tensor, tp_group=None, *,
-                         temperature: float = 1.0, vocab_size: int | None = None):
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    tp_group=None,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+):
     """Both at once, sharing the softmax statistics. Returns (logprobs [...], entropy [...])."""
     shard = _Shard(logits, tp_group, vocab_size, temperature)
     weighted = _sum_over_tp((shard.exp * shard.z).sum(-1), tp_group)

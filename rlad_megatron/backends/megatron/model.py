@@ -16,6 +16,7 @@ lazily), with `fp8` from `model.fp8`. `model.megatron` is merged into Transforme
 
 Left out: RoPE scaling other than Llama-3 style, sliding-window attention, MoE, MTP, biases on MLP.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,9 +78,7 @@ def _check_layout(hf_config, tp: int, pp: int) -> None:
             f"KV heads ({kv_heads}) of the model; choose a TP size dividing both"
         )
     if layers % pp:
-        raise ValueError(
-            f"parallel.pipeline_model_parallel_size={pp} must divide the number of layers ({layers})"
-        )
+        raise ValueError(f"parallel.pipeline_model_parallel_size={pp} must divide the number of layers ({layers})")
 
 
 def _kv_heads(hf_config) -> int:
@@ -119,23 +118,39 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     on_cpu = not torch.cuda.is_available()
     fields: dict[str, Any] = dict(  # noqa: C408  (keyword form mirrors TransformerConfig)
-        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size, num_attention_heads=hf_config.num_attention_heads,
-        num_query_groups=_kv_heads(hf_config), kv_channels=head_dim,
-        normalization="RMSNorm", layernorm_epsilon=hf_config.rms_norm_eps,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        add_qkv_bias=_qkv_bias(hf_config, model_type), qk_layernorm=model_type == "qwen3",
-        hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=_kv_heads(hf_config),
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=_qkv_bias(hf_config, model_type),
+        qk_layernorm=model_type == "qwen3",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
         context_parallel_size=parallel_cfg.context_parallel_size,
         sequence_parallel=parallel_cfg.sequence_parallel,
         # The loss adapter normalises by global token / sequence counts itself (trainer.py).
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
-        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
     )
     if _use_te(model_cfg) and model_cfg.fp8:
         fields.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
@@ -194,8 +209,9 @@ def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn
     hf_config = load_hf_config(hf_config_or_dir)
     config = transformer_config_from_hf(hf_config, model_cfg, parallel_cfg)
     use_te = _use_te(model_cfg)
-    vocab = padded_vocab_size(hf_config.vocab_size, model_cfg.make_vocab_size_divisible_by,
-                              parallel_cfg.tensor_model_parallel_size)
+    vocab = padded_vocab_size(
+        hf_config.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel_cfg.tensor_model_parallel_size
+    )
     with compat.cuda_to_cpu():  # tied embeddings under PP call weight.data.cuda() (language_module.py:244)
         model = _gpt_model(GPTModel, config, use_te, vocab, hf_config)
     if torch.cuda.is_available():
@@ -210,9 +226,14 @@ def _gpt_model(GPTModel, config, use_te: bool, vocab: int, hf_config):
     from megatron.core import parallel_state as mpu
 
     return GPTModel(
-        config=config, transformer_layer_spec=layer_spec(config, use_te), vocab_size=vocab,
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te),
+        vocab_size=vocab,
         max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
-        parallel_output=True, share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-        position_embedding_type="rope", **rope_settings(hf_config),
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=mpu.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope",
+        **rope_settings(hf_config),
     )

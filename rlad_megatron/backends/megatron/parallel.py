@@ -8,6 +8,7 @@ The returned `ParallelContext` carries the process groups so callers pass them o
 
 Left out: virtual pipeline stages, expert parallelism, context parallelism (refused: not supported yet).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -119,13 +120,16 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
     return ParallelContext(
-        rank=dist.get_rank(), world_size=world_size,
+        rank=dist.get_rank(),
+        world_size=world_size,
         tensor_model_parallel_size=mpu.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=mpu.get_pipeline_model_parallel_world_size(),
         data_parallel_size=mpu.get_data_parallel_world_size(),
-        tp_rank=tp_rank, pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        tp_rank=tp_rank,
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
-        tp_group=mpu.get_tensor_model_parallel_group(), pp_group=mpu.get_pipeline_model_parallel_group(),
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        pp_group=mpu.get_pipeline_model_parallel_group(),
         dp_group=mpu.get_data_parallel_group(),
         device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
         owns_process_group=owns,

@@ -21,6 +21,7 @@ Megatron's own token count). Result: gradients do not depend on DP size or micro
 
 Left out: virtual pipeline stages, overlapping grad reduce / param gather with compute, fp16 loss scaling.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,19 +62,28 @@ def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
 class MegatronTrainer:
     """Student trainer. `self.model` is the list of Megatron model chunks (DDP-wrapped)."""
 
-    def __init__(self, cfg, objective, *, hf_config: Any = None, ctx: ParallelContext | None = None,
-                 weight_loader: Callable[[list, Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg,
+        objective,
+        *,
+        hf_config: Any = None,
+        parallel: ParallelContext | None = None,
+        weight_loader: Callable[[list, Any], None] | None = None,
+    ) -> None:
         """`hf_config`: HF config or folder (default `cfg.model.student`); `weight_loader(chunks, hf_dir)`
         fills freshly built (unwrapped) chunks, e.g. from the HF safetensors."""
         self.cfg, self.objective = cfg, objective
-        self.ctx = ctx or init_parallel(cfg.parallel, cfg.seed)
+        self.parallel = parallel or init_parallel(cfg.parallel, cfg.seed)
         self.hf_source = hf_config if hf_config is not None else cfg.model.student
         chunks = build_model(self.hf_source, cfg.model, cfg.parallel)
         if weight_loader is not None:
             weight_loader(chunks, self.hf_source)
         self.config = chunks[0].config
         self.vocab_size = chunks[0].vocab_size_unpadded
-        self.ref_model = self._build_reference(chunks, weight_loader) if getattr(objective, "needs_ref", False) else None
+        self.ref_model = (
+            self._build_reference(chunks, weight_loader) if getattr(objective, "needs_ref", False) else None
+        )
         self.model = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
@@ -108,7 +118,8 @@ class MegatronTrainer:
             chunks = [Float16Module(c.config, c) for c in chunks]
 
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
             use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
         )
         return [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c) for c in chunks]
@@ -118,9 +129,16 @@ class MegatronTrainer:
 
         t = self.cfg.train
         opt_config = OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
-            bf16=self.config.bf16, fp16=self.config.fp16, params_dtype=self.config.params_dtype,
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            clip_grad=t.clip_grad,
+            bf16=self.config.bf16,
+            fp16=self.config.fp16,
+            params_dtype=self.config.params_dtype,
             use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
         )
         with compat.cuda_to_cpu():
@@ -132,56 +150,83 @@ class MegatronTrainer:
         t = self.cfg.train
         total = max(t.num_steps * t.num_minibatches * t.ppo_epochs, 1)
         return OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=max(total, t.lr_warmup_steps + 1),
-            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=total, wd_incr_style="constant",
+            self.optimizer,
+            init_lr=0.0 if t.lr_warmup_steps else t.lr,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps,
+            lr_decay_steps=max(total, t.lr_warmup_steps + 1),
+            lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=total,
+            wd_incr_style="constant",
         )
 
     # ---------------------------------------------------------------- batches
     def _micro_batches(self, samples: Sequence[Sample], per_token: dict[str, list], topk: bool = False):
         """This DP rank's packed micro-batches, and the indices (into `samples`) of its share."""
-        shard = split_for_data_parallel(samples, self.ctx.data_parallel_size)[self.ctx.dp_rank]
+        shard = split_for_data_parallel(samples, self.parallel.data_parallel_size)[self.parallel.dp_rank]
         if not shard:
             raise ValueError(
-                f"{len(samples)} samples cannot feed {self.ctx.data_parallel_size} data-parallel ranks; "
+                f"{len(samples)} samples cannot feed {self.parallel.data_parallel_size} data-parallel ranks; "
                 "pass at least one sample per data-parallel rank"
             )
         mine = [samples[i] for i in shard]
         sub = {k: [v[i] for i in shard] for k, v in per_token.items()}
-        multiple = token_multiple(self.ctx.tensor_model_parallel_size, self.config.sequence_parallel,
-                                  fp8=bool(self.cfg.model.fp8))
+        multiple = token_multiple(
+            self.parallel.tensor_model_parallel_size, self.config.sequence_parallel, fp8=bool(self.cfg.model.fp8)
+        )
         batches = make_micro_batches(
-            mine, sub, self.cfg.train.micro_batch_tokens, pad_to_multiple=multiple,
-            uniform_length=self.ctx.pipeline_model_parallel_size > 1, topk=topk,
+            mine,
+            sub,
+            self.cfg.train.micro_batch_tokens,
+            pad_to_multiple=multiple,
+            uniform_length=self.parallel.pipeline_model_parallel_size > 1,
+            topk=topk,
         )
         return batches, shard
 
     def _forward_step(self, model_chunks: list, loss_fn: Callable, data_iterator, model):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        batch: PackedBatch = next(data_iterator).to(self.ctx.device)
+        batch: PackedBatch = next(data_iterator).to(self.parallel.device)
         t = batch.tensors
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch.cu_seqlens, cu_seqlens_kv=batch.cu_seqlens,
-                                 max_seqlen_q=batch.max_seqlen, max_seqlen_kv=batch.max_seqlen)
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=batch.cu_seqlens,
+            cu_seqlens_kv=batch.cu_seqlens,
+            max_seqlen_q=batch.max_seqlen,
+            max_seqlen_kv=batch.max_seqlen,
+        )
         output = model(t["tokens"], t["position_ids"], None, packed_seq_params=packed)
         return output, functools.partial(loss_fn, batch)
 
-    def _run_schedule(self, model_chunks: list, batches: list[PackedBatch], loss_fn: Callable,
-                      forward_only: bool) -> list[dict]:
+    def _run_schedule(
+        self, model_chunks: list, batches: list[PackedBatch], loss_fn: Callable, forward_only: bool
+    ) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
             forward_step_func=functools.partial(self._forward_step, model_chunks, loss_fn),
-            data_iterator=iter(batches), model=model_chunks, num_microbatches=len(batches),
-            seq_length=batches[0].num_tokens, micro_batch_size=1, forward_only=forward_only,
+            data_iterator=iter(batches),
+            model=model_chunks,
+            num_microbatches=len(batches),
+            seq_length=batches[0].num_tokens,
+            micro_batch_size=1,
+            forward_only=forward_only,
         )
 
     # ---------------------------------------------------------------- log-probs
     def _logprob_loss(self, batch: PackedBatch, logits: torch.Tensor):
         """Forward-only 'loss': no loss, the detached per-token log-probs ride in the reported dict."""
-        logprobs = vocab_parallel_logprobs(logits, batch.tensors["targets"], self.ctx.tp_group,
-                                           temperature=self.cfg.rollout.temperature, vocab_size=self.vocab_size)
+        logprobs = vocab_parallel_logprobs(
+            logits,
+            batch.tensors["targets"],
+            self.parallel.tp_group,
+            temperature=self.cfg.rollout.temperature,
+            vocab_size=self.vocab_size,
+        )
         zero = logits.new_zeros(())
         return zero, torch.zeros((), dtype=torch.int, device=logits.device), {"logprobs": logprobs.detach()}
 
@@ -203,7 +248,7 @@ class MegatronTrainer:
         for chunk in chunks:
             chunk.train()
         local = {}
-        if self.ctx.is_last_stage:
+        if self.parallel.is_last_stage:
             for batch, out in zip(batches, stored):
                 row = out["logprobs"][0]
                 for pos, (start, end) in zip(batch.sample_indices, batch.response_spans):
@@ -212,51 +257,71 @@ class MegatronTrainer:
 
     def _gather_results(self, local: dict[int, list[float]], count: int) -> list[list[float]]:
         """Collect the per-sample lists of the last stages of every DP replica onto every rank."""
-        gathered: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, local if self.ctx.is_last_stage else {})
+        gathered: list[Any] = [None] * self.parallel.world_size
+        dist.all_gather_object(gathered, local if self.parallel.is_last_stage else {})
         merged: dict[int, list[float]] = {}
         for part in gathered:
             merged.update(part)
         return [merged[i] for i in range(count)]
 
     # ---------------------------------------------------------------- training
-    def _loss_adapter(self, num_tokens: torch.Tensor, num_seqs: torch.Tensor, step: int, topk: bool,
-                      batch: PackedBatch, logits: torch.Tensor):
+    def _loss_adapter(
+        self,
+        num_tokens: torch.Tensor,
+        num_seqs: torch.Tensor,
+        step: int,
+        topk: bool,
+        batch: PackedBatch,
+        logits: torch.Tensor,
+    ):
         """THE adapter: objective `(loss share, metrics)` -> Megatron `(loss, num_tokens, reported)`."""
         tensors = dict(batch.tensors)
         tensors["mask"] = tensors["mask"].bool()
         if "teacher_mask" in tensors:
             tensors["teacher_mask"] = tensors["teacher_mask"].bool()
         sampling = {"temperature": self.cfg.rollout.temperature, "vocab_size": self.vocab_size}
-        tensors["logprobs"] = vocab_parallel_logprobs(logits, tensors["targets"], self.ctx.tp_group, **sampling)
+        tensors["logprobs"] = vocab_parallel_logprobs(logits, tensors["targets"], self.parallel.tp_group, **sampling)
         if topk:
             tensors["student_topk_logprobs"] = vocab_parallel_topk_logprobs(
-                logits, tensors["teacher_topk_ids"], self.ctx.tp_group, **sampling)
+                logits, tensors["teacher_topk_ids"], self.parallel.tp_group, **sampling
+            )
         loss, metrics = self.objective.loss(tensors, num_tokens=num_tokens, num_seqs=num_seqs, step=step)
         # `loss` is already this micro-batch's share of the step loss (global denominators), so it is
         # returned unscaled; the token count is only informative (finalize ignores it, see module doc).
         local_tokens = tensors["mask"].sum().to(torch.int)
-        reported = {"loss": loss.detach().float(), **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()}}
+        reported = {
+            "loss": loss.detach().float(),
+            **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()},
+        }
         with torch.no_grad():  # monitoring only: token-mean share of the policy entropy
-            entropy = vocab_parallel_entropy(logits.detach(), self.ctx.tp_group, **sampling)
+            entropy = vocab_parallel_entropy(logits.detach(), self.parallel.tp_group, **sampling)
             reported["entropy"] = (entropy * tensors["mask"]).sum() / num_tokens
         return loss, local_tokens, reported
 
     def _global_counts(self, samples: Sequence[Sample], shard: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Response tokens and responses of the whole step: this rank's share, summed over DP."""
-        counts = torch.tensor([sum(len(samples[i].response_ids) for i in shard), len(shard)], dtype=torch.float64,
-                              device=self.ctx.device)
-        dist.all_reduce(counts, group=self.ctx.dp_group)
+        counts = torch.tensor(
+            [sum(len(samples[i].response_ids) for i in shard), len(shard)],
+            dtype=torch.float64,
+            device=self.parallel.device,
+        )
+        dist.all_reduce(counts, group=self.parallel.dp_group)
         return counts[0].float(), counts[1].float()
 
-    def _per_token(self, samples: Sequence[Sample], advantages_per_sample: Sequence[Any],
-                   given: dict[str, Sequence[Sequence[float]] | None]) -> dict[str, list]:
+    def _per_token(
+        self,
+        samples: Sequence[Sample],
+        advantages_per_sample: Sequence[Any],
+        given: dict[str, Sequence[Sequence[float]] | None],
+    ) -> dict[str, list]:
         """Per-response-token columns of the batch contract (see algorithms/objectives.py)."""
         values: dict[str, list] = {k: list(v) for k, v in given.items() if v is not None}
-        values.update({
-            "advantages": [_per_token_advantages(a, s) for a, s in zip(advantages_per_sample, samples)],
-            "rewards": [[float(s.reward)] * len(s.response_ids) for s in samples],
-        })
+        values.update(
+            {
+                "advantages": [_per_token_advantages(a, s) for a, s in zip(advantages_per_sample, samples)],
+                "rewards": [[float(s.reward)] * len(s.response_ids) for s in samples],
+            }
+        )
         for key in PER_TOKEN_KEYS:
             column = [getattr(s, key, None) for s in samples]
             if all(c is not None and len(c) == len(s.response_ids) for c, s in zip(column, samples)):
@@ -264,20 +329,31 @@ class MegatronTrainer:
         token_mask = getattr(self.objective, "teacher_token_mask", None)
         if getattr(self.objective, "needs_teacher", False) and token_mask is not None:
             # finish_reason 'stop' means the response ends with the stop (EOS) token.
-            values["teacher_mask"] = [token_mask(len(s.response_ids), s.finish_reason == "stop").float().tolist()
-                                      for s in samples]
+            values["teacher_mask"] = [
+                token_mask(len(s.response_ids), s.finish_reason == "stop").float().tolist() for s in samples
+            ]
         return values
 
-    def forward_backward(self, samples: Sequence[Sample], advantages_per_sample: Sequence[Any], step: int, *,
-                         old_logprobs: Sequence[Sequence[float]] | None = None,
-                         ref_logprobs: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
+    def forward_backward(
+        self,
+        samples: Sequence[Sample],
+        advantages_per_sample: Sequence[Any],
+        step: int,
+        *,
+        old_logprobs: Sequence[Sequence[float]] | None = None,
+        ref_logprobs: Sequence[Sequence[float]] | None = None,
+    ) -> dict[str, float]:
         """Gradients of the step loss (left in the DDP grad buffers, DP-reduced); returns metrics."""
         if len(advantages_per_sample) != len(samples):
             raise ValueError(f"{len(advantages_per_sample)} advantages for {len(samples)} samples")
         topk = bool(getattr(self.objective, "teacher_top_k", 0))
         batches, shard = self._micro_batches(
-            samples, self._per_token(samples, advantages_per_sample,
-                                     {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}), topk)
+            samples,
+            self._per_token(
+                samples, advantages_per_sample, {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
+            ),
+            topk,
+        )
         num_tokens, num_seqs = self._global_counts(samples, shard)
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -289,20 +365,27 @@ class MegatronTrainer:
     def _reduce_metrics(self, reported: list[dict]) -> dict[str, float]:
         """Sum the shares over micro-batches and DP ranks; broadcast from the last pipeline stage."""
         keys: list[Any] = [sorted(reported[0]) if reported else None]
-        last = self.ctx.pipeline_model_parallel_size - 1
-        src = dist.get_global_rank(self.ctx.pp_group, last) if self.ctx.pipeline_model_parallel_size > 1 else self.ctx.rank
-        if self.ctx.pipeline_model_parallel_size > 1:
-            dist.broadcast_object_list(keys, src=src, group=self.ctx.pp_group)
+        last = self.parallel.pipeline_model_parallel_size - 1
+        src = (
+            dist.get_global_rank(self.parallel.pp_group, last)
+            if self.parallel.pipeline_model_parallel_size > 1
+            else self.parallel.rank
+        )
+        if self.parallel.pipeline_model_parallel_size > 1:
+            dist.broadcast_object_list(keys, src=src, group=self.parallel.pp_group)
         names = keys[0]
-        sums = torch.tensor([sum(float(r[k]) for r in reported) for k in names] if reported else [0.0] * len(names),
-                            dtype=torch.float64, device=self.ctx.device)
-        dist.all_reduce(sums, group=self.ctx.dp_group)
-        if self.ctx.pipeline_model_parallel_size > 1:
-            dist.broadcast(sums, src=src, group=self.ctx.pp_group)
+        sums = torch.tensor(
+            [sum(float(r[k]) for r in reported) for k in names] if reported else [0.0] * len(names),
+            dtype=torch.float64,
+            device=self.parallel.device,
+        )
+        dist.all_reduce(sums, group=self.parallel.dp_group)
+        if self.parallel.pipeline_model_parallel_size > 1:
+            dist.broadcast(sums, src=src, group=self.parallel.pp_group)
         return dict(zip(names, sums.tolist()))
 
     def _grads_finite(self) -> bool:
-        flag = torch.zeros(1, device=self.ctx.device)
+        flag = torch.zeros(1, device=self.parallel.device)
         for chunk in self.model:
             for buffer in chunk.buffers:
                 # One reduction instead of a full-size bool mask: any NaN / Inf makes the sum non-finite.
@@ -311,17 +394,24 @@ class MegatronTrainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
-    def train_step(self, samples: Sequence[Sample], advantages_per_sample: Sequence[Any], step: int, *,
-                   old_logprobs: Sequence[Sequence[float]] | None = None,
-                   ref_logprobs: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
+    def train_step(
+        self,
+        samples: Sequence[Sample],
+        advantages_per_sample: Sequence[Any],
+        step: int,
+        *,
+        old_logprobs: Sequence[Sequence[float]] | None = None,
+        ref_logprobs: Sequence[Sequence[float]] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step over `samples` (the same full list on every rank).
 
         `advantages_per_sample[i]`: a scalar or one value per response token; `old_logprobs` /
         `ref_logprobs`: from `compute_logprobs`, aligned with `response_ids`. Returns metrics: the
         objective's (step values), `loss`, `grad_norm`, `lr`, `skipped` (1 = non-finite, no update).
         """
-        metrics = self.forward_backward(samples, advantages_per_sample, step,
-                                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+        metrics = self.forward_backward(
+            samples, advantages_per_sample, step, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs
+        )
         finite = math.isfinite(metrics.get("loss", 0.0)) and self._grads_finite()
         grad_norm, lr = float("nan"), float(self.optimizer.param_groups[0]["lr"])  # the lr of this update
         if finite:
@@ -331,8 +421,9 @@ class MegatronTrainer:
             if finite:
                 self.num_updates += 1
                 self.scheduler.step(increment=1)
-        metrics.update(grad_norm=float(grad_norm if grad_norm is not None else float("nan")),
-                       lr=lr, skipped=0.0 if finite else 1.0)
+        metrics.update(
+            grad_norm=float(grad_norm if grad_norm is not None else float("nan")), lr=lr, skipped=0.0 if finite else 1.0
+        )
         return metrics
 
     # ---------------------------------------------------------------- access for others
@@ -342,9 +433,10 @@ class MegatronTrainer:
         local = 0
         for chunk in self.unwrapped_model():
             tied_copy = chunk.share_embeddings_and_output_weights and not chunk.pre_process
-            local += sum(p.numel() for n, p in chunk.named_parameters()
-                         if not (tied_copy and n == "output_layer.weight"))
-        total = torch.tensor([local], dtype=torch.float64, device=self.ctx.device)
+            local += sum(
+                p.numel() for n, p in chunk.named_parameters() if not (tied_copy and n == "output_layer.weight")
+            )
+        total = torch.tensor([local], dtype=torch.float64, device=self.parallel.device)
         dist.all_reduce(total, group=_model_parallel_group())
         return int(total.item())
 

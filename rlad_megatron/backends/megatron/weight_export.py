@@ -8,7 +8,7 @@ Only one parameter is ever materialised in full, never the model.
 
 Two sinks:
 - `export_hf_tensors(...)` yields `list[(hf_name, tensor)]` buckets, for an in-process engine or
-  an NCCL broadcast to SGLang servers (`rlad_megatron.rollout.sglang_fleet`); with `pp_group`
+  an NCCL broadcast to SGLang servers (`rlad_megatron.engines.sglang_fleet`); with `pp_group`
   the later stages send their buckets to pipeline rank 0, one bucket at a time.
 - `write_hf_folder(...)` writes `<root>/step_N.tmp/` without any gather: the file layout is known
   from the config, so every TP rank copies its own slices into the pre-sized safetensors shards
@@ -21,6 +21,7 @@ rank 0 merges the index. Data-parallel replicas other than `dp_rank == 0` skip t
 
 Left out: virtual pipeline stages, MoE experts.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,10 @@ def stage_plan(chunk: torch.nn.Module, arch: ModelArch, tied_copy: bool = False)
         if param is None and rule.ckpt_alias:  # Transformer Engine spelling of a fused norm
             param = params.pop(rule.ckpt_alias.format(i=layer), None)
         if param is None:
-            raise KeyError(f"model has no parameter {rule.megatron_name(layer)!r} required by the "
-                           f"{arch.family} table (is the layer spec / config the one the model was built with?)")
+            raise KeyError(
+                f"model has no parameter {rule.megatron_name(layer)!r} required by the "
+                f"{arch.family} table (is the layer spec / config the one the model was built with?)"
+            )
         plan.append((rule, layer, param))
     tied = params.pop("output_layer.weight", None) if arch.tie_word_embeddings else None
     if tied is not None and tied_copy:
@@ -146,8 +149,9 @@ def _hf_tensors(plan, arch: ModelArch, tp_group, dtype, copy: bool, to_first: bo
             yield name, out
 
 
-def _stage_buckets(model_chunks, arch, tp_group, bucket_bytes: int, dtype, copy: bool,
-                   to_first: bool) -> Iterator[NamedTensors]:
+def _stage_buckets(
+    model_chunks, arch, tp_group, bucket_bytes: int, dtype, copy: bool, to_first: bool
+) -> Iterator[NamedTensors]:
     bucket: NamedTensors = []
     size = 0
     for chunk in model_chunks:
@@ -194,9 +198,17 @@ def _gather_pipeline(buckets: Iterator[NamedTensors], pp_group, device: torch.de
             yield bucket
 
 
-def export_hf_tensors(model_chunks: list[torch.nn.Module], arch: ModelArch | None = None, *, tp_group=None,
-                      pp_group=None, bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
-                      copy: bool = True, to_first: bool = False) -> Iterator[NamedTensors]:
+def export_hf_tensors(
+    model_chunks: list[torch.nn.Module],
+    arch: ModelArch | None = None,
+    *,
+    tp_group=None,
+    pp_group=None,
+    bucket_bytes: int = 512 << 20,
+    dtype: torch.dtype | None = None,
+    copy: bool = True,
+    to_first: bool = False,
+) -> Iterator[NamedTensors]:
     """Yield buckets of (HF name, full tensor) for this pipeline stage's parameters.
 
     Collective over `tp_group`: every TP rank of the stage must consume the iterator (each gets
@@ -235,8 +247,9 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype,
-                  max_shard_bytes: int) -> tuple[dict[str, str], int, torch.dtype | None]:
+def _export_stage(
+    model_chunks, tmp: Path, arch, tp_group, pp_group, dtype, max_shard_bytes: int
+) -> tuple[dict[str, str], int, torch.dtype | None]:
     """This stage's shards in `tmp`, every TP rank writing its own slices: (weight_map, bytes, dtype).
 
     No gather: TP rank 0 lays out the files (headers, sizes), then each rank copies the parts of
@@ -260,10 +273,20 @@ def _export_stage(model_chunks, tmp: Path, arch, tp_group, pp_group, dtype,
     return {name: slot.file for name, slot in slots.items()}, total, entries[0][2]
 
 
-def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, step: int, *,
-                    hf_config_dir: str | Path, arch: ModelArch | None = None, tp_group=None, pp_group=None,
-                    dp_rank: int = 0, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 << 30,
-                    keep_last: int = 0) -> Path:
+def write_hf_folder(
+    model_chunks: list[torch.nn.Module],
+    out_root: str | Path,
+    step: int,
+    *,
+    hf_config_dir: str | Path,
+    arch: ModelArch | None = None,
+    tp_group=None,
+    pp_group=None,
+    dp_rank: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 << 30,
+    keep_last: int = 0,
+) -> Path:
     """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
 
     `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Older
@@ -277,8 +300,11 @@ def write_hf_folder(model_chunks: list[torch.nn.Module], out_root: str | Path, s
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes) \
-        if dp_rank == 0 else ({}, 0, None)
+    result = (
+        _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes)
+        if dp_rank == 0
+        else ({}, 0, None)
+    )
     results = [result]
     if dist.is_initialized():
         results = [None] * dist.get_world_size()

@@ -11,12 +11,14 @@ A row that cannot even be read (non-UTF-8 bytes, malformed JSON, not an object) 
 Left out: streaming / remote datasets (every row is read, so every bad row can be reported
 before training), CSV, and hub downloads (folders are read offline).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,16 @@ class BadRow:
         return f"{self.source}:{self.row}: field {self.field!r}: {self.problem}"
 
 
-Row = Tuple[str, int, Union[Dict[str, Any], BadRow]]
+Row = tuple[str, int, dict[str, Any] | BadRow]
 
 
-def _decode_json_line(source: str, number: int, raw: bytes) -> Union[Dict[str, Any], BadRow]:
+def _decode_json_line(source: str, number: int, raw: bytes) -> dict[str, Any] | BadRow:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return BadRow(source, number, "<row>", f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+        return BadRow(
+            source, number, "<row>", f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+        )
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as err:
@@ -81,7 +85,7 @@ def iter_datasets_folder(path: Path, split: str, cache_dir: str) -> Iterator[Row
         yield f"{path}[{split}]", number, dict(row)
 
 
-def iter_task(source: str, split: str, seed: int, task_kwargs: Dict[str, Any]) -> Iterator[Row]:
+def iter_task(source: str, split: str, seed: int, task_kwargs: dict[str, Any]) -> Iterator[Row]:
     kwargs = dict(task_kwargs)
     size = int(kwargs.pop("size", 1000))
     kind, _, name = source.partition(":")
@@ -102,7 +106,7 @@ def iter_rows(
     *,
     split: str = "train",
     seed: int = 0,
-    task_kwargs: Dict[str, Any] | None = None,
+    task_kwargs: dict[str, Any] | None = None,
     dataset_split: str = "train",
     cache_dir: str = "",
 ) -> Iterator[Row]:
@@ -115,8 +119,10 @@ def iter_rows(
         return iter_task(source, split, seed, task_kwargs or {})
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"data source {source!r} does not exist; give a .jsonl/.parquet file, a datasets "
-                                "folder, task:<name> or reasoning_gym:<task>")
+        raise FileNotFoundError(
+            f"data source {source!r} does not exist; give a .jsonl/.parquet file, a datasets "
+            "folder, task:<name> or reasoning_gym:<task>"
+        )
     if path.is_dir():
         return iter_datasets_folder(path, dataset_split, cache_dir)
     if path.suffix == ".jsonl":

@@ -10,6 +10,7 @@ Fleets the trainer launches itself (kind=sglang) share the node with the trainer
 puts them after the trainer's local ranks (GPUs 0..LOCAL_WORLD_SIZE-1), the teacher first, then the
 rollout fleet, and refuses a node with too few GPUs.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ def sglang_python(engine_cfg) -> str:
 
 def sglang_missing(engine_cfg) -> str:
     """'' when SGLang's interpreter can import sglang, else why not (checked in a subprocess, cached)."""
-    from rlad_megatron.rollout.fleet import import_error
+    from rlad_megatron.engines.fleet import import_error
 
     return import_error(sglang_python(engine_cfg), "sglang")
 
@@ -51,35 +52,43 @@ def resolve_kind(engine_cfg) -> str:
     missing = sglang_missing(engine_cfg)
     if not missing:
         return "sglang"
-    warnings.warn(f"{engine_cfg._SECTION}.kind=auto: CUDA is present but `{sglang_python(engine_cfg)}` cannot import "
-                  f"sglang ({missing}); using the embedded engine. {_python_hint(engine_cfg)}", stacklevel=2)
+    warnings.warn(
+        f"{engine_cfg._SECTION}.kind=auto: CUDA is present but `{sglang_python(engine_cfg)}` cannot import "
+        f"sglang ({missing}); using the embedded engine. {_python_hint(engine_cfg)}",
+        stacklevel=2,
+    )
     return "embedded"
 
 
 def _python_hint(engine_cfg) -> str:
-    return (f"Set {engine_cfg._SECTION}.sglang_python or {SGLANG_PYTHON_ENV} to the python of SGLang's environment "
-            "(in the image: /opt/sglang/bin/python).")
+    return (
+        f"Set {engine_cfg._SECTION}.sglang_python or {SGLANG_PYTHON_ENV} to the python of SGLang's environment "
+        "(in the image: /opt/sglang/bin/python)."
+    )
 
 
 def check_sglang(engine_cfg) -> None:
     """kind=sglang: fail now, naming the setting, when SGLang's interpreter is missing or lacks sglang."""
     missing = sglang_missing(engine_cfg)
     if missing:
-        raise RuntimeError(f"{engine_cfg._SECTION}.kind=sglang, but `{sglang_python(engine_cfg)} -c 'import sglang'` "
-                           f"failed ({missing}). {_python_hint(engine_cfg)}")
+        raise RuntimeError(
+            f"{engine_cfg._SECTION}.kind=sglang, but `{sglang_python(engine_cfg)} -c 'import sglang'` "
+            f"failed ({missing}). {_python_hint(engine_cfg)}"
+        )
 
 
 def fleet_gpus(engine_cfg) -> int:
     """GPUs a fleet launched by this process takes (0 unless it resolves to kind=sglang)."""
     if resolve_kind(engine_cfg) != "sglang":
         return 0
-    from rlad_megatron.rollout.sglang_fleet import tp_size
+    from rlad_megatron.engines.sglang_fleet import tp_size
 
     return engine_cfg.num_servers * tp_size(engine_cfg.server_args)
 
 
-def fleet_gpu_offsets(engines: Mapping[str, object], trainer_gpus: int | None = None,
-                      device_count: int | None = None) -> dict[str, int]:
+def fleet_gpu_offsets(
+    engines: Mapping[str, object], trainer_gpus: int | None = None, device_count: int | None = None
+) -> dict[str, int]:
     """{role: first GPU} for the fleets this trainer process launches (`engines`: role -> EngineConfig).
 
     The trainer's local ranks hold GPUs 0..W-1 (W = LOCAL_WORLD_SIZE, torchrun's; 1 without it), so the
@@ -98,10 +107,12 @@ def fleet_gpu_offsets(engines: Mapping[str, object], trainer_gpus: int | None = 
         device_count = torch.cuda.device_count()
     if next_gpu > device_count:
         used = " + ".join(f"{role} {size}" for role, size in sizes.items() if size)
-        raise ValueError(f"this node has {device_count} GPU(s) (torch.cuda.device_count()) but the trainer's {first} "
-                         f"local rank(s) (LOCAL_WORLD_SIZE) + the fleets it launches ({used}: num_servers x "
-                         "server_args.tp_size) need " + str(next_gpu) + "; lower the fleets' num_servers / tp_size, "
-                         "run fewer trainer ranks, or launch the fleets with the node agent (rlad render)")
+        raise ValueError(
+            f"this node has {device_count} GPU(s) (torch.cuda.device_count()) but the trainer's {first} "
+            f"local rank(s) (LOCAL_WORLD_SIZE) + the fleets it launches ({used}: num_servers x "
+            "server_args.tp_size) need " + str(next_gpu) + "; lower the fleets' num_servers / tp_size, "
+            "run fewer trainer ranks, or launch the fleets with the node agent (rlad render)"
+        )
     return offsets
 
 
@@ -110,8 +121,12 @@ def resolve_api_key(engine_cfg) -> str:
 
 
 def _client_kwargs(engine_cfg) -> dict:
-    return {"max_concurrency": engine_cfg.max_concurrency, "request_timeout_s": engine_cfg.request_timeout_s,
-            "max_retries": engine_cfg.max_retries, "health_timeout_s": engine_cfg.health_timeout_s}
+    return {
+        "max_concurrency": engine_cfg.max_concurrency,
+        "request_timeout_s": engine_cfg.request_timeout_s,
+        "max_retries": engine_cfg.max_retries,
+        "health_timeout_s": engine_cfg.health_timeout_s,
+    }
 
 
 class FleetEngine:
@@ -134,23 +149,33 @@ def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str
         raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
     kind = resolve_kind(engine_cfg)
     if kind != "http" and not (model_dir and (Path(model_dir) / "config.json").is_file()):
-        raise FileNotFoundError(f"{role} model folder {model_dir!r} has no config.json (set model.student / model.teacher)")
+        raise FileNotFoundError(
+            f"{role} model folder {model_dir!r} has no config.json (set model.student / model.teacher)"
+        )
     if kind == "embedded":
-        from rlad_megatron.rollout.embedded import EmbeddedEngine
+        from rlad_megatron.engines.embedded import EmbeddedEngine
 
         return EmbeddedEngine(model_dir, max_batch_size=engine_cfg.max_batch_size)
     if kind == "http":
-        from rlad_megatron.rollout.client import HttpEngine
+        from rlad_megatron.engines.client import HttpEngine
 
         return HttpEngine(list(engine_cfg.urls), api_key=resolve_api_key(engine_cfg), **_client_kwargs(engine_cfg))
     if kind == "sglang":
-        from rlad_megatron.rollout.sglang_fleet import SGLangFleet
+        from rlad_megatron.engines.sglang_fleet import SGLangFleet
 
         check_sglang(engine_cfg)
-        fleet = SGLangFleet(model_dir, engine_cfg.num_servers, engine_cfg.server_args,
-                            log_dir or os.path.join("logs", f"{role}_fleet"), host=engine_cfg.host,
-                            api_key=resolve_api_key(engine_cfg), gpu_offset=gpu_offset,
-                            use_router=engine_cfg.use_router, startup_timeout_s=engine_cfg.startup_timeout_s,
-                            python=sglang_python(engine_cfg), **_client_kwargs(engine_cfg))
+        fleet = SGLangFleet(
+            model_dir,
+            engine_cfg.num_servers,
+            engine_cfg.server_args,
+            log_dir or os.path.join("logs", f"{role}_fleet"),
+            host=engine_cfg.host,
+            api_key=resolve_api_key(engine_cfg),
+            gpu_offset=gpu_offset,
+            use_router=engine_cfg.use_router,
+            startup_timeout_s=engine_cfg.startup_timeout_s,
+            python=sglang_python(engine_cfg),
+            **_client_kwargs(engine_cfg),
+        )
         return FleetEngine(fleet.start())
     raise ValueError(f"unknown engine kind {kind!r}")

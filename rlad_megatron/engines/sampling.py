@@ -8,10 +8,11 @@ reproduces the same tokens everywhere. Tokens are drawn by inverse-CDF over the 
 cost stays linear in the vocabulary with no per-token random numbers.
 
 Returned log-probs: log_softmax(logits / temperature) of the chosen token, BEFORE truncation
-(temperature 0 means greedy, with log_softmax(logits)); see rollout/base.py.
+(temperature 0 means greedy, with log_softmax(logits)); see engines/base.py.
 
 Shapes: B rows, V vocab.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,15 @@ def truncation_mask(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tens
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                seeds: torch.Tensor, steps: torch.Tensor, all_greedy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    all_greedy: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row; return (tokens [B] int64, logprobs [B] float32).
 
     logits [B, V] float32; temperature [B] (0 = greedy); top_p [B]; top_k [B] (-1 = off);

@@ -14,6 +14,7 @@ Log-prob convention (the trainer must use the same one, or the PPO ratio is bias
 `score` alignment: logprobs[j] = log p(ids[response_start + j] | ids[:response_start + j]),
 i.e. it comes from the logits at position response_start + j - 1 (see teacher/alignment.py).
 """
+
 from __future__ import annotations
 
 import itertools

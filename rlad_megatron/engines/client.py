@@ -16,6 +16,7 @@ updated from disk meanwhile, the rejoining server first receives the current ver
 The async work runs on a private event loop thread, so the synchronous Engine API can be called
 from ordinary trainer code; one httpx.AsyncClient is reused for connection pooling.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from rlad_megatron.rollout.base import (
+from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
     SamplingParams,
@@ -34,8 +35,8 @@ from rlad_megatron.rollout.base import (
     check_prompts,
     sample_seed,
 )
-from rlad_megatron.rollout.fleet import AllServersDown, AllServersStale, ServerPool, StaleServer
-from rlad_megatron.rollout.protocol import parse_finish_reason
+from rlad_megatron.engines.fleet import AllServersDown, AllServersStale, ServerPool, StaleServer
+from rlad_megatron.engines.protocol import parse_finish_reason
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -49,11 +50,22 @@ class _ClientError(Exception):
 
 
 class HttpEngine:
-    def __init__(self, urls: list[str], api_key: str = "", max_concurrency: int = 64, request_timeout_s: float = 300.0,
-                 max_retries: int = 3, backoff_s: float = 0.2, cooldown_s: float = 2.0, connect_timeout_s: float = 5.0,
-                 score_batch_size: int = 8, health_timeout_s: float = 30.0):
-        self.pool = ServerPool(list(urls), cooldown_s=cooldown_s, probe_timeout_s=health_timeout_s,
-                               on_rejoin=self._resync)
+    def __init__(
+        self,
+        urls: list[str],
+        api_key: str = "",
+        max_concurrency: int = 64,
+        request_timeout_s: float = 300.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.2,
+        cooldown_s: float = 2.0,
+        connect_timeout_s: float = 5.0,
+        score_batch_size: int = 8,
+        health_timeout_s: float = 30.0,
+    ):
+        self.pool = ServerPool(
+            list(urls), cooldown_s=cooldown_s, probe_timeout_s=health_timeout_s, on_rejoin=self._resync
+        )
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_concurrency, self.max_retries, self.backoff_s = max_concurrency, max_retries, backoff_s
         self.request_timeout_s = request_timeout_s
@@ -61,7 +73,7 @@ class HttpEngine:
         self.timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
         self.version, self.weights_path = 0, ""
         self.sync_urls = list(self.pool.servers)  # servers themselves (a fleet behind a router sets them)
-        self.sync_generation = 0  # bumped each time the weight-sync groups are rebuilt (rollout/weight_sync.py)
+        self.sync_generation = 0  # bumped each time the weight-sync groups are rebuilt (engines/weight_sync.py)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rlad-http-engine", daemon=True)
         self._thread.start()
@@ -90,8 +102,9 @@ class HttpEngine:
             server.inflight -= 1
         if r.status_code in RETRYABLE_STATUS:
             self.pool.mark_dead(server.url, f"HTTP {r.status_code}")
-            raise httpx.HTTPStatusError(f"{server.url}{path} returned {r.status_code}: {r.text[:200]}",
-                                        request=r.request, response=r)
+            raise httpx.HTTPStatusError(
+                f"{server.url}{path} returned {r.status_code}: {r.text[:200]}", request=r.request, response=r
+            )
         if r.status_code >= 400:
             raise _ClientError(f"{server.url}{path} refused the request ({r.status_code}): {r.text[:300]}")
         return server.url, r.json()
@@ -119,7 +132,7 @@ class HttpEngine:
             except (httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as err:
                 last = f"{type(err).__name__}: {err}"
                 self.stats["retries"] += 1
-                await asyncio.sleep(min(self.backoff_s * 2 ** attempt, 5.0))
+                await asyncio.sleep(min(self.backoff_s * 2**attempt, 5.0))
         raise EngineError(f"failed after {self.max_retries + 1} attempts; last error: {last}")
 
     def _stale_version(self, body: Any) -> str | None:
@@ -163,17 +176,27 @@ class HttpEngine:
 
     async def _generate(self, prompt_ids, sampling: SamplingParams, keys) -> dict[Any, GenerateOutput]:
         sem = asyncio.Semaphore(self.max_concurrency)
-        return await self._gather(keys, [self._one_sample(prompt_ids[i], sampling, sample_seed(sampling.seed, i, s), sem)
-                                         for i, s in keys])
+        return await self._gather(
+            keys, [self._one_sample(prompt_ids[i], sampling, sample_seed(sampling.seed, i, s), sem) for i, s in keys]
+        )
 
     async def _one_sample(self, prompt: list[int], sp: SamplingParams, seed: int | None, sem) -> GenerateOutput:
-        params = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k,
-                  "max_new_tokens": sp.max_new_tokens, "stop_token_ids": list(sp.stop_token_ids),
-                  "ignore_eos": sp.ignore_eos}
+        params = {
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "top_k": sp.top_k,
+            "max_new_tokens": sp.max_new_tokens,
+            "stop_token_ids": list(sp.stop_token_ids),
+            "ignore_eos": sp.ignore_eos,
+        }
         if seed is not None:
             params["sampling_seed"] = seed
-        payload = {"input_ids": prompt, "sampling_params": params, "return_logprob": True,
-                   "logprob_start_len": len(prompt) - 1}
+        payload = {
+            "input_ids": prompt,
+            "sampling_params": params,
+            "return_logprob": True,
+            "logprob_start_len": len(prompt) - 1,
+        }
         return await self._post("/generate", payload, sem, lambda b: parse_generate_response(b, sp.max_new_tokens))
 
     def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
@@ -195,8 +218,13 @@ class HttpEngine:
             seqs = [ids[i] for i in idx]
             # one integer start for the batch (sglang-router only forwards a scalar logprob_start_len)
             common = min(logprob_start_len_for(starts[i]) for i in idx)
-            payload = {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
-                       "return_logprob": True, "logprob_start_len": common, "top_logprobs_num": top_k}
+            payload = {
+                "input_ids": seqs,
+                "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                "return_logprob": True,
+                "logprob_start_len": common,
+                "top_logprobs_num": top_k,
+            }
 
             def parse(body):
                 if not isinstance(body, list) or len(body) != len(idx):
@@ -205,22 +233,29 @@ class HttpEngine:
                 for i, item in zip(idx, body):
                     meta = item["meta_info"]
                     tops = meta.get("input_top_logprobs") if top_k else None
-                    res.append(ScoreOutput(*response_from_input_logprobs(meta["input_token_logprobs"], ids[i],
-                                                                         starts[i], tops, common)))
+                    res.append(
+                        ScoreOutput(
+                            *response_from_input_logprobs(meta["input_token_logprobs"], ids[i], starts[i], tops, common)
+                        )
+                    )
                 return res
 
             return await self._post("/generate", payload, sem, parse)
 
-        batches = [list(range(k, min(k + self.score_batch_size, len(ids)))) for k in range(0, len(ids), self.score_batch_size)]
+        batches = [
+            list(range(k, min(k + self.score_batch_size, len(ids)))) for k in range(0, len(ids), self.score_batch_size)
+        ]
         got = await self._gather(list(range(len(batches))), [one_batch(b) for b in batches])
         return [out for k in range(len(batches)) for out in got[k]]
 
     def update_weights(self, *, named_tensors=None, path: str | None = None, version: int) -> None:
         """From disk: every live server loads the HF folder `path` (/update_weights_from_disk). Tensors travel
-        over the wire with the distributed protocol instead (rollout/weight_sync.py, driven by the trainer)."""
+        over the wire with the distributed protocol instead (engines/weight_sync.py, driven by the trainer)."""
         if named_tensors is not None or path is None:
-            raise ValueError("HttpEngine.update_weights needs path= (an HF folder under the servers' weights root); "
-                             "tensors reach servers through rollout.sync=distributed (rollout/weight_sync.py)")
+            raise ValueError(
+                "HttpEngine.update_weights needs path= (an HF folder under the servers' weights root); "
+                "tensors reach servers through rollout.sync=distributed (engines/weight_sync.py)"
+            )
         self._run(self._update_all(str(path), int(version)))
         self.version, self.weights_path = int(version), str(path)
 
@@ -230,10 +265,12 @@ class HttpEngine:
         ones included (a restarted server joins the sync and then serves again); and whether one of them
         restarted since the last sync (it reports another weights version), so the sync groups must be rebuilt
         even though the list of URLs is the same."""
+
         async def probe(url: str) -> str | None:
             try:
-                if (await self._http().get(url + "/health", headers=self.headers,
-                                           timeout=self.pool.probe_timeout_s)).status_code != 200:
+                if (
+                    await self._http().get(url + "/health", headers=self.headers, timeout=self.pool.probe_timeout_s)
+                ).status_code != 200:
                     return None
                 info = await self._http().get(url + "/model_info", headers=self.headers, timeout=30.0)
                 return str(info.json().get("weight_version"))
@@ -251,8 +288,10 @@ class HttpEngine:
             if members:
                 break
             if time.monotonic() > deadline:
-                raise EngineError(f"no rollout server answered /health for {self.request_timeout_s:.0f} s; cannot "
-                                  "sync weights: " + ", ".join(urls))
+                raise EngineError(
+                    f"no rollout server answered /health for {self.request_timeout_s:.0f} s; cannot "
+                    "sync weights: " + ", ".join(urls)
+                )
             time.sleep(1.0)
         restarted = bool(self.version) and any(versions[u] != str(self.version) for u in members)
         return members, restarted
@@ -261,8 +300,9 @@ class HttpEngine:
         """After a sync: every member must report `version`; members serve again, the others stay out."""
         stale = {u: v for u, v in versions.items() if v != str(version)}
         if stale:
-            raise EngineError(f"after the weight sync to version {version} these servers report another version: "
-                              f"{stale}")
+            raise EngineError(
+                f"after the weight sync to version {version} these servers report another version: {stale}"
+            )
         for url in members:
             if url in self.pool.servers:
                 self.pool.mark_ok(url)
@@ -292,14 +332,17 @@ class HttpEngine:
         if str(r.json().get("weight_version")) == str(self.version):
             return
         if not self.weights_path:
-            raise StaleServer(f"{url} serves weights version {r.json().get('weight_version')}, not {self.version}; "
-                              "it rejoins after the next weight sync")
+            raise StaleServer(
+                f"{url} serves weights version {r.json().get('weight_version')}, not {self.version}; "
+                "it rejoins after the next weight sync"
+            )
         await self._update_one(url, self.weights_path, self.version)
 
     def health(self) -> bool:
         async def check():
             await self.pool.revive_due(self._http(), self.headers, force=True)
             return bool(self.pool.live())
+
         return self._run(check())
 
     def close(self) -> None:

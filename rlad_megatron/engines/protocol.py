@@ -19,21 +19,56 @@ manager):
 Errors are 4xx with {"error": {"message": ...}}, SGLang's shape. Unsupported SGLang features
 (text prompts, stop strings, penalties, min_p, streaming, LoRA) are refused by name, never ignored.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-TOP_LEVEL_KEYS = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num", "rid",
-                  "stream", "return_text_in_logprobs", "text", "lora_path", "custom_logit_processor",
-                  "token_ids_logprob", "image_data", "model", "log_metrics", "no_logs", "return_hidden_states",
-                  "background", "return_bytes", "return_entropy"}
+TOP_LEVEL_KEYS = {
+    "input_ids",
+    "sampling_params",
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "rid",
+    "stream",
+    "return_text_in_logprobs",
+    "text",
+    "lora_path",
+    "custom_logit_processor",
+    "token_ids_logprob",
+    "image_data",
+    "model",
+    "log_metrics",
+    "no_logs",
+    "return_hidden_states",
+    "background",
+    "return_bytes",
+    "return_entropy",
+}
 # GenerateReqInput fields sglang-router fills in with their defaults: accepted only while they are off
 MUST_BE_OFF = ("stream", "return_hidden_states", "background", "return_bytes", "return_entropy")
-SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_new_tokens", "stop_token_ids", "n", "sampling_seed",
-                 "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stop",
-                 "repetition_penalty", "frequency_penalty", "presence_penalty", "min_new_tokens"}
+SAMPLING_KEYS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_new_tokens",
+    "stop_token_ids",
+    "n",
+    "sampling_seed",
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+    "stop",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "min_new_tokens",
+}
 MAX_N = 64
 MAX_STOP_IDS = 32
 MAX_TOP_LOGPROBS = 64
@@ -135,8 +170,13 @@ def _sampling(sp: Any, req: GenRequest, vocab_size: int, max_context: int) -> No
 
 
 def _refuse_unsupported(sp: dict[str, Any]) -> None:
-    neutral = {"min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-               "min_new_tokens": 0}
+    neutral = {
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "min_new_tokens": 0,
+    }
     for key, ok in neutral.items():
         if sp.get(key) is not None and sp[key] != ok:
             raise RequestError(f"sampling_params.{key}={sp[key]!r} is not supported by this server (only {ok})")

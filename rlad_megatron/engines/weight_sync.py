@@ -21,6 +21,7 @@ the new set, so a restarted server receives the full current weights at the next
 
 This module has no Megatron import: the trainer side of the loop (components.py) feeds it buckets.
 """
+
 from __future__ import annotations
 
 import socket
@@ -56,8 +57,9 @@ def free_port_on(host: str) -> int:
         return s.getsockname()[1]
 
 
-def init_custom_process_group(master_address: str, master_port: int, world_size: int, rank: int, name: str,
-                              backend: str, timeout_s: float):
+def init_custom_process_group(
+    master_address: str, master_port: int, world_size: int, rank: int, name: str, backend: str, timeout_s: float
+):
     """A process group outside the trainer's default world: {one trainer rank} + the servers' ranks.
 
     Built the way SGLang builds its side (a TCP store at master_address:master_port hosted by rank 0, a
@@ -68,10 +70,12 @@ def init_custom_process_group(master_address: str, master_port: int, world_size:
     from torch.distributed import distributed_c10d as c10d
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
-                          wait_for_workers=False)
-    pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
-                                           c10d.PrefixStore(name, store), group_name=name, timeout=timeout)
+    store = dist.TCPStore(
+        master_address, master_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+    )
+    pg, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(name, store), group_name=name, timeout=timeout
+    )
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg
 
@@ -99,7 +103,7 @@ def unflatten_bucket(flat, dtypes: Sequence[Any], shapes: Sequence[Sequence[int]
     out, offset = [], 0
     for dtype, shape in zip(dtypes, shapes):
         nbytes = math.prod(shape) * dtype.itemsize
-        out.append(flat[offset:offset + nbytes].view(dtype).view(list(shape)).clone())
+        out.append(flat[offset : offset + nbytes].view(dtype).view(list(shape)).clone())
         offset += nbytes
     if offset != flat.numel():
         raise ValueError(f"a flattened bucket of {flat.numel()} bytes does not hold the announced {offset} bytes")
@@ -113,8 +117,13 @@ class ServerCalls:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
 
-    def post_all(self, urls: Sequence[str], path: str, payload: dict[str, Any] | Callable[[int], dict[str, Any]],
-                 during: Callable[[], None] | None = None) -> None:
+    def post_all(
+        self,
+        urls: Sequence[str],
+        path: str,
+        payload: dict[str, Any] | Callable[[int], dict[str, Any]],
+        during: Callable[[], None] | None = None,
+    ) -> None:
         """POST `payload` (or payload(i) for server i) to every URL; run `during()` while the requests are in
         flight (the broadcast that the servers are waiting for); raise naming each server that failed."""
         results: list[Any] = [None] * len(urls)
@@ -150,8 +159,10 @@ class ServerCalls:
         for url in urls:
             r = httpx.get(url + "/server_info", headers=self.headers, timeout=30.0)
             if r.status_code != 200:
-                raise WeightSyncError(f"{url}/server_info returned {r.status_code}; is it an SGLang server "
-                                      "(not a router)? rollout.urls must list the servers for weight sync")
+                raise WeightSyncError(
+                    f"{url}/server_info returned {r.status_code}; is it an SGLang server "
+                    "(not a router)? rollout.urls must list the servers for weight sync"
+                )
             sizes.append(int(r.json().get("tp_size", 1)))
         return sizes
 
@@ -182,14 +193,19 @@ class StageSender:
         port, name = free_port_on(self.host), group_name(self.stage, generation)
 
         def payload(i: int) -> dict[str, Any]:
-            return {"master_address": self.host, "master_port": port, "rank_offset": offsets[i],
-                    "world_size": world_size, "group_name": name, "backend": self.backend}
+            return {
+                "master_address": self.host,
+                "master_port": port,
+                "rank_offset": offsets[i],
+                "world_size": world_size,
+                "group_name": name,
+                "backend": self.backend,
+            }
 
         box: dict[str, Any] = {}
 
         def join() -> None:
-            box["group"] = init_custom_process_group(self.host, port, world_size, 0, name, self.backend,
-                                                     self.timeout_s)
+            box["group"] = init_custom_process_group(self.host, port, world_size, 0, name, self.backend, self.timeout_s)
 
         self.calls.post_all(members, "/init_weights_update_group", payload, during=join)
         self.group, self.name, self.members = box["group"], name, list(members)
@@ -199,9 +215,15 @@ class StageSender:
         flat byte tensor (SGLang's `load_format: flattened_bucket`: one collective instead of one per tensor)."""
         import torch.distributed as dist
 
-        payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                   "shapes": [list(t.shape) for _, t in bucket], "group_name": self.name, "flush_cache": True,
-                   "weight_version": str(version), "load_format": "flattened_bucket"}
+        payload = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": self.name,
+            "flush_cache": True,
+            "weight_version": str(version),
+            "load_format": "flattened_bucket",
+        }
         flat = flatten_bucket([t for _, t in bucket])
 
         def broadcast() -> None:
@@ -215,8 +237,12 @@ class StageSender:
             return
         for url in self.members:
             try:
-                httpx.post(url + "/destroy_weights_update_group", json={"group_name": self.name},
-                           headers=self.calls.headers, timeout=10.0)
+                httpx.post(
+                    url + "/destroy_weights_update_group",
+                    json={"group_name": self.name},
+                    headers=self.calls.headers,
+                    timeout=10.0,
+                )
             except httpx.HTTPError:
                 pass  # a dead server has no group left to destroy
         destroy_group(self.group)

@@ -4,8 +4,8 @@ Endpoints: POST /generate, GET /health, GET /health_generate, POST /update_weigh
 POST|GET /flush_cache, GET /model_info, GET /server_info (and their older
 get_* names), GET /v1/models, and the distributed
 weight sync (POST /init_weights_update_group, /begin_weight_update, /update_weights_from_distributed,
-/end_weight_update, /destroy_weights_update_group; rollout/weight_receiver.py). Field names,
-defaults and response shapes follow SGLang (rollout/protocol.py has the mapping), so the same
+/end_weight_update, /destroy_weights_update_group; engines/weight_receiver.py). Field names,
+defaults and response shapes follow SGLang (engines/protocol.py has the mapping), so the same
 client talks to either, directly or through sglang-router.
 
 Concurrency: HTTP handlers enqueue one work item per sample; a single scheduler thread runs the
@@ -18,6 +18,7 @@ Security defaults: binds 127.0.0.1; `--api-key` (or env RLAD_API_KEY) requires
 under `--weights-root` (none configured: refused) and loads safetensors only; every request is
 validated and bad input gets a 4xx with {"error": {"message": ...}} while the server keeps serving.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,16 +36,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from rlad_megatron.rollout import serve_args
-from rlad_megatron.rollout.base import GenerateOutput, SamplingParams, sample_seed
-from rlad_megatron.rollout.protocol import (
+from rlad_megatron.engines import serve_args
+from rlad_megatron.engines.base import GenerateOutput, SamplingParams, sample_seed
+from rlad_megatron.engines.protocol import (
     GenRequest,
     RequestError,
     finish_reason,
     parse_generate,
     triples,
 )
-from rlad_megatron.rollout.weight_receiver import WeightReceiver
+from rlad_megatron.engines.weight_receiver import WeightReceiver
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -142,8 +143,9 @@ class ServerState:
             for r in reqs:
                 fut = loop.create_future()
                 futures.append(fut)
-                sp = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, tuple(r.stop_token_ids),
-                                    None, r.ignore_eos)
+                sp = SamplingParams(
+                    r.temperature, r.top_p, r.top_k, r.max_new_tokens, tuple(r.stop_token_ids), None, r.ignore_eos
+                )
                 seed = r.seed if n == 1 else sample_seed(r.seed, 0, j)
 
                 def done(w, out, fut=fut):
@@ -165,12 +167,18 @@ class ServerState:
 
     async def _input_scores(self, reqs: list[GenRequest]) -> dict[int, Any]:
         """Prompt log-probs of every request that asked for them, in one batched engine.score call."""
-        todo = [i for i, r in enumerate(reqs) if r.return_logprob and self._logprob_start(r) + 1 <= len(r.input_ids) - 1]
+        todo = [
+            i for i, r in enumerate(reqs) if r.return_logprob and self._logprob_start(r) + 1 <= len(r.input_ids) - 1
+        ]
         if not todo:
             return {}
         top_k = max(reqs[i].top_logprobs_num for i in todo)
-        scores = await asyncio.to_thread(self.engine.score, [reqs[i].input_ids for i in todo],
-                                         [self._logprob_start(reqs[i]) + 1 for i in todo], top_k)
+        scores = await asyncio.to_thread(
+            self.engine.score,
+            [reqs[i].input_ids for i in todo],
+            [self._logprob_start(reqs[i]) + 1 for i in todo],
+            top_k,
+        )
         return dict(zip(todo, scores))
 
     async def _format(self, r: GenRequest, w, out: GenerateOutput, latency: float, input_score=None) -> dict[str, Any]:
@@ -180,8 +188,12 @@ class ServerState:
         else:
             fr = finish_reason("length", length=len(ids))
         meta: dict[str, Any] = {
-            "id": r.rid or uuid.uuid4().hex, "finish_reason": fr, "prompt_tokens": len(r.input_ids),
-            "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": self.weight_version,
+            "id": r.rid or uuid.uuid4().hex,
+            "finish_reason": fr,
+            "prompt_tokens": len(r.input_ids),
+            "completion_tokens": len(ids),
+            "cached_tokens": 0,
+            "weight_version": self.weight_version,
             "e2e_latency": latency,
         }
         if r.return_logprob:
@@ -294,8 +306,9 @@ def create_app(state: ServerState):
         return JSONResponse(result)
 
     def weight_sync_route(path: str, handler):
-        """The distributed weight-sync endpoints (rollout/weight_receiver.py): JSON object in, SGLang's
+        """The distributed weight-sync endpoints (engines/weight_receiver.py): JSON object in, SGLang's
         {success, message} out, 400 when refused; the blocking receive runs off the event loop."""
+
         async def endpoint(request: Request):
             try:
                 body = await read_json(request) if await request.body() else {}
@@ -323,16 +336,25 @@ def create_app(state: ServerState):
     @app.get("/model_info")
     @app.get("/get_model_info")  # SGLang's older name, still served by 0.5.23
     async def get_model_info():
-        return {"model_path": state.engine.model_dir, "tokenizer_path": state.model_dir, "is_generation": True,
-                "weight_version": state.weight_version, "max_context_length": state.max_context,
-                "vocab_size": state.engine.spec.vocab_size}
+        return {
+            "model_path": state.engine.model_dir,
+            "tokenizer_path": state.model_dir,
+            "is_generation": True,
+            "weight_version": state.weight_version,
+            "max_context_length": state.max_context,
+            "vocab_size": state.engine.spec.vocab_size,
+        }
 
     @app.get("/server_info")
     @app.get("/get_server_info")  # SGLang's older name, still served by 0.5.23
     async def get_server_info():
-        return {"model_path": state.engine.model_dir, "weight_version": state.weight_version,
-                "max_total_num_tokens": state.max_context * state.engine.max_batch_size, "engine": "rlad-embedded",
-                "tp_size": 1}
+        return {
+            "model_path": state.engine.model_dir,
+            "weight_version": state.weight_version,
+            "max_total_num_tokens": state.max_context * state.engine.max_batch_size,
+            "engine": "rlad-embedded",
+            "tp_size": 1,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -342,7 +364,7 @@ def create_app(state: ServerState):
 
 
 def add_arguments(parser) -> None:
-    """Its own flags and the SGLang launch flags the node agent passes (rollout/serve_args.py)."""
+    """Its own flags and the SGLang launch flags the node agent passes (engines/serve_args.py)."""
     serve_args.add_arguments(parser)
 
 
@@ -350,13 +372,14 @@ def build_state(args) -> ServerState:
     """The engine behind the app; a ValueError names an SGLang flag this server cannot honour."""
     import torch
 
-    from rlad_megatron.rollout.embedded import EmbeddedEngine
+    from rlad_megatron.engines.embedded import EmbeddedEngine
 
     serve_args.check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = EmbeddedEngine(args.model, max_batch_size=args.max_batch_size,
-                            dtype=getattr(torch, serve_args.torch_dtype(args)))
+    engine = EmbeddedEngine(
+        args.model, max_batch_size=args.max_batch_size, dtype=getattr(torch, serve_args.torch_dtype(args))
+    )
     max_context = serve_args.context_length(args, engine.spec.max_positions)
     tokenizer = None
     has_tokenizer = any((Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
@@ -380,10 +403,13 @@ def run(args) -> int:
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not state.api_key:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach the port can use it")
-    print(f"rlad serve: {args.model} on http://{args.host}:{args.port} (api key {'on' if state.api_key else 'off'})",
-          flush=True)
+    print(
+        f"rlad serve: {args.model} on http://{args.host}:{args.port} (api key {'on' if state.api_key else 'off'})",
+        flush=True,
+    )
     # keep-alive longer than the client pool's idle time, so pooled connections are not closed under it
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_keep_alive=75)
+    uvicorn.run(
+        create_app(state), host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=75
+    )
     state.scheduler.stop()
     return 0

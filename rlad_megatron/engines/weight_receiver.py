@@ -17,6 +17,7 @@ are held until /end_weight_update and swapped in together while generation is pa
 sees half-updated weights (the training loop never generates during a sync, so results are the same).
 `backend` must be gloo: NCCL needs GPUs on both ends.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,11 +26,17 @@ from typing import Any
 
 import torch
 
-from rlad_megatron.rollout.protocol import RequestError
-from rlad_megatron.rollout.weight_sync import destroy_group, init_custom_process_group, unflatten_bucket
+from rlad_megatron.engines.protocol import RequestError
+from rlad_megatron.engines.weight_sync import destroy_group, init_custom_process_group, unflatten_bucket
 
-INIT_FIELDS = {"master_address": str, "master_port": int, "rank_offset": int, "world_size": int, "group_name": str,
-               "backend": str}
+INIT_FIELDS = {
+    "master_address": str,
+    "master_port": int,
+    "rank_offset": int,
+    "world_size": int,
+    "group_name": str,
+    "backend": str,
+}
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 
@@ -52,16 +59,24 @@ class WeightReceiver:
     def init_group(self, body: dict[str, Any]) -> dict[str, Any]:
         args = {k: _field(body, k, t, "gloo" if k == "backend" else None) for k, t in INIT_FIELDS.items()}
         if args["backend"] != "gloo":
-            raise RequestError(f"backend={args['backend']!r} cannot be honoured by rlad serve (CPU): use 'gloo'; "
-                               "the trainer picks gloo when it runs on CPU")
+            raise RequestError(
+                f"backend={args['backend']!r} cannot be honoured by rlad serve (CPU): use 'gloo'; "
+                "the trainer picks gloo when it runs on CPU"
+            )
         if not 1 <= args["rank_offset"] < args["world_size"]:
             raise RequestError(f"rank_offset={args['rank_offset']} must be in [1, world_size={args['world_size']})")
         name = args["group_name"]
         if name in self.groups:  # a restarted trainer reuses its names: the new group replaces the old, as in SGLang
             destroy_group(self.groups.pop(name))
-        self.groups[name] = init_custom_process_group(args["master_address"], args["master_port"],
-                                                      args["world_size"], args["rank_offset"], name, "gloo",
-                                                      self.timeout_s)
+        self.groups[name] = init_custom_process_group(
+            args["master_address"],
+            args["master_port"],
+            args["world_size"],
+            args["rank_offset"],
+            name,
+            "gloo",
+            self.timeout_s,
+        )
         return {"success": True, "message": f"joined {name} as rank {args['rank_offset']}"}
 
     def destroy_group(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -81,8 +96,12 @@ class WeightReceiver:
 
     def receive(self, body: dict[str, Any]) -> dict[str, Any]:
         names, dtypes, shapes = (body.get(k) for k in ("names", "dtypes", "shapes"))
-        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
-                and len(names) == len(dtypes) == len(shapes)):
+        if not (
+            isinstance(names, list)
+            and isinstance(dtypes, list)
+            and isinstance(shapes, list)
+            and len(names) == len(dtypes) == len(shapes)
+        ):
             raise RequestError("names, dtypes and shapes must be lists of the same length")
         bad = sorted({d for d in dtypes if d not in DTYPES})
         if bad:
@@ -93,8 +112,9 @@ class WeightReceiver:
             raise RequestError(f"load_format={load_format!r} is not supported; use none or 'flattened_bucket'")
         with self.lock:
             if self.session is None:
-                raise RequestError("update_weights_from_distributed must run between begin_weight_update() and "
-                                   "end_weight_update()")
+                raise RequestError(
+                    "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+                )
             if name not in self.groups:
                 raise RequestError(f"no weight update group named {name!r}; call /init_weights_update_group first")
             self.session += zip(map(str, names), self._broadcast(self.groups[name], dtypes, shapes, load_format))

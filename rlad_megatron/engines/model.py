@@ -14,6 +14,7 @@ attention, MoE layers, quantised checkpoints.
 
 Shapes: B batch, T new tokens, S cache length, H query heads, K kv heads, D head dim, V vocab.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ class ModelSpec:
         eos = cfg.get("eos_token_id")
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -70,7 +73,9 @@ def _rope_theta(cfg: dict) -> float:
 def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: model folders must be Hugging Face format (config.json + safetensors)")
+        raise FileNotFoundError(
+            f"{path} not found: model folders must be Hugging Face format (config.json + safetensors)"
+        )
     cfg = json.loads(path.read_text())
     eos_extra = Path(model_dir) / "generation_config.json"
     if eos_extra.is_file() and "eos_token_id" in (gen := json.loads(eos_extra.read_text())):
@@ -92,7 +97,9 @@ def iter_safetensors(model_dir: str | Path) -> Iterable[tuple[str, torch.Tensor]
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors files (pickle checkpoints are refused; re-save with safetensors)")
+        raise FileNotFoundError(
+            f"{folder}: no *.safetensors files (pickle checkpoints are refused; re-save with safetensors)"
+        )
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -113,14 +120,19 @@ class DecoderModel:
         self.layers = []
         for _ in range(s.num_layers):
             qkv_out = self.q_size + 2 * self.kv_size
-            self.layers.append({
-                "ln1": torch.ones(h, **e), "ln2": torch.ones(h, **e),
-                "qkv": torch.zeros(qkv_out, h, **e), "qkv_b": torch.zeros(qkv_out, **e) if s.qkv_bias else None,
-                "o": torch.zeros(h, self.q_size, **e), "q_norm": torch.ones(d, **e) if s.qk_norm else None,
-                "k_norm": torch.ones(d, **e) if s.qk_norm else None,
-                "gate_up": torch.zeros(2 * s.intermediate_size, h, **e),
-                "down": torch.zeros(h, s.intermediate_size, **e),
-            })
+            self.layers.append(
+                {
+                    "ln1": torch.ones(h, **e),
+                    "ln2": torch.ones(h, **e),
+                    "qkv": torch.zeros(qkv_out, h, **e),
+                    "qkv_b": torch.zeros(qkv_out, **e) if s.qkv_bias else None,
+                    "o": torch.zeros(h, self.q_size, **e),
+                    "q_norm": torch.ones(d, **e) if s.qk_norm else None,
+                    "k_norm": torch.ones(d, **e) if s.qk_norm else None,
+                    "gate_up": torch.zeros(2 * s.intermediate_size, h, **e),
+                    "down": torch.zeros(h, s.intermediate_size, **e),
+                }
+            )
         self._views = self._hf_views()
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rot_table: torch.Tensor | None = None  # [n, D, D] decode RoPE matrices, one per position, or None
@@ -135,7 +147,11 @@ class DecoderModel:
             p = f"model.layers.{i}."
             v[p + "input_layernorm.weight"] = L["ln1"]
             v[p + "post_attention_layernorm.weight"] = L["ln2"]
-            for name, sl in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+            for name, sl in (
+                ("q_proj", slice(0, q)),
+                ("k_proj", slice(q, q + kv)),
+                ("v_proj", slice(q + kv, q + 2 * kv)),
+            ):
                 v[p + f"self_attn.{name}.weight"] = L["qkv"][sl]
                 if L["qkv_b"] is not None:
                     v[p + f"self_attn.{name}.bias"] = L["qkv_b"][sl]
@@ -206,8 +222,13 @@ class DecoderModel:
                 s = self.spec
                 L["qk_norm"] = torch.cat([L["q_norm"].expand(s.num_heads, -1), L["k_norm"].expand(s.num_kv_heads, -1)])
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Prefill: hidden states after the final norm, [B, T, hidden].
 
         tokens, positions: [B, T] with positions 0..T-1 in every row. Causal attention within the
@@ -223,7 +244,7 @@ class DecoderModel:
             h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
             qkv = F.linear(h, L["qkv"], L["qkv_b"])
             qk = qkv[..., : self.q_size + self.kv_size].view(B, T, H + K, D)
-            v = qkv[..., self.q_size + self.kv_size:].view(B, T, K, D).transpose(1, 2)
+            v = qkv[..., self.q_size + self.kv_size :].view(B, T, K, D).transpose(1, 2)
             qk = self._rotate(L, qk, cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             if cache is not None:
@@ -241,7 +262,7 @@ class DecoderModel:
         D = self.spec.head_dim
         if L["q_norm"] is not None:
             qk = F.rms_norm(qk, (D,), None, self.spec.eps) * L["qk_norm"]
-        rotated = torch.cat((qk[..., D // 2:], qk[..., : D // 2]), dim=-1).mul_(sin)
+        rotated = torch.cat((qk[..., D // 2 :], qk[..., : D // 2]), dim=-1).mul_(sin)
         return (qk * cos).add_(rotated)  # in place where possible: prefill is memory-bound
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn_len: int) -> torch.Tensor:
@@ -257,7 +278,11 @@ class DecoderModel:
         H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
         x = F.embedding(tokens, self.embed)
         cos, sin = self._ensure_rope(attn_len)  # positions < attn_len by the caller's contract
-        rot = self._rot_table[positions] if self._rot_table is not None else _rotation_table(cos[positions], sin[positions])
+        rot = (
+            self._rot_table[positions]
+            if self._rot_table is not None
+            else _rotation_table(cos[positions], sin[positions])
+        )
         mask = cache.set_decode_positions(positions, attn_len, x.dtype)  # [B * K, 1, S], shared by all layers
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden_size,), L["ln1"], s.eps)
@@ -266,7 +291,7 @@ class DecoderModel:
             if L["q_norm"] is not None:
                 qk = F.rms_norm(qk, (D,), None, s.eps) * L["qk_norm"]
             qk = torch.bmm(qk, rot)
-            k, v = cache.write_decode(li, qk[:, H:], qkv[:, self.q_size + self.kv_size:].view(B, K, D), attn_len)
+            k, v = cache.write_decode(li, qk[:, H:], qkv[:, self.q_size + self.kv_size :].view(B, K, D), attn_len)
             attn = _decode_attention(qk[:, :H], k, v, mask)
             x += F.linear(attn, L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
@@ -295,7 +320,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """
     B, H, D = q.shape
     K, S = k.shape[1], k.shape[3]
-    scores = torch.baddbmm(mask, q.reshape(B * K, H // K, D), k.reshape(B * K, D, S), alpha=D ** -0.5)
+    scores = torch.baddbmm(mask, q.reshape(B * K, H // K, D), k.reshape(B * K, D, S), alpha=D**-0.5)
     return torch.bmm(scores.softmax(dim=-1), v.reshape(B * K, S, D)).view(B, H * D)
 
 

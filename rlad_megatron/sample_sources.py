@@ -14,6 +14,7 @@
 Sampling is seeded per (run seed, step, round): a resumed run draws the same tokens.
 Left out: partial rollouts carried across steps, asynchronous generation.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def step_seed(seed: int, step: int, round_index: int = 0) -> int:
 
 
 @dataclass
-class Context:
+class SourceContext:
     """What a source needs; built once by train.build_run."""
 
     cfg: Any
@@ -47,37 +48,56 @@ class Context:
 
 
 def sampling_params(cfg, seed: int):
-    from rlad_megatron.rollout.base import SamplingParams
+    from rlad_megatron.engines.base import SamplingParams
 
     r = cfg.rollout
-    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                          stop_token_ids=tuple(r.stop_token_ids), seed=seed)
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop_token_ids=tuple(r.stop_token_ids),
+        seed=seed,
+    )
 
 
-def generate_samples(ctx: Context, engine, items: Sequence[dict[str, Any]], n: int, seed: int,
-                     first_group: int = 0) -> list[Sample]:
+def generate_samples(
+    ctx: SourceContext, engine, items: Sequence[dict[str, Any]], n: int, seed: int, first_group: int = 0
+) -> list[Sample]:
     """n responses per prompt item from `engine`, rewarded; group_index counts from first_group."""
     prompts = [list(item["prompt_ids"]) for item in items]
     outputs = engine.generate(prompts, sampling_params(ctx.cfg, seed), n=n)
     samples = []
     for i, (item, prompt, outs) in enumerate(zip(items, prompts, outputs)):
         for out in outs:
-            samples.append(Sample(prompt_ids=list(prompt), record=dict(item["record"]), group_index=first_group + i,
-                                  response_ids=list(out.response_ids), rollout_logprobs=list(out.logprobs),
-                                  finish_reason=out.finish_reason))
+            samples.append(
+                Sample(
+                    prompt_ids=list(prompt),
+                    record=dict(item["record"]),
+                    group_index=first_group + i,
+                    response_ids=list(out.response_ids),
+                    rollout_logprobs=list(out.logprobs),
+                    finish_reason=out.finish_reason,
+                )
+            )
     reward(ctx, samples)
     return samples
 
 
-def reward(ctx: Context, samples: Sequence[Sample]) -> None:
+def reward(ctx: SourceContext, samples: Sequence[Sample]) -> None:
     """Decode each response and fill reward / reward_details in place (rewards package)."""
     from rlad_megatron.rewards import score_samples
 
     for sample in samples:
         sample.response_text = ctx.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
     r = ctx.cfg.reward
-    score_samples(samples, ctx.reward_fn, length_penalty=r.length_penalty,
-                  max_new_tokens=ctx.cfg.rollout.max_new_tokens, num_workers=r.num_workers)
+    score_samples(
+        samples,
+        ctx.reward_fn,
+        length_penalty=r.length_penalty,
+        max_new_tokens=ctx.cfg.rollout.max_new_tokens,
+        num_workers=r.num_workers,
+    )
 
 
 def _groups(samples: Sequence[Sample]) -> list[list[Sample]]:
@@ -106,7 +126,7 @@ class Source:
     scored = False
     """Samples arrive with teacher scores already (the loop does not score them again)."""
 
-    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def collect(self, ctx: SourceContext, step: int) -> tuple[list[Sample], dict[str, float]]:
         raise NotImplementedError
 
 
@@ -115,7 +135,7 @@ class StudentRollouts(Source):
 
     needs_rollout_engine = True
 
-    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def collect(self, ctx: SourceContext, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
         want, size = cfg.train.prompts_per_step, cfg.algorithm.group_size
         records = ctx.sampler.next_batch(want)
@@ -131,17 +151,30 @@ class StudentRollouts(Source):
             rounds += 1
             records = ctx.sampler.next_batch(want - len(kept))
             extra_prompts += len(records)
-            more = _groups(generate_samples(ctx, ctx.rollout_engine, records, size, step_seed(cfg.seed, step, rounds),
-                                            first_group=len(groups) + extra_prompts - len(records)))
+            more = _groups(
+                generate_samples(
+                    ctx,
+                    ctx.rollout_engine,
+                    records,
+                    size,
+                    step_seed(cfg.seed, step, rounds),
+                    first_group=len(groups) + extra_prompts - len(records),
+                )
+            )
             kept += [g for g in more if not _zero_adv(g)]
             dropped += [g for g in more if _zero_adv(g)]
         num_dropped = max(len(dropped) - max(want - len(kept), 0), 0)
         # Short of informative groups after every round: fill up with zero-advantage ones (they add no
         # gradient) so the batch keeps its size and the optimizer step stays comparable.
         chosen = (kept + dropped)[:want]
-        metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/extra_prompts": extra_prompts,
-                        "dynamic_sampling/dropped_groups": num_dropped,
-                        "dynamic_sampling/kept_frac": min(len(kept), want) / want})
+        metrics.update(
+            {
+                "dynamic_sampling/rounds": rounds,
+                "dynamic_sampling/extra_prompts": extra_prompts,
+                "dynamic_sampling/dropped_groups": num_dropped,
+                "dynamic_sampling/kept_frac": min(len(kept), want) / want,
+            }
+        )
         return _renumber(chosen), metrics
 
 
@@ -154,14 +187,17 @@ class TeacherTraces(Source):
 
     needs_teacher = True
 
-    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def collect(self, ctx: SourceContext, step: int) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
         records = ctx.sampler.next_batch(cfg.train.prompts_per_step)
-        samples = generate_samples(ctx, ctx.teacher_engine, records, cfg.algorithm.group_size,
-                                   step_seed(cfg.seed, step))
+        samples = generate_samples(
+            ctx, ctx.teacher_engine, records, cfg.algorithm.group_size, step_seed(cfg.seed, step)
+        )
         kept = [s for s in samples if s.reward >= cfg.algorithm.correct_reward_threshold]
-        metrics = {"teacher_traces/kept_frac": len(kept) / max(len(samples), 1),
-                   "teacher_traces/reward_mean": sum(s.reward for s in samples) / max(len(samples), 1)}
+        metrics = {
+            "teacher_traces/kept_frac": len(kept) / max(len(samples), 1),
+            "teacher_traces/reward_mean": sum(s.reward for s in samples) / max(len(samples), 1),
+        }
         return kept, metrics
 
 
@@ -171,14 +207,21 @@ class DatasetTraces(Source):
     def __init__(self, trace_fn: Callable[[dict[str, Any]], str]):
         self.trace_fn = trace_fn
 
-    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def collect(self, ctx: SourceContext, step: int) -> tuple[list[Sample], dict[str, float]]:
         items = ctx.sampler.next_batch(ctx.cfg.train.prompts_per_step)
         eos = ctx.tokenizer.eos_token_id
         samples = []
         for i, item in enumerate(items):
             ids = ctx.tokenizer.encode(self.trace_fn(item["record"]), add_special_tokens=False) + [eos]
-            samples.append(Sample(prompt_ids=list(item["prompt_ids"]), record=dict(item["record"]), group_index=i,
-                                  response_ids=ids, finish_reason="stop"))
+            samples.append(
+                Sample(
+                    prompt_ids=list(item["prompt_ids"]),
+                    record=dict(item["record"]),
+                    group_index=i,
+                    response_ids=ids,
+                    finish_reason="stop",
+                )
+            )
         reward(ctx, samples)
         return samples, {}
 
@@ -191,11 +234,13 @@ class SavedRollouts(Source):
     def __init__(self, rollout_dir: str):
         self.dir = Path(rollout_dir)
 
-    def collect(self, ctx: Context, step: int) -> tuple[list[Sample], dict[str, float]]:
+    def collect(self, ctx: SourceContext, step: int) -> tuple[list[Sample], dict[str, float]]:
         path = self.dir / f"step_{step}.jsonl"
         if not path.exists():
-            raise FileNotFoundError(f"train.mode=train_only: {path} is missing; record it with train.mode=rollout_only "
-                                    f"(or train.save_rollouts=true) for at least train.num_steps steps")
+            raise FileNotFoundError(
+                f"train.mode=train_only: {path} is missing; record it with train.mode=rollout_only "
+                f"(or train.save_rollouts=true) for at least train.num_steps steps"
+            )
         return load_rollouts(path), {}
 
 

@@ -9,20 +9,21 @@ image keeps SGLang in the base Python, the trainer in its own venv). Server i ge
 server, then starts `sglang_router.launch_router --worker-urls ...` from the same interpreter (when
 it has no router, the client balances over the servers itself).
 
-Weight sync is the trainer's (rollout/weight_sync.py): the fleet's engine lists the servers
+Weight sync is the trainer's (engines/weight_sync.py): the fleet's engine lists the servers
 (not the router: sglang-router does not forward the weight-update calls) and the trainer's stage
 senders broadcast into them over NCCL.
 
 SGLang cannot serve on CPU, so nothing here runs in CPU CI beyond command construction; the
 NCCL path is exercised only by the gpu-marked test.
 """
+
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from rlad_megatron.rollout.client import HttpEngine
-from rlad_megatron.rollout.fleet import (
+from rlad_megatron.engines.client import HttpEngine
+from rlad_megatron.engines.fleet import (
     ServerProcess,
     free_port,
     launch_fleet,
@@ -65,15 +66,33 @@ def tp_size(server_args: dict[str, Any]) -> int:
     return int(normalize_server_args(server_args).get("tp_size", 1))
 
 
-def sglang_server_cmd(model_dir: str, port: int, host: str, server_args: dict[str, Any], base_gpu_id: int,
-                      api_key: str = "", python: str = sys.executable) -> list[str]:
+def sglang_server_cmd(
+    model_dir: str,
+    port: int,
+    host: str,
+    server_args: dict[str, Any],
+    base_gpu_id: int,
+    api_key: str = "",
+    python: str = sys.executable,
+) -> list[str]:
     reserved = {"model_path", "host", "port", "api_key", "base_gpu_id"}
     clash = sorted(reserved & set(server_args))
     if clash:
         raise ValueError(f"server_args {clash} are set by the fleet; remove them from the config")
     server_args = normalize_server_args(server_args)
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", host,
-           "--port", str(port), "--base-gpu-id", str(base_gpu_id)]
+    cmd = [
+        python,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--base-gpu-id",
+        str(base_gpu_id),
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
     return cmd + server_args_to_cli(server_args)
@@ -82,9 +101,20 @@ def sglang_server_cmd(model_dir: str, port: int, host: str, server_args: dict[st
 class SGLangFleet:
     """N SGLang servers (+ router) for one role (rollout or teacher); `engine` talks to them."""
 
-    def __init__(self, model_dir: str, num_servers: int, server_args: dict[str, Any], log_dir: str,
-                 host: str = "127.0.0.1", api_key: str = "", gpu_offset: int = 0, use_router: bool = True,
-                 startup_timeout_s: float = 900.0, python: str = sys.executable, **client_kwargs):
+    def __init__(
+        self,
+        model_dir: str,
+        num_servers: int,
+        server_args: dict[str, Any],
+        log_dir: str,
+        host: str = "127.0.0.1",
+        api_key: str = "",
+        gpu_offset: int = 0,
+        use_router: bool = True,
+        startup_timeout_s: float = 900.0,
+        python: str = sys.executable,
+        **client_kwargs,
+    ):
         self.model_dir, self.num_servers = model_dir, num_servers
         self.server_args = normalize_server_args(server_args)
         self.log_dir, self.host, self.api_key = log_dir, host, api_key
@@ -100,14 +130,17 @@ class SGLangFleet:
     def start(self) -> SGLangFleet:
         ports = [free_port() for _ in range(self.num_servers)]
         self.worker_urls = [f"http://{self.host}:{p}" for p in ports]
-        cmds = [sglang_server_cmd(self.model_dir, p, self.host, self.server_args, self.gpu_offset + i * self.tp,
-                                  self.api_key, self.python) for i, p in enumerate(ports)]
+        cmds = [
+            sglang_server_cmd(
+                self.model_dir, p, self.host, self.server_args, self.gpu_offset + i * self.tp, self.api_key, self.python
+            )
+            for i, p in enumerate(ports)
+        ]
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         self.servers = launch_fleet(cmds, self.worker_urls, self.log_dir, self.startup_timeout_s, headers=headers)
         urls = self.worker_urls
         if self.use_router and not self.api_key:  # the router would need the key too; balance client-side then
-            self.router = launch_router(self.worker_urls, free_port(), self.log_dir, host=self.host,
-                                        python=self.python)
+            self.router = launch_router(self.worker_urls, free_port(), self.log_dir, host=self.host, python=self.python)
             if self.router is not None:
                 urls = [self.router.url]
         self.engine = HttpEngine(urls, api_key=self.api_key, **self.client_kwargs)

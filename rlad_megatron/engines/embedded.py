@@ -14,6 +14,7 @@ Design (continuous batching, kept simple):
 The same loop serves in-process `generate` (work from a list) and the HTTP server (work from a
 queue, see server.py). Left out: prefix caching, chunked prefill, speculative decoding.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlad_megatron.rollout.base import (
+from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
     SamplingParams,
@@ -34,14 +35,14 @@ from rlad_megatron.rollout.base import (
     check_prompts,
     sample_seed,
 )
-from rlad_megatron.rollout.model import (
+from rlad_megatron.engines.model import (
     DecoderModel,
     KVCache,
     iter_safetensors,
     load_model,
     read_config,
 )
-from rlad_megatron.rollout.sampling import sample_next
+from rlad_megatron.engines.sampling import sample_next
 
 
 @dataclass
@@ -86,8 +87,17 @@ class _Rows:
         self.stops = torch.full((cap, max_stops), -1, dtype=torch.int64)
         self.out_tok = torch.zeros(width, cap, dtype=torch.int64)
         self.out_lp = torch.zeros(width, cap)
-        self._per_row = [self.next_tok, self.lens, self.ngen, self.max_new, self.temperature, self.top_p, self.top_k,
-                         self.seeds, self.stops]
+        self._per_row = [
+            self.next_tok,
+            self.lens,
+            self.ngen,
+            self.max_new,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.seeds,
+            self.stops,
+        ]
 
     def admit(self, works: list[Work]) -> slice:
         """Append works as rows [n, n + m), vectorised; returns their slice."""
@@ -135,8 +145,13 @@ class _Rows:
 class EmbeddedEngine:
     """In-process engine over an HF folder. Thread-safe: one batch runs at a time (a lock)."""
 
-    def __init__(self, model_dir: str | Path, max_batch_size: int = 64, dtype: torch.dtype = torch.float32,
-                 max_score_tokens: int = 16384):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_batch_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        max_score_tokens: int = 16384,
+    ):
         self.model_dir = str(model_dir)
         self.model: DecoderModel = load_model(model_dir, dtype=dtype)
         self.spec = self.model.spec
@@ -157,8 +172,11 @@ class EmbeddedEngine:
             i, s = w.tag
             results[i][s] = out
 
-        pending = deque(self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
-                        for i, p in enumerate(prompt_ids) for s in range(n))
+        pending = deque(
+            self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
+            for i, p in enumerate(prompt_ids)
+            for s in range(n)
+        )
 
         def take(limit: int, max_len: int) -> list[Work]:
             got = []
@@ -176,8 +194,9 @@ class EmbeddedEngine:
         stops = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else self.spec.eos_token_ids)
         return Work(list(prompt), sampling, int(seed), done, tuple(dict.fromkeys(stops)), tag)
 
-    def run_batch(self, take: Callable[[int, int], list[Work]], max_len_hint: int = 0,
-                  capacity: int | None = None) -> int:
+    def run_batch(
+        self, take: Callable[[int, int], list[Work]], max_len_hint: int = 0, capacity: int | None = None
+    ) -> int:
         """Run one continuous batch: pull work with take(limit, max_len) until nothing is active.
 
         take must return only items with item.max_len <= max_len (FIFO; stop at the first that
@@ -236,7 +255,9 @@ class EmbeddedEngine:
         tokens = torch.zeros(len(live), T, dtype=torch.int64)
         for j, w in enumerate(live):
             tokens[j, : len(w.prompt_ids)] = torch.tensor(w.prompt_ids)
-        hidden = self.model.forward(tokens, torch.arange(T).expand(len(live), T), cache, rows=torch.arange(sl.start, sl.stop))
+        hidden = self.model.forward(
+            tokens, torch.arange(T).expand(len(live), T), cache, rows=torch.arange(sl.start, sl.stop)
+        )
         last = hidden[torch.arange(len(live)), lengths - 1]
         return finished + self._sample_and_record(rows, cache, self.model.logits(last), sl.start, sl.stop)
 
@@ -252,8 +273,15 @@ class EmbeddedEngine:
     def _sample_and_record(self, rows: _Rows, cache: KVCache, logits: torch.Tensor, start: int, stop: int) -> int:
         """Sample the next token of rows [start, stop), record it, finish the rows that ended."""
         sl = slice(start, stop)
-        tok, lp = sample_next(logits, rows.temperature[sl], rows.top_p[sl], rows.top_k[sl], rows.seeds[sl],
-                              rows.ngen[sl], all_greedy=rows.all_greedy)
+        tok, lp = sample_next(
+            logits,
+            rows.temperature[sl],
+            rows.top_p[sl],
+            rows.top_k[sl],
+            rows.seeds[sl],
+            rows.ngen[sl],
+            all_greedy=rows.all_greedy,
+        )
         slot = rows.g % rows.width
         rows.out_tok[slot, sl] = tok
         rows.out_lp[slot, sl] = lp
@@ -287,15 +315,18 @@ class EmbeddedEngine:
         rows.refresh_flags()
 
     # ------------------------------------------------------------------ score
-    def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0,
-              temperature: float = 1.0) -> list[ScoreOutput]:
+    def score(
+        self, ids: list[list[int]], response_start: list[int], top_k: int = 0, temperature: float = 1.0
+    ) -> list[ScoreOutput]:
         """Log-probs of ids[i][response_start[i]:] (teacher alignment: position p predicts token p + 1)."""
         check_prompts(ids, self.spec.vocab_size)
         if len(response_start) != len(ids):
             raise ValueError(f"response_start has {len(response_start)} entries for {len(ids)} sequences")
         for i, (seq, st) in enumerate(zip(ids, response_start)):
             if not 1 <= st <= len(seq):
-                raise ValueError(f"response_start[{i}]={st} must be in [1, len(ids[{i}])={len(seq)}] (the first token has no log-prob)")
+                raise ValueError(
+                    f"response_start[{i}]={st} must be in [1, len(ids[{i}])={len(seq)}] (the first token has no log-prob)"
+                )
         if top_k < 0 or top_k > self.spec.vocab_size:
             raise ValueError(f"top_k={top_k} must be in [0, vocab_size={self.spec.vocab_size}]")
         out: list[ScoreOutput | None] = [None] * len(ids)
@@ -332,15 +363,16 @@ class EmbeddedEngine:
             top_ids, top_vals = tops.indices.tolist(), tops.values.tolist()
         a = 0
         for i, c in zip(chunk, counts.tolist()):
-            res = ScoreOutput(picked[a:a + c])
+            res = ScoreOutput(picked[a : a + c])
             if top_ids is not None:
-                res.topk_ids, res.topk_logprobs = top_ids[a:a + c], top_vals[a:a + c]
+                res.topk_ids, res.topk_logprobs = top_ids[a : a + c], top_vals[a : a + c]
             out[i] = res
             a += c
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, *, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
-                       path: str | None = None, version: int) -> None:
+    def update_weights(
+        self, *, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None, path: str | None = None, version: int
+    ) -> None:
         """In place, between batches (takes the engine lock). Tensors use HF names."""
         if (named_tensors is None) == (path is None):
             raise ValueError("update_weights needs exactly one of named_tensors= or path=")
@@ -349,7 +381,10 @@ class EmbeddedEngine:
                 if Path(path).name.endswith(".tmp"):  # exports are written to step_N.tmp, then renamed
                     raise ValueError(f"{path} is an export still being written; load the published step_N folder")
                 new_cfg = read_config(path)
-                if int(new_cfg["vocab_size"]) != self.spec.vocab_size or new_cfg.get("model_type") != self.spec.model_type:
+                if (
+                    int(new_cfg["vocab_size"]) != self.spec.vocab_size
+                    or new_cfg.get("model_type") != self.spec.model_type
+                ):
                     raise ValueError(f"{path} is a different architecture from the served model {self.model_dir}")
                 tensors = dict(iter_safetensors(path))  # read fully before touching the live weights
                 self.model.load_tensors(tensors.items(), strict=True)

@@ -16,6 +16,7 @@ second router on the same host would die with "Address already in use").
 `import_error(python, module)` asks another interpreter whether it can import a module (SGLang
 lives in another environment than the trainer in the image), once per (interpreter, module).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -86,8 +87,9 @@ class ServerPool:
     def live(self) -> list[ServerState]:
         return [s for s in self.servers.values() if s.alive]
 
-    async def probe(self, client: httpx.AsyncClient, url: str, headers: dict[str, str],
-                    timeout_s: float | None = None) -> bool:
+    async def probe(
+        self, client: httpx.AsyncClient, url: str, headers: dict[str, str], timeout_s: float | None = None
+    ) -> bool:
         try:
             r = await client.get(url + "/health", headers=headers, timeout=timeout_s or self.probe_timeout_s)
             ok = r.status_code == 200
@@ -110,20 +112,25 @@ class ServerPool:
     def _claim_due(self, force: bool) -> list[str]:
         """Dead servers whose cool-down has passed (all dead ones when force), marked as being probed."""
         now = time.monotonic()
-        due = [s.url for s in self.servers.values()
-               if not s.alive and (force or (s.retry_at <= now and s.url not in self._probing))]
+        due = [
+            s.url
+            for s in self.servers.values()
+            if not s.alive and (force or (s.retry_at <= now and s.url not in self._probing))
+        ]
         self._probing.update(due)
         return due
 
-    async def _probe_claimed(self, client: httpx.AsyncClient, url: str, headers: dict[str, str],
-                             timeout_s: float | None = None) -> bool:
+    async def _probe_claimed(
+        self, client: httpx.AsyncClient, url: str, headers: dict[str, str], timeout_s: float | None = None
+    ) -> bool:
         try:
             return await self.probe(client, url, headers, timeout_s)
         finally:
             self._probing.discard(url)
 
-    async def revive_due(self, client: httpx.AsyncClient, headers: dict[str, str], force: bool = False,
-                         timeout_s: float | None = None) -> None:
+    async def revive_due(
+        self, client: httpx.AsyncClient, headers: dict[str, str], force: bool = False, timeout_s: float | None = None
+    ) -> None:
         """Probe dead servers whose cool-down has passed (all dead ones when force) and wait for the answers."""
         due = self._claim_due(force)
         if due:
@@ -150,11 +157,15 @@ class ServerPool:
             if live:
                 return min(live, key=lambda s: s.inflight)
             if all(s.stale for s in self.servers.values()):
-                raise AllServersStale("every server serves older weights than the last sync: " + "; ".join(
-                    f"{s.url} ({s.last_error})" for s in self.servers.values()))
+                raise AllServersStale(
+                    "every server serves older weights than the last sync: "
+                    + "; ".join(f"{s.url} ({s.last_error})" for s in self.servers.values())
+                )
             if time.monotonic() >= deadline:
-                raise AllServersDown("all servers are unreachable: " + "; ".join(
-                    f"{s.url} ({s.last_error})" for s in self.servers.values()))
+                raise AllServersDown(
+                    "all servers are unreachable: "
+                    + "; ".join(f"{s.url} ({s.last_error})" for s in self.servers.values())
+                )
             wait = min(s.retry_at for s in self.servers.values()) - time.monotonic()
             await asyncio.sleep(max(0.05, min(wait, deadline - time.monotonic(), 1.0)))
 
@@ -174,8 +185,9 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with proc)
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         return self
 
     def wait_healthy(self, timeout_s: float, path: str = "/health_generate", headers: dict | None = None) -> None:
@@ -207,11 +219,29 @@ class ServerProcess:
             self.kill()
 
 
-def embedded_server_cmd(model_dir: str, port: int, host: str = "127.0.0.1", weights_root: str = "",
-                        max_batch_size: int = 64, threads: int = 0) -> list[str]:
+def embedded_server_cmd(
+    model_dir: str,
+    port: int,
+    host: str = "127.0.0.1",
+    weights_root: str = "",
+    max_batch_size: int = 64,
+    threads: int = 0,
+) -> list[str]:
     """`rlad serve` command line; the API key travels in env RLAD_API_KEY (argv is visible in ps)."""
-    cmd = [sys.executable, "-m", "rlad_megatron.cli", "serve", "--model", str(model_dir), "--host", host,
-           "--port", str(port), "--max-batch-size", str(max_batch_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlad_megatron.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+    ]
     if weights_root:
         cmd += ["--weights-root", str(weights_root)]
     if threads:
@@ -219,12 +249,20 @@ def embedded_server_cmd(model_dir: str, port: int, host: str = "127.0.0.1", weig
     return cmd
 
 
-def launch_fleet(cmds: list[list[str]], urls: list[str], log_dir: str, timeout_s: float = 300.0,
-                 env: dict | None = None, headers: dict | None = None) -> list[ServerProcess]:
+def launch_fleet(
+    cmds: list[list[str]],
+    urls: list[str],
+    log_dir: str,
+    timeout_s: float = 300.0,
+    env: dict | None = None,
+    headers: dict | None = None,
+) -> list[ServerProcess]:
     """Start every command, wait until all answer /health_generate; on failure stop them all and raise."""
     Path(log_dir).mkdir(parents=True, exist_ok=True)
-    procs = [ServerProcess(c, u, str(Path(log_dir) / f"server_{i}.log"), env).start()
-             for i, (c, u) in enumerate(zip(cmds, urls))]
+    procs = [
+        ServerProcess(c, u, str(Path(log_dir) / f"server_{i}.log"), env).start()
+        for i, (c, u) in enumerate(zip(cmds, urls))
+    ]
     try:
         for p in procs:
             p.wait_healthy(timeout_s, headers=headers)
@@ -235,7 +273,7 @@ def launch_fleet(cmds: list[list[str]], urls: list[str], log_dir: str, timeout_s
     return procs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_error(python: str, module: str) -> str:
     """'' when `python -c "import <module>"` works, else why not (a missing interpreter, the last line of the
     traceback). Cached: one subprocess per (interpreter, module) and process."""
@@ -251,18 +289,46 @@ def import_error(python: str, module: str) -> str:
     return lines[-1] if lines else f"exit code {done.returncode}"
 
 
-def router_cmd(python: str, worker_urls: list[str], host: str, port: int, metrics_port: int,
-               policy: str = "round_robin", extra: list[str] | None = None) -> list[str]:
+def router_cmd(
+    python: str,
+    worker_urls: list[str],
+    host: str,
+    port: int,
+    metrics_port: int,
+    policy: str = "round_robin",
+    extra: list[str] | None = None,
+) -> list[str]:
     """sglang-router's command line, with its Prometheus exporter on `host:metrics_port`: its default
     (0.0.0.0:29000) is shared by every router on a host, and the second one to bind it panics."""
-    return [python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-            "--prometheus-host", host, "--prometheus-port", str(metrics_port), "--policy", policy,
-            *(extra or []), "--worker-urls", *worker_urls]
+    return [
+        python,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--prometheus-host",
+        host,
+        "--prometheus-port",
+        str(metrics_port),
+        "--policy",
+        policy,
+        *(extra or []),
+        "--worker-urls",
+        *worker_urls,
+    ]
 
 
-def launch_router(worker_urls: list[str], port: int, log_dir: str, host: str = "127.0.0.1",
-                  policy: str = "round_robin", timeout_s: float = 60.0,
-                  python: str = sys.executable) -> ServerProcess | None:
+def launch_router(
+    worker_urls: list[str],
+    port: int,
+    log_dir: str,
+    host: str = "127.0.0.1",
+    policy: str = "round_robin",
+    timeout_s: float = 60.0,
+    python: str = sys.executable,
+) -> ServerProcess | None:
     """sglang-router in front of the workers (from `python`'s environment); None when it has no sglang_router."""
     if import_error(python, "sglang_router"):
         return None

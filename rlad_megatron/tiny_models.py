@@ -3,6 +3,7 @@
 `tiny_hf_config(family)` covers the three supported families with the features each one
 exercises: Llama (GQA, untied), Qwen2 (QKV bias), Qwen3 (QK-norm, tied embeddings).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,9 +16,18 @@ def tiny_hf_config(family: str = "llama", **overrides: Any):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     base = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
     )
     if family == "llama":
         cls = LlamaConfig
@@ -32,7 +42,9 @@ def tiny_hf_config(family: str = "llama", **overrides: Any):
     return cls(**base)
 
 
-def save_tiny_model(out_dir: str | Path, family: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: Any):
+def save_tiny_model(
+    out_dir: str | Path, family: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides: Any
+):
     """Write a random-init HF model (safetensors) and, optionally, the char tokenizer; return the folder."""
     import torch
     from transformers import AutoModelForCausalLM
