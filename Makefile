@@ -13,9 +13,6 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[cpu,dev,launch]"
-	@command -v shellcheck >/dev/null || (command -v apt-get >/dev/null && \
-		(apt-get install -y -q shellcheck >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q shellcheck >/dev/null)) \
-		|| echo "shellcheck not installed: the sbatch lint test will skip")
 	touch $@
 
 demo: setup

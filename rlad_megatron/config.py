@@ -442,14 +442,33 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases sink beside tensorboard (the `launch` extra installs wandb). The run's config goes
+    with it redacted as in config.yaml; the command line, environment and console are not sent."""
+
+    _SECTION = "logging.wandb"
+    project: str = ""
+    """W&B project; '' leaves wandb off."""
+    entity: str = ""
+    """W&B entity (team or user); '' = the account's default."""
+    mode: str = "online"
+    """'online', 'offline' (writes <run_dir>/wandb only; `wandb sync` uploads it later) or 'disabled'."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "mode", ("online", "offline", "disabled"))
+
+
+@dataclass
 class LoggingConfig:
     _SECTION = "logging"
     tensorboard: bool = True
     """Write tensorboard scalars to <run_dir>/tb."""
     progress_bar: bool = True
-    """Rich progress bar with ETA and live reward."""
+    """Rich progress bar with ETA and live reward, when stdout is a terminal (plain log lines otherwise)."""
     rollout_samples: int = 4
     """Responses per step written to <run_dir>/samples.jsonl for reading."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Optional W&B sink: the same scalars as tensorboard (`logging.wandb.project=NAME` turns it on)."""
 
 
 GPU_TYPES = ("h100", "h200", "a100", "b200")

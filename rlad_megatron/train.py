@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from rlad_megatron import components
-from rlad_megatron.config import RunConfig, save_config
+from rlad_megatron.config import RunConfig, save_config, to_dict
 from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
 from rlad_megatron.sample_sources import (
     DatasetTraces,
@@ -91,7 +91,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
     obs = None
     try:
         start = restore(run, resume)
-        obs = Observer(cfg.run_dir, cfg.logging, cfg.train.num_steps, start) if run.rank == 0 else NullObserver()
+        obs = (
+            Observer(cfg.run_dir, cfg.logging, cfg.train.num_steps, start, run_config=to_dict(cfg))
+            if run.rank == 0
+            else NullObserver()
+        )
         history: list[dict[str, float]] = []
         if start == 0 and run.eval_records:
             obs.log_eval(0, evaluate(run, 0))

@@ -1,4 +1,4 @@
-"""Security and half-written-artifact guarantees of issue 10 that no package test covered.
+"""Security and half-written-artifact guarantees that no package test covered.
 
 - the package source never evaluates strings (eval/exec), never unpickles (pickle/marshal loads,
   torch.load without weights_only=True, yaml.load) and never runs a shell;
