@@ -1,4 +1,5 @@
-"""A killed trainer must not leave reward-pool workers behind (they would idle forever)."""
+"""A killed trainer must not leave reward workers behind: neither the process pool of reward functions
+(which would idle forever) nor math-verify workers, even one busy on a pathological answer."""
 
 import os
 import signal
@@ -19,6 +20,44 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+VERIFY_SCRIPT = textwrap.dedent("""
+    import threading, time
+    from rlad_megatron.rewards.verify_pool import VerifyPool
+    pool = VerifyPool(2, timeout_s=600)
+    pool.verify_many([("1", "1"), ("2", "2")])  # both workers started and ready
+    print(" ".join(str(w.proc.pid) for w in pool.workers), flush=True)
+    # Minutes of sympy in one worker: it reads no more input, so stdin EOF alone would not end it.
+    threading.Thread(target=pool.verify_many, args=([("5", "\\\\boxed{(10^{10^{10}})!}")],), daemon=True).start()
+    time.sleep(1.0)
+    print("busy", flush=True)
+    time.sleep(600)
+""")
+
+
+def _outlived(worker_pids: list[int], deadline_s: float) -> list[int]:
+    deadline = time.monotonic() + deadline_s
+    alive = worker_pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    return alive
+
+
+def test_math_verify_workers_exit_when_parent_is_killed_even_when_busy():
+    proc = subprocess.Popen([sys.executable, "-c", VERIFY_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(worker_pids) == 2 and all(psutil.pid_exists(p) for p in worker_pids)
+        assert proc.stdout.readline().strip() == "busy"
+        busy = [p for p in worker_pids if psutil.Process(p).cpu_percent(interval=0.5) > 50]
+        assert busy, "no worker was busy on the pathological answer"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    alive = _outlived(worker_pids, 15)
+    assert not alive, f"math-verify workers {alive} outlived their killed parent"
+
+
 def test_pool_workers_exit_when_parent_is_killed():
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
     try:
@@ -28,9 +67,5 @@ def test_pool_workers_exit_when_parent_is_killed():
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    deadline = time.monotonic() + 15
-    alive = worker_pids
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    alive = _outlived(worker_pids, 15)
     assert not alive, f"pool workers {alive} outlived their killed parent"
