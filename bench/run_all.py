@@ -49,7 +49,7 @@ BENCHES = (
         "trainer",
         "bench/bench_trainer.py",
         "Trainer: Megatron backend vs Hugging Face + AdamW",
-        "HF model + torch.optim.AdamW on the same samples",
+        "HF model + torch.optim.AdamW on the same samples, unpadded (one sample at a time) and padded",
         match=("trainer",),
     ),
     Bench(
@@ -58,6 +58,7 @@ BENCHES = (
         "Embedded engine vs transformers generate / forward",
         "transformers `generate` (KV cache) and a plain forward for scoring",
         match=("engine",),
+        threads="1",  # the headline is process CPU time at one thread (see the script's docstring)
     ),
     Bench(
         "weight_sync",
