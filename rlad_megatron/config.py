@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ALGORITHMS = ("grpo", "kdrl", "opd", "gkd", "sft", "rlad")
@@ -624,7 +624,7 @@ def _load_recipe(path: Path) -> Any:
         recipe = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
-    if not OmegaConf.is_dict(recipe):
+    if not isinstance(recipe, DictConfig):
         raise ValueError(f"recipe {path} must be a mapping of sections (model:, algorithm:, ...), not a list")
     sections = {f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}
     for name in sections & set(recipe.keys()):
@@ -642,7 +642,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             cfg = OmegaConf.merge(cfg, _load_recipe(Path(path)))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(parse_overrides(overrides)))
-        return OmegaConf.to_object(cfg)  # runs every __post_init__
+        loaded = OmegaConf.to_object(cfg)  # runs every __post_init__
+        assert isinstance(loaded, RunConfig)
+        return loaded
     except OmegaConfBaseException as err:
         raise _friendly(err) from None
 
