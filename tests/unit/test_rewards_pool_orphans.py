@@ -43,14 +43,24 @@ def _outlived(worker_pids: list[int], deadline_s: float) -> list[int]:
     return alive
 
 
+def _busy_worker(pids: list[int], within_s: float = 30.0) -> bool:
+    """One worker accumulates CPU time (>= 0.5 s) while the other idles: the pathological job is running."""
+    start = {p: sum(psutil.Process(p).cpu_times()[:2]) for p in pids}
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if any(sum(psutil.Process(p).cpu_times()[:2]) - start[p] >= 0.5 for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_math_verify_workers_exit_when_parent_is_killed_even_when_busy():
     proc = subprocess.Popen([sys.executable, "-c", VERIFY_SCRIPT], stdout=subprocess.PIPE, text=True)
     try:
         worker_pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(worker_pids) == 2 and all(psutil.pid_exists(p) for p in worker_pids)
         assert proc.stdout.readline().strip() == "busy"
-        busy = [p for p in worker_pids if psutil.Process(p).cpu_percent(interval=0.5) > 50]
-        assert busy, "no worker was busy on the pathological answer"
+        assert _busy_worker(worker_pids), "no worker was busy on the pathological answer"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
