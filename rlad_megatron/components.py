@@ -194,11 +194,6 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def eos_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-
-
 def build_source_context(cfg, objective, source, *, with_engines: bool) -> SourceContext:
     from rlad_megatron.data.loader import load_prompts
     from rlad_megatron.data.sampler import PromptSampler

@@ -26,6 +26,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ALGORITHMS = ("grpo", "kdrl", "opd", "gkd", "sft", "rlad")
+TEACHER_SCORED_ALGORITHMS = ("kdrl", "opd", "gkd", "rlad")
+"""Algorithms whose loss compares the student's log-probs with teacher log-probs on the same tokens."""
 
 
 def _choice(obj: Any, name: str, allowed: Sequence[Any]) -> None:
@@ -564,6 +566,18 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        # One temperature rule for teacher terms: the teacher is scored at temperature 1 by every engine
+        # (SGLang returns only temperature-1 log-probs for input tokens), so the student's log-probs, which use
+        # rollout.temperature, are comparable with the teacher's only at rollout.temperature = 1.
+        if self.algorithm.name in TEACHER_SCORED_ALGORITHMS and self.rollout.temperature != 1.0:
+            raise ValueError(
+                f"rollout.temperature={self.rollout.temperature} with algorithm.name={self.algorithm.name!r}: the "
+                "teacher is scored at temperature 1 (SGLang's input-token log-probs are never temperature-scaled), "
+                "so lp - lp_T would compare a tempered student with an untempered teacher; set "
+                "rollout.temperature=1.0 (eval.temperature may differ) or use an algorithm without a teacher term"
+            )
 
 
 def _valid_keys(path: str) -> list[str]:
