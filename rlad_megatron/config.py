@@ -426,6 +426,8 @@ class EvalConfig:
     """k responses per prompt (avg@k, pass@k)."""
     temperature: float = 0.6
     """Eval sampling temperature."""
+    extra_temperatures: list[float] = field(default_factory=list)
+    """Also evaluate at these temperatures at every eval; their metrics get the suffix `@T<t>` (avg@4@T1)."""
     top_p: float = 1.0
     """Eval nucleus sampling."""
     max_new_tokens: int = 256
@@ -441,6 +443,7 @@ class EvalConfig:
         _check(self, "num_samples", self.num_samples >= 1, ">= 1")
         _check(self, "batch_size", self.batch_size >= 1, ">= 1")
         _check(self, "max_prompts", self.max_prompts >= 0, ">= 0")
+        _check(self, "extra_temperatures", all(t >= 0 for t in self.extra_temperatures), "a list of values >= 0")
 
 
 @dataclass
