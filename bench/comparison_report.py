@@ -12,7 +12,7 @@ from pathlib import Path
 
 import comparison_stats as st
 
-BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
+BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 CLIP_BINDS = 0.01
 """Below this mean clip fraction (high + low) the trust region hardly ever binds: TRRD's mechanism is not tested."""
 
@@ -58,6 +58,8 @@ def keys(size) -> dict[str, str]:
 
 
 def _setup_lines(data: dict, size) -> list[str]:
+    if not (data["teacher"] or data["students"] or data["pilots"]):
+        return []
     lines = ["### Set-up: teacher, students (ceiling check) and the learning-rate pilot", ""]
     k = size.setup.eval_k
     t = data["teacher"]
@@ -165,9 +167,11 @@ def _comparison_lines(found: list[dict], label: str) -> list[str]:
             lines.append(f"| {LABELS[c['other']]} | {c['n']} | - | - | too few pairs | - | - | - | - |")
             continue
         wins, n, p_sign = c["sign"]
+        dz = "-" if math.isnan(c["dz"]) else f"{c['dz']:+.2f}"
         lines.append(
             f"| {LABELS[c['other']]} | {c['n']} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | {c['diff']:+.3f} "
-            f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {c['dz']:+.2f} | {c['p']:.3g} | {c['p_holm']:.3g} "
+            f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {dz} "
+            f"| {c['p']:.3g} | {c['p_holm']:.3g} "
             f"| {wins}/{n} ({p_sign:.3g}) |"
         )
     return lines + [""]
@@ -226,7 +230,7 @@ def write_report(results: Path, size, size_name: str, doc: Path, img: Path) -> s
     lines += _setup_lines(data, size)
     rows = method_rows(data, size)
     if not rows:
-        lines += ["No finished runs in the results folder yet.", ""]
+        lines += ["No finished runs in the results folder yet: run the command above.", ""]
     else:
         lines += ["### Methods", "", *_method_lines(rows, size)]
         for label, key in list(keys(size).items())[:2]:
