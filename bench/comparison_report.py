@@ -190,6 +190,24 @@ def _clip_lines(rows: list[dict]) -> list[str]:
     return ["Where the clip binds:", "", *lines, ""] if lines else []
 
 
+def _sanity_lines(data: dict) -> list[str]:
+    """With teacher = the initial student, the teacher's log-probs at step 1 equal the trainer's old log-probs
+    (same weights, same tokens): a k1 gap far from 0 would mean teacher scoring and training disagree."""
+    gaps = [
+        float(r["train"][0]["kl/old_vs_teacher_k1"])
+        for r in data["runs"].get("rlad_self_teacher", [])
+        if r["train"] and "kl/old_vs_teacher_k1" in r["train"][0]
+    ]
+    if not gaps:
+        return []
+    worst = max(abs(g) for g in gaps)
+    return [
+        f"Sanity check: with teacher = initial student, step-1 mean lp_old - lp_T is at most {worst:.1e} in "
+        f"absolute value over {len(gaps)} runs (0 up to rounding when teacher scoring matches the trainer).",
+        "",
+    ]
+
+
 def _plot(data: dict, size, path: Path) -> bool:
     try:
         import matplotlib
@@ -236,6 +254,7 @@ def write_report(results: Path, size, size_name: str, doc: Path, img: Path) -> s
         for label, key in list(keys(size).items())[:2]:
             lines += _comparison_lines(comparisons(data, size, key), label)
         lines += _clip_lines(rows)
+        lines += _sanity_lines(data)
         plot = img / f"{size_name}_curves.png"
         if _plot(data, size, plot):
             rel = plot.relative_to(doc.parent) if plot.is_relative_to(doc.parent) else plot
