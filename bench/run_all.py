@@ -200,13 +200,14 @@ def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
 def comparison_section(run: bool) -> list[str]:
     lines = ["## Method comparison (accuracy, not speed)", ""]
     if run:
-        cmd = [sys.executable, "bench/compare_methods.py", "--size", "small", "--workers", "2"]
+        cmd = [sys.executable, "bench/compare_methods.py", "--workers", "2"]
         subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     lines += [
         (
-            "GRPO, KDRL, on-policy and offline distillation and RLAD from the same student, teacher and budget, "
-            "several seeds, two tasks: see [method_comparison.md](method_comparison.md) "
-            "(`OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size small --workers 2`)."
+            "RLAD against GRPO, KDRL, on-policy and offline distillation and two RLAD controls, from the same "
+            "teacher, student initialisations and budget, with paired statistics: see "
+            "[method_comparison.md](method_comparison.md) "
+            "(`OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --workers 2`)."
         ),
         "",
     ]

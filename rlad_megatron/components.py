@@ -194,11 +194,6 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def eos_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-
-
 def build_source_context(cfg, objective, source, *, with_engines: bool) -> SourceContext:
     from rlad_megatron.data.loader import load_prompts
     from rlad_megatron.data.sampler import PromptSampler
@@ -269,28 +264,40 @@ def score_teacher(run, samples: Sequence[Sample]) -> None:
 
 
 def evaluate(run, step: int) -> dict[str, float]:
-    """avg@k / pass@k of the rollout engine's current weights on the held-out prompts (overall numbers)."""
+    """avg@k / pass@k of the rollout engine's current weights on the held-out prompts, overall, plus avg@k per
+    value of each eval.breakdown_keys path (`difficulty=4/avg@k`); again for each eval.extra_temperatures with
+    the suffix `@T<t>`."""
     from rlad_megatron.engines.base import SamplingParams
     from rlad_megatron.eval.evaluate import evaluate as run_eval
 
     e = run.cfg.eval
-    # The same seed at every eval: the curve then compares weights, not sampling luck.
-    sampling = SamplingParams(
-        temperature=e.temperature,
-        top_p=e.top_p,
-        max_new_tokens=e.max_new_tokens,
-        seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1),
-    )
-    result = run_eval(
-        run.source_ctx.rollout_engine,
-        run.source_ctx.tokenizer,
-        run.eval_records,
-        run.source_ctx.reward_fn,
-        k=e.num_samples,
-        sampling=sampling,
-        max_prompts=e.max_prompts,
-    )
-    return dict(result["overall"])
+    metrics: dict[str, float] = {}
+    for index, temperature in enumerate([e.temperature, *e.extra_temperatures]):
+        # The same seed at every eval: the curve then compares weights, not sampling luck.
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_p=e.top_p,
+            max_new_tokens=e.max_new_tokens,
+            seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1),
+        )
+        result = run_eval(
+            run.source_ctx.rollout_engine,
+            run.source_ctx.tokenizer,
+            run.eval_records,
+            run.source_ctx.reward_fn,
+            k=e.num_samples,
+            sampling=sampling,
+            batch_size=e.batch_size,
+            breakdown_keys=e.breakdown_keys,
+            max_prompts=e.max_prompts,
+        )
+        avg = f"avg@{e.num_samples}"
+        found = dict(result["overall"])
+        for path, by_value in result["breakdown"].items():
+            found.update({f"{path}={value}/{avg}": m[avg] for value, m in by_value.items()})
+        suffix = "" if index == 0 else f"@T{temperature:g}"
+        metrics.update({f"{key}{suffix}": value for key, value in found.items()})
+    return metrics
 
 
 def close(run) -> None:

@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ALGORITHMS = ("grpo", "kdrl", "opd", "gkd", "sft", "rlad")
+TEACHER_SCORED_ALGORITHMS = ("kdrl", "opd", "gkd", "rlad")
+"""Algorithms whose loss compares the student's log-probs with teacher log-probs on the same tokens."""
 
 
 def _choice(obj: Any, name: str, allowed: Sequence[Any]) -> None:
@@ -424,6 +426,8 @@ class EvalConfig:
     """k responses per prompt (avg@k, pass@k)."""
     temperature: float = 0.6
     """Eval sampling temperature."""
+    extra_temperatures: list[float] = field(default_factory=list)
+    """Also evaluate at these temperatures at every eval; their metrics get the suffix `@T<t>` (avg@4@T1)."""
     top_p: float = 1.0
     """Eval nucleus sampling."""
     max_new_tokens: int = 256
@@ -439,6 +443,7 @@ class EvalConfig:
         _check(self, "num_samples", self.num_samples >= 1, ">= 1")
         _check(self, "batch_size", self.batch_size >= 1, ">= 1")
         _check(self, "max_prompts", self.max_prompts >= 0, ">= 0")
+        _check(self, "extra_temperatures", all(t >= 0 for t in self.extra_temperatures), "a list of values >= 0")
 
 
 @dataclass
@@ -583,6 +588,18 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        # One temperature rule for teacher terms: the teacher is scored at temperature 1 by every engine
+        # (SGLang returns only temperature-1 log-probs for input tokens), so the student's log-probs, which use
+        # rollout.temperature, are comparable with the teacher's only at rollout.temperature = 1.
+        if self.algorithm.name in TEACHER_SCORED_ALGORITHMS and self.rollout.temperature != 1.0:
+            raise ValueError(
+                f"rollout.temperature={self.rollout.temperature} with algorithm.name={self.algorithm.name!r}: the "
+                "teacher is scored at temperature 1 (SGLang's input-token log-probs are never temperature-scaled), "
+                "so lp - lp_T would compare a tempered student with an untempered teacher; set "
+                "rollout.temperature=1.0 (eval.temperature may differ) or use an algorithm without a teacher term"
+            )
 
 
 def _valid_keys(path: str) -> list[str]:

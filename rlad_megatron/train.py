@@ -251,14 +251,13 @@ def compute_advantages(
 ) -> list[list[float]]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
-    eos = set(components.eos_ids(run.source_ctx.tokenizer))
     per_seq = objective.token_advantages(
         rewards,
         run.cfg.algorithm.group_size if objective.uses_rewards else 1,
         seq_lens=[len(s.response_ids) for s in samples],
         old_logprobs=old,
         teacher_logprobs=[s.teacher_logprobs for s in samples] if objective.needs_teacher else None,
-        ends_with_eos=[bool(s.response_ids) and s.response_ids[-1] in eos for s in samples],
+        ends_with_eos=[s.ends_with_stop_token for s in samples],
         step=step,
     )
     return [a.tolist() for a in per_seq]

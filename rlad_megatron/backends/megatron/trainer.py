@@ -328,9 +328,8 @@ class MegatronTrainer:
                 values[key] = column
         token_mask = getattr(self.objective, "teacher_token_mask", None)
         if getattr(self.objective, "needs_teacher", False) and token_mask is not None:
-            # finish_reason 'stop' means the response ends with the stop (EOS) token.
             values["teacher_mask"] = [
-                token_mask(len(s.response_ids), s.finish_reason == "stop").float().tolist() for s in samples
+                token_mask(len(s.response_ids), s.ends_with_stop_token).float().tolist() for s in samples
             ]
         return values
 
