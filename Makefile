@@ -22,7 +22,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.run_all
 
 lint: setup
 	$(BIN)/ruff check rlad_megatron tests tools bench examples

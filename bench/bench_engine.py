@@ -9,7 +9,7 @@ Targets: decode >= 2x, scoring >= 1x, on the headline figure: process CPU time a
 (on a shared machine wall time also counts waiting for a core; wall time is printed beside it). The
 set-up is the engine's best case (a tiny dispatch-bound model, equal prompt lengths, no EOS, no slot
 refills). Usage:
-  OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine.py [--family qwen3] [--batch 64] [--new 128]
+  OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_engine [--family qwen3] [--batch 64] [--new 128]
 """
 
 from __future__ import annotations

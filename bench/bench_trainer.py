@@ -16,7 +16,7 @@ first, then their steps alternate (the order rotates every step) so a busy machi
 the best step of each side is the least disturbed one. FLOPs per token:
 6 * (matmul parameters) + 6 * layers * hidden * mean sequence length (causal attention).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_trainer.py [--steps 4] [--hidden 512] [--layers 8]
+    OMP_NUM_THREADS=2 .venv/bin/python -m bench.bench_trainer [--steps 4] [--hidden 512] [--layers 8]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -165,7 +166,8 @@ class Side:
     def __init__(self, name: str, argv: list[str]):
         self.name, self.times = name, []
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", name, *argv],
+            [sys.executable, "-m", "bench.bench_trainer", "--child", name, *argv],
+            cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

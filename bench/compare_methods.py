@@ -1,8 +1,8 @@
 """Method comparison: RLAD against GRPO, KDRL, on-policy distillation, offline distillation and two RLAD
 controls, from the same teacher, student initialisations, data and sample budget, with paired statistics.
 
-  OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --workers 2     # everything, resumable
-  .venv/bin/python bench/compare_methods.py --report                        # tables + plots from results
+  OMP_NUM_THREADS=1 .venv/bin/python -m bench.compare_methods --workers 2     # everything, resumable
+  .venv/bin/python -m bench.compare_methods --report                        # tables + plots from results
 
 One command runs the whole plan as jobs with dependencies; `--workers N` processes share it by claiming
 jobs with lock files (a lock whose process died is taken over), so the command can be killed and rerun:
@@ -30,9 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import comparison_stats as st
-from comparison_setup import REPO, ModelShape, Setup, build_student, build_teacher, common_overrides, write_atomic
+from bench import comparison_stats as st
+from bench.comparison_setup import REPO, ModelShape, Setup, build_student, build_teacher, common_overrides, write_atomic
 
 RESULTS = REPO / "bench" / "comparison_results"
 WORK = REPO / "bench" / "results" / "compare_work"
@@ -408,16 +407,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker(size, results, work, args.methods)
     if not args.report:
         if args.workers > 1:
-            cmd = [sys.executable, __file__, "--worker", "--size", args.size, "--results", str(args.results)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.compare_methods",
+                "--worker",
+                "--size",
+                args.size,
+                "--results",
+                str(args.results),
+            ]
             cmd += ["--work", str(args.work), "--methods", *args.methods] + [f"--change={c}" for c in args.change]
             env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-            procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
+            procs = [subprocess.Popen(cmd, env=env, cwd=REPO) for _ in range(args.workers)]
             status = max(p.wait() for p in procs)
         else:
             status = worker(size, results, work, args.methods)
         if status:
             print("some jobs did not finish; rerun the same command to retry them", file=sys.stderr)
-    from comparison_report import write_report
+    from bench.comparison_report import write_report
 
     write_report(results, size, args.size, args.doc, args.img or args.doc.parent / "img" / "method_comparison")
     return 0

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-import comparison_stats as st
+from bench import comparison_stats as st
 
 BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 CLIP_BINDS = 0.01
@@ -241,7 +241,7 @@ def write_report(results: Path, size, size_name: str, doc: Path, img: Path) -> s
     data = load(results)
     lines = [
         BEGIN,
-        f"<!-- rebuilt by `bench/compare_methods.py --size {size_name} --report` from "
+        f"<!-- rebuilt by `python -m bench.compare_methods --size {size_name} --report` from "
         f"bench/comparison_results/{size_name}/; do not edit by hand -->",
         "",
     ]

@@ -9,7 +9,7 @@ machine (cores, CPU model, torch version) and the wall time. The method comparis
 for `make bench`; its summary is linked (bench/compare_methods.py, docs/method_comparison.md),
 or run with `--with-comparison`.
 
-  .venv/bin/python bench/run_all.py [--only engine step_time] [--quick] [--with-comparison]
+  .venv/bin/python -m bench.run_all [--only engine step_time] [--quick] [--with-comparison]
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ class Bench:
     """Lower-case words; an existing `## ` section whose heading contains one is this bench's section."""
     threads: str = "2"
     """OMP_NUM_THREADS of the script (1 for tiny-model loops: a second thread only adds contention)."""
+
+    @property
+    def module(self) -> str:
+        """`bench/bench_x.py` -> `bench.bench_x`: every bench runs as a module from the repository root."""
+        return self.script.removesuffix(".py").replace("/", ".")
 
 
 BENCHES = (
@@ -124,7 +129,7 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
         json_path = Path(tmp) / "out.json"
         if accepts_json(script):
             args += ["--json", str(json_path)]
-        cmd = [sys.executable, bench.script] + args
+        cmd = [sys.executable, "-m", bench.module] + args
         before = DOC.read_text() if DOC.exists() else ""
         env = dict(os.environ, OMP_NUM_THREADS=bench.threads)
         started = time.time()
@@ -142,7 +147,7 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
 
             data = json.loads(json_path.read_text())
     shown = " ".join(
-        [f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", bench.script]
+        [f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", "-m", bench.module]
         + [a for a in args if a != "--json" and not a.endswith("out.json")]
     )
     return {
@@ -200,14 +205,14 @@ def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
 def comparison_section(run: bool) -> list[str]:
     lines = ["## Method comparison (accuracy, not speed)", ""]
     if run:
-        cmd = [sys.executable, "bench/compare_methods.py", "--workers", "2"]
+        cmd = [sys.executable, "-m", "bench.compare_methods", "--workers", "2"]
         subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     lines += [
         (
             "RLAD against GRPO, KDRL, on-policy and offline distillation and two RLAD controls, from the same "
             "teacher, student initialisations and budget, with paired statistics: see "
             "[method_comparison.md](method_comparison.md) "
-            "(`OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --workers 2`)."
+            "(`OMP_NUM_THREADS=1 .venv/bin/python -m bench.compare_methods --workers 2`)."
         ),
         "",
     ]
@@ -262,7 +267,7 @@ def assemble(
             "and small (CPU only), so absolute numbers are indicative and the ratios are what to compare."
         ),
         "",
-        f"Command: `.venv/bin/python bench/run_all.py {' '.join(argv)}`".rstrip() + "  ",
+        f"Command: `.venv/bin/python -m bench.run_all {' '.join(argv)}`".rstrip() + "  ",
         f"Machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, Python {info['python']}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",

@@ -6,17 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import compare_methods as cm
-import comparison_report as rep
-import comparison_stats as st
+from bench import compare_methods as cm
+from bench import comparison_report as rep
+from bench import comparison_stats as st
 
 
 def _run(method, init, seed, curve, k=2, clip=0.0, other_temp=0.6):
