@@ -15,7 +15,7 @@ backward (every TP rank holds the same replicated loss, as in Megatron's
 own logit slice. Columns at or beyond `vocab_size` (vocabulary padding) are excluded.
 
 Shapes: `logits [..., V_local]`, `target_ids [...]` (global ids), `topk_ids [..., k]`; results
-are float32 `[...]` / `[..., k]`. `tp_group=None` (or size 1) means the full vocabulary is local.
+are float32 `[...]` / `[..., k]` (float64 for float64 logits). `tp_group=None` (or size 1) means the full vocabulary is local.
 
 Chunked path (`chunked_logprobs`): the trainer does not let the model compute logits for the whole
 packed row. It takes the final hidden states, keeps only the positions that carry a loss (response
@@ -39,6 +39,11 @@ def _tp_size(tp_group) -> int:
 
 def _tp_rank(tp_group) -> int:
     return 0 if tp_group is None else dist.get_rank(tp_group)
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision logits; float64 stays float64 (exact comparisons in tests)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class _SumOverTP(torch.autograd.Function):
@@ -70,7 +75,7 @@ class _Shard:
         self.start = _tp_rank(tp_group) * local
         total = vocab_size if vocab_size is not None else local * _tp_size(tp_group)
         valid = max(0, min(local, total - self.start))
-        self.z = logits[..., :valid].float() / temperature  # [..., V_valid]
+        self.z = _at_least_fp32(logits[..., :valid]) / temperature  # [..., V_valid]
         self.max = self._global_max()  # [...]
         self.exp = torch.exp(self.z - self.max.unsqueeze(-1))  # [..., V_valid]
         self.sum_exp = _sum_over_tp(self.exp.sum(-1), tp_group)  # [...]
@@ -81,7 +86,7 @@ class _Shard:
             if self.z.shape[-1]:
                 local_max = self.z.max(dim=-1).values
             else:
-                local_max = torch.full(self.z.shape[:-1], float("-inf"), device=self.z.device)
+                local_max = torch.full(self.z.shape[:-1], float("-inf"), dtype=self.z.dtype, device=self.z.device)
             if _tp_size(self.tp_group) > 1:
                 dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=self.tp_group)
         return local_max
@@ -110,7 +115,7 @@ def vocab_parallel_logprobs(
     if _tp_size(tp_group) == 1:  # whole vocabulary local: torch's fused log_softmax is cheaper
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        z = logits[..., :vocab_size].float()
+        z = _at_least_fp32(logits[..., :vocab_size])
         z = z / temperature if temperature != 1.0 else z
         return torch.log_softmax(z, dim=-1).gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
     shard = _Shard(logits, tp_group, vocab_size, temperature)
@@ -164,10 +169,19 @@ def _chunk_outputs(
     with_entropy: bool,
 ):
     """Logits of one chunk (`hidden [c, H] @ weight[V_local, H].T`, fp32) -> (logprobs, entropy, topk)."""
-    logits = torch.matmul(hidden.to(weight.dtype), weight.t()).float()  # [c, V_local]
+    logits = _at_least_fp32(torch.matmul(hidden.to(weight.dtype), weight.t()))  # [c, V_local]
+    entropy = None
+    if _tp_size(tp_group) == 1:  # whole vocabulary local: one fused log_softmax, as the unchunked path
+        z = logits[..., :vocab_size]
+        log_probs = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+        logprobs = log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+        topk = None if topk_ids is None else log_probs.gather(-1, topk_ids)
+        if with_entropy:
+            with torch.no_grad():
+                entropy = vocab_parallel_entropy(logits, temperature=temperature, vocab_size=vocab_size)
+        return logprobs, entropy, topk
     shard = _Shard(logits, tp_group, vocab_size, temperature)
     logprobs = shard.pick(target_ids) - shard.log_norm
-    entropy = None
     if with_entropy:
         with torch.no_grad():  # monitoring only
             weighted = _sum_over_tp((shard.exp * shard.z).sum(-1), tp_group)
