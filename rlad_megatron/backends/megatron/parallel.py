@@ -46,6 +46,8 @@ class ParallelContext:
     cp_rank: int = 0
     cp_group: Any = None
     dp_cp_group: Any = None
+    dp_cp_rank: int = 0
+    """Rank among the DP x CP ranks holding the same weights: 0 picks one copy (export, sync senders)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -144,6 +146,7 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
         cp_rank=mpu.get_context_parallel_rank(),
         cp_group=mpu.get_context_parallel_group(),
         dp_cp_group=mpu.get_data_parallel_group(with_context_parallel=True),
+        dp_cp_rank=mpu.get_data_parallel_rank(with_context_parallel=True),
     )
 
 
