@@ -92,6 +92,15 @@ BENCHES = (
         match=("step time",),
         threads="1",
     ),
+    Bench(
+        "logprobs_memory",
+        "bench/bench_logprobs_memory.py",
+        "Log-prob step memory: chunked over loss positions vs whole-row logits",
+        "whole-row fp32 logits (`model.logprob_chunk_size=0`), same inputs, in the same run",
+        (),
+        ("--tokens", "4096", "--vocab", "8192", "--seq", "1024", "--prompt", "128"),
+        match=("log-prob step memory",),
+    ),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
 

@@ -66,17 +66,22 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The trainer pads the vocabulary to a multiple of lcm(this, TP) (Megatron's knob); padded logit
     columns are masked out of log-probs. A TP-independent value keeps checkpoints reshardable."""
+    logprob_chunk_size: int = 1024
+    """The trainer computes output-layer logits and log-probs / entropy / top-k only at the positions that carry
+    a loss, this many positions at a time (forward and backward), so fp32 logits never exist for more than
+    `logprob_chunk_size x vocab / TP` entries. 0: logits for the whole packed row at once (the simple path)."""
 
     def __post_init__(self) -> None:
         _check(self, "make_vocab_size_divisible_by", self.make_vocab_size_divisible_by >= 1, ">= 1")
+        _check(self, "logprob_chunk_size", self.logprob_chunk_size >= 0, ">= 0 (0 = no chunking)")
         _choice(self, "params_dtype", ("float32", "bfloat16", "float16"))
         _choice(self, "transformer_impl", ("auto", "local", "transformer_engine"))
         _choice(self, "fp8", ("", "hybrid", "e4m3"))
 
 
-CONTEXT_PARALLEL_UNSUPPORTED = (
-    "parallel.context_parallel_size={size}: context parallelism is not supported yet "
-    "(batches are not split over context-parallel ranks); set it to 1"
+CONTEXT_PARALLEL_WITH_PIPELINE = (
+    "parallel.context_parallel_size={cp} with parallel.pipeline_model_parallel_size={pp}: context parallelism "
+    "is not supported together with pipeline parallelism; set one of them to 1"
 )
 
 
@@ -90,8 +95,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
     context_parallel_size: int = 1
-    """Context parallel size; must be 1: context parallelism is not supported yet (the trainer does not split
-    sequences over CP ranks)."""
+    """Context parallel size: each packed sequence is split over this many ranks (2*CP chunks, load-balanced for
+    causal attention); for long responses. Not combined with pipeline parallelism."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
     backend: str = "auto"
@@ -101,8 +106,12 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
         _choice(self, "backend", ("auto", "nccl", "gloo"))
-        if self.context_parallel_size != 1:
-            raise ValueError(CONTEXT_PARALLEL_UNSUPPORTED.format(size=self.context_parallel_size))
+        if self.context_parallel_size > 1 and self.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                CONTEXT_PARALLEL_WITH_PIPELINE.format(
+                    cp=self.context_parallel_size, pp=self.pipeline_model_parallel_size
+                )
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1")
 
