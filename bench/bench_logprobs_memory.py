@@ -111,7 +111,7 @@ def main() -> None:
         return
     results = {}
     for variant in ("whole", "chunked"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
+        cmd = [sys.executable, "-m", "bench.bench_logprobs_memory", "--variant", variant] + [
             f"--{k}={v}" for k, v in zip(("tokens", "vocab", "hidden", "seq", "prompt", "chunk"), shape)
         ]
         # Every allocation above 64 KiB gets its own mmap and goes back to the OS when freed, so the resident
