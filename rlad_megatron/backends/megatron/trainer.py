@@ -42,7 +42,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,10 @@ from rlad_megatron.backends.megatron.model import build_model
 from rlad_megatron.backends.megatron.parallel import ParallelContext, init_parallel
 from rlad_megatron.types import Sample
 
+if TYPE_CHECKING:
+    from rlad_megatron.algorithms.objectives import Objective
+    from rlad_megatron.config import RunConfig
+
 PER_TOKEN_KEYS = ("teacher_logprobs", "rollout_logprobs")
 """Sample attributes copied into the batch when every sample has them (one value per response token)."""
 
@@ -82,8 +86,8 @@ class MegatronTrainer:
 
     def __init__(
         self,
-        cfg,
-        objective,
+        cfg: RunConfig,
+        objective: Objective,
         *,
         hf_config: Any = None,
         parallel: ParallelContext | None = None,
@@ -100,7 +104,7 @@ class MegatronTrainer:
         self.config = chunks[0].config
         self.vocab_size = chunks[0].vocab_size_unpadded
         self.ref_model = (
-            self._build_reference(chunks, weight_loader) if getattr(objective, "needs_ref", False) else None
+            self._build_reference(chunks, weight_loader) if objective.needs_ref else None
         )
         self.model = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
@@ -438,10 +442,10 @@ class MegatronTrainer:
             column = [getattr(s, key, None) for s in samples]
             if all(c is not None and len(c) == len(s.response_ids) for c, s in zip(column, samples)):
                 values[key] = column
-        token_mask = getattr(self.objective, "teacher_token_mask", None)
-        if getattr(self.objective, "needs_teacher", False) and token_mask is not None:
+        if self.objective.needs_teacher:
             values["teacher_mask"] = [
-                token_mask(len(s.response_ids), s.ends_with_stop_token).float().tolist() for s in samples
+                self.objective.teacher_token_mask(len(s.response_ids), s.ends_with_stop_token).float().tolist()
+                for s in samples
             ]
         return values
 
@@ -457,7 +461,7 @@ class MegatronTrainer:
         """Gradients of the step loss (left in the DDP grad buffers, DP-reduced); returns metrics."""
         if len(advantages_per_sample) != len(samples):
             raise ValueError(f"{len(advantages_per_sample)} advantages for {len(samples)} samples")
-        topk = bool(getattr(self.objective, "teacher_top_k", 0))
+        topk = bool(self.objective.teacher_top_k)
         batches, shard = self._micro_batches(
             samples,
             self._per_token(
