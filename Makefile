@@ -27,3 +27,4 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check rlad_megatron tests tools bench examples
 	$(BIN)/ruff format --check rlad_megatron tests tools bench examples
+	$(BIN)/mypy

@@ -23,11 +23,22 @@ and its gradient, and checking would need a host sync.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 
 Count = int | float | torch.Tensor
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+
+
+class AggregationArgs(TypedDict):
+    """The keyword arguments every loss takes to turn per-token values into its share of the step mean
+    (`aggregate`'s, passed on as `**agg`): declared once, built once per micro-batch by the objective."""
+
+    aggregation: str
+    num_tokens: Count
+    num_seqs: Count | None
+    seq_weights: torch.Tensor | None
 
 
 def seq_weights_from_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 from .advantages import group_advantages, zero_advantage_groups
+from .aggregation import AggregationArgs
 from .distill import gkd_loss, opd_advantage_term, sft_loss
 from .kl import incorrect_mask, kd_advantage_term, kd_coef_at, kd_loss
-from .policy import Metrics, policy_loss
+from .policy import ClipArgs, Metrics, policy_loss
 from .trrd import trrd_loss
 
 __all__ = ["OBJECTIVES", "Objective", "build_objective", "zero_advantage_groups"]
@@ -162,12 +163,12 @@ class Objective:
             raise ValueError(
                 f"algorithm '{self.name}' needs batch keys {missing}; it reads {list(self.required_batch_keys)}"
             )
-        agg = {
-            "aggregation": self.cfg.aggregation,
-            "num_tokens": num_tokens,
-            "num_seqs": num_seqs,
-            "seq_weights": batch.get("seq_weights"),
-        }
+        agg = AggregationArgs(
+            aggregation=self.cfg.aggregation,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            seq_weights=batch.get("seq_weights"),
+        )
         return self._loss(batch, agg, step)
 
     def _teacher_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -175,21 +176,19 @@ class Objective:
         teacher_mask = batch.get("teacher_mask")
         return mask if teacher_mask is None else mask & teacher_mask.bool()
 
-    def _policy_kwargs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def _clip_args(self, batch: Mapping[str, torch.Tensor]) -> ClipArgs:
         cfg = self.cfg
-        return {
-            "clip_low": cfg.clip_low,
-            "clip_high": cfg.clip_high,
-            "ref_logprobs": batch.get("ref_logprobs"),
-            "ref_kl_coef": cfg.ref_kl_coef,
-            "ref_kl_estimator": cfg.ref_kl_estimator,
-        }
-
-    def _loss(self, batch, agg, step) -> tuple[torch.Tensor, Metrics]:
-        b = batch
-        return policy_loss(
-            b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], **self._policy_kwargs(b), **agg
+        return ClipArgs(
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            ref_logprobs=batch.get("ref_logprobs"),
+            ref_kl_coef=cfg.ref_kl_coef,
+            ref_kl_estimator=cfg.ref_kl_estimator,
         )
+
+    def _loss(self, batch: Mapping[str, torch.Tensor], agg: AggregationArgs, step: int) -> tuple[torch.Tensor, Metrics]:
+        b = batch
+        return policy_loss(b["logprobs"], b["old_logprobs"], b["advantages"], b["mask"], **self._clip_args(b), **agg)
 
 
 class RLADObjective(Objective):
@@ -201,7 +200,7 @@ class RLADObjective(Objective):
     def _required_keys(self) -> tuple[str, ...]:
         return super()._required_keys() + ("teacher_logprobs",)
 
-    def _loss(self, batch, agg, step):
+    def _loss(self, batch: Mapping[str, torch.Tensor], agg: AggregationArgs, step: int) -> tuple[torch.Tensor, Metrics]:
         b, cfg = batch, self.cfg
         return trrd_loss(
             b["logprobs"],
@@ -213,7 +212,7 @@ class RLADObjective(Objective):
             teacher_log_ratio_clamp=cfg.teacher_log_ratio_clamp,
             clamp_mode=cfg.clamp_mode,
             teacher_mask=b.get("teacher_mask"),
-            **self._policy_kwargs(b),
+            **self._clip_args(b),
             **agg,
         )
 
@@ -246,14 +245,13 @@ class KDRLObjective(Objective):
             terms = [t * keep[i].to(t.device, t.dtype) for i, t in enumerate(terms)]
         return terms
 
-    def _loss(self, batch, agg, step):
+    def _loss(self, batch: Mapping[str, torch.Tensor], agg: AggregationArgs, step: int) -> tuple[torch.Tensor, Metrics]:
         loss, metrics = super()._loss(batch, agg, step)
         if self.cfg.kd_estimator == "k1":
             return loss, metrics
-        rewards = batch.get("rewards")
         correct = None
-        if self.cfg.kd_reward_mask:
-            correct = ~incorrect_mask(rewards, self.cfg.correct_reward_threshold)
+        if self.cfg.kd_reward_mask:  # "rewards" is then a required batch key
+            correct = ~incorrect_mask(batch["rewards"], self.cfg.correct_reward_threshold)
         kd, kd_metrics = kd_loss(
             batch["logprobs"],
             batch["teacher_logprobs"],
@@ -309,7 +307,7 @@ class GKDObjective(_SupervisedObjective):
     def _required_keys(self) -> tuple[str, ...]:
         return ("mask", "student_topk_logprobs", "teacher_topk_logprobs") + self._aggregation_keys()
 
-    def _loss(self, batch, agg, step):
+    def _loss(self, batch: Mapping[str, torch.Tensor], agg: AggregationArgs, step: int) -> tuple[torch.Tensor, Metrics]:
         return gkd_loss(
             batch["student_topk_logprobs"],
             batch["teacher_topk_logprobs"],
@@ -328,7 +326,7 @@ class SFTObjective(_SupervisedObjective):
     def _required_keys(self) -> tuple[str, ...]:
         return ("logprobs", "mask") + self._aggregation_keys()
 
-    def _loss(self, batch, agg, step):
+    def _loss(self, batch: Mapping[str, torch.Tensor], agg: AggregationArgs, step: int) -> tuple[torch.Tensor, Metrics]:
         return sft_loss(batch["logprobs"], batch["mask"], **agg)
 
 

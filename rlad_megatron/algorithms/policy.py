@@ -22,12 +22,25 @@ advantages are per token (the group advantage broadcast over each response).
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
-from .aggregation import Count, aggregate, token_share
+from .aggregation import AggregationArgs, Count, aggregate, token_share
 from .kl import kl_estimator
 
 Metrics = dict[str, torch.Tensor]
+
+
+class ClipArgs(TypedDict):
+    """The clip and reference-KL keyword arguments that `policy_loss`, `clipped_policy_loss` and
+    `trrd_loss` share (passed on as `**clip`): declared once, built from the config by the objective."""
+
+    clip_low: float
+    clip_high: float
+    ref_logprobs: torch.Tensor | None
+    ref_kl_coef: float
+    ref_kl_estimator: str
 
 
 def _check_same_shape(**tensors: torch.Tensor | None) -> None:
@@ -61,7 +74,7 @@ def clipped_policy_loss(
     ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_per_token = torch.maximum(-ratio * advantages, -clipped_ratio * advantages)
-    agg = {"aggregation": aggregation, "num_tokens": num_tokens, "num_seqs": num_seqs, "seq_weights": seq_weights}
+    agg = AggregationArgs(aggregation=aggregation, num_tokens=num_tokens, num_seqs=num_seqs, seq_weights=seq_weights)
     pg_loss = aggregate(pg_per_token, mask, **agg)
     metrics: Metrics = {
         "pg_loss": pg_loss.detach(),

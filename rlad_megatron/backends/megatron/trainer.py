@@ -103,9 +103,7 @@ class MegatronTrainer:
             weight_loader(chunks, self.hf_source)
         self.config = chunks[0].config
         self.vocab_size = chunks[0].vocab_size_unpadded
-        self.ref_model = (
-            self._build_reference(chunks, weight_loader) if objective.needs_ref else None
-        )
+        self.ref_model = self._build_reference(chunks, weight_loader) if objective.needs_ref else None
         self.model = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
