@@ -92,11 +92,19 @@ class ParallelConfig:
     sequences over CP ranks)."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel size for MoE students (Megatron's name): each EP rank holds num_experts / EP experts.
+    Carved out of the data-parallel ranks, so it must divide world size / (TP x PP) and the number of experts."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, gloo without), nccl or gloo."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
         _choice(self, "backend", ("auto", "nccl", "gloo"))
         if self.context_parallel_size != 1:
