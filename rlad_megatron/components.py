@@ -68,7 +68,12 @@ def push_weights(run, version: int) -> None:
     if not in_process and run.cfg.rollout.sync == "distributed":
         sync_over_wire(run, version)
         return
-    if trainer.parallel.pipeline_model_parallel_size > 1 or not in_process:
+    # Expert parallelism: each EP rank holds only its experts, so they meet in one folder on disk.
+    if (
+        trainer.parallel.pipeline_model_parallel_size > 1
+        or trainer.parallel.expert_model_parallel_size > 1
+        or not in_process
+    ):
         folder = save_hf(run, Path(run.cfg.run_dir) / "weights", version)
         if engine is not None:
             engine.update_weights(path=str(folder), version=version)
@@ -96,6 +101,11 @@ def sync_over_wire(run, version: int) -> None:
     from rlad_megatron.engines.weight_sync import ServerCalls, StageSender, default_sync_host
 
     c, cfg, engine = run.trainer.parallel, run.cfg.rollout, run.source_ctx.rollout_engine
+    if c.expert_model_parallel_size > 1:
+        raise ValueError(
+            "rollout.sync='distributed' sends each stage's buckets from one rank, which holds only its own "
+            "experts under parallel.expert_model_parallel_size > 1; use rollout.sync='disk'"
+        )
     wire = run.weight_wire
     if wire is None:
         calls = ServerCalls(resolve_api_key(cfg), timeout_s=cfg.sync_timeout_s)
@@ -153,6 +163,8 @@ def save_hf(run, root: Path, step: int) -> Path:
         tp_group=c.tp_group,
         pp_group=c.pp_group,
         dp_rank=c.dp_cp_rank,  # one writer per TP x PP shard (CP ranks hold the same weights)
+        ep_rank=c.ep_rank,
+        expert_dp_rank=c.expert_dp_rank,
     )
 
 

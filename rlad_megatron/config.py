@@ -99,11 +99,20 @@ class ParallelConfig:
     causal attention); for long responses. Not combined with pipeline parallelism."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallel size for MoE students (Megatron's name): each EP rank holds num_experts / EP experts.
+    Carved out of the data-parallel ranks, so it must divide world size / (TP x PP) and the number of experts.
+    Not combined with context parallelism."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, gloo without), nccl or gloo."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "expert_model_parallel_size",
+        ):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
         _choice(self, "backend", ("auto", "nccl", "gloo"))
         if self.context_parallel_size > 1 and self.pipeline_model_parallel_size > 1:
@@ -111,6 +120,12 @@ class ParallelConfig:
                 CONTEXT_PARALLEL_WITH_PIPELINE.format(
                     cp=self.context_parallel_size, pp=self.pipeline_model_parallel_size
                 )
+            )
+        if self.context_parallel_size > 1 and self.expert_model_parallel_size > 1:
+            raise ValueError(
+                f"parallel.context_parallel_size={self.context_parallel_size} with parallel.expert_model_parallel_size="
+                f"{self.expert_model_parallel_size}: context parallelism is not supported together with expert "
+                "parallelism; set one of them to 1"
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1")

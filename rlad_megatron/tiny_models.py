@@ -1,7 +1,8 @@
 """Tiny random Hugging Face models for tests, benchmarks and the CPU demo (no hub access).
 
 `tiny_hf_config(family)` covers the three supported families with the features each one
-exercises: Llama (GQA, untied), Qwen2 (QKV bias), Qwen3 (QK-norm, tied embeddings).
+exercises: Llama (GQA, untied), Qwen2 (QKV bias), Qwen3 (QK-norm, tied embeddings), Qwen3-MoE
+(4 experts of width 32, top-2, renormalised top-k probabilities, untied).
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 def tiny_hf_config(family: str = "llama", **overrides: Any):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     base = dict(
         vocab_size=128,
@@ -36,6 +37,9 @@ def tiny_hf_config(family: str = "llama", **overrides: Any):
     elif family == "qwen3":
         cls = Qwen3Config
         base.update(head_dim=16, tie_word_embeddings=True)
+    elif family == "qwen3_moe":
+        cls = Qwen3MoeConfig
+        base.update(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)}")
     base.update(overrides)

@@ -2,8 +2,13 @@
 
 The config is read as plain JSON (no transformers import), so the converter works on a machine
 without the model's transformers class and fails early, naming the field, on anything the name
-tables do not cover: another architecture, MoE, sliding-window attention, RoPE scaling other than
-Llama-3 style, non-SiLU activations, MLP biases, or an o_proj bias.
+tables do not cover: another architecture, MoE outside the Qwen3-MoE family (or Qwen3-MoE with dense
+layers mixed in), sliding-window attention, RoPE scaling other than Llama-3 style, non-SiLU
+activations, MLP biases, or an o_proj bias.
+
+Qwen3-MoE (`Qwen3MoeForCausalLM`): every layer is a sparse MoE block of `num_experts` SwiGLU experts
+of width `moe_intermediate_size`, a bias-free router `mlp.gate`, top-`num_experts_per_tok` routing
+with optional renormalisation (`norm_topk_prob`), and no shared experts.
 
 Left out: multimodal wrappers (`*ForConditionalGeneration`), MTP heads, Mamba/hybrid layers.
 """
@@ -18,8 +23,14 @@ from typing import Any
 import torch
 
 # architecture class -> family; model_type is the fallback when `architectures` is absent.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-FAMILIES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+MOE_FAMILIES = ("qwen3_moe",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config fields that announce a mixture-of-experts model.
@@ -50,6 +61,14 @@ class ModelArch:
     qkv_bias: bool
     qk_norm: bool
     dtype: torch.dtype = torch.float32
+    num_experts: int = 0  # 0: dense MLP; else routed experts per layer (Qwen3-MoE)
+    moe_ffn_hidden_size: int = 0  # width of one expert's SwiGLU MLP
+    moe_topk: int = 0  # experts per token
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -67,7 +86,7 @@ def load_config_dict(path: str | Path) -> dict[str, Any]:
 
 
 def detect_family(config: dict[str, Any]) -> str:
-    """'llama' | 'qwen2' | 'qwen3' from `architectures`, else `model_type`; raise naming the unknown one."""
+    """'llama' | 'qwen2' | 'qwen3' | 'qwen3_moe' from `architectures`, else `model_type`; raise naming the unknown one."""
     archs = config.get("architectures") or []
     for name in archs:
         if name in ARCHITECTURES:
@@ -97,9 +116,12 @@ def check_supported(config: dict[str, Any], family: str) -> None:
     def bad(field: str, value: Any, fix: str) -> UnsupportedModelError:
         return UnsupportedModelError(f"config field {field}={value!r} is not supported for {family}: {fix}")
 
-    for name in _MOE_FIELDS:
-        if config.get(name):
-            raise bad(name, config[name], "mixture-of-experts models have no name table here")
+    if family in MOE_FAMILIES:
+        _check_moe(config, bad)
+    else:
+        for name in _MOE_FIELDS:
+            if config.get(name):
+                raise bad(name, config[name], "mixture-of-experts models have no name table here")
     if config.get("use_sliding_window"):
         raise bad("use_sliding_window", True, "sliding-window attention is not implemented; set it to false")
     if config.get("hidden_act", "silu") != "silu":
@@ -117,6 +139,23 @@ def check_supported(config: dict[str, Any], family: str) -> None:
         raise bad("num_key_value_heads", groups, f"must divide num_attention_heads={heads}")
 
 
+def num_experts(config: dict[str, Any]) -> int:
+    """Routed experts per layer (`num_experts`, which transformers 5 writes as `num_local_experts`)."""
+    return int(config.get("num_experts") or config.get("num_local_experts") or 0)
+
+
+def _check_moe(config: dict[str, Any], bad) -> None:
+    if num_experts(config) < 1:
+        raise bad("num_experts", num_experts(config), "a Qwen3-MoE config needs num_experts >= 1")
+    if config.get("decoder_sparse_step", 1) != 1:
+        raise bad("decoder_sparse_step", config["decoder_sparse_step"], "only all-MoE layers are supported; use 1")
+    if config.get("mlp_only_layers"):
+        raise bad("mlp_only_layers", config["mlp_only_layers"], "dense layers inside an MoE model are not supported")
+    topk = config.get("num_experts_per_tok", 0)
+    if not 1 <= topk <= num_experts(config):
+        raise bad("num_experts_per_tok", topk, f"must be between 1 and num_experts={num_experts(config)}")
+
+
 def config_dtype(config: dict[str, Any]) -> torch.dtype:
     """The checkpoint dtype named in config.json (`dtype` in transformers 5, `torch_dtype` before)."""
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -132,6 +171,7 @@ def arch_from_config(config: dict[str, Any] | str | Path) -> ModelArch:
     family = detect_family(config)
     check_supported(config, family)
     heads = config["num_attention_heads"]
+    moe = family in MOE_FAMILIES
     return ModelArch(
         family=family,
         num_layers=config["num_hidden_layers"],
@@ -143,8 +183,12 @@ def arch_from_config(config: dict[str, Any] | str | Path) -> ModelArch:
         vocab_size=config["vocab_size"],
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         dtype=config_dtype(config),
+        num_experts=num_experts(config) if moe else 0,
+        moe_ffn_hidden_size=config["moe_intermediate_size"] if moe else 0,
+        moe_topk=config["num_experts_per_tok"] if moe else 0,
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)) if moe else False,
     )
 
 

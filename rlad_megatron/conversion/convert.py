@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlad_megatron.conversion import dist_ckpt, tables
-from rlad_megatron.conversion.arch import ModelArch, arch_from_config, load_config_dict
+from rlad_megatron.conversion.arch import ModelArch, UnsupportedModelError, arch_from_config, load_config_dict
 from rlad_megatron.conversion.hf_io import (
     HFReader,
     HFShardWriter,
@@ -100,10 +100,20 @@ def layer_groups(arch: ModelArch) -> list[list]:
     return groups
 
 
+def _refuse_moe(arch: ModelArch) -> None:
+    if arch.is_moe:
+        raise UnsupportedModelError(
+            f"offline dist-checkpoint conversion of the MoE family {arch.family} is not implemented (Megatron stores "
+            "experts under an extra expert axis); train from the HF folder (model.student loads it directly) and "
+            "export with `rlad train`'s HF export or weight_export.write_hf_folder"
+        )
+
+
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Convert a HF folder into a Megatron dist checkpoint loadable at any TP/PP; return out_dir."""
     config = load_config_dict(hf_dir)
     arch = arch_from_config(config)
+    _refuse_moe(arch)
     reader = HFReader(hf_dir)
     check_hf_shapes(arch, reader)
     dtype = dtype or arch.dtype
@@ -174,6 +184,7 @@ def megatron_to_hf(
                 "as hf_config_dir (CLI: --hf-config) for config.json and tokenizer files"
             )
     arch = arch_from_config(load_config_dict(hf_config_dir))
+    _refuse_moe(arch)
     _check_ckpt_shapes(arch, reader)
     dtype = dtype or reader.dtype("embedding.word_embeddings.weight")
     writer = HFShardWriter(out_dir, tables.hf_entries(arch, dtype, tables.iter_tensors(arch)), max_shard_bytes)

@@ -11,6 +11,14 @@ accepted as aliases and are also the dist-checkpoint keys of both specs (Megatro
 names onto them in `sharded_state_dict`).
 
 Layer rows use `{i}` for the layer index (global, not per pipeline stage).
+
+Qwen3-MoE replaces the dense MLP rows by a router row (`mlp.gate.weight` -> `mlp.router.weight`,
+replicated) and one pair of rows per expert e: `mlp.experts.{e}.{gate,up}_proj.weight` ->
+`mlp.experts.local_experts.{e}.linear_fc1.weight` (the same gate/up fusion and TP split as the
+dense fc1) and `mlp.experts.{e}.down_proj.weight` -> `...local_experts.{e}.linear_fc2.weight`.
+Megatron's SequentialMLP numbers experts per expert-parallel rank (0..E/EP-1); the tables use the
+global expert index, and `weight_export.global_named_params` renames local experts to it. The
+rows carry `expert=e` so a rank can pick the experts it holds.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class Rule:
     transform: str  # copy | qkv | gate_up | vocab
     tp: str  # TP kind, see transforms.TP_KINDS
     ckpt_alias: str = ""  # TE-fused name: the dist-checkpoint key and a live-model alias
+    expert: int | None = None  # global expert index of an MoE expert row
 
     @property
     def is_layer(self) -> bool:
@@ -90,6 +99,19 @@ def layer_rules(arch: ModelArch) -> list[Rule]:
         ]
     rules += [
         Rule(L + "self_attention.linear_proj.weight", (A + "o_proj.weight",), "copy", "row"),
+    ]
+    if arch.is_moe:
+        # MoE layers keep a separate pre-MLP norm in both specs (no TE-fused alias).
+        rules.append(
+            Rule(
+                L + "pre_mlp_layernorm.weight",
+                ("model.layers.{i}.post_attention_layernorm.weight",),
+                "copy",
+                "replicated",
+            )
+        )
+        return rules + moe_rules(arch)
+    rules += [
         Rule(
             L + "pre_mlp_layernorm.weight",
             ("model.layers.{i}.post_attention_layernorm.weight",),
@@ -100,6 +122,21 @@ def layer_rules(arch: ModelArch) -> list[Rule]:
         Rule(L + "mlp.linear_fc1.weight", (M + "gate_proj.weight", M + "up_proj.weight"), "gate_up", "gate_up"),
         Rule(L + "mlp.linear_fc2.weight", (M + "down_proj.weight",), "copy", "row"),
     ]
+    return rules
+
+
+def moe_rules(arch: ModelArch) -> list[Rule]:
+    """Router and per-expert rows of one MoE layer (global expert indices)."""
+    L, M = "decoder.layers.{i}.mlp.", "model.layers.{i}.mlp."
+    rules = [Rule(L + "router.weight", (M + "gate.weight",), "copy", "replicated")]
+    for e in range(arch.num_experts):
+        E, X = f"{L}experts.local_experts.{e}.", f"{M}experts.{e}."
+        rules += [
+            Rule(
+                E + "linear_fc1.weight", (X + "gate_proj.weight", X + "up_proj.weight"), "gate_up", "gate_up", expert=e
+            ),
+            Rule(E + "linear_fc2.weight", (X + "down_proj.weight",), "copy", "row", expert=e),
+        ]
     return rules
 
 
@@ -173,6 +210,10 @@ def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> Non
 def expected_hf_shapes(rule: Rule, arch: ModelArch) -> list[tuple[int, ...]]:
     """HF shapes of a rule's tensors, from the config (used to name a mismatching tensor early)."""
     H, F, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    if rule.expert is not None:
+        F = arch.moe_ffn_hidden_size
+    if rule.megatron.endswith("mlp.router.weight"):
+        return [(arch.num_experts, H)]
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
     leaf = rule.megatron.rsplit(".", 2)[-2:]
     if rule.transform == "qkv":

@@ -1,4 +1,4 @@
-"""A plain-torch decoder for HF Llama / Qwen2 / Qwen3 checkpoints, built for batched KV-cache decoding.
+"""A plain-torch decoder for HF Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoints, built for batched KV-cache decoding.
 
 The architecture is read from config.json: RMSNorm, rotary embeddings with the config's theta
 (`rope_theta`, or `rope_parameters["rope_theta"]` as transformers 5 writes it), grouped-query
@@ -9,8 +9,13 @@ For speed the Q/K/V projections and the gate/up projections are stored fused, an
 parameter name maps to a *view* into the fused tensor (`named_parameters_hf`), so an in-place
 update by HF name (`load_tensors`) writes straight into the fused weight.
 
+Qwen3-MoE: every MLP is a routed block as in transformers: router logits, softmax over all
+experts in fp32, top-k, renormalised when `norm_topk_prob`, weights cast back to the model dtype;
+each expert's SwiGLU runs on the tokens routed to it. Experts are stored stacked (`[E, 2F, H]`,
+`[E, H, F]`), one view per HF expert tensor.
+
 Left out: rope scaling variants (llama3, yarn, ...; refused with a clear error), sliding-window
-attention, MoE layers, quantised checkpoints.
+attention, shared experts / dense layers inside MoE models, quantised checkpoints.
 
 Shapes: B batch, T new tokens, S cache length, H query heads, K kv heads, D head dim, V vocab.
 """
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2", "qwen3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # Decode RoPE matrices are precomputed per position when the [positions, D, D] table stays this small
 # (tiny models); larger head dims / contexts build the [B, D, D] matrices each step instead.
 ROT_TABLE_MAX_BYTES = 32 << 20
@@ -49,7 +54,14 @@ class ModelSpec:
         self.tie_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.max_positions = int(cfg.get("max_position_embeddings", 4096))
         self.qkv_bias = mt == "qwen2" or bool(cfg.get("attention_bias", False))
-        self.qk_norm = mt == "qwen3"
+        self.qk_norm = mt in ("qwen3", "qwen3_moe")
+        moe = mt == "qwen3_moe"
+        self.num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if moe else 0
+        self.moe_intermediate_size = int(cfg["moe_intermediate_size"]) if moe else 0
+        self.moe_topk = int(cfg.get("num_experts_per_tok", 0)) if moe else 0
+        self.norm_topk_prob = bool(cfg.get("norm_topk_prob", False))
+        if moe and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
+            raise ValueError("MoE models with dense layers (mlp_only_layers, decoder_sparse_step) are not supported")
         if cfg.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported by the embedded engine")
         self.rope_theta = _rope_theta(cfg)
@@ -129,10 +141,19 @@ class DecoderModel:
                     "o": torch.zeros(h, self.q_size, **e),
                     "q_norm": torch.ones(d, **e) if s.qk_norm else None,
                     "k_norm": torch.ones(d, **e) if s.qk_norm else None,
-                    "gate_up": torch.zeros(2 * s.intermediate_size, h, **e),
-                    "down": torch.zeros(h, s.intermediate_size, **e),
                 }
             )
+            if s.num_experts:
+                E, mi = s.num_experts, s.moe_intermediate_size
+                self.layers[-1].update(
+                    router=torch.zeros(E, h, **e),
+                    experts_gate_up=torch.zeros(E, 2 * mi, h, **e),
+                    experts_down=torch.zeros(E, h, mi, **e),
+                )
+            else:
+                self.layers[-1].update(
+                    gate_up=torch.zeros(2 * s.intermediate_size, h, **e), down=torch.zeros(h, s.intermediate_size, **e)
+                )
         self._views = self._hf_views()
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rot_table: torch.Tensor | None = None  # [n, D, D] decode RoPE matrices, one per position, or None
@@ -159,6 +180,14 @@ class DecoderModel:
             if L["q_norm"] is not None:
                 v[p + "self_attn.q_norm.weight"] = L["q_norm"]
                 v[p + "self_attn.k_norm.weight"] = L["k_norm"]
+            if self.spec.num_experts:
+                mi = self.spec.moe_intermediate_size
+                v[p + "mlp.gate.weight"] = L["router"]
+                for ex in range(self.spec.num_experts):
+                    v[p + f"mlp.experts.{ex}.gate_proj.weight"] = L["experts_gate_up"][ex, :mi]
+                    v[p + f"mlp.experts.{ex}.up_proj.weight"] = L["experts_gate_up"][ex, mi:]
+                    v[p + f"mlp.experts.{ex}.down_proj.weight"] = L["experts_down"][ex]
+                continue
             v[p + "mlp.gate_proj.weight"] = L["gate_up"][:inter]
             v[p + "mlp.up_proj.weight"] = L["gate_up"][inter:]
             v[p + "mlp.down_proj.weight"] = L["down"]
@@ -252,10 +281,32 @@ class DecoderModel:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
             x += F.linear(attn.reshape(B, T, self.q_size), L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
+            if s.num_experts:
+                x += self._moe(L, h)
+                continue
             inter = s.intermediate_size  # contiguous halves: elementwise ops on large strided views are slower
             gate, up = F.linear(h, L["gate_up"][:inter]), F.linear(h, L["gate_up"][inter:])
             x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
+
+    def _moe(self, L: dict, h: torch.Tensor) -> torch.Tensor:
+        """Routed experts on h [..., hidden], HF Qwen3-MoE routing (see the module docstring)."""
+        s = self.spec
+        flat = h.reshape(-1, s.hidden_size)
+        probs = torch.softmax(F.linear(flat, L["router"]), dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, s.moe_topk, dim=-1)
+        if s.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        mi = s.moe_intermediate_size
+        for ex in chosen.unique().tolist():
+            token, slot = torch.where(chosen == ex)
+            rows = flat[token]
+            gate, up = F.linear(rows, L["experts_gate_up"][ex, :mi]), F.linear(rows, L["experts_gate_up"][ex, mi:])
+            y = F.linear(F.silu(gate) * up, L["experts_down"][ex]) * weights[token, slot, None]
+            out.index_add_(0, token, y)
+        return out.view_as(h)
 
     def _rotate(self, L: dict, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Qwen3 QK-norm (if any) then RoPE on the joint [..., H + K, D] query/key tensor."""
@@ -295,6 +346,9 @@ class DecoderModel:
             attn = _decode_attention(qk[:, :H], k, v, mask)
             x += F.linear(attn, L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
+            if s.num_experts:
+                x += self._moe(L, h)
+                continue
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # one fused matmul for tiny decode steps
             x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)

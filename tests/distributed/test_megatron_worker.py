@@ -269,7 +269,7 @@ def check_hf_equivalence(results) -> None:
 
     cfg = make_cfg()
     tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
-    for family in FAMILIES:
+    for family in (f for f in FAMILIES if f != "qwen3_moe"):  # MoE: test_moe_parallel.py (the table's loader)
         torch.manual_seed(4)
         # A non-default RoPE theta checks that the base is read from the HF config.
         hf_config = tiny_hf_config(family, rope_theta=50000.0)

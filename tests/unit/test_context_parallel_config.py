@@ -32,6 +32,8 @@ def test_config_accepts_context_parallel_and_refuses_it_with_pipeline_parallel()
     overrides = ["parallel.context_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
     with pytest.raises(ValueError, match=MESSAGE):
         load_config(REPO / "examples/qwen3_kk/recipe.yaml", overrides)
+    with pytest.raises(ValueError, match="not supported together with expert parallelism"):
+        ParallelConfig(context_parallel_size=2, expert_model_parallel_size=2)
 
 
 def test_dry_run_reports_context_parallel_with_pipeline(capsys):

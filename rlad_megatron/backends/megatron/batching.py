@@ -272,12 +272,16 @@ def make_micro_batches(
     uniform_length: bool = False,
     topk: bool = False,
     pad_sequences_to: int = 1,
+    pad_to_length: int = 0,
 ) -> list[PackedBatch]:
-    """Dynamic micro-batches by token budget; `sample_indices` refer to `samples`."""
+    """Dynamic micro-batches by token budget; `sample_indices` refer to `samples`.
+
+    `uniform_length`: every batch padded to the longest (at least `pad_to_length`)."""
     per_token = per_token or {}
     lengths = [_round_up(sequence_length(s), pad_sequences_to) for s in samples]
     bins = first_fit_decreasing(lengths, micro_batch_tokens)
     pad_len = _round_up(max((sum(lengths[i] for i in b) for b in bins), default=1), pad_to_multiple)
+    pad_len = max(pad_len, pad_to_length)
     batches = []
     for indices in bins:
         sub = {k: [v[i] for i in indices] for k, v in per_token.items()}
@@ -292,6 +296,16 @@ def make_micro_batches(
         batch.sample_indices = list(indices)
         batches.append(batch)
     return batches
+
+
+def filler_batch(like: PackedBatch) -> PackedBatch:
+    """A batch shaped like `like` that contributes nothing: no samples, mask and weights zero."""
+    tensors = {k: v.clone() for k, v in like.tensors.items()}
+    for key in ("mask", "seq_weights"):
+        tensors[key].zero_()
+    return PackedBatch(
+        tensors=tensors, cu_seqlens=like.cu_seqlens.clone(), max_seqlen=like.max_seqlen, sample_indices=[]
+    )
 
 
 def pad_samples(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

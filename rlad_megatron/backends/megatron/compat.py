@@ -32,6 +32,12 @@ Patches, each with the Megatron 0.16.1 line it works around:
    ``install_cpu_rng_tracker(seed)``, the CPU stand-in for ``model_parallel_cuda_manual_seed``, which
    fails at ``tensor_parallel/random.py:235`` (``torch.cuda.get_rng_state()``). Needed by sequence
    parallelism (``language_model_embedding.py:145`` always forks the tracker) and by GPU-style init.
+5. ``megatron/core/transformer/moe/moe_utils.py:34`` imports ``te_general_gemm`` only inside its
+   ``try: from megatron.core.extensions.transformer_engine import ...`` block, and
+   ``RouterGatingLinearFunction`` (``:1192, :1225``) reads the name unconditionally: without
+   Transformer Engine every MoE router forward raises ``NameError``. ``te_general_gemm = None``
+   there selects the plain ``torch.matmul`` branch the function already has. Applied on GPU too
+   when Transformer Engine is absent (it is a missing name, not a CUDA call).
 
 Left out: context parallelism, CUDA graphs, ``overlap_grad_reduce`` streams (not used on CPU).
 """
@@ -143,9 +149,18 @@ def cuda_to_cpu() -> contextlib.AbstractContextManager:
     return _CudaToCpuMode() if _ACTIVE else contextlib.nullcontext()
 
 
+def define_missing_te_general_gemm() -> None:
+    """Patch 5: `moe_utils.te_general_gemm = None` when Transformer Engine did not define it."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def activate_cpu_compat() -> bool:
-    """Install patches 1 and 2 when CUDA is absent. Idempotent. Returns True when active."""
+    """Install patches 1, 2 and 5 when CUDA is absent (5 also without TE). Idempotent. True when active."""
     global _ACTIVE
+    define_missing_te_general_gemm()
     if _ACTIVE:
         return True
     if cuda_available():

@@ -1,7 +1,7 @@
 """Build the Megatron-Core student (`GPTModel` chunks + `TransformerConfig`) from a Hugging Face config.
 
 Supported families (decoder-only, RMSNorm, SwiGLU, RoPE, GQA): Llama, Qwen2 (QKV bias),
-Qwen3 (QK-norm, explicit head_dim). `transformer_config_from_hf` maps the HF fields onto
+Qwen3 (QK-norm, explicit head_dim), Qwen3-MoE (Qwen3 attention, every MLP a routed MoE block). `transformer_config_from_hf` maps the HF fields onto
 Megatron's; `build_model` returns the model chunks of this pipeline stage (one chunk: virtual
 pipeline stages are not used), with `pre_process` / `post_process` set per stage.
 
@@ -14,7 +14,19 @@ Layer specs: `local` = Megatron's local spec with `layers.SDPACoreAttention` and
 (CPU and GPU); `transformer_engine` = `get_gpt_layer_with_transformer_engine_spec` (GPU; imported
 lazily), with `fp8` from `model.fp8`. `model.megatron` is merged into TransformerConfig verbatim.
 
-Left out: RoPE scaling other than Llama-3 style, sliding-window attention, MoE, MTP, biases on MLP.
+MoE (`moe_settings`): SequentialMLP experts (one SwiGLU MLP per expert, the same parameter names
+with and without Transformer Engine), the `allgather` token dispatcher (runs on CPU/gloo), no
+token dropping (capacity factor off). HF Qwen3-MoE routing is softmax over all experts in fp32,
+top-k, then renormalised to sum 1 when `norm_topk_prob`: Megatron's softmax router gives exactly
+that with `moe_router_pre_softmax=False` (top-k of the logits, then softmax over the k, which is
+the renormalised softmax) and, without renormalisation, with `moe_router_pre_softmax=True`. The
+load-balancing loss is on (`aux_loss`, coefficient `router_aux_loss_coef`) only when the HF config
+sets `output_router_logits`, as HF training does; Megatron computes it per layer and adds it to the
+gradients only, where HF sums one loss over all layers' tokens, so the two losses differ in value.
+
+Left out: RoPE scaling other than Llama-3 style, sliding-window attention, MTP, biases on MLP,
+grouped-GEMM experts (`TEGroupedMLP` names its weights `linear_fc1.weight<e>`: no table rows yet),
+shared experts.
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ import torch.nn.functional as F
 
 from rlad_megatron.backends.megatron import compat
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen3_moe",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +80,46 @@ def rope_settings(hf_config) -> dict[str, Any]:
     elif rope_type != "default":
         raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, llama3")
     return out
+
+
+def num_moe_experts(hf_config) -> int:
+    """Routed experts per layer of an MoE HF config; 0 for dense models."""
+    if getattr(hf_config, "model_type", "") not in MOE_MODEL_TYPES:
+        return 0
+    return int(getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0) or 0)
+
+
+def moe_settings(hf_config, ep: int) -> dict[str, Any]:
+    """TransformerConfig MoE fields reproducing HF Qwen3-MoE routing (see the module docstring)."""
+    experts = num_moe_experts(hf_config)
+    if experts % ep:
+        raise ValueError(f"parallel.expert_model_parallel_size={ep} must divide the number of experts ({experts})")
+    if getattr(hf_config, "decoder_sparse_step", 1) != 1 or getattr(hf_config, "mlp_only_layers", None):
+        raise ValueError("MoE models with dense layers (decoder_sparse_step != 1 or mlp_only_layers) are not supported")
+    topk = hf_config.num_experts_per_tok
+    renormalise = bool(getattr(hf_config, "norm_topk_prob", False))
+    if topk == 1 and renormalise:
+        raise ValueError(
+            "num_experts_per_tok=1 with norm_topk_prob=True (routing weight exactly 1) has no Megatron "
+            "router equivalent; set norm_topk_prob=False"
+        )
+    aux_coef = (
+        float(getattr(hf_config, "router_aux_loss_coef", 0.0))
+        if getattr(hf_config, "output_router_logits", False)
+        else 0.0
+    )
+    return {
+        "num_moe_experts": experts,
+        "moe_router_topk": topk,
+        "moe_ffn_hidden_size": hf_config.moe_intermediate_size,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not renormalise,
+        "moe_router_load_balancing_type": "aux_loss" if aux_coef > 0 else "none",
+        "moe_aux_loss_coeff": aux_coef,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": False,
+        "expert_model_parallel_size": ep,
+    }
 
 
 def _check_layout(hf_config, tp: int, pp: int) -> None:
@@ -130,7 +183,7 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=_qkv_bias(hf_config, model_type),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
@@ -152,6 +205,13 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
         persist_layer_norm=False,
         bias_activation_fusion=False,
     )
+    if model_type in MOE_MODEL_TYPES:
+        fields.update(moe_settings(hf_config, parallel_cfg.expert_model_parallel_size))
+    elif parallel_cfg.expert_model_parallel_size != 1:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={parallel_cfg.expert_model_parallel_size} needs an MoE "
+            f"student; {model_type} is dense: set it to 1"
+        )
     if _use_te(model_cfg) and model_cfg.fp8:
         fields.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
     fields.update(model_cfg.megatron or {})
@@ -182,11 +242,16 @@ def layer_spec(config, use_te: bool, vp_stage=None):
         get_num_layers_to_build,
     )
 
+    experts = config.num_moe_experts
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm
+        )
     from rlad_megatron.backends.megatron.layers import QKNorm, SDPACoreAttention, SPNorm
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm, normalization="RMSNorm"
+    )
     sub = spec.submodules
     sub.input_layernorm = SPNorm
     sub.pre_mlp_layernorm = SPNorm

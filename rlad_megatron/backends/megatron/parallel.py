@@ -7,8 +7,12 @@ Megatron's `model_parallel_cuda_manual_seed` with CUDA, the CPU tracker of `comp
 The returned `ParallelContext` carries the process groups so callers pass them on explicitly.
 
 Context parallelism: `cp_group` (the ranks sharing one packed row) and `dp_cp_group` (data x context
-parallel ranks: where per-rank loss shares and metrics are summed). Left out: virtual pipeline stages,
-expert parallelism, context parallelism together with pipeline parallelism (refused).
+parallel ranks: where per-rank loss shares and metrics are summed).
+Expert parallelism (`parallel.expert_model_parallel_size`) splits the MoE experts over EP ranks
+taken from the data-parallel ranks (expert tensor parallelism equals TP, Megatron's default).
+
+Left out: virtual pipeline stages, context parallelism together with pipeline or expert
+parallelism (refused).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class ParallelContext:
     dp_cp_group: Any = None
     dp_cp_rank: int = 0
     """Rank among the DP x CP ranks holding the same weights: 0 picks one copy (export, sync senders)."""
+    expert_model_parallel_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    expert_dp_rank: int = 0  # rank among the replicas of this rank's experts
 
     @property
     def is_first_stage(self) -> bool:
@@ -101,7 +109,14 @@ def check_layout(parallel_cfg, world_size: int) -> int:
             f"world size {world_size} is not divisible by tensor({tp}) x pipeline({pp}) x context({cp}) "
             "parallel sizes; change the parallel.* sizes or the number of processes"
         )
-    return world_size // (tp * pp * cp)
+    dp = world_size // (tp * pp * cp)
+    ep = parallel_cfg.expert_model_parallel_size
+    if dp % ep:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={ep} must divide the data-parallel size {dp} "
+            f"(world {world_size} / TP {tp} / PP {pp}); launch more processes or lower it"
+        )
+    return dp
 
 
 def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
@@ -119,10 +134,13 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         context_parallel_size=parallel_cfg.context_parallel_size,
+        expert_model_parallel_size=parallel_cfg.expert_model_parallel_size,
     )
     tp_rank = mpu.get_tensor_model_parallel_rank()
+    ep_rank = mpu.get_expert_model_parallel_rank()
     if compat.is_active():
-        compat.install_cpu_rng_tracker(seed, tp_rank=tp_rank)
+        etp_rank = mpu.get_expert_tensor_parallel_rank()
+        compat.install_cpu_rng_tracker(seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank)
     else:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -147,6 +165,10 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
         cp_group=mpu.get_context_parallel_group(),
         dp_cp_group=mpu.get_data_parallel_group(with_context_parallel=True),
         dp_cp_rank=mpu.get_data_parallel_rank(with_context_parallel=True),
+        expert_model_parallel_size=mpu.get_expert_model_parallel_world_size(),
+        ep_rank=ep_rank,
+        ep_group=mpu.get_expert_model_parallel_group(),
+        expert_dp_rank=mpu.get_expert_data_parallel_rank(),
     )
 
 

@@ -51,6 +51,7 @@ from rlad_megatron.backends.megatron import compat
 from rlad_megatron.backends.megatron.batching import (
     PackedBatch,
     context_parallel_positions,
+    filler_batch,
     make_micro_batches,
     shard_for_context_parallel,
     split_for_data_parallel,
@@ -200,18 +201,37 @@ class MegatronTrainer:
         cp = self.parallel.context_parallel_size
         if cp > 1:  # every sequence splits in 2*CP chunks; each CP rank's share of the row is a multiple too
             multiple = math.lcm(2 * cp, cp * multiple)
-        batches = make_micro_batches(
-            mine,
-            sub,
-            self.cfg.train.micro_batch_tokens,
-            pad_to_multiple=multiple,
-            uniform_length=self.parallel.pipeline_model_parallel_size > 1,
-            topk=topk,
-            pad_sequences_to=2 * cp if cp > 1 else 1,
-        )
+        experts_split = self.parallel.expert_model_parallel_size > 1
+
+        def pack(pad_to_length: int = 0):
+            return make_micro_batches(
+                mine,
+                sub,
+                self.cfg.train.micro_batch_tokens,
+                pad_to_multiple=multiple,
+                uniform_length=self.parallel.pipeline_model_parallel_size > 1 or experts_split,
+                topk=topk,
+                pad_sequences_to=2 * cp if cp > 1 else 1,
+                pad_to_length=pad_to_length,
+            )
+
+        batches = pack()
+        if experts_split:
+            batches = self._same_shape_over_ep(batches, pack)
         if cp > 1:
             batches = [shard_for_context_parallel(b, cp, self.parallel.cp_rank) for b in batches]
         return batches, shard
+
+    def _same_shape_over_ep(self, batches: list[PackedBatch], pack: Callable) -> list[PackedBatch]:
+        """Under EP the `allgather` token dispatcher gathers every micro-batch over the EP ranks, so each
+        rank must run as many micro-batches of the same length: pad to the EP group's longest, then add
+        filler batches (no samples, zero mask) up to its largest count."""
+        shape = torch.tensor([len(batches), batches[0].num_tokens])
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self.parallel.ep_group)
+        count, length = int(shape[0]), int(shape[1])
+        if batches[0].num_tokens < length:
+            batches = pack(length)
+        return batches + [filler_batch(batches[0]) for _ in range(count - len(batches))]
 
     def _forward_step(self, model_chunks: list, loss_fn: Callable, data_iterator, model):
         from megatron.core.packed_seq_params import PackedSeqParams

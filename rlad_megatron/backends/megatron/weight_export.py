@@ -19,7 +19,13 @@ Pipeline parallelism: each stage exports its own layers under their global indic
 each layer's `layer_number`); in `write_hf_folder` every stage writes its own shard files and
 rank 0 merges the index. Data-parallel replicas other than `dp_rank == 0` skip the work.
 
-Left out: virtual pipeline stages, MoE experts.
+MoE experts under expert parallelism: each EP rank holds `num_experts / EP` experts, numbered
+locally by Megatron; `global_named_params` renames them to their global index and `stage_plan`
+keeps the expert rows this rank holds, so every EP rank exports (and loads) its own experts. The
+bucket sink therefore yields only this EP rank's experts (the embedded engine needs EP=1, or the
+buckets of every EP rank); `write_hf_folder` writes every rank's experts into one folder.
+
+Left out: virtual pipeline stages, gathering experts over EP ranks into one bucket stream.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from rlad_megatron.conversion.parallel_write import (
 from rlad_megatron.conversion.transforms import tp_merge
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..+)$")
 # With tied embeddings, stages without the embedding keep a copy in output_layer.weight.
 TIED_OUTPUT_RULE = tables.Rule("output_layer.weight", ("model.embed_tokens.weight",), "vocab", "column")
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -78,23 +85,31 @@ def global_named_params(chunk: torch.nn.Module) -> dict[str, torch.nn.Parameter]
         match = _LAYER.match(name)
         if match:
             layer = model.decoder.layers[int(match.group(1))]
-            name = f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+            suffix = match.group(2)
+            expert = _LOCAL_EXPERT.match(suffix)
+            if expert:  # SequentialMLP numbers this EP rank's experts from 0
+                first = layer.mlp.local_expert_indices[0]
+                suffix = f"{expert.group(1)}{first + int(expert.group(2))}{expert.group(3)}"
+            name = f"decoder.layers.{layer.layer_number - 1}.{suffix}"
         out[name] = param
     return out
 
 
-def stage_plan(chunk: torch.nn.Module, arch: ModelArch, tied_copy: bool = False):
+def stage_plan(chunk: torch.nn.Module, arch: ModelArch, tied_copy: bool = False, experts_only: bool = False):
     """[(rule, layer, param)] of this stage in table order; raise naming missing / unknown params.
 
     `tied_copy` adds the tied output-layer copy held by a non-first last stage (loading needs it,
-    exporting does not).
+    exporting does not). `experts_only` keeps only the MoE expert rows this rank holds.
     """
     params = global_named_params(chunk)
     layers = sorted({int(m.group(1)) for n in params if (m := _LAYER.match(n))})
     first = "embedding.word_embeddings.weight" in params
     last = "decoder.final_layernorm.weight" in params
     plan = []
+    held_experts = {int(m.group(2)) for n in params if (m := _LOCAL_EXPERT.match(n.split(".", 3)[-1]))}
     for rule, layer in tables.stage_rules(arch, layers, first, last):
+        if rule.expert is not None and rule.expert not in held_experts:
+            continue  # held by another expert-parallel rank
         param = params.pop(rule.megatron_name(layer), None)
         if param is None and rule.ckpt_alias:  # Transformer Engine spelling of a fused norm
             param = params.pop(rule.ckpt_alias.format(i=layer), None)
@@ -109,7 +124,7 @@ def stage_plan(chunk: torch.nn.Module, arch: ModelArch, tied_copy: bool = False)
         plan.append((TIED_OUTPUT_RULE, None, tied))
     if params:
         raise KeyError(f"model parameters {sorted(params)[:8]} have no rule in the {arch.family} table")
-    return plan
+    return [p for p in plan if p[0].expert is not None] if experts_only else plan
 
 
 def group_size_rank(group) -> tuple[int, int]:
@@ -233,11 +248,11 @@ def export_hf_tensors(
         yield from _gather_pipeline(local, pp_group, device)
 
 
-def _entries(model_chunks, arch, dtype):
+def _entries(model_chunks, arch, dtype, experts_only: bool):
     out = []
     for chunk in model_chunks:
         chunk_arch = arch or model_arch(chunk)
-        for rule, layer, param in stage_plan(chunk, chunk_arch):
+        for rule, layer, param in stage_plan(chunk, chunk_arch, experts_only=experts_only):
             out += tables.hf_entries(chunk_arch, dtype or param.dtype, [(rule, layer)])
     return out
 
@@ -248,22 +263,25 @@ def _barrier(group=None) -> None:
 
 
 def _export_stage(
-    model_chunks, tmp: Path, arch, tp_group, pp_group, dtype, max_shard_bytes: int
+    model_chunks, tmp: Path, arch, tp_group, pp_group, dtype, max_shard_bytes: int, ep_rank: int = 0
 ) -> tuple[dict[str, str], int, torch.dtype | None]:
     """This stage's shards in `tmp`, every TP rank writing its own slices: (weight_map, bytes, dtype).
 
     No gather: TP rank 0 lays out the files (headers, sizes), then each rank copies the parts of
-    the HF tensors its shards hold into them (`conversion.parallel_write`).
+    the HF tensors its shards hold into them (`conversion.parallel_write`). `ep_rank > 0`: only
+    this expert-parallel rank's experts, into files of their own (EP rank 0 writes the rest).
     """
     (tp, tp_rank), (pp_size, pp_rank) = group_size_rank(tp_group), group_size_rank(pp_group)
     arch = arch or model_arch(model_chunks[0])  # reading the HF config object is slow: once
-    entries = _entries(model_chunks, arch, dtype)
-    files, slots = plan_layout(entries, max_shard_bytes, "model" if pp_size == 1 else f"model-pp{pp_rank}")
+    experts_only = ep_rank > 0
+    entries = _entries(model_chunks, arch, dtype, experts_only)
+    prefix = "model" if pp_size == 1 else f"model-pp{pp_rank}"
+    files, slots = plan_layout(entries, max_shard_bytes, f"{prefix}-ep{ep_rank}" if experts_only else prefix)
     if tp_rank == 0:
         create_files(tmp, files)
     _barrier(tp_group)
     for chunk in model_chunks:
-        for rule, layer, param in stage_plan(chunk, arch):
+        for rule, layer, param in stage_plan(chunk, arch, experts_only=experts_only):
             for piece in local_pieces(rule, layer, param.detach(), arch, tp, tp_rank):
                 write_piece(tmp, slots[piece.name], piece)
     _barrier(tp_group)  # every slice is in place before the folder is published
@@ -283,13 +301,17 @@ def write_hf_folder(
     tp_group=None,
     pp_group=None,
     dp_rank: int = 0,
+    ep_rank: int = 0,
+    expert_dp_rank: int = 0,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 << 30,
     keep_last: int = 0,
 ) -> Path:
     """Collective over the whole world: export the live model to `<out_root>/step_<step>/` atomically.
 
-    `hf_config_dir` supplies config.json and tokenizer files (the student's HF folder). Older
+    Data-parallel rank 0 writes every tensor it holds; under expert parallelism the ranks with
+    `expert_dp_rank == 0` and `ep_rank > 0` add the experts they hold. `hf_config_dir` supplies
+    config.json and tokenizer files (the student's HF folder). Older
     `step_*` folders beyond `keep_last` are deleted (default 0 keeps all). Returns the published folder
     (`<out_root>/latest` names it) on every rank.
     """
@@ -300,11 +322,12 @@ def write_hf_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    result = (
-        _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes)
-        if dp_rank == 0
-        else ({}, 0, None)
-    )
+    if dp_rank == 0:
+        result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes)
+    elif ep_rank > 0 and expert_dp_rank == 0:
+        result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes, ep_rank)
+    else:
+        result = ({}, 0, None)
     results = [result]
     if dist.is_initialized():
         results = [None] * dist.get_world_size()
