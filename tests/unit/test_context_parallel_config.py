@@ -55,7 +55,12 @@ def test_init_parallel_refuses_cp_with_pp_before_starting_a_process_group():
     with pytest.raises(ValueError, match=MESSAGE):
         parallel.init_parallel(cfg, seed=0)
     assert not dist.is_initialized()
-    layout = SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=2, context_parallel_size=2)
+    layout = SimpleNamespace(
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=2,
+        context_parallel_size=2,
+        expert_model_parallel_size=1,
+    )
     with pytest.raises(ValueError, match=MESSAGE):
         parallel.check_layout(layout, world_size=8)
     layout.pipeline_model_parallel_size = 1

@@ -43,6 +43,7 @@ def _fake_trainer(fp8: str, tp: int, sp: bool, pp: int = 1, cp: int = 1):
         pipeline_model_parallel_size=pp,
         context_parallel_size=cp,
         cp_rank=cp - 1,
+        expert_model_parallel_size=1,
     )
     return SimpleNamespace(cfg=cfg, parallel=ctx, config=SimpleNamespace(sequence_parallel=sp))
 
