@@ -123,7 +123,7 @@ def _sft(init: Path, run_dir: Path, steps: int, lr: float, common: list[str], se
         "train.lr_decay_style=cosine",
         f"train.min_lr={lr / 10}",
         "checkpoint.interval=0",
-        "eval.interval=0",
+        f"eval.interval={steps}",  # before training and after the last step
         "eval.num_samples=4",
         "eval.temperature=1.0",
     ]

@@ -61,7 +61,7 @@ def test_response_shapes_follow_sglang(client):
     greedy_top = [r[0][1] for r in meta["output_top_logprobs"]]
     assert greedy_top == out["output_ids"]  # greedy picks the top-1 token of the same distribution
     default = client.post("/generate", json={**body, "logprob_start_len": -1}).json()["meta_info"]
-    assert [e[1] for e in default["input_token_logprobs"]] == [8]  # -1: only the last prompt token, no log-prob
+    assert default["input_token_logprobs"] == []  # -1: output tokens only (SGLang sets the start to len(input))
 
 
 def test_batch_and_n_ordering_like_sglang(client):
@@ -78,20 +78,20 @@ def test_batch_and_n_ordering_like_sglang(client):
 @pytest.mark.parametrize(
     "body,message",
     [
-        ({"input_ids": []}, "non-empty"),
+        ({"input_ids": []}, "input_ids cannot be empty."),
         ({"input_ids": [1, 2, 10_000]}, "token ids must be integers in"),
         ({"input_ids": [1, -2]}, "token ids must be"),
         ({"input_ids": [[1], []]}, "input_ids[1]"),
         ({"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature"),
         ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "top_p"),
         ({"input_ids": [1, 2], "sampling_params": {"top_k": 0}}, "top_k=0"),
-        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, "max_new_tokens"),
+        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, "maximum context length of 48"),
         ({"input_ids": [1] * 60}, "context length"),
         ({"input_ids": [1, 2], "sampling_params": {"n": 0}}, "n=0"),
         ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "stop strings"),
         ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "unknown sampling_params"),
-        ({"input_ids": [1, 2], "logprob_start_len": 5}, "logprob_start_len"),
-        ({"text": "hello"}, "not supported"),
+        ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 5}, "logprob_start_len=5 is higher"),
+        ({"text": "hello", "input_ids": [1]}, "either text or input_ids"),
         ({"input_ids": [1, 2], "stream": True}, "stream"),
         ({"input_ids": [1, 2], "return_hidden_states": True}, "return_hidden_states"),
         ({"input_ids": [1.5]}, "token ids"),
