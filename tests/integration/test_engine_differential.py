@@ -23,7 +23,6 @@ from rlad_megatron.engines.client import HttpEngine
 from rlad_megatron.engines.embedded import EmbeddedEngine
 from rlad_megatron.engines.fleet import embedded_server_cmd, free_port, launch_fleet, launch_router
 
-pytestmark = pytest.mark.slow
 CONTEXT = 40  # short, so the context edges are a few tokens away
 LOGPROB_TOL = 1e-5  # fp32 rounding of one row across batch sizes is ~5e-7 here; a wrong token is ~1e-1 or more
 
