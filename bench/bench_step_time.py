@@ -8,7 +8,7 @@ disturbed) and the median step are reported (the first step of each run, with it
 dropped), with three RLAD / GRPO ratios: best step, median step, and 1 + RLAD's scoring time over
 GRPO's step (RLAD's only added phase; the rest is the same work). The paper reports about +15%.
 
-  OMP_NUM_THREADS=1 .venv/bin/python bench/bench_step_time.py [--steps 6] [--repeats 2] [--json out.json]
+  OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_step_time [--steps 6] [--repeats 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,15 +24,12 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 PHASES = ("generate", "score", "logprobs", "train", "sync", "step")
 TARGET = 1.15
 
 
 def _steps(algorithm: str, paths, size, steps: int, seed: int, run_dir: Path) -> list[dict[str, float]]:
-    from compare_methods import RunSpec, run_overrides
-
+    from bench.compare_methods import RunSpec, run_overrides
     from rlad_megatron.config import load_config
     from rlad_megatron.train import train
 
@@ -44,8 +41,8 @@ def _steps(algorithm: str, paths, size, steps: int, seed: int, run_dir: Path) ->
 
 def measure(steps: int, repeats: int, setup_root: Path) -> dict[str, list[dict[str, float]]]:
     """{algorithm: per-step metric rows} over repeats x (steps - 1) steps each (warm-up steps dropped)."""
-    from compare_methods import SIZES
-    from comparison_setup import prepare
+    from bench.compare_methods import SIZES
+    from bench.comparison_setup import prepare
 
     size = SIZES["small"]
     paths = prepare(replace(size.setup, task="addition"), setup_root)

@@ -1,6 +1,6 @@
 """Weight sync into rollout servers: over the wire (one group per pipeline stage) vs through disk.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python bench/bench_sync_wire.py [--repeats 2] [--steps 3]
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_sync_wire [--repeats 2] [--steps 3]
 
 Two `rlad serve` servers hold a Qwen3-shaped student (about 40M parameters: vocabulary 32000, tied
 embeddings, GQA); `rlad train` runs under torchrun with pipeline parallelism 2 (gloo) and

@@ -3,16 +3,20 @@
 Both train the same architecture (a Llama-style model of ~28M parameters by default) on the same
 variable-length samples (prompt + response) with the same loss (masked NLL of response tokens,
 i.e. the `sft` objective) and AdamW settings. Each side runs in its own subprocess so that its
-peak RSS (`ru_maxrss`) is its own. The HF side pads the batch (the usual HF recipe); the
-Megatron side packs it (`train.micro_batch_tokens`). Throughput counts real tokens (prompt +
-response, no padding) per second. The parent also measures this machine's fp32 matmul peak in
+peak RSS (`ru_maxrss`) is its own. The Megatron side packs the batch (`train.micro_batch_tokens`).
+Two HF baselines: `HF padded` pads the batch (the usual HF recipe; it computes more positions than
+there are tokens), `HF unpadded` runs one sample at a time with gradient accumulation (exactly the
+real positions, like packing). The headline ratio is against the unpadded one, the fair comparison of
+the backends' compute; the padded one shows what packing buys over the usual recipe. Throughput
+counts real tokens (prompt + response, no padding) per second; positions/s counts what each side
+computes. The parent also measures this machine's fp32 matmul peak in
 the same run (the best fp32 GEMM rate seen over a few large shapes, sampled before and between steps)
 and reports achieved model FLOP/s as a fraction of it. Both sides are built and warmed up
-first, then their steps alternate (HF, Megatron, Megatron, HF, ...) so a busy machine slows both alike;
+first, then their steps alternate (the order rotates every step) so a busy machine slows all alike;
 the best step of each side is the least disturbed one. FLOPs per token:
 6 * (matmul parameters) + 6 * layers * hidden * mean sequence length (causal attention).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_trainer.py [--steps 4] [--hidden 512] [--layers 8]
+    OMP_NUM_THREADS=2 .venv/bin/python -m bench.bench_trainer [--steps 4] [--hidden 512] [--layers 8]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,7 +81,7 @@ def run_megatron(args) -> dict:
     return step, trainer.num_parameters()
 
 
-def run_hf(args) -> dict:
+def run_hf(args, padded: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rlad_megatron.backends.megatron.batching import pad_samples
@@ -93,12 +98,24 @@ def run_hf(args) -> dict:
         < torch.tensor([len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]).unsqueeze(1)
     ).long()
 
+    def nll(tokens, attention_mask, targets, mask):
+        logits = model(input_ids=tokens, attention_mask=attention_mask).logits
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return -(logp * mask).sum()
+
+    lengths = attention.sum(1).tolist()
+    num_loss_tokens = batch["mask"].sum()
+
     def step(_):
-        logits = model(input_ids=batch["tokens"], attention_mask=attention).logits
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
-        loss = -(logp * batch["mask"]).sum() / batch["mask"].sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if padded:
+            (nll(batch["tokens"], attention, batch["targets"], batch["mask"]) / num_loss_tokens).backward()
+        else:  # one unpadded sample at a time, gradients accumulated: the same loss, only real positions
+            for row, length in enumerate(lengths):
+                cut = slice(row, row + 1), slice(0, length)
+                (
+                    nll(batch["tokens"][cut], None, batch["targets"][cut], batch["mask"][cut]) / num_loss_tokens
+                ).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
@@ -130,7 +147,7 @@ def flops_per_token(args, mean_len: float) -> float:
 def child(args) -> None:
     """Build one side, then run one timed step per "step" line on stdin (the parent interleaves sides)."""
     torch.set_num_threads(args.threads)
-    step, num_parameters = run_megatron(args) if args.child == "megatron" else run_hf(args)
+    step, num_parameters = run_megatron(args) if args.child == "megatron" else run_hf(args, args.child == "hf_padded")
     step(0)  # warm-up: allocations and first-call overheads
     print("READY", flush=True)
     for i, line in enumerate(sys.stdin, start=1):
@@ -149,7 +166,8 @@ class Side:
     def __init__(self, name: str, argv: list[str]):
         self.name, self.times = name, []
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", name, *argv],
+            [sys.executable, "-m", "bench.bench_trainer", "--child", name, *argv],
+            cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -168,7 +186,7 @@ class Side:
         self.proc.stdin.flush()
         self.times.append(float(self._expect("TIME")))
 
-    def finish(self, tokens: int) -> dict:
+    def finish(self, tokens: int, positions: int) -> dict:
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
         result = json.loads(self._expect("RESULT"))
@@ -176,6 +194,7 @@ class Side:
         times = sorted(self.times)
         result.update(
             tokens_per_s=tokens / times[0],
+            positions_per_s=positions / times[0],
             tokens_per_s_median=tokens / times[len(times) // 2],
             seconds_per_step=times[0],
         )
@@ -204,33 +223,41 @@ def main() -> None:
     argv = list(sys.argv[1:])
     torch.set_num_threads(args.threads)
     peak = matmul_peak_flops()
-    hf, megatron = Side("hf", argv), Side("megatron", argv)  # both built and warmed up, then interleaved
+    names = {"hf_padded": "HF padded", "hf_unpadded": "HF unpadded", "megatron": "Megatron"}
+    sides = [Side(name, argv) for name in names]  # all built and warmed up, then interleaved
     for i in range(args.steps):
-        for side in (hf, megatron) if i % 2 == 0 else (megatron, hf):
+        for side in sides[i % 3 :] + sides[: i % 3]:
             side.step()
         peak = max(peak, matmul_peak_flops(repeats=1))  # sampled between steps too: keep the best
     samples = make_samples(args)
-    tokens = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples)
-    hf, megatron = hf.finish(tokens), megatron.finish(tokens)
-    mean_len = sum(len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples) / len(samples)
+    lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
+    tokens = sum(lengths)
+    positions = {"hf_padded": len(lengths) * max(lengths), "hf_unpadded": tokens, "megatron": tokens}
+    results = {side.name: side.finish(tokens, positions[side.name]) for side in sides}
+    mean_len = tokens / len(samples)
     fpt = flops_per_token(args, mean_len)
+    megatron, unpadded, padded = results["megatron"], results["hf_unpadded"], results["hf_padded"]
     print(
-        f"model: {megatron['num_parameters'] / 1e6:.1f}M params (HF {hf['num_parameters'] / 1e6:.1f}M), "
-        f"{args.batch} samples/step, mean length {mean_len:.0f}, threads {args.threads}"
+        f"model: {megatron['num_parameters'] / 1e6:.1f}M params (HF {padded['num_parameters'] / 1e6:.1f}M), "
+        f"{args.batch} samples/step, {tokens} tokens, mean length {mean_len:.0f}, threads {args.threads}"
     )
     print(f"matmul peak (best fp32 GEMM seen, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
-    for name, r in (("HF + AdamW", hf), ("Megatron", megatron)):
+    for name, r in results.items():
         print(
-            f"{name:>11}: {r['tokens_per_s']:8.1f} tokens/s (median {r['tokens_per_s_median']:.1f})  "
-            f"{r['seconds_per_step']:.2f} s/step  "
+            f"{names[name]:>12}: {r['tokens_per_s']:8.1f} tokens/s (median {r['tokens_per_s_median']:.1f})  "
+            f"{positions[name]} positions, {r['positions_per_s']:.1f} positions/s  {r['seconds_per_step']:.2f} s/step  "
             f"peak RSS {r['peak_rss_mb']:.0f} MB  achieved {fpt * r['tokens_per_s'] / 1e9:.1f} GFLOP/s "
             f"= {fpt * r['tokens_per_s'] / peak:.0%} of matmul peak"
         )
     print(
-        f"throughput ratio Megatron / HF: {megatron['tokens_per_s'] / hf['tokens_per_s']:.2f} best step, "
-        f"{megatron['tokens_per_s_median'] / hf['tokens_per_s_median']:.2f} median step (target >= 1.0)"
+        f"throughput ratio Megatron / HF unpadded: {megatron['tokens_per_s'] / unpadded['tokens_per_s']:.2f} best step, "
+        f"{megatron['tokens_per_s_median'] / unpadded['tokens_per_s_median']:.2f} median step (target >= 1.0)"
     )
-    print(f"peak RSS ratio Megatron / HF: {megatron['peak_rss_mb'] / hf['peak_rss_mb']:.2f}")
+    print(
+        f"throughput ratio Megatron / HF padded: {megatron['tokens_per_s'] / padded['tokens_per_s']:.2f} best step "
+        f"(packing vs padding; per computed position {megatron['positions_per_s'] / padded['positions_per_s']:.2f})"
+    )
+    print(f"peak RSS ratio Megatron / HF unpadded: {megatron['peak_rss_mb'] / unpadded['peak_rss_mb']:.2f}")
     return None
 
 

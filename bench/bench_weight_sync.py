@@ -1,7 +1,7 @@
 """Weight-sync benchmark: export a ~100M-parameter TP-sharded student to an HF folder vs the disk limit.
 
 Run (2 gloo processes, TP=2; without torchrun the script starts them itself):
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_weight_sync.py [--dtype bf16] [--repeats 5]
+    OMP_NUM_THREADS=2 .venv/bin/python -m bench.bench_weight_sync [--dtype bf16] [--repeats 5]
 
 Measured in one run, on rank 0:
 - export: `write_hf_folder(...)` end to end (TP all-gathers, QKV / gate-up splits, vocab unpad,
@@ -145,10 +145,11 @@ def _launch_two_ranks() -> int:
         "torch.distributed.run",
         "--nproc_per_node=2",
         f"--master_port={port}",
-        __file__,
+        "-m",
+        "bench.bench_weight_sync",
         *sys.argv[1:],
     ]
-    return subprocess.run(cmd, check=False).returncode
+    return subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parents[1]).returncode
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Method comparison: GRPO, KDRL (constant / annealed), on-policy distillation, offline distillation and
-RLAD from the same student, teacher, data, step and sample budget, over several seeds and two tasks.
+"""Method comparison: RLAD against GRPO, KDRL, on-policy distillation, offline distillation and two RLAD
+controls, from the same teacher, student initialisations, data and sample budget, with paired statistics.
 
-  OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size small --workers 2   # train (resumable)
-  .venv/bin/python bench/compare_methods.py --size small --report                        # tables + plots only
+  OMP_NUM_THREADS=1 .venv/bin/python -m bench.compare_methods --workers 2     # everything, resumable
+  .venv/bin/python -m bench.compare_methods --report                        # tables + plots from results
 
-Each run trains in-process with `rlad_megatron.train.train` and writes ONE results file
-`<out>/<size>/<task>/<method>/seed<k>.json` (eval curve, per-step metrics, phase times, wall time);
-rerunning skips finished runs, and `--workers N` processes share the plan by claiming runs with
-lock files (a lock whose process died is taken over), so the command can be killed and restarted.
-Groups of runs: `main` (every method on every task), `ablation` (RLAD alpha 0.1..0.9 on the first
-task; alpha 1.0 is GRPO) and `explain` (clamp mode live vs detached, dynamic sampling for GRPO and
-RLAD, RLAD with the untrained student-sized teacher). Sizes and how to scale up: SIZES below and
-docs/method_comparison.md. Left out: GKD top-k (not asked for by the comparison; one override away).
+One command runs the whole plan as jobs with dependencies; `--workers N` processes share it by claiming
+jobs with lock files (a lock whose process died is taken over), so the command can be killed and rerun:
+  teacher                  SFT teacher; its held-out avg@k at T=1 must reach the bar (reported)
+  student_init<i>          segmented SFT of student initialisation i: RL start = first segment at
+                           accuracy >= 0.2 (weak but learnable), ceiling = best accuracy (ceiling check)
+  pilot_lr<lr>             GRPO, init 1, seed 1, `pilot_steps` steps at each candidate lr
+  run <method> init<i> seed<s>   every method x init x seed at the lr the pilot chose (frozen for all)
+Each job writes ONE small JSON under `<results>` (committed: bench/comparison_results/<size>/), so
+`--report` rebuilds every table and plot from the repository; models and run folders live under
+`<work>` (not committed). Methods, the lr rule and the statistics: docs/method_comparison.md.
 """
 
 from __future__ import annotations
@@ -28,212 +30,273 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison_setup import REPO, ModelShape, Setup, common_overrides, prepare
+from bench import comparison_stats as st
+from bench.comparison_setup import REPO, ModelShape, Setup, build_student, build_teacher, common_overrides, write_atomic
 
-DEFAULT_OUT = REPO / "bench" / "results" / "compare"
+RESULTS = REPO / "bench" / "comparison_results"
+WORK = REPO / "bench" / "results" / "compare_work"
 
 
 @dataclass(frozen=True)
 class Size:
-    tasks: tuple[str, ...]
+    setup: Setup
+    inits: tuple[int, ...]
     seeds: tuple[int, ...]
     num_steps: int
     prompts_per_step: int
     group_size: int
+    num_minibatches: int
+    ppo_epochs: int
+    max_resample_rounds: int
     eval_interval: int
-    eval_k: int
-    lr: float
-    setup: Setup
-    num_minibatches: int = 1
-    ablation_seeds: tuple[int, ...] = ()
-    explain_seeds: tuple[int, ...] = ()
+    last_evals: int
+    pilot_lrs: tuple[float, ...]
+    pilot_steps: int
+    warmup_steps: int = 5
+    eval_temperatures: tuple[float, float] = (1.0, 0.6)
+    """The first is the rollout temperature (primary metric), then the extra eval temperature."""
 
 
-_SMALL_SETUP = Setup(
-    task="",
-    num_test=96,
-    teacher=ModelShape(64, 192, 2),
-    student=ModelShape(32, 96, 2),
-    teacher_sft_steps=2000,
-    student_sft_steps=800,
-)
 SIZES: dict[str, Size] = {
-    # ~20 min for the 63 runs with --workers 2 (measured on this 2-core machine while shared), + ~5 min set-up.
-    "small": Size(
-        tasks=("addition", "multiplication"),
-        seeds=(1, 2, 3),
+    # 2 inits x 5 seeds x 7 methods = 70 runs of 50 steps, 256 responses per step (16 prompts x 16), 4 updates
+    # per batch. Time on a 2-core machine estimated (not measured whole) in docs/method_comparison.md.
+    "full": Size(
+        setup=Setup(),
+        inits=(1, 2),
+        seeds=(1, 2, 3, 4, 5),
         num_steps=50,
         prompts_per_step=16,
-        group_size=8,
-        eval_interval=5,
-        eval_k=4,
-        lr=1e-4,
-        num_minibatches=4,
-        setup=_SMALL_SETUP,
-        ablation_seeds=(1, 2, 3),
-        explain_seeds=(1, 2, 3),
-    ),
-    # The issue's size (~90 min on 2 quiet cores, estimated from the small and 100-step runs, not run):
-    # twice the steps, a larger held-out set and k, 5 seeds for the main comparison.
-    "full": Size(
-        tasks=("addition", "multiplication"),
-        seeds=(1, 2, 3, 4, 5),
-        num_steps=100,
-        prompts_per_step=16,
-        group_size=8,
+        group_size=16,
+        num_minibatches=2,
+        ppo_epochs=2,
+        max_resample_rounds=2,
         eval_interval=10,
-        eval_k=8,
-        lr=1e-4,
-        num_minibatches=4,
-        setup=replace(_SMALL_SETUP, num_test=128),
-        ablation_seeds=(1, 2, 3),
-        explain_seeds=(1, 2, 3),
+        last_evals=3,
+        pilot_lrs=(2e-4, 5e-4, 1e-3),
+        pilot_steps=20,
     ),
-    # Seconds: the unit-test smoke run (one task, one seed, two methods).
+    # Seconds to a few minutes: the end-to-end smoke run of every job kind (numbers mean nothing).
     "tiny": Size(
-        tasks=("addition",),
-        seeds=(1,),
+        setup=Setup(
+            num_train=64,
+            num_test=4,
+            max_new_tokens=8,
+            eval_k=2,
+            teacher=ModelShape(16, 32, 1),
+            teacher_sft_steps=2,
+            student=ModelShape(16, 32, 1),
+            student_segment_steps=1,
+            student_ceiling_steps=2,
+        ),
+        inits=(1, 2),
+        seeds=(1, 2),
         num_steps=2,
         prompts_per_step=2,
         group_size=2,
+        num_minibatches=1,
+        ppo_epochs=2,
+        max_resample_rounds=1,
         eval_interval=1,
-        eval_k=2,
-        lr=1e-3,
-        setup=replace(
-            _SMALL_SETUP, num_train=64, num_test=4, teacher_sft_steps=2, student_sft_steps=1, max_new_tokens=8
-        ),
+        last_evals=2,
+        pilot_lrs=(1e-3, 2e-3),
+        pilot_steps=2,
+        warmup_steps=0,
     ),
 }
 
-MAIN_METHODS = ("grpo", "kdrl_const", "kdrl_anneal", "opd", "sft_offline", "rlad")
-ABLATION_ALPHAS = (0.1, 0.3, 0.7, 0.9)
-EXPLAIN_METHODS = ("rlad_live", "grpo_dyn", "rlad_dyn", "rlad_weak_teacher", "rlad_clamp0.2")
+METHODS = ("grpo", "kdrl", "opd", "sft_offline", "rlad", "rlad_self_teacher", "rlad_one_update")
+"""rlad_self_teacher: teacher = the initial student (an anchor with no teacher knowledge);
+rlad_one_update: one optimizer step per batch, so lp = lp_old at the update and the clip never binds."""
+REWARD_DRIVEN = {"grpo", "kdrl", "rlad", "rlad_self_teacher", "rlad_one_update"}
 
 
-def method_overrides(method: str, num_steps: int) -> list[str]:
-    """Config overrides of one method. KDRL's beta is scaled up from the paper's 2e-3 because these
-    runs are ~100x shorter: with 2e-3 the KD term would stay negligible next to the policy gradient."""
-    if method.startswith("rlad_a"):
-        return ["algorithm.name=rlad", f"algorithm.alpha={float(method[len('rlad_a') :])}"]
+def method_overrides(method: str, size: Size) -> list[str]:
+    """Config overrides of one method. KDRL's beta is 0.05 (25x the paper's 2e-3) because these runs are far
+    shorter: with 2e-3 the KD term stays negligible next to the policy gradient."""
+    rlad = ["algorithm.name=rlad", "algorithm.alpha=0.5"]
     table = {
         "grpo": ["algorithm.name=grpo"],
-        "kdrl_const": ["algorithm.name=kdrl", "algorithm.kd_schedule=constant", "algorithm.kd_coef=0.05"],
-        "kdrl_anneal": [
-            "algorithm.name=kdrl",
-            "algorithm.kd_schedule=annealed",
-            "algorithm.kd_coef_start=0.1",
-            f"algorithm.kd_coef_decay={0.09 / max(num_steps, 1):.6g}",
-            "algorithm.kd_coef_min=0.01",
-        ],
+        "kdrl": ["algorithm.name=kdrl", "algorithm.kd_schedule=constant", "algorithm.kd_coef=0.05"],
         "opd": ["algorithm.name=opd"],
-        # Same prompts and group_size teacher generations per step as the RL methods (same sample
-        # budget); only the correct ones are trained on.
+        # the same prompts and group_size teacher generations per step; only the correct ones are trained on
         "sft_offline": ["algorithm.name=sft", "train.offline_source=teacher"],
-        "rlad": ["algorithm.name=rlad", "algorithm.alpha=0.5"],
-        "rlad_live": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.clamp_mode=live"],
-        "grpo_dyn": ["algorithm.name=grpo", "algorithm.dynamic_sampling=true", "algorithm.max_resample_rounds=2"],
-        "rlad_dyn": [
-            "algorithm.name=rlad",
-            "algorithm.alpha=0.5",
-            "algorithm.dynamic_sampling=true",
-            "algorithm.max_resample_rounds=2",
-        ],
-        "rlad_weak_teacher": ["algorithm.name=rlad", "algorithm.alpha=0.5"],
-        # |lp - lp_T| <= 0.2 keeps the teacher's factor (0.9..1.1 at alpha 0.5) inside the PPO clip range.
-        "rlad_clamp0.2": ["algorithm.name=rlad", "algorithm.alpha=0.5", "algorithm.teacher_log_ratio_clamp=0.2"],
+        "rlad": rlad,
+        "rlad_self_teacher": rlad,  # model.teacher is set by run_overrides
+        "rlad_one_update": rlad + ["train.ppo_epochs=1", "train.num_minibatches=1"],
     }
     if method not in table:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(table)} or rlad_a<alpha>")
-    return list(table[method])
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(table)}")
+    dynamic = (
+        ["algorithm.dynamic_sampling=true", f"algorithm.max_resample_rounds={size.max_resample_rounds}"]
+        if method in REWARD_DRIVEN
+        else []
+    )
+    return list(table[method]) + dynamic
 
 
+# ----------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
-class RunSpec:
-    group: str
-    task: str
-    method: str
-    seed: int
+class Job:
+    kind: str  # teacher | student | pilot | run
+    method: str = ""
+    init: int = 0
+    seed: int = 0
+    lr: float = 0.0
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.method}/seed{self.seed}"
+        if self.kind == "teacher":
+            return "setup/teacher"
+        if self.kind == "student":
+            return f"setup/student_init{self.init}"
+        if self.kind == "pilot":
+            return f"pilot/lr{self.lr:g}"
+        return f"runs/{self.method}/init{self.init}_seed{self.seed}"
+
+    def deps(self, size: Size) -> list[Job]:
+        if self.kind in ("teacher", "student"):
+            return []
+        if self.kind == "pilot":
+            return [Job("teacher"), Job("student", init=size.inits[0])]
+        return [Job("teacher"), Job("student", init=self.init)] + pilot_jobs(size)
 
 
-def plan(
-    size: Size, groups: Sequence[str] = ("main", "ablation", "explain"), methods: Sequence[str] | None = None
-) -> list[RunSpec]:
-    """Seed-major order: if the run is cut short, every method has the same number of seeds.
-    `methods` keeps only those method names."""
-    specs: list[RunSpec] = []
-    if "main" in groups:
-        specs += [RunSpec("main", t, m, s) for s in size.seeds for t in size.tasks for m in MAIN_METHODS]
-    first = size.tasks[0]
-    for seed in sorted(set(size.ablation_seeds) | set(size.explain_seeds)):
-        if "ablation" in groups and seed in size.ablation_seeds:
-            specs += [RunSpec("ablation", first, f"rlad_a{a}", seed) for a in ABLATION_ALPHAS]
-        if "explain" in groups and seed in size.explain_seeds:
-            specs += [RunSpec("explain", first, m, seed) for m in EXPLAIN_METHODS]
-    return [s for s in specs if methods is None or s.method in methods]
+def pilot_jobs(size: Size) -> list[Job]:
+    return [Job("pilot", lr=lr) for lr in size.pilot_lrs]
 
 
-def result_path(out: Path, spec: RunSpec) -> Path:
-    return out / f"{spec.key}.json"
+def plan(size: Size, methods: Sequence[str] = METHODS) -> list[Job]:
+    """Set-up first, then seed-major runs: if the plan is cut short every method has the same pairs."""
+    jobs = [Job("teacher")] + [Job("student", init=i) for i in size.inits] + pilot_jobs(size)
+    jobs += [Job("run", m, i, s) for s in size.seeds for i in size.inits for m in methods]
+    return jobs
 
 
-def run_overrides(spec: RunSpec, size: Size, paths: dict[str, Path], run_dir: Path) -> list[str]:
-    setup = replace(size.setup, task=spec.task)
-    teacher = paths["student"] if spec.method == "rlad_weak_teacher" else paths["teacher"]
-    return (
-        common_overrides(setup, paths["train"], paths["test"])
-        + [
-            f"run_dir={run_dir}",
-            f"seed={spec.seed}",
-            f"model.student={paths['student']}",
-            f"model.teacher={teacher}",
-            f"algorithm.group_size={size.group_size}",
-            f"train.num_steps={size.num_steps}",
-            f"train.prompts_per_step={size.prompts_per_step}",
-            f"train.lr={size.lr}",
-            f"train.num_minibatches={size.num_minibatches}",
-            "checkpoint.interval=0",
-            "checkpoint.save_hf=false",
-            f"eval.interval={size.eval_interval}",
-            f"eval.num_samples={size.eval_k}",
-            "rollout.temperature=1.0",
-        ]
-        + method_overrides(spec.method, size.num_steps)
-    )
+def result_path(results: Path, job: Job) -> Path:
+    return results / f"{job.key}.json"
 
 
-def run_one(spec: RunSpec, size: Size, paths: dict[str, Path], out: Path) -> dict:
-    """Train one (task, method, seed) from scratch and write its results file atomically."""
+def is_done(job: Job, results: Path, work: Path) -> bool:
+    if not result_path(results, job).exists():
+        return False
+    if job.kind == "teacher":  # the runs need the model itself, not only its record
+        return (work / "teacher" / "config.json").exists()
+    if job.kind == "student":
+        return (work / f"student_init{job.init}" / "start" / "config.json").exists()
+    return True
+
+
+# ----------------------------------------------------------------------------- the lr rule
+def chosen_lr(size: Size, results: Path) -> dict:
+    pilots = [json.loads(result_path(results, j).read_text()) for j in pilot_jobs(size)]
+    return st.choose_lr(pilots)
+
+
+# ----------------------------------------------------------------------------- running one job
+TRAIN_KEYS = (
+    "reward/mean",
+    "accuracy",
+    "clip_frac_high",
+    "clip_frac_low",
+    "clip_differs_from_grpo_frac",
+    "bound_moved_frac",
+    "clamp_active_frac",
+    "zero_adv_group_frac",
+    "dynamic_sampling/kept_frac",
+    "dynamic_sampling/extra_prompts",
+    "num_samples",
+    "optimizer_steps",
+    "kl/old_vs_teacher_k1",
+    "time/step",
+)
+"""What a committed results file keeps of each training step (the full metrics stay in the work folder)."""
+
+
+def _small(rows: list[dict], keys: Sequence[str] | None) -> list[dict]:
+    """Rows with only `keys` (all when None) and floats rounded to 5 significant digits."""
+    out = []
+    for row in rows:
+        kept = {k: v for k, v in row.items() if keys is None or k in keys or k == "step"}
+        out.append({k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in kept.items() if k != "kind"})
+    return out
+
+
+def train_overrides(size: Size, work: Path, init: int, seed: int, lr: float, run_dir: Path, steps: int) -> list[str]:
+    setup = size.setup
+    t_roll, *t_extra = size.eval_temperatures
+    return common_overrides(setup, work / "train.jsonl", work / "test.jsonl") + [
+        f"run_dir={run_dir}",
+        f"seed={seed}",
+        f"model.student={work / f'student_init{init}' / 'start'}",
+        f"model.teacher={work / 'teacher'}",
+        f"algorithm.group_size={size.group_size}",
+        f"train.num_steps={steps}",
+        f"train.prompts_per_step={size.prompts_per_step}",
+        f"train.num_minibatches={size.num_minibatches}",
+        f"train.ppo_epochs={size.ppo_epochs}",
+        f"train.lr={lr}",
+        "train.lr_decay_style=constant",
+        f"train.lr_warmup_steps={size.warmup_steps}",
+        "checkpoint.interval=0",
+        "checkpoint.save_hf=false",
+        f"eval.interval={size.eval_interval}",
+        f"eval.num_samples={setup.eval_k}",
+        f"rollout.temperature={t_roll}",
+        f"eval.temperature={t_roll}",
+        f"eval.extra_temperatures=[{','.join(str(t) for t in t_extra)}]",
+    ]
+
+
+def run_overrides(job: Job, size: Size, work: Path, lr: float, run_dir: Path) -> list[str]:
+    overrides = train_overrides(size, work, job.init, job.seed, lr, run_dir, size.num_steps)
+    overrides += method_overrides(job.method, size)
+    if job.method == "rlad_self_teacher":
+        overrides.append(f"model.teacher={work / f'student_init{job.init}' / 'start'}")
+    return overrides
+
+
+def _train(overrides: list[str], run_dir: Path) -> tuple[list[dict], float]:
     from rlad_megatron.config import load_config
     from rlad_megatron.observe import read_metrics
     from rlad_megatron.train import train
 
-    run_dir = out / "runs" / spec.key
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished earlier attempt: start over
-    overrides = run_overrides(spec, size, paths, run_dir)
     started = time.time()
     train(load_config(None, overrides), resume=False)
     rows = read_metrics(run_dir)
-    result = {
-        "spec": vars(spec),
-        "overrides": overrides,
-        "wall_s": time.time() - started,
-        "eval": [r for r in rows if r.get("kind") == "eval"],
-        "train": [r for r in rows if r.get("kind") == "train"],
-    }
-    path = result_path(out, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the results file is what we keep
-    return result
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return rows, time.time() - started
 
 
+def run_job(job: Job, size: Size, results: Path, work: Path) -> None:
+    if job.kind == "teacher":
+        build_teacher(size.setup, work, results / "setup")
+        return
+    if job.kind == "student":
+        build_student(size.setup, job.init, work, results / "setup")
+        return
+    run_dir = work / "runs" / job.key
+    if job.kind == "pilot":
+        overrides = train_overrides(size, work, size.inits[0], 1, job.lr, run_dir, size.pilot_steps)
+        overrides += method_overrides("grpo", size) + ["eval.interval=0", "eval.max_prompts=1"]
+        rows, wall = _train(overrides, run_dir)
+        result = {"lr": job.lr, "wall_s": wall, "train": _small([r for r in rows if r.get("kind") == "train"], None)}
+    else:
+        lr = chosen_lr(size, results)["lr"]
+        overrides = run_overrides(job, size, work, lr, run_dir)
+        rows, wall = _train(overrides, run_dir)
+        result = {
+            "spec": {"method": job.method, "init": job.init, "seed": job.seed},
+            "lr": lr,
+            "overrides": [o.replace(str(work), "<work>") for o in overrides],
+            "wall_s": round(wall, 1),
+            "eval": _small([r for r in rows if r.get("kind") == "eval"], None),
+            "train": _small([r for r in rows if r.get("kind") == "train"], TRAIN_KEYS),
+        }
+    write_atomic(result_path(results, job), json.dumps(result, separators=(",", ":")))
+
+
+# ----------------------------------------------------------------------------- workers
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -245,7 +308,7 @@ def _alive(pid: int) -> bool:
 
 
 def claim(lock: Path) -> bool:
-    """Take a run: create its lock exclusively, or take over a lock whose process is gone."""
+    """Take a job: create its lock exclusively, or take over a lock whose process is gone."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -265,8 +328,52 @@ def claim(lock: Path) -> bool:
     return False
 
 
+def _held(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text() or "0")
+    except (OSError, ValueError):
+        return False
+    return pid > 0 and _alive(pid)
+
+
+def _lock(work: Path, job: Job) -> Path:
+    return work / "locks" / (job.key.replace("/", "__") + ".lock")
+
+
+def worker(size: Size, results: Path, work: Path, methods: Sequence[str] = METHODS, poll_s: float = 5.0) -> int:
+    """Run claimable jobs (dependencies done, no live lock) until none is left; wait while others hold the
+    jobs we depend on. A failed job is not retried by this worker (rerun the command to retry it)."""
+    warnings.filterwarnings("ignore")
+    jobs, failed, done = plan(size, methods), set(), 0
+    while True:
+        pending = [j for j in jobs if not is_done(j, results, work)]
+        if not pending:
+            break
+        startable = [j for j in pending if j.key not in failed and not any(d.key in failed for d in j.deps(size))]
+        ready = [j for j in startable if all(is_done(d, results, work) for d in j.deps(size))]
+        job = next((j for j in ready if claim(_lock(work, j))), None)
+        if job is None:
+            if any(_held(_lock(work, j)) for j in pending):  # another worker is on it: wait for what it unblocks
+                time.sleep(poll_s)
+                continue
+            break
+        try:
+            if not is_done(job, results, work):  # finished by another worker between our check and our claim
+                print(f"[{time.strftime('%H:%M:%S')}] {job.key}", flush=True)
+                run_job(job, size, results, work)
+                done += 1
+        except Exception as err:  # noqa: BLE001 - one broken job must not stop the others; retried on rerun
+            print(f"FAILED {job.key}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            failed.add(job.key)
+        finally:
+            _lock(work, job).unlink(missing_ok=True)
+    left = [j.key for j in jobs if not is_done(j, results, work)]
+    print(f"worker {os.getpid()}: {done} job(s) done, {len(failed)} failed, {len(left)} not done", flush=True)
+    return 1 if left else 0
+
+
 def resolve_size(name: str, changes: Sequence[str] = ()) -> Size:
-    """SIZES[name] with `field=value` changes (e.g. num_steps=200, seeds=1,2,3,4,5) for scaling up."""
+    """SIZES[name] with `field=value` changes (e.g. num_steps=80, seeds=1,2,3) for scaling."""
     size = SIZES[name]
     for change in changes:
         key, _, value = change.partition("=")
@@ -276,97 +383,51 @@ def resolve_size(name: str, changes: Sequence[str] = ()) -> Size:
                 f"{sorted(k for k in Size.__dataclass_fields__ if k != 'setup')}"
             )
         old = getattr(size, key)
-        new = (
-            tuple(type(old[0] if old else "")(v) for v in value.split(","))
-            if isinstance(old, tuple)
-            else type(old)(value)
-        )
+        new = tuple(type(old[0])(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value)
         size = replace(size, **{key: new})
     return size
 
 
-def worker(size: Size, out: Path, groups: Sequence[str], methods: Sequence[str] | None = None) -> int:
-    warnings.filterwarnings("ignore")
-    done = failed = 0
-    for spec in plan(size, groups, methods):
-        result, lock = result_path(out, spec), out / "locks" / (spec.key.replace("/", "__") + ".lock")
-        if result.exists() or not claim(lock):
-            continue
-        try:
-            if result.exists():  # finished by another worker between our check and our claim
-                continue
-            paths = prepare(replace(size.setup, task=spec.task), out / "setup" / spec.task)
-            print(f"[{time.strftime('%H:%M:%S')}] run {spec.key}", flush=True)
-            r = run_one(spec, size, paths, out)
-            print(f"[{time.strftime('%H:%M:%S')}] done {spec.key} in {r['wall_s']:.0f}s", flush=True)
-            done += 1
-        except Exception as err:  # noqa: BLE001 - one broken run must not stop the others; retried on rerun
-            print(f"FAILED {spec.key}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            failed += 1
-        finally:
-            lock.unlink(missing_ok=True)
-    print(f"worker {os.getpid()}: {done} run(s) done, {failed} failed", flush=True)
-    return 1 if failed else 0
-
-
-def launch_workers(args: argparse.Namespace, out: Path) -> int:
-    """Prepare every task once, then start N worker processes over the shared plan."""
-    size = resolve_size(args.size, args.change)
-    for task in size.tasks:
-        prepare(replace(size.setup, task=task), out / "setup" / task)
-    cmd = [sys.executable, __file__, "--size", args.size, "--out", str(args.out), "--worker", "--groups", *args.groups]
-    cmd += ["--methods", *args.methods] if args.methods else []
-    cmd += [f"--change={c}" for c in args.change]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
-    return max(p.wait() for p in procs)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (one folder per size inside)")
-    ap.add_argument("--workers", type=int, default=1, help="parallel training processes")
-    ap.add_argument(
-        "--groups", nargs="+", default=["main", "ablation", "explain"], choices=["main", "ablation", "explain"]
-    )
-    ap.add_argument("--methods", nargs="+", help="run only these methods (e.g. grpo rlad)")
-    ap.add_argument(
-        "--change",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="change a field of the size (repeatable), e.g. --change num_steps=200; use a new --out",
-    )
-    ap.add_argument("--tag", default="", help="name of the doc's generated block (and plot prefix) for this run")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="per-job JSON root (one folder per size inside)")
+    ap.add_argument("--work", type=Path, default=WORK, help="models and run folders (one folder per size inside)")
+    ap.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="run only these methods")
+    ap.add_argument("--change", action="append", default=[], metavar="FIELD=VALUE", help="change a size field")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--report", action="store_true", help="only aggregate finished runs into tables and plots")
-    ap.add_argument(
-        "--doc",
-        type=Path,
-        default=REPO / "docs" / "method_comparison.md",
-        help="markdown file whose generated-results block is rewritten by --report",
-    )
+    ap.add_argument("--report", action="store_true", help="only rebuild tables and plots from the results")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "method_comparison.md", help="doc to splice into")
+    ap.add_argument("--img", type=Path, default=None, help="plot folder (default: <doc folder>/img/method_comparison)")
     args = ap.parse_args(argv)
-    out = args.out / args.size
     size = resolve_size(args.size, args.change)
+    results, work = args.results / args.size, args.work / args.size
     if args.worker:
-        return worker(size, out, args.groups, args.methods)
+        return worker(size, results, work, args.methods)
     if not args.report:
-        status = launch_workers(args, out) if args.workers > 1 else worker(size, out, args.groups, args.methods)
+        if args.workers > 1:
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.compare_methods",
+                "--worker",
+                "--size",
+                args.size,
+                "--results",
+                str(args.results),
+            ]
+            cmd += ["--work", str(args.work), "--methods", *args.methods] + [f"--change={c}" for c in args.change]
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            procs = [subprocess.Popen(cmd, env=env, cwd=REPO) for _ in range(args.workers)]
+            status = max(p.wait() for p in procs)
+        else:
+            status = worker(size, results, work, args.methods)
         if status:
-            print("some runs failed; rerun the same command to retry them", file=sys.stderr)
-    from comparison_report import write_report
+            print("some jobs did not finish; rerun the same command to retry them", file=sys.stderr)
+    from bench.comparison_report import write_report
 
-    shown = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report",))
-    write_report(
-        out,
-        size,
-        args.size,
-        args.doc,
-        tag=args.tag,
-        command=f"OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py {shown}",
-    )
+    write_report(results, size, args.size, args.doc, args.img or args.doc.parent / "img" / "method_comparison")
     return 0
 
 

@@ -1,331 +1,276 @@
-"""Tables and plots of the method comparison, written between the generated-results markers of
-docs/method_comparison.md (the hand-written analysis around them is left alone) and to
-`<out>/summary.json`. Plots go to docs/img/method_comparison/.
+"""Tables and plots of the method comparison, rebuilt from the per-job JSON files alone (the committed
+`bench/comparison_results/<size>/`), written between the generated-results markers of
+docs/method_comparison.md (the hand-written text around them is left alone). Plots (matplotlib, when
+installed) go to docs/img/method_comparison/.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
-from collections.abc import Sequence
 from pathlib import Path
 
-import comparison_stats as st
+from bench import comparison_stats as st
 
-BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
-
-
-def markers(tag: str = "") -> tuple[str, str]:
-    """Begin / end markers of one generated block (several blocks, e.g. sizes, can share a doc)."""
-    return (BEGIN, END) if not tag else (f"<!-- generated:begin {tag} -->", f"<!-- generated:end {tag} -->")
-
+BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
+CLIP_BINDS = 0.01
+"""Below this mean clip fraction (high + low) the trust region hardly ever binds: TRRD's mechanism is not tested."""
 
 LABELS = {
     "grpo": "GRPO",
-    "kdrl_const": "KDRL (constant beta)",
-    "kdrl_anneal": "KDRL (annealed beta)",
+    "kdrl": "KDRL (k2, beta 0.05)",
     "opd": "On-policy distillation",
     "sft_offline": "Offline distillation (SFT)",
     "rlad": "RLAD (alpha 0.5)",
-    "rlad_live": "RLAD, clamp_mode=live",
-    "grpo_dyn": "GRPO + dynamic sampling",
-    "rlad_dyn": "RLAD + dynamic sampling",
-    "rlad_weak_teacher": "RLAD, teacher = student init",
-    "rlad_clamp0.2": "RLAD, teacher log-ratio clamp 0.2",
+    "rlad_self_teacher": "RLAD, teacher = initial student",
+    "rlad_one_update": "RLAD, one update per batch",
 }
+RLAD_COMPARISONS = ("grpo", "kdrl", "opd", "rlad_self_teacher", "rlad_one_update", "sft_offline")
 
 
-def load_results(out: Path) -> list[dict]:
-    results = []
-    for path in sorted(out.glob("*/*/seed*.json")):
-        results.append(json.loads(path.read_text()))
-    return results
+def load(results: Path) -> dict:
+    """{"teacher": dict | None, "students": [dict], "pilots": [dict], "runs": {method: [result]}}."""
+
+    def read(path: Path):
+        return json.loads(path.read_text()) if path.exists() else None
+
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("runs/*/*.json")):
+        result = json.loads(path.read_text())
+        runs.setdefault(result["spec"]["method"], []).append(result)
+    return {
+        "teacher": read(results / "setup" / "teacher.json"),
+        "students": [json.loads(p.read_text()) for p in sorted(results.glob("setup/student_init*.json"))],
+        "pilots": [json.loads(p.read_text()) for p in sorted(results.glob("pilot/*.json"))],
+        "runs": runs,
+    }
 
 
-def _keys(size) -> tuple[str, str]:
-    return f"eval/avg@{size.eval_k}", f"eval/pass@{size.eval_k}"
+def keys(size) -> dict[str, str]:
+    """Eval keys: primary at the rollout temperature, the same at the extra eval temperature, hardest difficulty."""
+    k, (t_roll, t_other) = size.setup.eval_k, size.eval_temperatures
+    hardest = max(size.setup.difficulties)
+    return {
+        f"T={t_roll:g}": f"eval/avg@{k}",
+        f"T={t_other:g}": f"eval/avg@{k}@T{t_other:g}",
+        f"T={t_roll:g}, difficulty {hardest}": f"eval/difficulty={hardest}/avg@{k}",
+    }
 
 
-def method_rows(groups: dict, task: str, methods: Sequence[str], size) -> list[dict]:
-    avg_key, pass_key = _keys(size)
-    grpo = groups.get((task, "grpo"), [])
-    target = st.mean_std([st.final(r, avg_key) for r in grpo])[0] if grpo else math.nan
-    grpo_start = st.mean_std([st.curve(r, avg_key)[1][0] for r in grpo])[0] if grpo else math.nan
-    # "Steps to GRPO's final accuracy" only means something when GRPO ended above where it started.
-    grpo_improved = not math.isnan(target) and target > grpo_start
+def _setup_lines(data: dict, size) -> list[str]:
+    if not (data["teacher"] or data["students"] or data["pilots"]):
+        return []
+    lines = ["### Set-up: teacher, students (ceiling check) and the learning-rate pilot", ""]
+    k = size.setup.eval_k
+    t = data["teacher"]
+    if t:
+        verdict = "meets" if t["meets_bar"] else "**misses**"
+        lines.append(f"Teacher: held-out avg@{k} at T=1 = {t['avg_at_k_T1']:.3f} ({verdict} the bar {t['bar']}).")
+        lines.append("")
+    if data["students"]:
+        lines += [
+            f"| student init | RL start: SFT steps | start avg@{k} (T=1) | in band | ceiling avg@{k} (T=1) | ceiling ok |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in data["students"]:
+            band = "{:g}-{:g}".format(*s["start_band"])
+            lines.append(
+                f"| {s['init']} | {s['start_steps']} | {s['start_avg_at_k_T1']:.3f} | "
+                f"{'yes' if s['start_in_band'] else 'no'} ({band}) | {s['ceiling_avg_at_k_T1']:.3f} | "
+                f"{'yes' if s['ceiling_ok'] else 'no'} (>= {s['min_ceiling']}) |"
+            )
+        lines.append("")
+    if data["pilots"]:
+        choice = st.choose_lr(data["pilots"])
+        lines += ["| pilot lr (GRPO) | reward rise (last third - first third) | clip fraction |", "|---|---|---|"]
+        lines += [f"| {p['lr']:g} | {p['reward_rise']:+.3f} | {p['clip_frac']:.2%} |" for p in choice["pilots"]]
+        lines += [
+            "",
+            f"Chosen lr **{choice['lr']:g}** ({choice['reason']}), frozen for every method. Its pilot clip fraction "
+            f"is {choice['clip_frac']:.2%}"
+            + ("." if choice["clip_binds"] else ": under 1%, so the pilot did not exercise the trust region."),
+            "",
+        ]
+    return lines
+
+
+def method_rows(data: dict, size) -> list[dict]:
     rows = []
-    for method in methods:
-        runs = groups.get((task, method), [])
-        if not runs:
-            continue
-        steps, mean, _ = st.mean_curve(runs, avg_key)
-        reach = st.steps_to_reach(steps[1:], mean[1:], target) if grpo_improved else "n/a"
-        times = st.phase_times(runs)
-        rows.append(
-            {
-                "task": task,
-                "method": method,
-                "seeds": [int(r["spec"]["seed"]) for r in runs],
-                "avg": st.mean_std([st.final(r, avg_key) for r in runs]),
-                "pass": st.mean_std([st.final(r, pass_key) for r in runs]),
-                "initial": st.mean_std([st.curve(r, avg_key)[1][0] for r in runs]),
-                "last3": st.mean_std(
-                    [sum(st.curve(r, avg_key)[1][-3:]) / len(st.curve(r, avg_key)[1][-3:]) for r in runs]
-                ),
-                "change": st.mean_std([st.final(r, avg_key) - st.curve(r, avg_key)[1][0] for r in runs]),
-                "steps_to_grpo_final": reach,
-                "grpo_final": target,
-                "grpo_steps": size.num_steps,
-                "time_per_step": times.get("step", math.nan),
-            }
+    for method in [m for m in LABELS if m in data["runs"]]:
+        runs = data["runs"][method]
+        row = {"method": method, "n": len(runs)}
+        for label, key in keys(size).items():
+            found = [st.mean_of_last(r, key, size.last_evals) for r in runs if st.curve(r, key)[0]]
+            row[label] = st.mean_std(found)
+        row["start"] = st.mean_std([st.curve(r, keys(size)[f"T={size.eval_temperatures[0]:g}"])[1][0] for r in runs])
+        for name in ("clip_frac_high", "clip_frac_low", "clip_differs_from_grpo_frac", "bound_moved_frac"):
+            row[name] = st.mean_std([st.train_mean(r, name) for r in runs])[0]
+        row["clip"] = (
+            row["clip_frac_high"] + row["clip_frac_low"] if not math.isnan(row["clip_frac_high"]) else math.nan
         )
+        row["informative"] = 1.0 - st.mean_std([st.train_mean(r, "zero_adv_group_frac") for r in runs])[0]
+        extra = st.mean_std([st.train_mean(r, "dynamic_sampling/extra_prompts") for r in runs])[0]
+        row["generations"] = (size.prompts_per_step + (0.0 if math.isnan(extra) else extra)) * size.group_size
+        rows.append(row)
     return rows
 
 
-def _table(rows: list[dict], k: int) -> list[str]:
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.2%}"
+
+
+def _method_lines(rows: list[dict], size) -> list[str]:
+    labels = list(keys(size))
+    head = f"| method | runs | start (T={size.eval_temperatures[0]:g}) | " + " | ".join(labels)
     lines = [
-        (
-            f"| method | seeds | final avg@{k} | final pass@{k} | avg@{k}, mean of last 3 evals | avg@{k} change "
-            f"from step 0 | steps to GRPO's final avg@{k} | s/step |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
+        f"Primary metric: held-out avg@{size.setup.eval_k}, mean of the last {size.last_evals} evals of each run; "
+        "mean ± sd over runs (student inits x seeds).",
+        "",
+        head + " | clipped (high + low) | clip state differs from GRPO | bound moved > 0.05 | informative groups "
+        "| generations / step |",
+        "|---|" + "---|" * (len(labels) + 7),
     ]
     for r in rows:
-        reach = "not reached" if r["steps_to_grpo_final"] is None else str(r["steps_to_grpo_final"])
-        change = "-" if math.isnan(r["change"][0]) else f"{r['change'][0]:+.3f} ± {r['change'][1]:.3f}"
         lines.append(
-            f"| {LABELS.get(r['method'], r['method'])} | {len(r['seeds'])} | {st.fmt(*r['avg'])} | "
-            f"{st.fmt(*r['pass'])} | {st.fmt(*r['last3'])} | {change} | {reach} | {r['time_per_step']:.2f} |"
+            f"| {LABELS[r['method']]} | {r['n']} | {st.fmt(*r['start'])} | "
+            + " | ".join(st.fmt(*r[label]) for label in labels)
+            + f" | {_pct(r['clip'])} | {_pct(r['clip_differs_from_grpo_frac'])} | {_pct(r['bound_moved_frac'])} "
+            f"| {_pct(r['informative'])} | {r['generations']:.0f} |"
         )
-    return lines
+    return lines + [""]
 
 
-def _paired(groups: dict, task: str, methods: Sequence[str], key: str) -> list[str]:
-    rlad = st.by_seed(groups.get((task, "rlad"), []))
-    lines = [f"| RLAD minus ... (final {key[5:]}, paired by seed) | mean ± std | seeds RLAD higher |", "|---|---|---|"]
-    for method in methods:
-        other = st.by_seed(groups.get((task, method), []))
-        if method == "rlad" or not other or not rlad:
-            continue
-        mean, sd, wins, n = st.paired_diff(rlad, other, key)
-        lines.append(f"| {LABELS.get(method, method)} | {mean:+.3f} ± {sd:.3f} | {wins}/{n} |")
-    return lines
+def comparisons(data: dict, size, key: str) -> list[dict]:
+    """RLAD against each other method on `key`, paired by (init, seed); Holm-adjusted over this family."""
+    rlad = data["runs"].get("rlad", [])
+    out = []
+    for other in RLAD_COMPARISONS:
+        if other in data["runs"] and rlad:
+            pairs = st.paired_values(rlad, data["runs"][other], key, size.last_evals)
+            out.append({"other": other, **st.compare(pairs)})
+    tested = [c for c in out if not math.isnan(c["p"])]
+    for c, p in zip(tested, st.holm([c["p"] for c in tested])):
+        c["p_holm"] = p
+    return out
 
 
-def _ablation(groups: dict, task: str, size) -> tuple[list[str], list[tuple[float, float, float]]]:
-    avg_key, pass_key = _keys(size)
-    names = [
-        (0.1, "rlad_a0.1"),
-        (0.3, "rlad_a0.3"),
-        (0.5, "rlad"),
-        (0.7, "rlad_a0.7"),
-        (0.9, "rlad_a0.9"),
-        (1.0, "grpo"),
-    ]
-    lines = [f"| alpha | seeds | avg@{size.eval_k} | pass@{size.eval_k} |", "|---|---|---|---|"]
-    points = []
-    for alpha, method in names:
-        runs = groups.get((task, method), [])
-        if not runs:
-            continue
-        avg = st.mean_std([st.final(r, avg_key) for r in runs])
-        lines.append(
-            f"| {alpha}{' (GRPO)' if method == 'grpo' else ''} | {len(runs)} | {st.fmt(*avg)} | "
-            f"{st.fmt(*st.mean_std([st.final(r, pass_key) for r in runs]))} |"
-        )
-        points.append((alpha, avg[0], avg[1]))
-    return lines, points
-
-
-DIAGNOSTICS = (
-    ("zero_adv_group_frac", "zero-adv groups"),
-    ("clip_frac_high", "clipped high"),
-    ("clip_frac_low", "clipped low"),
-    ("teacher_widened_frac", "teacher widened"),
-    ("teacher_narrowed_frac", "teacher narrowed"),
-    ("clamp_active_frac", "clamp active"),
-    ("teacher_log_ratio_mean", "mean lp - lp_T"),
-    ("accuracy", "train accuracy"),
-)
-
-
-def _diagnostics(groups: dict, task: str, methods: Sequence[str]) -> list[str]:
-    """Per-step training metrics averaged over steps and seeds (what the loss saw, not what eval saw)."""
+def _comparison_lines(found: list[dict], label: str) -> list[str]:
     lines = [
-        "| method | " + " | ".join(label for _, label in DIAGNOSTICS) + " |",
-        "|---" * (len(DIAGNOSTICS) + 1) + "|",
+        f"RLAD minus each method at {label} (paired by student init and seed; 95% t interval; Cohen's d_z; "
+        "two-sided paired t-test, Holm-adjusted over the rows of this table; exact sign test):",
+        "",
+        "| RLAD vs | pairs | RLAD | other | difference [95% CI] | d_z | p (t-test) | p (Holm) | RLAD wins (sign test p) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method in methods:
-        rows = [row for r in groups.get((task, method), []) for row in r.get("train", [])]
-        if not rows:
+    for c in found:
+        if math.isnan(c["diff"]):
+            lines.append(f"| {LABELS[c['other']]} | {c['n']} | - | - | too few pairs | - | - | - | - |")
             continue
-        cells = []
-        for key, _ in DIAGNOSTICS:
-            values = [float(row[key]) for row in rows if key in row]
-            cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
-    return lines
+        wins, n, p_sign = c["sign"]
+        dz = "-" if math.isnan(c["dz"]) else f"{c['dz']:+.2f}"
+        lines.append(
+            f"| {LABELS[c['other']]} | {c['n']} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | {c['diff']:+.3f} "
+            f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | {dz} "
+            f"| {c['p']:.3g} | {c['p_holm']:.3g} "
+            f"| {wins}/{n} ({p_sign:.3g}) |"
+        )
+    return lines + [""]
 
 
-def _plot_curves(groups: dict, task: str, methods: Sequence[str], key: str, path: Path, title: str) -> None:
-    import matplotlib
+def _clip_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r["method"].startswith("rlad") and not math.isnan(r["clip"]):
+            tested = r["clip"] >= CLIP_BINDS
+            lines.append(
+                f"- {LABELS[r['method']]}: clip fraction {r['clip']:.2%}, clip state differs from GRPO's on "
+                f"{_pct(r['clip_differs_from_grpo_frac'])} of tokens: "
+                + ("the trust region binds." if tested else "under 1%, **the trust-region mechanism is not tested**.")
+            )
+    return ["Where the clip binds:", "", *lines, ""] if lines else []
 
+
+def _sanity_lines(data: dict) -> list[str]:
+    """With teacher = the initial student, the teacher's log-probs at step 1 equal the trainer's old log-probs
+    (same weights, same tokens): a k1 gap far from 0 would mean teacher scoring and training disagree."""
+    gaps = [
+        float(r["train"][0]["kl/old_vs_teacher_k1"])
+        for r in data["runs"].get("rlad_self_teacher", [])
+        if r["train"] and "kl/old_vs_teacher_k1" in r["train"][0]
+    ]
+    if not gaps:
+        return []
+    worst = max(abs(g) for g in gaps)
+    return [
+        f"Sanity check: with teacher = initial student, step-1 mean lp_old - lp_T is at most {worst:.1e} in "
+        f"absolute value over {len(gaps)} runs (0 up to rounding when teacher scoring matches the trainer).",
+        "",
+    ]
+
+
+def _plot(data: dict, size, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for method in methods:
-        runs = groups.get((task, method), [])
-        if not runs:
-            continue
-        steps, mean, sd = st.mean_curve(runs, key)
-        ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS.get(method, method)} (n={len(runs)})")
-        ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.12)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel(f"held-out {key[5:]}")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = list(keys(size).items())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (label, key) in zip(axes[0], panels):
+        for method in [m for m in LABELS if m in data["runs"]]:
+            runs = data["runs"][method]
+            steps, mean, sd = st.mean_curve(runs, key)
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{LABELS[method]} (n={len(runs)})")
+            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.1)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(f"held-out avg@{size.setup.eval_k}")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
-def _plot_alpha(points: list[tuple[float, float, float]], path: Path, key: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.0, 3.4))
-    ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3)
-    ax.set_xlabel("alpha (weight of the old student in the anchor; 1.0 = GRPO)")
-    ax.set_ylabel(f"final held-out {key[5:]}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _setup_table(out: Path, size) -> list[str]:
-    """Teacher and student quality after their SFT set-up runs (eval at T=1.0, k=4)."""
-    from comparison_setup import sft_eval
-
-    lines = ["| task | teacher avg@4 / pass@4 (T=1.0) | student init avg@4 / pass@4 (T=1.0) |", "|---|---|---|"]
-    for task in size.tasks:
-        t, s = (sft_eval(out / "setup" / task / f"{role}_sft") for role in ("teacher", "student"))
-        if t and s:
-            lines.append(
-                f"| {task} | {t.get('eval/avg@4', math.nan):.3f} / {t.get('eval/pass@4', math.nan):.3f} | "
-                f"{s.get('eval/avg@4', math.nan):.3f} / {s.get('eval/pass@4', math.nan):.3f} |"
-            )
-    return lines + [""] if len(lines) > 2 else []
-
-
-def write_report(out: Path, size, size_name: str, doc: Path, tag: str = "", command: str = "") -> str:
-    """Aggregate every finished run under `out` into the doc's block `tag`; returns the block."""
-    import torch
-    from compare_methods import EXPLAIN_METHODS, MAIN_METHODS
-
-    groups = st.group_results(load_results(out))
-    img = doc.parent / "img" / "method_comparison"
-    avg_key, _ = _keys(size)
-    rel = img.relative_to(doc.parent)
-    begin, end = markers(tag)
-    prefix = f"{tag}_" if tag else ""
-    command = command or f"OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size {size_name} --workers 2"
+def write_report(results: Path, size, size_name: str, doc: Path, img: Path) -> str:
+    """Rebuild the generated block of `doc` from the JSON files under `results`; returns the block."""
+    data = load(results)
     lines = [
-        begin,
-        (
-            f"Size `{size_name}`: {size.num_steps} steps x {size.prompts_per_step} prompts x "
-            f"{size.group_size} samples, lr {size.lr}, held-out {size.setup.num_test} prompts x k={size.eval_k} "
-            f"(T=0.6), eval every {size.eval_interval} steps. Machine: {platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}. Command: `{command}`."
-        ),
+        BEGIN,
+        f"<!-- rebuilt by `python -m bench.compare_methods --size {size_name} --report` from "
+        f"bench/comparison_results/{size_name}/; do not edit by hand -->",
         "",
     ]
-    lines += [
-        (
-            "Steps to GRPO's final avg@k: first eval step (after step 0) where the seed-mean curve reaches "
-            "GRPO's seed-mean final value; n/a when GRPO ended below where it started."
-        ),
-        "",
-    ]
-    lines += _setup_table(out, size)
-    summary = {"size": size_name, "tasks": {}}
-    for task in size.tasks:
-        rows = method_rows(groups, task, MAIN_METHODS, size)
-        if not rows:
-            continue
-        summary["tasks"][task] = rows
-        _plot_curves(
-            groups,
-            task,
-            MAIN_METHODS,
-            avg_key,
-            img / f"{prefix}{task}_curves.png",
-            f"{task}: held-out accuracy vs step (mean ± std over seeds)",
-        )
-        lines += [
-            f"### Task `{task}`",
-            "",
-            *_table(rows, size.eval_k),
-            "",
-            *_paired(groups, task, MAIN_METHODS, avg_key),
-            "",
-            f"![{task} curves]({rel}/{prefix}{task}_curves.png)",
-            "",
-            "Training diagnostics (means over steps and seeds):",
-            "",
-            *_diagnostics(groups, task, MAIN_METHODS),
-            "",
-        ]
-    first = size.tasks[0]
-    ablation, points = _ablation(groups, first, size)
-    if len(points) > 2:
-        _plot_alpha(points, img / f"{prefix}alpha_ablation.png", avg_key)
-        lines += [
-            f"### Alpha ablation (`{first}`)",
-            "",
-            *ablation,
-            "",
-            f"![alpha ablation]({rel}/{prefix}alpha_ablation.png)",
-            "",
-        ]
-    explain = method_rows(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS, size)
-    if any(r["method"] in EXPLAIN_METHODS for r in explain):
-        _plot_curves(
-            groups,
-            first,
-            ("grpo", "rlad") + EXPLAIN_METHODS,
-            avg_key,
-            img / f"{prefix}explain_curves.png",
-            f"{first}: explanatory runs",
-        )
-        lines += [
-            f"### Explanatory runs (`{first}`)",
-            "",
-            *_table(explain, size.eval_k),
-            "",
-            *_diagnostics(groups, first, ("grpo", "rlad") + EXPLAIN_METHODS),
-            "",
-            f"![explanatory runs]({rel}/{prefix}explain_curves.png)",
-            "",
-        ]
-        summary["explain"] = explain
-    lines.append(end)
+    lines += _setup_lines(data, size)
+    rows = method_rows(data, size)
+    if not rows:
+        lines += ["No finished runs in the results folder yet: run the command above.", ""]
+    else:
+        lines += ["### Methods", "", *_method_lines(rows, size)]
+        for label, key in list(keys(size).items())[:2]:
+            lines += _comparison_lines(comparisons(data, size, key), label)
+        lines += _clip_lines(rows)
+        lines += _sanity_lines(data)
+        plot = img / f"{size_name}_curves.png"
+        if _plot(data, size, plot):
+            rel = plot.relative_to(doc.parent) if plot.is_relative_to(doc.parent) else plot
+            lines += [f"![learning curves]({rel.as_posix()})", ""]
+        else:
+            lines += ["(matplotlib is not installed: learning-curve plots skipped.)", ""]
+    lines.append(END)
     block = "\n".join(lines)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    _splice(doc, block, begin, end)
+    _splice(doc, block)
     return block
 
 
-def _splice(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
-    text = doc.read_text() if doc.exists() else f"# Method comparison\n\n{begin}\n{end}\n"
-    if begin not in text or end not in text:
-        text = text.rstrip() + f"\n\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
+def _splice(doc: Path, block: str) -> None:
+    text = doc.read_text() if doc.exists() else f"# Method comparison\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
     doc.write_text(head + block + tail)

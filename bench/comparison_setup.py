@@ -1,34 +1,31 @@
-"""Shared starting point of the method comparison: data files, a trained teacher, a warm-started student.
+"""The method comparison's starting point: data, a teacher, and students chosen by a ceiling check.
 
-Every method in bench/compare_methods.py starts from the SAME student folder and uses the SAME
-teacher folder and the SAME train / held-out prompt files, all built here once per task and
-cached under `<work>/<task>/`:
-  train.jsonl / test.jsonl   procedural-task records (hash-held-out split, fixed seed 0), with the
-                             fields `task`, `difficulty` kept as metadata so reference traces and
-                             per-difficulty breakdowns work from the files;
-  teacher/                   a wider char-level llama trained by SFT on the task's reference traces
-                             (the project's own `sft` algorithm with train.offline_source=dataset);
-  student/                   a narrower llama given a SHORT SFT warm start (so its rollouts get some
-                             reward and GRPO has signal), the common initialisation of every method.
-If the CPU demo (examples/cpu_demo/run_demo.py) exposes `build_teacher_student(work_dir, task)`,
-its artifacts are used instead, so the comparison and the demo share one teacher and student.
-Left out: reasoning-gym tasks (their prompts are far longer than a tiny char model can learn in
-minutes on CPU); teachers trained by RL.
+Built once under `<work>/` and described by small JSON files under `<results>/setup/` (committed):
+  train.jsonl / test.jsonl   procedural-task records (hash-held-out split, fixed seed 0), with `task` and
+                             `difficulty` kept as metadata (reference traces, per-difficulty eval);
+  teacher/                   a wider char-level llama trained by SFT on the reference traces
+                             (the project's own `sft` algorithm, train.offline_source=dataset);
+                             teacher.json records its held-out avg@k at temperature 1;
+  student_init<i>/           for each student initialisation i (its own random weights and SFT seed):
+                             SFT in segments of `student_segment_steps`, each followed by a held-out eval
+                             at temperature 1, up to `student_ceiling_steps`. RL starts from the first
+                             segment whose accuracy reaches `start_accuracy[0]` (weak but learnable); the
+                             best accuracy over the segments is the ceiling the student can reach by SFT.
+                             student_init<i>.json records every segment, the start and the ceiling.
+Every step is resumable: a finished piece is skipped, a student's finished segments are kept.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "examples" / "cpu_demo" / "run_demo.py"
 
 
 @dataclass(frozen=True)
@@ -42,52 +39,55 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Setup:
-    """How one task's teacher and student are made (sizes live in compare_methods.SIZES)."""
+    """How the data, the teacher and the students are made (sizes live in compare_methods.SIZES)."""
 
-    task: str
-    difficulties: tuple[int, ...] = (1, 2, 3)
+    task: str = "addition"
+    difficulties: tuple[int, ...] = (3, 4)
     num_train: int = 4000
-    num_test: int = 96
+    num_test: int = 128
+    max_new_tokens: int = 64
+    eval_k: int = 4
     teacher: ModelShape = ModelShape(64, 192, 2)
-    student: ModelShape = ModelShape(32, 96, 2)
-    teacher_sft_steps: int = 600
+    teacher_sft_steps: int = 2000
     teacher_lr: float = 3e-3
-    student_sft_steps: int = 60
+    teacher_min_accuracy: float = 0.9
+    student: ModelShape = ModelShape(48, 144, 2)
     student_lr: float = 3e-3
-    max_new_tokens: int = 48
-    extra: dict[str, Any] = field(default_factory=dict)
+    student_segment_steps: int = 100
+    student_ceiling_steps: int = 1500
+    start_accuracy: tuple[float, float] = (0.2, 0.4)
+    min_ceiling: float = 0.7
 
 
-def _records(task: str, size: int, split: str, difficulties: Sequence[int]) -> list[dict[str, Any]]:
+def _records(setup: Setup, size: int, split: str) -> list[dict[str, Any]]:
     from rlad_megatron.tasks import solution_trace, task_records
 
-    rows = task_records(task, size, seed=0, split=split, difficulties=list(difficulties))
-    # top-level task / difficulty become the record's metadata (data.metadata_keys), so the
-    # `dataset` offline source can rebuild each reference trace from a plain jsonl file.
+    rows = task_records(setup.task, size, seed=0, split=split, difficulties=list(setup.difficulties))
+    # top-level task / difficulty become the record's metadata (data.metadata_keys), so the `dataset`
+    # offline source can rebuild each reference trace from a plain jsonl file.
     return [
         dict(r, solution=solution_trace(r), task=r["metadata"]["task"], difficulty=r["metadata"]["difficulty"])
         for r in rows
     ]
 
 
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
-def data_files(setup: Setup, root: Path) -> tuple[Path, Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    train, test = root / "train.jsonl", root / "test.jsonl"
-    if not train.exists():
-        write_jsonl(train, _records(setup.task, setup.num_train, "train", setup.difficulties))
-    if not test.exists():
-        write_jsonl(test, _records(setup.task, setup.num_test, "test", setup.difficulties))
+def data_files(setup: Setup, work: Path) -> tuple[Path, Path]:
+    train, test = work / "train.jsonl", work / "test.jsonl"
+    for path, size, split in ((train, setup.num_train, "train"), (test, setup.num_test, "test")):
+        if not path.exists():
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in _records(setup, size, split)))
     return train, test
 
 
 def common_overrides(setup: Setup, train: Path, test: Path) -> list[str]:
-    """Data, reward, engines and logging shared by every run on this task (SFT set-up and comparison)."""
+    """Data, reward, engines and logging shared by every run (set-up and comparison)."""
     return [
         f"data.train={train}",
         f"data.eval={test}",
@@ -104,12 +104,15 @@ def common_overrides(setup: Setup, train: Path, test: Path) -> list[str]:
     ]
 
 
-def _sft(init: Path, run_dir: Path, steps: int, lr: float, common: list[str], seed: int) -> Path:
-    """The project's sft algorithm on reference traces; returns the exported HF folder."""
+def sft(init: Path, run_dir: Path, steps: int, lr: float, common: list[str], seed: int, k: int, decay: str):
+    """The project's sft algorithm on reference traces, with a held-out eval at temperature 1 at the end.
+    Returns (exported HF folder, final eval row)."""
     from rlad_megatron.config import load_config
     from rlad_megatron.conversion.hf_io import resolve_latest
+    from rlad_megatron.observe import read_metrics
     from rlad_megatron.train import HF_DIR, train
 
+    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = common + [
         f"run_dir={run_dir}",
         f"seed={seed}",
@@ -120,85 +123,126 @@ def _sft(init: Path, run_dir: Path, steps: int, lr: float, common: list[str], se
         f"train.num_steps={steps}",
         "train.prompts_per_step=32",
         f"train.lr={lr}",
-        "train.lr_decay_style=cosine",
+        f"train.lr_decay_style={decay}",
         f"train.min_lr={lr / 10}",
         "checkpoint.interval=0",
-        f"eval.interval={steps}",  # before training and after the last step
-        "eval.num_samples=4",
+        f"eval.interval={steps}",
+        f"eval.num_samples={k}",
         "eval.temperature=1.0",
     ]
     train(load_config(None, overrides), resume=False)
-    return Path(resolve_latest(run_dir / HF_DIR))
+    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return Path(resolve_latest(run_dir / HF_DIR)), evals[-1]
+
+
+def build_teacher(setup: Setup, work: Path, results: Path) -> dict:
+    """The teacher folder and teacher.json (held-out avg@k at temperature 1, and whether it meets the bar)."""
+    from rlad_megatron.tiny_models import save_tiny_model
+
+    record = results / "teacher.json"
+    if record.exists() and (work / "teacher" / "config.json").exists():
+        return json.loads(record.read_text())
+    train, test = data_files(setup, work)
+    save_tiny_model(work / "teacher_init", "llama", seed=11, **vars(setup.teacher))
+    folder, row = sft(
+        work / "teacher_init",
+        work / "teacher_sft",
+        setup.teacher_sft_steps,
+        setup.teacher_lr,
+        common_overrides(setup, train, test),
+        seed=11,
+        k=setup.eval_k,
+        decay="cosine",
+    )
+    _link(folder, work / "teacher")
+    accuracy = float(row[f"eval/avg@{setup.eval_k}"])
+    info = {
+        "sft_steps": setup.teacher_sft_steps,
+        "shape": vars(setup.teacher),
+        "avg_at_k_T1": accuracy,
+        "by_difficulty_T1": _by_difficulty(row, setup.eval_k),
+        "meets_bar": accuracy >= setup.teacher_min_accuracy,
+        "bar": setup.teacher_min_accuracy,
+    }
+    write_atomic(record, json.dumps(info, indent=1))
+    return info
+
+
+def build_student(setup: Setup, init: int, work: Path, results: Path) -> dict:
+    """Segmented SFT of student initialisation `init`: its RL start folder and ceiling (module docstring)."""
+    from rlad_megatron.tiny_models import save_tiny_model
+
+    name = f"student_init{init}"
+    record, root = results / f"{name}.json", work / name
+    if record.exists() and (root / "start" / "config.json").exists():
+        return json.loads(record.read_text())
+    train, test = data_files(setup, work)
+    common = common_overrides(setup, train, test)
+    progress_path = root / "segments.json"
+    segments: list[dict] = json.loads(progress_path.read_text()) if progress_path.exists() else []
+    if not (root / "init" / "config.json").exists():
+        save_tiny_model(root / "init", "llama", seed=100 + init, **vars(setup.student))
+    current = Path(segments[-1]["folder"]) if segments else root / "init"
+    while len(segments) * setup.student_segment_steps < setup.student_ceiling_steps:
+        index = len(segments)
+        folder, row = sft(
+            current,
+            root / f"segment{index}",
+            setup.student_segment_steps,
+            setup.student_lr,
+            common,
+            seed=1000 * init + index,
+            k=setup.eval_k,
+            decay="constant",
+        )
+        segments.append(
+            {
+                "steps": (index + 1) * setup.student_segment_steps,
+                "avg_at_k_T1": float(row[f"eval/avg@{setup.eval_k}"]),
+                "folder": str(folder),
+            }
+        )
+        write_atomic(progress_path, json.dumps(segments))
+        current = folder
+    start = choose_start(segments, setup.start_accuracy[0])
+    _link(Path(start["folder"]), root / "start")
+    ceiling = max(s["avg_at_k_T1"] for s in segments)
+    info = {
+        "init": init,
+        "shape": vars(setup.student),
+        "segments": [{k: v for k, v in s.items() if k != "folder"} for s in segments],
+        "start_steps": start["steps"],
+        "start_avg_at_k_T1": start["avg_at_k_T1"],
+        "start_in_band": setup.start_accuracy[0] <= start["avg_at_k_T1"] <= setup.start_accuracy[1],
+        "start_band": list(setup.start_accuracy),
+        "ceiling_avg_at_k_T1": ceiling,
+        "ceiling_ok": ceiling >= setup.min_ceiling,
+        "min_ceiling": setup.min_ceiling,
+    }
+    write_atomic(record, json.dumps(info, indent=1))
+    return info
+
+
+def choose_start(segments: Sequence[dict], low: float) -> dict:
+    """The first segment whose held-out accuracy reaches `low`; the last segment if none does."""
+    for segment in segments:
+        if segment["avg_at_k_T1"] >= low:
+            return segment
+    return segments[-1]
+
+
+def _by_difficulty(row: dict, k: int) -> dict[str, float]:
+    prefix, suffix = "eval/difficulty=", f"/avg@{k}"
+    return {
+        key[len(prefix) : -len(suffix)]: v for key, v in row.items() if key.startswith(prefix) and key.endswith(suffix)
+    }
 
 
 def _link(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     # relative, so a prepared folder can be moved or copied whole
     tmp.symlink_to(os.path.relpath(src.resolve(), dst.parent.resolve()), target_is_directory=True)
     tmp.replace(dst)
     return dst
-
-
-def demo_builder():
-    """`build_teacher_student(work_dir, task) -> (teacher_dir, student_dir)` from the CPU demo, if it has one."""
-    if not DEMO.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("rlad_cpu_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception:  # noqa: BLE001 - a demo mid-change must not stop the benchmark: use our builder
-        return None
-    return getattr(module, "build_teacher_student", None)
-
-
-def prepare(setup: Setup, root: Path) -> dict[str, Path]:
-    """Build (or reuse) data, teacher and student for one task; safe to call from several processes."""
-    from rlad_megatron.tiny_models import save_tiny_model
-
-    train, test = data_files(setup, root)
-    teacher, student = root / "teacher", root / "student"
-    if (teacher / "config.json").exists() and (student / "config.json").exists():
-        return {"train": train, "test": test, "teacher": teacher, "student": student}
-    lock = _claim(root / "prepare.lock")
-    if lock is None:
-        raise RuntimeError(f"another process is preparing {root}; rerun when it finishes")
-    try:
-        builder = demo_builder()
-        if builder is not None:
-            t_dir, s_dir = builder(root / "demo", setup.task)
-            _link(Path(t_dir), teacher)
-            _link(Path(s_dir), student)
-        else:
-            common = common_overrides(setup, train, test)
-            for role, shape, steps, lr, seed in (
-                ("teacher", setup.teacher, setup.teacher_sft_steps, setup.teacher_lr, 11),
-                ("student", setup.student, setup.student_sft_steps, setup.student_lr, 12),
-            ):
-                if (root / role / "config.json").exists():
-                    continue
-                save_tiny_model(root / f"{role}_init", "llama", seed=seed, **vars(shape))
-                shutil.rmtree(root / f"{role}_sft", ignore_errors=True)
-                _link(_sft(root / f"{role}_init", root / f"{role}_sft", steps, lr, common, seed), root / role)
-    finally:
-        os.unlink(lock)
-    return {"train": train, "test": test, "teacher": teacher, "student": student}
-
-
-def _claim(path: Path) -> Path | None:
-    """Create `path` exclusively (a lock between worker processes); None if someone holds it."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return None
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return path
-
-
-def sft_eval(run_dir: Path) -> dict[str, float]:
-    """The final held-out eval of an SFT set-up run (reported next to the comparison)."""
-    from rlad_megatron.observe import read_metrics
-
-    rows = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-    return rows[-1] if rows else {}

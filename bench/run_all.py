@@ -9,7 +9,7 @@ machine (cores, CPU model, torch version) and the wall time. The method comparis
 for `make bench`; its summary is linked (bench/compare_methods.py, docs/method_comparison.md),
 or run with `--with-comparison`.
 
-  .venv/bin/python bench/run_all.py [--only engine step_time] [--quick] [--with-comparison]
+  .venv/bin/python -m bench.run_all [--only engine step_time] [--quick] [--with-comparison]
 """
 
 from __future__ import annotations
@@ -43,13 +43,18 @@ class Bench:
     threads: str = "2"
     """OMP_NUM_THREADS of the script (1 for tiny-model loops: a second thread only adds contention)."""
 
+    @property
+    def module(self) -> str:
+        """`bench/bench_x.py` -> `bench.bench_x`: every bench runs as a module from the repository root."""
+        return self.script.removesuffix(".py").replace("/", ".")
+
 
 BENCHES = (
     Bench(
         "trainer",
         "bench/bench_trainer.py",
         "Trainer: Megatron backend vs Hugging Face + AdamW",
-        "HF model + torch.optim.AdamW on the same samples",
+        "HF model + torch.optim.AdamW on the same samples, unpadded (one sample at a time) and padded",
         match=("trainer",),
     ),
     Bench(
@@ -58,6 +63,7 @@ BENCHES = (
         "Embedded engine vs transformers generate / forward",
         "transformers `generate` (KV cache) and a plain forward for scoring",
         match=("engine",),
+        threads="1",  # the headline is process CPU time at one thread (see the script's docstring)
     ),
     Bench(
         "weight_sync",
@@ -85,6 +91,15 @@ BENCHES = (
         ("--steps", "3", "--repeats", "1", "--plot", "docs/img/step_time_phases.png"),
         match=("step time",),
         threads="1",
+    ),
+    Bench(
+        "logprobs_memory",
+        "bench/bench_logprobs_memory.py",
+        "Log-prob step memory: chunked over loss positions vs whole-row logits",
+        "whole-row fp32 logits (`model.logprob_chunk_size=0`), same inputs, in the same run",
+        (),
+        ("--tokens", "4096", "--vocab", "8192", "--seq", "1024", "--prompt", "128"),
+        match=("log-prob step memory",),
     ),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
@@ -123,7 +138,7 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
         json_path = Path(tmp) / "out.json"
         if accepts_json(script):
             args += ["--json", str(json_path)]
-        cmd = [sys.executable, bench.script] + args
+        cmd = [sys.executable, "-m", bench.module] + args
         before = DOC.read_text() if DOC.exists() else ""
         env = dict(os.environ, OMP_NUM_THREADS=bench.threads)
         started = time.time()
@@ -141,7 +156,7 @@ def run_bench(bench: Bench, quick: bool, timeout: float) -> dict:
 
             data = json.loads(json_path.read_text())
     shown = " ".join(
-        [f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", bench.script]
+        [f"OMP_NUM_THREADS={bench.threads}", ".venv/bin/python", "-m", bench.module]
         + [a for a in args if a != "--json" and not a.endswith("out.json")]
     )
     return {
@@ -199,13 +214,14 @@ def section(bench: Bench, result: dict, info: dict[str, str]) -> list[str]:
 def comparison_section(run: bool) -> list[str]:
     lines = ["## Method comparison (accuracy, not speed)", ""]
     if run:
-        cmd = [sys.executable, "bench/compare_methods.py", "--size", "small", "--workers", "2"]
+        cmd = [sys.executable, "-m", "bench.compare_methods", "--workers", "2"]
         subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
     lines += [
         (
-            "GRPO, KDRL, on-policy and offline distillation and RLAD from the same student, teacher and budget, "
-            "several seeds, two tasks: see [method_comparison.md](method_comparison.md) "
-            "(`OMP_NUM_THREADS=1 .venv/bin/python bench/compare_methods.py --size small --workers 2`)."
+            "RLAD against GRPO, KDRL, on-policy and offline distillation and two RLAD controls, from the same "
+            "teacher, student initialisations and budget, with paired statistics: see "
+            "[method_comparison.md](method_comparison.md) "
+            "(`OMP_NUM_THREADS=1 .venv/bin/python -m bench.compare_methods --workers 2`)."
         ),
         "",
     ]
@@ -260,7 +276,7 @@ def assemble(
             "and small (CPU only), so absolute numbers are indicative and the ratios are what to compare."
         ),
         "",
-        f"Command: `.venv/bin/python bench/run_all.py {' '.join(argv)}`".rstrip() + "  ",
+        f"Command: `.venv/bin/python -m bench.run_all {' '.join(argv)}`".rstrip() + "  ",
         f"Machine: {info['cores']} cores, {info['cpu']}, torch {info['torch']}, Python {info['python']}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",

@@ -11,41 +11,33 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help, issue that delivers it)
+# name -> (module, one-line help)
 COMMANDS = {
-    "train": ("rlad_megatron.train_cli", "train a student (RLAD, GRPO, KDRL, OPD, GKD, SFT) from a recipe", 7),
-    "eval": ("rlad_megatron.eval.cli", "avg@k / pass@k of a checkpoint on a dataset or task", 6),
-    "convert": ("rlad_megatron.conversion.cli", "convert checkpoints between Hugging Face and Megatron formats", 4),
+    "train": ("rlad_megatron.train_cli", "train a student (RLAD, GRPO, KDRL, OPD, GKD, SFT) from a recipe"),
+    "eval": ("rlad_megatron.eval.cli", "avg@k / pass@k of a checkpoint on a dataset or task"),
+    "convert": ("rlad_megatron.conversion.cli", "convert checkpoints between Hugging Face and Megatron formats"),
     "serve": (
         "rlad_megatron.engines.server",
         "serve a HF checkpoint over SGLang's native HTTP API (embedded engine)",
-        5,
     ),
-    "plan": ("rlad_megatron.launch.plan", "memory and time plan of a recipe on a GPU cluster", 8),
-    "render": ("rlad_megatron.launch.render", "render the sbatch job of a recipe (DRY_RUN prints the topology)", 8),
-    "rehearse": ("rlad_megatron.launch.rehearse", "run a recipe's job on this machine: tiny models, loopback nodes", 8),
-    "report": ("rlad_megatron.report", "plots and a markdown table comparing run folders", 7),
+    "plan": ("rlad_megatron.launch.plan", "memory and time plan of a recipe on a GPU cluster"),
+    "render": ("rlad_megatron.launch.render", "render the sbatch job of a recipe (DRY_RUN prints the topology)"),
+    "rehearse": ("rlad_megatron.launch.rehearse", "run a recipe's job on this machine: tiny models, loopback nodes"),
+    "report": ("rlad_megatron.report", "plots and a markdown table comparing run folders"),
 }
 
 
 def _load(name: str):
-    module = COMMANDS[name][0]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name == module or module.startswith(f"{err.name}."):  # the module (or its package) is absent
-            return None
-        raise
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlad", description="RL-aware knowledge distillation on Megatron-Core.")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text, _) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         sub = subs.add_parser(name, help=help_text, description=help_text)
-        mod = _load(name) if name in sys.argv[1:2] else None
-        if mod is not None:
-            mod.add_arguments(sub)
+        if name in sys.argv[1:2]:
+            _load(name).add_arguments(sub)
         sub.set_defaults(_command=name)
     return parser
 
@@ -68,14 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
-    mod = _load(args._command)
-    if mod is None:
-        print(
-            f"rlad {args._command}: not available yet (issue #{COMMANDS[args._command][2]} delivers it)",
-            file=sys.stderr,
-        )
-        return 2
-    return int(mod.run(args) or 0)
+    return int(_load(args._command).run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def push_weights(run, version: int) -> None:
         if engine is not None:
             engine.update_weights(path=str(folder), version=version)
         return
-    if trainer.parallel.dp_rank != 0:
+    if trainer.parallel.dp_cp_rank != 0:  # one copy of the weights per TP x PP layout
         return
     for bucket in export_hf_tensors(trainer.unwrapped_model(), tp_group=trainer.parallel.tp_group):
         if engine is not None:
@@ -91,7 +91,7 @@ def sync_over_wire(run, version: int) -> None:
 
     Rank 0 owns the engine: it finds the live servers, opens and closes the update window and checks
     that every server then reports `version`. Each stage's DP=0 / TP=0 rank sends, stage after stage; the
-    stage's other TP ranks take part in the TP gathers; other DP replicas wait at the barriers."""
+    stage's other TP ranks take part in the TP gathers; other DP (and CP) replicas wait at the barriers."""
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
     from rlad_megatron.engines.weight_sync import ServerCalls, StageSender, default_sync_host
 
@@ -104,7 +104,7 @@ def sync_over_wire(run, version: int) -> None:
             c.pp_rank, calls, cfg.sync_host or default_sync_host(), backend, cfg.sync_timeout_s
         )
     members, restarted = broadcast(engine.sync_members() if engine is not None else None, c.rank)
-    sender = c.dp_rank == 0 and c.tp_rank == 0
+    sender = c.dp_cp_rank == 0 and c.tp_rank == 0
     if members != wire.members or restarted:
         generation = broadcast(engine.sync_generation + 1 if engine is not None else None, c.rank)
         if engine is not None:
@@ -117,7 +117,7 @@ def sync_over_wire(run, version: int) -> None:
     # One stage at a time: a server handles one update call at a time, so two stages sending at once could
     # each hold a different server and wait for the other forever.
     for stage in range(c.pipeline_model_parallel_size):
-        if c.dp_rank == 0 and c.pp_rank == stage:
+        if c.dp_cp_rank == 0 and c.pp_rank == stage:
             for bucket in export_hf_tensors(run.trainer.unwrapped_model(), tp_group=c.tp_group, to_first=True):
                 wire.send(bucket, version)  # only the TP rank 0 of the stage gets buckets
         _barrier()
@@ -152,7 +152,7 @@ def save_hf(run, root: Path, step: int) -> Path:
         hf_config_dir=run.cfg.model.student,
         tp_group=c.tp_group,
         pp_group=c.pp_group,
-        dp_rank=c.dp_rank,
+        dp_rank=c.dp_cp_rank,  # one writer per TP x PP shard (CP ranks hold the same weights)
     )
 
 
@@ -192,11 +192,6 @@ def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
-
-
-def eos_ids(tokenizer) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
 
 
 def build_source_context(cfg, objective, source, *, with_engines: bool) -> SourceContext:
@@ -269,28 +264,40 @@ def score_teacher(run, samples: Sequence[Sample]) -> None:
 
 
 def evaluate(run, step: int) -> dict[str, float]:
-    """avg@k / pass@k of the rollout engine's current weights on the held-out prompts (overall numbers)."""
+    """avg@k / pass@k of the rollout engine's current weights on the held-out prompts, overall, plus avg@k per
+    value of each eval.breakdown_keys path (`difficulty=4/avg@k`); again for each eval.extra_temperatures with
+    the suffix `@T<t>`."""
     from rlad_megatron.engines.base import SamplingParams
     from rlad_megatron.eval.evaluate import evaluate as run_eval
 
     e = run.cfg.eval
-    # The same seed at every eval: the curve then compares weights, not sampling luck.
-    sampling = SamplingParams(
-        temperature=e.temperature,
-        top_p=e.top_p,
-        max_new_tokens=e.max_new_tokens,
-        seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1),
-    )
-    result = run_eval(
-        run.source_ctx.rollout_engine,
-        run.source_ctx.tokenizer,
-        run.eval_records,
-        run.source_ctx.reward_fn,
-        k=e.num_samples,
-        sampling=sampling,
-        max_prompts=e.max_prompts,
-    )
-    return dict(result["overall"])
+    metrics: dict[str, float] = {}
+    for index, temperature in enumerate([e.temperature, *e.extra_temperatures]):
+        # The same seed at every eval: the curve then compares weights, not sampling luck.
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_p=e.top_p,
+            max_new_tokens=e.max_new_tokens,
+            seed=(run.cfg.seed * 7919 + 17) % (2**31 - 1),
+        )
+        result = run_eval(
+            run.source_ctx.rollout_engine,
+            run.source_ctx.tokenizer,
+            run.eval_records,
+            run.source_ctx.reward_fn,
+            k=e.num_samples,
+            sampling=sampling,
+            batch_size=e.batch_size,
+            breakdown_keys=e.breakdown_keys,
+            max_prompts=e.max_prompts,
+        )
+        avg = f"avg@{e.num_samples}"
+        found = dict(result["overall"])
+        for path, by_value in result["breakdown"].items():
+            found.update({f"{path}={value}/{avg}": m[avg] for value, m in by_value.items()})
+        suffix = "" if index == 0 else f"@T{temperature:g}"
+        metrics.update({f"{key}{suffix}": value for key, value in found.items()})
+    return metrics
 
 
 def close(run) -> None:

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ALGORITHMS = ("grpo", "kdrl", "opd", "gkd", "sft", "rlad")
+TEACHER_SCORED_ALGORITHMS = ("kdrl", "opd", "gkd", "rlad")
+"""Algorithms whose loss compares the student's log-probs with teacher log-probs on the same tokens."""
 
 
 def _choice(obj: Any, name: str, allowed: Sequence[Any]) -> None:
@@ -64,17 +66,22 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """The trainer pads the vocabulary to a multiple of lcm(this, TP) (Megatron's knob); padded logit
     columns are masked out of log-probs. A TP-independent value keeps checkpoints reshardable."""
+    logprob_chunk_size: int = 1024
+    """The trainer computes output-layer logits and log-probs / entropy / top-k only at the positions that carry
+    a loss, this many positions at a time (forward and backward), so fp32 logits never exist for more than
+    `logprob_chunk_size x vocab / TP` entries. 0: logits for the whole packed row at once (the simple path)."""
 
     def __post_init__(self) -> None:
         _check(self, "make_vocab_size_divisible_by", self.make_vocab_size_divisible_by >= 1, ">= 1")
+        _check(self, "logprob_chunk_size", self.logprob_chunk_size >= 0, ">= 0 (0 = no chunking)")
         _choice(self, "params_dtype", ("float32", "bfloat16", "float16"))
         _choice(self, "transformer_impl", ("auto", "local", "transformer_engine"))
         _choice(self, "fp8", ("", "hybrid", "e4m3"))
 
 
-CONTEXT_PARALLEL_UNSUPPORTED = (
-    "parallel.context_parallel_size={size}: context parallelism is not supported yet "
-    "(batches are not split over context-parallel ranks); set it to 1"
+CONTEXT_PARALLEL_WITH_PIPELINE = (
+    "parallel.context_parallel_size={cp} with parallel.pipeline_model_parallel_size={pp}: context parallelism "
+    "is not supported together with pipeline parallelism; set one of them to 1"
 )
 
 
@@ -88,8 +95,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor_model_parallel_size > 1)."""
     context_parallel_size: int = 1
-    """Context parallel size; must be 1: context parallelism is not supported yet (the trainer does not split
-    sequences over CP ranks)."""
+    """Context parallel size: each packed sequence is split over this many ranks (2*CP chunks, load-balanced for
+    causal attention); for long responses. Not combined with pipeline parallelism."""
     use_distributed_optimizer: bool = False
     """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
     backend: str = "auto"
@@ -99,8 +106,12 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             _check(self, name, getattr(self, name) >= 1, ">= 1")
         _choice(self, "backend", ("auto", "nccl", "gloo"))
-        if self.context_parallel_size != 1:
-            raise ValueError(CONTEXT_PARALLEL_UNSUPPORTED.format(size=self.context_parallel_size))
+        if self.context_parallel_size > 1 and self.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                CONTEXT_PARALLEL_WITH_PIPELINE.format(
+                    cp=self.context_parallel_size, pp=self.pipeline_model_parallel_size
+                )
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_model_parallel_size > 1")
 
@@ -424,6 +435,8 @@ class EvalConfig:
     """k responses per prompt (avg@k, pass@k)."""
     temperature: float = 0.6
     """Eval sampling temperature."""
+    extra_temperatures: list[float] = field(default_factory=list)
+    """Also evaluate at these temperatures at every eval; their metrics get the suffix `@T<t>` (avg@4@T1)."""
     top_p: float = 1.0
     """Eval nucleus sampling."""
     max_new_tokens: int = 256
@@ -440,6 +453,24 @@ class EvalConfig:
         _check(self, "num_samples", self.num_samples >= 1, ">= 1")
         _check(self, "batch_size", self.batch_size >= 1, ">= 1")
         _check(self, "max_prompts", self.max_prompts >= 0, ">= 0")
+        _check(self, "extra_temperatures", all(t >= 0 for t in self.extra_temperatures), "a list of values >= 0")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases sink beside tensorboard (the `launch` extra installs wandb). The run's config goes
+    with it redacted as in config.yaml; the command line, environment and console are not sent."""
+
+    _SECTION = "logging.wandb"
+    project: str = ""
+    """W&B project; '' leaves wandb off."""
+    entity: str = ""
+    """W&B entity (team or user); '' = the account's default."""
+    mode: str = "online"
+    """'online', 'offline' (writes <run_dir>/wandb only; `wandb sync` uploads it later) or 'disabled'."""
+
+    def __post_init__(self) -> None:
+        _choice(self, "mode", ("online", "offline", "disabled"))
 
 
 @dataclass
@@ -448,9 +479,11 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write tensorboard scalars to <run_dir>/tb."""
     progress_bar: bool = True
-    """Rich progress bar with ETA and live reward."""
+    """Rich progress bar with ETA and live reward, when stdout is a terminal (plain log lines otherwise)."""
     rollout_samples: int = 4
     """Responses per step written to <run_dir>/samples.jsonl for reading."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Optional W&B sink: the same scalars as tensorboard (`logging.wandb.project=NAME` turns it on)."""
 
 
 GPU_TYPES = ("h100", "h200", "a100", "b200")
@@ -566,6 +599,18 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    def __post_init__(self) -> None:
+        # One temperature rule for teacher terms: the teacher is scored at temperature 1 by every engine
+        # (SGLang returns only temperature-1 log-probs for input tokens), so the student's log-probs, which use
+        # rollout.temperature, are comparable with the teacher's only at rollout.temperature = 1.
+        if self.algorithm.name in TEACHER_SCORED_ALGORITHMS and self.rollout.temperature != 1.0:
+            raise ValueError(
+                f"rollout.temperature={self.rollout.temperature} with algorithm.name={self.algorithm.name!r}: the "
+                "teacher is scored at temperature 1 (SGLang's input-token log-probs are never temperature-scaled), "
+                "so lp - lp_T would compare a tempered student with an untempered teacher; set "
+                "rollout.temperature=1.0 (eval.temperature may differ) or use an algorithm without a teacher term"
+            )
+
 
 def _valid_keys(path: str) -> list[str]:
     cls: Any = RunConfig
@@ -606,7 +651,7 @@ def _load_recipe(path: Path) -> Any:
         recipe = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
-    if not OmegaConf.is_dict(recipe):
+    if not isinstance(recipe, DictConfig):
         raise ValueError(f"recipe {path} must be a mapping of sections (model:, algorithm:, ...), not a list")
     sections = {f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}
     for name in sections & set(recipe.keys()):
@@ -624,7 +669,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             cfg = OmegaConf.merge(cfg, _load_recipe(Path(path)))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(parse_overrides(overrides)))
-        return OmegaConf.to_object(cfg)  # runs every __post_init__
+        loaded = OmegaConf.to_object(cfg)  # runs every __post_init__
+        assert isinstance(loaded, RunConfig)
+        return loaded
     except OmegaConfBaseException as err:
         raise _friendly(err) from None
 

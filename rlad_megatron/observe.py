@@ -5,7 +5,9 @@ Idea: the loop hands one flat dict of floats per step (`Observer.log_step`) and 
   - `<run_dir>/metrics.jsonl`  one JSON object per step / eval (`rlad report` reads it; the resume
                                test compares it), rewritten on resume so steps never repeat,
   - `<run_dir>/tb/`            tensorboard scalars (same names, `/` groups the panels),
-  - the console                a rich progress bar with ETA and live reward, and a concise log line,
+  - W&B (optional)             the same scalars (`logging.wandb`; offline mode writes <run_dir>/wandb),
+  - the console                a concise log line per step; on a terminal also a rich progress bar with
+                               ETA and live reward (in a log file the lines are plain and never wrapped),
   - `<run_dir>/samples.jsonl`  a few decoded rollouts per step, for reading.
 `PhaseTimer` measures the phases of a step (generate / score / train / sync) into `time/<phase>`.
 
@@ -13,7 +15,7 @@ Metric names (docs/training.md has the glossary): `reward/mean`, `reward/std`, `
 `response_length/mean`, `time/*`, `throughput/tokens_per_s`, plus whatever the objective and
 the trainer return (clip fractions, TRRD metrics, KL estimates, entropy, `grad_norm`, `lr`).
 Only rank 0 observes; other ranks get a `NullObserver`.
-Left out: wandb/mlflow sinks, histograms.
+Left out: mlflow, histograms.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,7 +127,15 @@ def log_line(step: int, num_steps: int, metrics: dict[str, float]) -> str:
 class Observer:
     """Rank-0 sink for step metrics, eval results and sampled rollouts of one run."""
 
-    def __init__(self, run_dir: str | Path, logging_cfg, num_steps: int, start_step: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        logging_cfg,
+        num_steps: int,
+        start_step: int = 0,
+        run_config: dict[str, Any] | None = None,
+    ):
+        """`run_config`: the (redacted) config recorded with the W&B run."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = logging_cfg
@@ -134,12 +145,44 @@ class Observer:
         self._metrics = open(self.run_dir / METRICS_FILE, "a")  # noqa: SIM115
         self._samples = open(self.run_dir / SAMPLES_FILE, "a")  # noqa: SIM115
         self._tb = self._open_tensorboard() if logging_cfg.tensorboard else None
-        self._progress, self._task = self._open_progress(start_step) if logging_cfg.progress_bar else (None, None)
+        self._wandb = self._open_wandb(run_config or {}) if logging_cfg.wandb.project else None
+        on_terminal = logging_cfg.progress_bar and sys.stdout.isatty()
+        self._progress, self._task = self._open_progress(start_step) if on_terminal else (None, None)
 
     def _open_tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _open_wandb(self, run_config: dict[str, Any]):
+        """One W&B run per run folder: its id is kept in <run_dir>/wandb_id so a resumed run continues it.
+        Neither the command line (it may carry `--set ...api_key=`), the environment, the console nor the
+        code is sent: only the scalars and the redacted config."""
+        import wandb  # the launch extra
+
+        id_file = self.run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        settings = wandb.Settings(
+            console="off",
+            x_disable_meta=True,
+            disable_code=True,
+            disable_git=True,
+            x_save_requirements=False,
+            silent=True,
+        )
+        wb = self.cfg.wandb
+        return wandb.init(
+            project=wb.project,
+            entity=wb.entity or None,
+            mode=wb.mode,
+            dir=str(self.run_dir),
+            id=run_id,
+            name=self.run_dir.name,
+            resume="allow",
+            config=run_config,
+            settings=settings,
+        )
 
     def _open_progress(self, start_step: int):
         from rich.progress import (
@@ -166,7 +209,7 @@ class Observer:
 
     def echo(self, text: str) -> None:
         if self._progress is not None:
-            self._progress.console.print(text)
+            self._progress.console.print(text, soft_wrap=True, markup=False, highlight=False)
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -174,14 +217,20 @@ class Observer:
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
 
+    def _plot(self, step: int, values: dict[str, float]) -> None:
+        """Finite scalars to tensorboard and W&B (a skipped step's NaN loss stays in metrics.jsonl only)."""
+        finite = {key: value for key, value in values.items() if math.isfinite(value)}
+        if self._tb is not None:
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(finite, step=step)
+
     def log_step(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         values = scalars(metrics)
         self._write({"step": step, "kind": "train", **values})
-        if self._tb is not None:
-            for key, value in values.items():
-                if math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        self._plot(step, values)
         if self._progress is not None:
             live = f"reward {values['reward/mean']:.3f}" if "reward/mean" in values else ""
             self._progress.update(self._task, completed=step, live=live)
@@ -191,10 +240,7 @@ class Observer:
     def log_eval(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         values = {k if k.startswith("eval/") else f"eval/{k}": v for k, v in scalars(metrics).items()}
         self._write({"step": step, "kind": "eval", **values})
-        if self._tb is not None:
-            for key, value in values.items():
-                self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        self._plot(step, values)
         self.echo(f"eval @ step {step}: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(values.items())))
         return values
 
@@ -216,6 +262,8 @@ class Observer:
             self._progress.stop()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         self._metrics.close()
         self._samples.close()
 

@@ -166,6 +166,20 @@ def data_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def logging_problems(cfg: RunConfig) -> list[str]:
+    """logging.wandb.project needs the wandb package (the `launch` extra)."""
+    if not cfg.logging.wandb.project:
+        return []
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return [
+            f"logging.wandb.project={cfg.logging.wandb.project!r} needs wandb: pip install -e '.[launch]' "
+            "(or leave logging.wandb.project empty)"
+        ]
+    return []
+
+
 def required_models(cfg: RunConfig, objective) -> list[str]:
     """Model roles this run loads: the student always; the teacher when the objective or the
     sample source needs it (see train.sample_source)."""
@@ -201,5 +215,5 @@ def preflight(cfg: RunConfig):
     problems += file_problems
     if folders_ok and not file_problems:
         problems += data_problems(cfg)
-    problems += layout_problems(cfg) + topology_problems(cfg)
+    problems += layout_problems(cfg) + topology_problems(cfg) + logging_problems(cfg)
     return problems, objective

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from rlad_megatron import components
-from rlad_megatron.config import RunConfig, save_config
+from rlad_megatron.config import RunConfig, save_config, to_dict
 from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
 from rlad_megatron.sample_sources import (
     DatasetTraces,
@@ -91,7 +91,11 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
     obs = None
     try:
         start = restore(run, resume)
-        obs = Observer(cfg.run_dir, cfg.logging, cfg.train.num_steps, start) if run.rank == 0 else NullObserver()
+        obs = (
+            Observer(cfg.run_dir, cfg.logging, cfg.train.num_steps, start, run_config=to_dict(cfg))
+            if run.rank == 0
+            else NullObserver()
+        )
         history: list[dict[str, float]] = []
         evaluating = bool(run.eval_records) and cfg.eval.interval > 0  # eval.interval 0: no evaluation at all
         if start == 0 and evaluating:
@@ -248,14 +252,13 @@ def compute_advantages(
 ) -> list[list[float]]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
-    eos = set(components.eos_ids(run.source_ctx.tokenizer))
     per_seq = objective.token_advantages(
         rewards,
         run.cfg.algorithm.group_size if objective.uses_rewards else 1,
         seq_lens=[len(s.response_ids) for s in samples],
         old_logprobs=old,
         teacher_logprobs=[s.teacher_logprobs for s in samples] if objective.needs_teacher else None,
-        ends_with_eos=[bool(s.response_ids) and s.response_ids[-1] in eos for s in samples],
+        ends_with_eos=[s.ends_with_stop_token for s in samples],
         step=step,
     )
     return [a.tolist() for a in per_seq]

@@ -4,7 +4,7 @@ Also runnable as `python -m rlad_megatron.train_cli ...`, which is what torchrun
 tensor / pipeline parallel runs (`torchrun --nproc_per_node 2 -m rlad_megatron.train_cli ...`).
 
 `--dry-run` resolves the config and checks, before any model is built, everything that would
-otherwise fail minutes into a run, printing one clear message per problem (checks.py), then the
+otherwise fail minutes into a run, printing one clear message per problem (preflight.py), then the
 plan; it exits 0 when the run could start and 1 otherwise. Resume is the default when the run
 folder already holds a complete checkpoint; `--no-resume` refuses to mix a fresh run into it.
 Debug modes come from `train.mode` (rollout_only, train_only; see docs/training.md).

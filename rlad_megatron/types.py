@@ -41,6 +41,14 @@ class Sample:
     def num_response_tokens(self) -> int:
         return len(self.response_ids)
 
+    @property
+    def ends_with_stop_token(self) -> bool:
+        """Whether the final response token is the stop token that ended generation (EOS or any
+        rollout.stop_token_ids): the engine stopped on a token (finish_reason 'stop') and, as every engine
+        here does, kept it as the last response id. The one rule behind drop_final_eos_from_teacher: teacher
+        scoring, the trainer's teacher mask and the OPD / KDRL advantage term all read it."""
+        return self.finish_reason == "stop" and bool(self.response_ids)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

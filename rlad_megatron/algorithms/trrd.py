@@ -14,12 +14,15 @@ Stabiliser: the teacher log-ratio d_t = lp - lp_T is clamped to [-c, c] (c =
   clamp_mode="live": log r_t = alpha*(lp - lp_old) + (1-alpha)*clamp(lp - lp_T, -c, c); where the
       clamp is active the (1 - alpha) part of the gradient is cut.
 
-Trust-region metric, relative to plain GRPO. Define the anchor shift
+Trust-region metrics, relative to plain GRPO on the same batch (same advantages, anchor = lp_old).
+Define the anchor shift
     s_t = anchor_t - lp_old = (1 - alpha) * (teacher anchor - lp_old)   (= log r_GRPO - log r_TRRD)
-The PPO clip boundary in the direction the advantage pushes lp (up for A > 0, down for A < 0)
-moves by s_t in lp-space. The teacher WIDENED the trust region of a token when A_t * s_t > 0
-(more room to move the way the advantage pushes before the clip bites) and NARROWED it when
-A_t * s_t < 0. Tokens with A_t = 0 or s_t = 0 count as neither.
+The PPO clip boundary of a token moves by s_t in lp-space. Two metrics carry that information:
+  clip_differs_from_grpo_frac: tokens whose clip state (clipped high / clipped low / not clipped)
+      differs from GRPO's clip state at the same lp; where it is 0 the update is GRPO with a
+      per-token weight r_TRRD / r_GRPO, and the trust region itself plays no part.
+  bound_moved_frac: tokens with A_t != 0 whose bound moved by more than BOUND_SHIFT_THRESHOLD
+      nats (|s_t| > 0.05); tokens with A_t = 0 get no gradient, so their bound does not matter.
 
 `teacher_mask` (optional, [*] bool) marks tokens that get the teacher term; elsewhere the anchor is
 lp_old (plain GRPO). Used to drop the final EOS when teacher and student end turns differently.
@@ -36,6 +39,8 @@ from .aggregation import Count, token_share
 from .policy import Metrics, _check_same_shape, clipped_policy_loss
 
 CLAMP_MODES = ("detached", "live")
+BOUND_SHIFT_THRESHOLD = 0.05
+"""|s_t| in nats above which `bound_moved_frac` counts a token's trust-region bound as moved."""
 
 
 def trrd_log_ratio(
@@ -63,7 +68,7 @@ def trrd_log_ratio(
         teacher_anchor = torch.where(keep, teacher_anchor, old_logprobs)
         clamp_active = clamp_active & keep
     # Computed from the anchor, not as a difference of log-ratios, so it is exactly 0 when
-    # teacher, old and current student agree (no rounding noise in the widened/narrowed counts).
+    # teacher, old and current student agree.
     shift = (1.0 - alpha) * (teacher_anchor - old_logprobs)
     if clamp_mode == "detached":
         log_ratio = logprobs - (alpha * old_logprobs + (1.0 - alpha) * teacher_anchor)
@@ -100,7 +105,7 @@ def trrd_loss(
     """TRRD loss share and metrics; per-token inputs [*], `logprobs` carries the gradient.
 
     Metrics (detached token-mean shares over `num_tokens`): clip_frac_high, clip_frac_low,
-    ratio_mean, pg_loss, teacher_widened_frac, teacher_narrowed_frac, clamp_active_frac,
+    ratio_mean, pg_loss, clip_differs_from_grpo_frac, bound_moved_frac, clamp_active_frac,
     teacher_log_ratio_mean (unclamped lp - lp_T), and ref_kl when the reference term is on.
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs, mask=mask)
@@ -128,12 +133,24 @@ def trrd_loss(
         ref_kl_coef=ref_kl_coef,
         ref_kl_estimator=ref_kl_estimator,
     )
-    push = advantages.detach().to(shift.dtype) * shift
+    adv = advantages.detach().to(shift.dtype)
+    grpo_log_ratio = logprobs.detach() - old_logprobs.detach()
+    clip_differs = _clip_state(log_ratio.detach(), adv, clip_low, clip_high) != _clip_state(
+        grpo_log_ratio, adv, clip_low, clip_high
+    )
     teacher_tokens = mask.bool() if teacher_mask is None else mask.bool() & teacher_mask.bool()
     metrics.update(
-        teacher_widened_frac=token_share(push > 0, mask, num_tokens),
-        teacher_narrowed_frac=token_share(push < 0, mask, num_tokens),
+        clip_differs_from_grpo_frac=token_share(clip_differs, mask, num_tokens),
+        bound_moved_frac=token_share((adv != 0) & (shift.abs() > BOUND_SHIFT_THRESHOLD), mask, num_tokens),
         clamp_active_frac=token_share(clamp_active, mask, num_tokens),
         teacher_log_ratio_mean=token_share(logprobs - teacher_logprobs, teacher_tokens, num_tokens),
     )
     return loss, metrics
+
+
+def _clip_state(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """[*] int8: +1 clipped high (A > 0, r > 1 + clip_high), -1 clipped low (A < 0, r < 1 - clip_low), else 0."""
+    ratio = torch.exp(log_ratio)
+    high = (advantages > 0) & (ratio > 1.0 + clip_high)
+    low = (advantages < 0) & (ratio < 1.0 - clip_low)
+    return high.to(torch.int8) - low.to(torch.int8)

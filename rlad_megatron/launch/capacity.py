@@ -12,7 +12,10 @@ Memory of the Megatron student per GPU (bytes):
   (12 s h + 4 s g + 8 s f) / TP bytes per layer, s = tokens of a packed micro-batch, h = hidden,
   g = KV heads x head dim, f = FFN size; a 1F1B pipeline holds min(PP, micro-batches) micro-batches of
   layers / PP layers on its first stage; full recompute keeps only each layer's 2 s h / TP input plus one
-  layer's full set; plus fp32 logits of the micro-batch (4 s V / TP) for the log-prob and loss.
+  layer's full set; under context parallelism each rank holds s / CP tokens of the packed row;
+* logits: the log-prob step peaks at about LOGIT_COPIES fp32 `[tokens, V / TP]` tensors (logits,
+  log-softmax, their gradients, the entropy's exponentials: measured in docs/benchmarks.md), with tokens
+  = `model.logprob_chunk_size` when log-probs are chunked, else the rank's whole row (s / CP).
 Memory of an SGLang server: bf16 weights / TP plus a KV pool of 2 (K, V) x layers x KV heads per GPU x head
 dim x 2 bytes per token, filling SGLANG_MEM_FRACTION of HBM.
 
@@ -24,7 +27,8 @@ Time of one RL step, each phase on its own GPUs (as `launch.topology` places the
 * weight sync: bf16 weights gathered on the GPU, then broadcast over one NIC (NCCL path) or written to and read
   from the shared file system (disk path, used by fleets that `rlad render` starts).
 FLOPs per token of a forward pass: 2 x (parameters without the input embedding) + attention 4 x layers x
-context x heads x head dim / 2 (causal). Left out: MoE, context parallelism, CPU offload, overlap of phases.
+context x heads x head dim / 2 (causal). Left out: MoE, CPU offload, overlap of phases, the K/V exchange of
+context parallelism (its FLOPs are the same; its communication overlaps attention in Transformer Engine).
 """
 
 from __future__ import annotations
@@ -136,13 +140,17 @@ def bytes_per_param(params_dtype: str, distributed_optimizer: bool, dp: int) -> 
     return 6 + 12 / dp if distributed_optimizer else 18
 
 
+LOGIT_COPIES = 5
+"""fp32 `[tokens, V / TP]` tensors alive at the peak of the log-prob step (bench/bench_logprobs_memory.py)."""
+
+
 def stage_params(arch: Arch, tp: int, pp: int) -> float:
     """Parameters held by one GPU of the largest pipeline stage."""
     embeddings = 1 if (pp > 1 or arch.tie_word_embeddings) else 2
     return (math.ceil(arch.num_layers / pp) * arch.layer_params + embeddings * arch.embedding_params) / tp
 
 
-def layer_activation_bytes(arch: Arch, tokens: int, tp: int) -> float:
+def layer_activation_bytes(arch: Arch, tokens: float, tp: int) -> float:
     """bf16 activations one layer keeps for backward, for a packed micro-batch of `tokens`, with SP."""
     s, h, g, f = tokens, arch.hidden_size, arch.kv_dim, arch.ffn_hidden_size
     return (12 * s * h + 4 * s * g + 8 * s * f) / tp
@@ -159,17 +167,24 @@ def student_memory(
     params_dtype: str = "bfloat16",
     distributed_optimizer: bool = True,
     recompute: bool = False,
+    cp: int = 1,
+    logprob_chunk_size: int = 0,
 ) -> dict[str, float]:
-    """Bytes per GPU of the trainer, by part: params_grads_optimizer, activations, logits, reserve, total."""
+    """Bytes per GPU of the trainer, by part: params_grads_optimizer, activations, logits, reserve, total.
+
+    `micro_batch_tokens`: tokens of the packed row (split over `cp` context-parallel ranks);
+    `logprob_chunk_size`: 0 = logits of the whole row at once."""
     states = stage_params(arch, tp, pp) * bytes_per_param(params_dtype, distributed_optimizer, dp)
     layers = math.ceil(arch.num_layers / pp)
     in_flight = min(pp, max(1, num_microbatches))
-    per_layer = layer_activation_bytes(arch, micro_batch_tokens, tp)
+    tokens = micro_batch_tokens / cp
+    per_layer = layer_activation_bytes(arch, tokens, tp)
     if recompute:
-        acts = in_flight * layers * 2 * micro_batch_tokens * arch.hidden_size / tp + per_layer
+        acts = in_flight * layers * 2 * tokens * arch.hidden_size / tp + per_layer
     else:
         acts = in_flight * layers * per_layer
-    logits = 4 * micro_batch_tokens * arch.vocab_size / tp
+    logit_tokens = min(logprob_chunk_size, tokens) if logprob_chunk_size > 0 else tokens
+    logits = LOGIT_COPIES * 4 * logit_tokens * arch.vocab_size / tp
     reserve = hw.RUNTIME_RESERVE_GIB * hw.GIB
     return {
         "params_grads_optimizer": states,

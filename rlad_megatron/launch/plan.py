@@ -3,8 +3,9 @@
 Reads the recipe, places roles with `launch.topology` (the same placement `rlad render` uses), takes the
 architectures from each model folder's config.json (or the built-in table), and prints:
 memory per GPU for the student (configured layout, with and without the distributed optimizer and full
-recompute), for rollout and teacher servers (weights + KV cache at the configured batch and lengths), a
-recommended TP/PP/DP for the student, and the estimated time of one RL step by phase. Formulas and constants
+recompute; the largest packed row is the token budget or one longest prompt + response, split over CP ranks;
+logits counted per log-prob chunk), for rollout and teacher servers (weights + KV cache at the configured batch and lengths), a
+recommended TP/PP/CP/DP for the student, and the estimated time of one RL step by phase. Formulas and constants
 are in `capacity.py` and `hardware.py`. Mean prompt and response lengths are assumptions (flags) because the
 recipe holds only maxima; docs/scaling.md compares the estimates with published step times.
 """
@@ -33,41 +34,53 @@ def num_microbatches(cfg: RunConfig, tokens_per_seq: float, dp: int) -> int:
     return max(1, math.ceil(seqs * tokens_per_seq / dp / cfg.train.micro_batch_tokens))
 
 
+def row_tokens(cfg: RunConfig) -> int:
+    """Tokens of the largest packed micro-batch: the token budget, or one longest sequence if it is longer."""
+    return max(cfg.train.micro_batch_tokens, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens)
+
+
+CP_SIZES = (1, 2, 4, 8)
+
+
 def recommend_split(
     arch: cap.Arch, cfg: RunConfig, num_gpus: int, gpus_per_node: int, hbm_bytes: float, tokens_per_seq: float
-) -> tuple[int, int, int, bool] | None:
-    """(TP, PP, DP, recompute) with the fewest model-parallel GPUs that fits, TP (inside a node) before PP,
-    no recompute before recompute; None when nothing fits. Uses the distributed optimizer."""
+) -> tuple[int, int, int, int, bool] | None:
+    """(TP, PP, CP, DP, recompute) with the fewest model-parallel GPUs that fits, then no PP before PP,
+    then the smallest CP, no recompute before recompute; None when nothing fits. Context parallelism is
+    not combined with pipeline parallelism (the trainer refuses it). Uses the distributed optimizer."""
     options = []
     for recompute in (False, True):
         for tp in (1, 2, 4, 8):
             for pp in range(1, arch.num_layers + 1):
-                ok = (
-                    tp <= gpus_per_node
-                    and arch.num_attention_heads % tp == 0
-                    and arch.num_key_value_heads % tp == 0
-                    and arch.num_layers % pp == 0
-                    and num_gpus % (tp * pp) == 0
-                )
-                if not ok:
-                    continue
-                dp = num_gpus // (tp * pp)
-                mem = cap.student_memory(
-                    arch,
-                    tp=tp,
-                    pp=pp,
-                    dp=dp,
-                    micro_batch_tokens=cfg.train.micro_batch_tokens,
-                    num_microbatches=num_microbatches(cfg, tokens_per_seq, dp),
-                    params_dtype=cfg.model.params_dtype,
-                    recompute=recompute,
-                )
-                if mem["total"] <= hbm_bytes:
-                    options.append((int(recompute), tp * pp, pp, tp, dp))
+                for cp in CP_SIZES if pp == 1 else (1,):
+                    ok = (
+                        tp <= gpus_per_node
+                        and arch.num_attention_heads % tp == 0
+                        and arch.num_key_value_heads % tp == 0
+                        and arch.num_layers % pp == 0
+                        and num_gpus % (tp * pp * cp) == 0
+                    )
+                    if not ok:
+                        continue
+                    dp = num_gpus // (tp * pp * cp)
+                    mem = cap.student_memory(
+                        arch,
+                        tp=tp,
+                        pp=pp,
+                        dp=dp,
+                        micro_batch_tokens=row_tokens(cfg),
+                        num_microbatches=num_microbatches(cfg, tokens_per_seq, dp),
+                        params_dtype=cfg.model.params_dtype,
+                        recompute=recompute,
+                        cp=cp,
+                        logprob_chunk_size=cfg.model.logprob_chunk_size,
+                    )
+                    if mem["total"] <= hbm_bytes:
+                        options.append((int(recompute), tp * pp * cp, pp, cp, tp, dp))
     if not options:
         return None
-    recompute, _, pp, tp, dp = min(options)
-    return tp, pp, dp, bool(recompute)
+    recompute, _, pp, cp, tp, dp = min(options)
+    return tp, pp, cp, dp, bool(recompute)
 
 
 def _server_report(
@@ -96,8 +109,8 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
     num_seqs = cfg.train.prompts_per_step * cfg.algorithm.group_size
     trainer_gpus = len(topo.trainer_nodes) * len(topo.trainer_gpus)
     par = cfg.parallel
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = trainer_gpus // (tp * pp * par.context_parallel_size)
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    dp = trainer_gpus // (tp * pp * cp)
     mbs = num_microbatches(cfg, seq_len, dp)
     layouts = {}
     for dist in (False, True):
@@ -107,11 +120,13 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
                 tp=tp,
                 pp=pp,
                 dp=dp,
-                micro_batch_tokens=cfg.train.micro_batch_tokens,
+                micro_batch_tokens=row_tokens(cfg),
                 num_microbatches=mbs,
                 params_dtype=cfg.model.params_dtype,
                 distributed_optimizer=dist,
                 recompute=rec,
+                cp=cp,
+                logprob_chunk_size=cfg.model.logprob_chunk_size,
             )
     configured = layouts[f"dist_opt={par.use_distributed_optimizer} recompute={_recompute(cfg)}"]
     hbm = gpu.hbm_gb * hw.GB
@@ -125,7 +140,9 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
         "mean_prompt": prompt_len,
         "mean_response": response_len,
         "trainer_gpus": trainer_gpus,
-        "layout": {"tp": tp, "pp": pp, "dp": dp, "microbatches": mbs},
+        "layout": {"tp": tp, "pp": pp, "cp": cp, "dp": dp, "microbatches": mbs},
+        "row_tokens": row_tokens(cfg),
+        "logprob_chunk_size": cfg.model.logprob_chunk_size,
         "student_memory": layouts,
         "student_fits": configured["total"] <= hbm,
         "hbm": hbm,
@@ -189,7 +206,8 @@ def format_plan(plan: dict) -> str:
         f"GPU: {plan['gpu']}, HBM {_gib(plan['hbm']).strip()}",
         f"student: {student}",
         f"batch: {batch}",
-        f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs",
+        f"trainer layout: {plan['layout']}, {plan['trainer_gpus']} GPUs; largest packed row {plan['row_tokens']} "
+        f"tokens, log-probs in chunks of {plan['logprob_chunk_size'] or 'the whole row'}",
     ]
     for name, mem in plan["student_memory"].items():
         parts = ", ".join(f"{k} {_gib(v).strip()}" for k, v in mem.items() if k != "total")
@@ -197,7 +215,8 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  student/GPU [{name}]: total {_gib(mem['total'])} ({verdict}): {parts}")
     rec = plan["recommended"]
     lines.append(
-        f"recommended student split: TP={rec[0]} PP={rec[1]} DP={rec[2]} recompute={rec[3]} (distributed optimizer)"
+        f"recommended student split: TP={rec[0]} PP={rec[1]} CP={rec[2]} DP={rec[3]} recompute={rec[4]} "
+        "(distributed optimizer)"
         if rec
         else "recommended student split: none fits; add trainer GPUs"
     )

@@ -107,27 +107,32 @@ def job_size_changes(cfg: RunConfig, steps: int) -> list[Change]:
     return out
 
 
-def trainer_layout(tp: int, pp: int) -> tuple[int, int]:
-    """(TP, PP) within TRAINER_PROCESSES processes: kept when they fit, else PP up to 2 first (it exercises
-    the per-stage weight sync), then TP with what is left."""
+def trainer_layout(tp: int, pp: int, cp: int = 1) -> tuple[int, int, int]:
+    """(TP, PP, CP) within TRAINER_PROCESSES processes: kept when they fit, else PP, then CP up to 2 first
+    (they exercise the per-stage weight sync and the split of every packed row), then TP with what is left."""
     new_pp = min(pp, TRAINER_PROCESSES)
-    return min(tp, TRAINER_PROCESSES // new_pp), new_pp
+    new_cp = min(cp, TRAINER_PROCESSES // new_pp)
+    return min(tp, TRAINER_PROCESSES // (new_pp * new_cp)), new_pp, new_cp
 
 
 def layout_changes(cfg: RunConfig, want_teacher: bool) -> list[Change]:
     """Trainer TP / PP, node counts and GPUs per node for <= 2 trainer processes and one process per server."""
-    tp, pp = trainer_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    par = cfg.parallel
+    tp, pp, cp = trainer_layout(
+        par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    )
     why_par = "at most 2 trainer processes on 2 cores"
     out = [
         *_changed(cfg, "parallel.tensor_model_parallel_size", tp, why_par),
         *_changed(cfg, "parallel.pipeline_model_parallel_size", pp, why_par),
+        *_changed(cfg, "parallel.context_parallel_size", cp, why_par),
     ]
     if tp == 1:
         out += _changed(cfg, "parallel.sequence_parallel", False, "sequence parallelism needs TP > 1")
     one = "rlad serve runs one process per server"
     out += [*_changed(cfg, "launch.rollout_tp", 1, one), *_changed(cfg, "launch.teacher_tp", 1, one)]
     if cfg.launch.nodes == 1:  # shared node: teacher GPU, rollout GPU, then the trainer's
-        gpus = tp * pp + 1 + int(want_teacher)
+        gpus = tp * pp * cp + 1 + int(want_teacher)
         return out + _changed(cfg, "launch.gpus_per_node", gpus, "one 'GPU' per server and trainer process")
     why = "one emulated node per role"
     return out + [
@@ -135,7 +140,7 @@ def layout_changes(cfg: RunConfig, want_teacher: bool) -> list[Change]:
         *_changed(cfg, "launch.trainer_nodes", 1, why),
         *_changed(cfg, "launch.rollout_nodes", 1, why),
         *_changed(cfg, "launch.teacher_nodes", int(want_teacher), why),
-        *_changed(cfg, "launch.gpus_per_node", tp * pp, "trainer processes per node (and servers per node)"),
+        *_changed(cfg, "launch.gpus_per_node", tp * pp * cp, "trainer processes per node (and servers per node)"),
     ]
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -18,6 +16,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from rlad_megatron.rewards.base import RewardFn, RewardResult
+from rlad_megatron.rewards.parent_watch import exit_with_parent
 
 NAMES = ("math", "knights_knaves", "task:<name>", "reasoning_gym:<task>", "auto")
 
@@ -81,28 +80,15 @@ def build_reward_fn(reward_cfg: Any, data_cfg: Any) -> RewardFn:
     return get_reward_fn(name, **kwargs)
 
 
+# Spawned workers hold both ends of the call queue and never see EOF: they watch the trainer instead.
 _EXECUTORS: dict[int, ProcessPoolExecutor] = {}
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Pool-worker initializer: exit when the trainer dies.
-
-    A spawned worker holds both ends of the pool's call queue, so it never sees EOF when its
-    parent is killed (SIGKILL, OOM, preemption) and would idle forever as an orphan."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _executor(num_workers: int) -> ProcessPoolExecutor:
     """One spawned process pool per size, kept for the whole run (spawning costs ~1 s per worker)."""
     if num_workers not in _EXECUTORS:
         _EXECUTORS[num_workers] = ProcessPoolExecutor(
-            num_workers, mp_context=get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+            num_workers, mp_context=get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(),)
         )
     return _EXECUTORS[num_workers]
 

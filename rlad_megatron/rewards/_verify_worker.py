@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+
+from rlad_megatron.rewards.parent_watch import die_with_parent
 
 
 def _check(gold: str, pred: str, parse, verify) -> dict:
@@ -21,6 +24,8 @@ def _check(gold: str, pred: str, parse, verify) -> dict:
 
 
 def main() -> None:
+    # EOF on stdin ends an idle worker when the trainer dies; this ends a busy one too.
+    die_with_parent(int(os.environ.get("RLAD_VERIFY_PARENT_PID", os.getppid())))
     logging.disable(logging.CRITICAL)
     from math_verify import parse, verify
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _STARTUP_TIMEOUT_S = 120.0
@@ -32,6 +33,7 @@ class _Worker:
         env = dict(
             os.environ,
             OMP_NUM_THREADS="1",
+            RLAD_VERIFY_PARENT_PID=str(os.getpid()),
             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
         )
         self.proc = subprocess.Popen(
@@ -75,6 +77,15 @@ class _Worker:
             f.close()
 
 
+# Workers die with the thread that started them (PR_SET_PDEATHSIG, see parent_watch): start them all from
+# one thread that lives as long as the process, never from a caller's short-lived thread.
+_STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-worker-starter")
+
+
+def _start_worker() -> _Worker:
+    return _STARTER.submit(_Worker).result()
+
+
 class VerifyPool:
     """`verify_many([(gold, pred), ...])` -> `[{"equal", "timeout", "error"}, ...]`, in order."""
 
@@ -88,7 +99,7 @@ class VerifyPool:
 
     def _ensure_workers(self, wanted: int) -> None:
         while len(self.workers) < min(wanted, self.num_workers):
-            self.workers.append(_Worker())
+            self.workers.append(_start_worker())
         for w in self.workers:
             w.wait_ready()
 
@@ -137,7 +148,7 @@ class VerifyPool:
 
     def _replace(self, slot: int) -> None:
         self.workers[slot].kill()
-        self.workers[slot] = _Worker()
+        self.workers[slot] = _start_worker()
         self.num_replaced += 1
 
     def close(self) -> None:

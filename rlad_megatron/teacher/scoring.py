@@ -6,8 +6,9 @@ value per response token, aligned with rollout_logprobs (teacher/alignment.py ha
 arithmetic). With top_k > 0 (GKD) the teacher's top-k ids and log-probs per position are filled
 too.
 
-drop_final_eos: a response that ends on a stop token is sent WITHOUT that final token (the
-teacher may end turns with a different token, or not know the student's EOS id at all); the
+drop_final_eos: a response that ends on a stop token (Sample.ends_with_stop_token: EOS or an extra
+stop token) is sent WITHOUT that final token (the teacher may end turns with a different token, or
+not know the student's EOS id at all); the
 final position then holds a placeholder (the student's rollout log-prob) that the objective
 masks out (Objective.teacher_token_mask), so every list keeps one entry per response token.
 
@@ -23,25 +24,13 @@ from rlad_megatron.engines.base import EngineError
 from rlad_megatron.types import Sample
 
 
-def _ends_with_stop(sample: Sample, eos_token_ids: Sequence[int] | None) -> bool:
-    if not sample.response_ids:
-        return False
-    if eos_token_ids is not None:
-        return sample.response_ids[-1] in set(eos_token_ids)
-    return sample.finish_reason == "stop"
-
-
 def score_samples(
     engine,
     samples: Sequence[Sample],
     top_k: int = 0,
     drop_final_eos: bool = False,
-    eos_token_ids: Sequence[int] | None = None,
 ) -> None:
-    """Fill sample.teacher_logprobs (and teacher_topk_ids / teacher_topk_logprobs when top_k > 0).
-
-    eos_token_ids: which final tokens count as EOS for drop_final_eos (default: finish_reason == 'stop').
-    """
+    """Fill sample.teacher_logprobs (and teacher_topk_ids / teacher_topk_logprobs when top_k > 0)."""
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0")
     todo: list[int] = []
@@ -51,7 +40,7 @@ def score_samples(
     for i, s in enumerate(samples):
         if not s.prompt_ids:
             raise ValueError(f"sample {i} has no prompt_ids; the teacher needs the prompt to score the response")
-        drop = drop_final_eos and _ends_with_stop(s, eos_token_ids)
+        drop = drop_final_eos and s.ends_with_stop_token
         response = s.response_ids[:-1] if drop else s.response_ids
         drops.append(drop)
         if response:

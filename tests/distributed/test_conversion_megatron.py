@@ -55,10 +55,8 @@ def _run_worker(work: Path, family: str, tp: int, pp: int) -> dict:
 
 
 def _hf_logits(folder) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    sys.path.insert(0, str(WORKER.parent))
     from test_conversion_worker import IDS
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     with torch.no_grad():

@@ -62,6 +62,12 @@ def test_vocab_parallel_logprobs_entropy_topk_match_full_log_softmax(measured):
     assert measured["vp_grad_padded_cols"] == 0.0
 
 
+def test_chunked_logprobs_match_whole_logits_at_tp2(measured):
+    assert measured["chunked_grad_max"] > 1e-2
+    assert measured["chunked_value_diff"] < 1e-6
+    assert measured["chunked_grad_diff"] < 1e-6
+
+
 def test_packed_equals_padded_logprobs(measured):
     assert measured["dp_packed_vs_padded_lp"] < LP_TOL
     assert measured["tp2_lp"] < LP_TOL

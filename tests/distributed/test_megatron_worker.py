@@ -185,6 +185,42 @@ def check_vocab_parallel(trainer, results):
     results["vp_grad_padded_cols"], results["vp_num_padded_cols"] = stats.tolist()
 
 
+def check_chunked_logprobs(trainer, results):
+    """Chunked log-probs (output layer per chunk) vs the whole-logits vocab-parallel path at this TP, float64."""
+    from rlad_megatron.backends.megatron.logprobs import (
+        chunked_logprobs,
+        logprobs_and_entropy,
+        vocab_parallel_topk_logprobs,
+    )
+
+    ctx, dtype = trainer.parallel, torch.float64
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(23, 8, generator=gen, dtype=dtype)
+    weight = torch.randn(128, 8, generator=gen, dtype=dtype).chunk(ctx.tensor_model_parallel_size)[ctx.tp_rank]
+    targets = torch.randint(0, VOCAB, (23,), generator=gen)
+    topk = torch.randint(0, VOCAB, (23, 3), generator=gen)
+    mix = torch.randn(23, 4, generator=gen, dtype=dtype)
+    sampling = {"temperature": TEMPERATURE, "vocab_size": VOCAB}
+    runs = []
+    for chunk_size in (0, 5):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if chunk_size:
+            out = chunked_logprobs(
+                h, w, targets, ctx.tp_group, chunk_size=chunk_size, topk_ids=topk, with_entropy=True, **sampling
+            )
+            values = [out["logprobs"], out["entropy"], out["topk_logprobs"]]
+        else:
+            logits = h @ w.t()
+            lp, ent = logprobs_and_entropy(logits, targets, ctx.tp_group, **sampling)
+            values = [lp, ent.detach(), vocab_parallel_topk_logprobs(logits, topk, ctx.tp_group, **sampling)]
+        ((values[0] * mix[:, 0]).sum() + (values[2] * mix[:, 1:]).sum()).backward()
+        runs.append((values, [h.grad, w.grad]))
+    (ref_values, ref_grads), (values, grads) = runs
+    results["chunked_value_diff"] = max((a - b).abs().max().item() for a, b in zip(values, ref_values))
+    results["chunked_grad_diff"] = max((a - b).abs().max().item() for a, b in zip(grads, ref_grads))
+    results["chunked_grad_max"] = max(g.abs().max().item() for g in ref_grads)
+
+
 def hf_to_megatron(hf_model, megatron_model) -> None:
     """Test-only TP=1 weight copy (HF names -> Megatron local-spec names) to compare forwards."""
     cfg, sd = hf_model.config, hf_model.state_dict()
@@ -313,6 +349,7 @@ def stage_tp2(c: Ctx) -> None:
     c.results["tp2_lp"] = lp_diff(tr.compute_logprobs(c.samples), c.ref_lp)
     c.parity(tr, "tp2")
     check_vocab_parallel(tr, c.results)
+    check_chunked_logprobs(tr, c.results)
     tr.train_step(c.samples, c.adv, 0, old_logprobs=c.old)
     c.lp_after["tp2"] = tr.compute_logprobs(c.samples)
     c.ckpt.save_checkpoint(tr, c.run_dir, 1, {"data_position": 1})

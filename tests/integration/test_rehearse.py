@@ -4,9 +4,9 @@ node agents, sglang-router, `rlad serve` fleets and the torchrun trainer, then a
 * qwen3_kk (1 node, trainer TP=2): the job and its requeue pass every check; a kill -9 of the trainer ranks
   after step 1's checkpoint, then the requeued attempt, ends with the uninterrupted run's metrics (as
   tests/integration/test_train_resume.py proves for a single process).
-* qwen3_math (PP=2 over 3 emulated nodes): one rollout server is killed -9 during step 2; every step still
-  trains on exactly prompts x group samples, the node agent restarts the server and it serves the final
-  weights version.
+* qwen3_math (context parallelism CP=2 over 3 emulated nodes): one rollout server is killed -9 during step 2;
+  every step still trains on exactly prompts x group samples, the node agent restarts the server and it
+  serves the final weights version.
 """
 
 from __future__ import annotations
@@ -101,12 +101,14 @@ def test_killed_trainer_resumes_on_requeue_and_matches_the_uninterrupted_run(kk,
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (want["step"], key)
 
 
-def test_pipeline_parallel_job_over_three_emulated_nodes(math_with_server_killed):
+def test_context_parallel_job_over_three_emulated_nodes(math_with_server_killed):
     report = json.loads((math_with_server_killed / "rehearsal.json").read_text())
     ok = checks(report)
     assert ok["rollout log-probs"] and ok["teacher via router"] and ok["steps"] and ok["requeued attempt resumed"]
     cfg = run_config(math_with_server_killed)
-    assert (cfg["parallel"]["pipeline_model_parallel_size"], cfg["parallel"]["tensor_model_parallel_size"]) == (2, 1)
+    par = cfg["parallel"]
+    layout = (par["tensor_model_parallel_size"], par["pipeline_model_parallel_size"], par["context_parallel_size"])
+    assert layout == (1, 1, 2)
     servers = {(s["fleet"], s["url"].rsplit(":", 1)[0]) for s in report["attempts"][0]["servers"]}
     assert servers == {("teacher", "http://127.0.0.1"), ("rollout", "http://127.0.0.2")}  # one node per role
 

@@ -37,6 +37,34 @@ def test_one_bad_step_is_skipped_and_training_continues(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints" / "step_2").exists()
 
 
+def test_a_nan_gradient_with_a_finite_loss_is_skipped_too(tmp_path, monkeypatch, capsys):
+    """The loss is fine but one parameter's gradient is NaN (a tensor hook poisons it during step 2's
+    backward): the update is skipped exactly like a NaN loss, and the weights stay finite."""
+    import torch
+
+    from rlad_megatron.backends.megatron import trainer as trainer_mod
+
+    original = trainer_mod.MegatronTrainer.train_step
+
+    def train_step(self, samples, advantages, step, **kwargs):
+        param = next(p for p in self.model[0].parameters() if p.requires_grad)
+        handle = param.register_hook(lambda grad: torch.full_like(grad, float("nan"))) if step == 2 else None
+        try:
+            return original(self, samples, advantages, step, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    monkeypatch.setattr(trainer_mod.MegatronTrainer, "train_step", train_step)
+    cfg = run_config(tmp_path / "run", "grpo", ["train.num_steps=3", "train.max_bad_steps=2", "checkpoint.interval=1"])
+    history = train_mod.train(cfg)
+    assert [h["skipped"] for h in history] == [0.0, 1.0, 0.0]
+    assert all(math.isfinite(h["loss"]) for h in history)  # only the gradient was bad
+    assert "step 2: non-finite loss or gradient; update skipped (1/2 consecutive)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints" / "step_2").exists()
+    assert math.isfinite(history[2]["grad_norm"])  # step 3 trained on finite weights
+
+
 def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
     cfg = run_config(tmp_path / "run", "grpo", ["train.num_steps=5", "train.max_bad_steps=2", "checkpoint.interval=1"])
     with pytest.raises(train_mod.TrainingStopped, match="2 consecutive non-finite steps"):

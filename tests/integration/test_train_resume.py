@@ -3,7 +3,9 @@ restart with the same command, and the metrics equal an uninterrupted run's step
 
 The killed runs go through a small driver that wraps one internal function to SIGKILL its own
 process at a chosen step (a deterministic kill point); the last kill comes from outside at a
-random moment. Restarts are the plain `python -m rlad_megatron.train_cli` command.
+random moment inside the last step (asserted to have hit a live run). OPD goes through every kill
+point; RLAD (teacher-anchored trust region) and GKD (teacher top-k) through the random one.
+Restarts are the plain `python -m rlad_megatron.train_cli` command.
 """
 
 from __future__ import annotations
@@ -66,14 +68,14 @@ if __name__ == "__main__":
 NUM_STEPS = 5
 
 
-def _recipe(root: Path, run_dir: Path) -> Path:
+def _recipe(root: Path, run_dir: Path, algorithm: str = "opd", extra: str = "") -> Path:
     student, teacher = make_models(root)
     recipe = root / f"{run_dir.name}.yaml"
     recipe.write_text(f"""
 run_dir: {run_dir}
 seed: 11
 model: {{student: {student}, teacher: {teacher}}}
-algorithm: {{name: opd, group_size: 2}}
+algorithm: {{name: {algorithm}, group_size: 2{extra}}}
 rollout: {{kind: embedded, max_new_tokens: 6}}
 teacher: {{kind: embedded}}
 data: {{train: "task:addition", task_kwargs: {{size: 8}}}}
@@ -110,9 +112,12 @@ def _cli(recipe: Path):
     return [sys.executable, "-m", "rlad_megatron.train_cli", "--config", str(recipe)]
 
 
+def _raw_rows(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _rows(run_dir: Path):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in _raw_rows(run_dir)]
 
 
 def _latest(run_dir: Path) -> str:
@@ -136,14 +141,38 @@ def test_kill_anywhere_then_resume_reproduces_metrics(tmp_path):
         assert code == -signal.SIGKILL, log.read_text()[-2000:]
         assert _latest(run_dir) == survivor, f"after a kill at {point} {at}: latest={_latest(run_dir)!r}"
     # A half-written checkpoint from the 'save' kill was left as step_3.tmp and is never the latest.
-    # Last: an outside SIGKILL at a random moment once step 4 is checkpointed.
+    _kill_at_a_random_moment_of_the_last_step(recipe, run_dir, log, _step_seconds(base_dir))
+    assert _reap(_start(_cli(recipe), log)) == 0, log.read_text()[-2000:]
+    assert _rows(run_dir) == expected
+
+
+def _step_seconds(run_dir: Path) -> float:
+    return _raw_rows(run_dir)[-1]["time/step"]
+
+
+def _kill_at_a_random_moment_of_the_last_step(recipe: Path, run_dir: Path, log: Path, step_s: float) -> None:
+    """An outside SIGKILL once step NUM_STEPS-1 is checkpointed, at a random moment within the last step's
+    time in the uninterrupted run; the run must still be alive when the signal goes (otherwise the test
+    would prove nothing) and must die of it."""
+    before = f"step_{NUM_STEPS - 1}"
     proc = _start(_cli(recipe), log)
     deadline = time.time() + 300
-    while _latest(run_dir) in ("step_3", "") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.5))
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    _reap(proc, timeout=60)
+    while _latest(run_dir) != before and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert _latest(run_dir) == before, log.read_text()[-2000:]
+    time.sleep(random.uniform(0.0, 0.8 * step_s))
+    assert proc.poll() is None, f"the run ended before the random kill (step {step_s:.2f} s)"
+    proc.send_signal(signal.SIGKILL)
+    assert _reap(proc, timeout=60) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(("algorithm", "extra"), [("rlad", ""), ("gkd", ", gkd_top_k: 4")], ids=["rlad", "gkd"])
+def test_random_kill_then_resume_reproduces_metrics_for_teacher_objectives(tmp_path, algorithm, extra):
+    base_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    log = tmp_path / "log.txt"
+    assert _reap(_start(_cli(_recipe(tmp_path, base_dir, algorithm, extra)), log)) == 0, log.read_text()[-2000:]
+    expected = _rows(base_dir)
+    recipe = _recipe(tmp_path, run_dir, algorithm, extra)
+    _kill_at_a_random_moment_of_the_last_step(recipe, run_dir, log, _step_seconds(base_dir))
     assert _reap(_start(_cli(recipe), log)) == 0, log.read_text()[-2000:]
     assert _rows(run_dir) == expected

@@ -152,13 +152,46 @@ def test_trrd_hand_case_values_and_metrics():
     assert m["clip_frac_low"].item() == 0.0
     assert m["clamp_active_frac"].item() == pytest.approx(2 / 4)
     assert m["teacher_log_ratio_mean"].item() == pytest.approx((-0.5 + 3.0 + 0.2 + 3.0) / 4)
-    # shift s = 0.5 * (teacher anchor - lp_old) = +0.25, -0.5, -0.1, -0.5 and A * s = +, -, +, +:
-    # widened where the teacher likes a good token or dislikes a bad one
-    assert m["teacher_widened_frac"].item() == pytest.approx(3 / 4)
-    assert m["teacher_narrowed_frac"].item() == pytest.approx(1 / 4)
+    # GRPO at lp == lp_old has r = 1 everywhere: nothing clipped; TRRD clips token 1 only
+    assert m["clip_differs_from_grpo_frac"].item() == pytest.approx(1 / 4)
+    # shift s = 0.5 * (teacher anchor - lp_old) = +0.25, -0.5, -0.1, -0.5: all above 0.05 nats, all A != 0
+    assert m["bound_moved_frac"].item() == pytest.approx(4 / 4)
     assert m["ratio_mean"].item() == pytest.approx(sum(r) / 4)
     # detached clamp: grad = -A * r / N wherever the PPO clip is inactive
     assert torch.allclose(grad, t64([[-r[0] / 4, 0.0, r[2] / 4, r[3] / 4]]))
+
+
+def test_trrd_trust_region_metrics_ignore_tiny_teacher_differences():
+    """A teacher that differs from the student by rounding-size amounts moves no bound and changes no clip
+    state, even though every token has a non-zero advantage."""
+    lp = t64([[-1.0, -1.0, -1.0, -1.0]])
+    teacher = lp + t64([[1e-6, -1e-6, 0.04, -0.04]])  # |s| = 0.5 * |lp - lp_T| <= 0.02 < 0.05
+    adv = t64([[1.0, -1.0, 1.0, -1.0]])
+    kw = {"clip_low": CL, "clip_high": CH, "teacher_log_ratio_clamp": 1.0, "aggregation": "token_mean"}
+    _, m = trrd_loss(lp, lp, teacher, adv, torch.ones(1, 4, dtype=torch.bool), alpha=0.5, num_tokens=4, **kw)
+    assert m["bound_moved_frac"].item() == 0.0
+    assert m["clip_differs_from_grpo_frac"].item() == 0.0
+
+
+def test_trrd_clip_state_differs_from_grpo_in_both_directions():
+    """TRRD log r = lp - (0.5 lp_old + 0.5 lp_T), GRPO log r = lp - lp_old, on the same lp.
+    token 0 (A > 0): GRPO 0.3 (e^0.3 > 1.28, clipped high); the teacher likes it (lp_T = lp_old + 0.4), TRRD
+        0.1: not clipped.
+    token 1 (A > 0): teacher = old student: both 0.3, both clipped high.
+    token 2 (A < 0): GRPO -0.1 (0.905 > 0.8, not clipped); the teacher likes it (lp_T = lp_old + 0.5), TRRD
+        -0.35 (0.70 < 0.8): clipped low.
+    token 3 (A < 0): teacher = old student: both -0.1, neither clipped."""
+    old = t64([[-2.0, -2.0, -2.0, -2.0]])
+    lp = old + t64([[0.3, 0.3, -0.1, -0.1]])
+    teacher = old + t64([[0.4, 0.0, 0.5, 0.0]])
+    adv = t64([[1.0, 1.0, -1.0, -1.0]])
+    kw = {"clip_low": CL, "clip_high": CH, "teacher_log_ratio_clamp": 0.0, "aggregation": "token_mean"}
+    _, m = trrd_loss(lp, old, teacher, adv, torch.ones(1, 4, dtype=torch.bool), alpha=0.5, num_tokens=4, **kw)
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 4)
+    assert m["clip_frac_low"].item() == pytest.approx(1 / 4)
+    assert m["clip_differs_from_grpo_frac"].item() == pytest.approx(2 / 4)
+    # bounds moved by |s| = 0.2, 0, 0.25, 0 nats
+    assert m["bound_moved_frac"].item() == pytest.approx(2 / 4)
 
 
 def test_trrd_live_clamp_cuts_teacher_gradient_where_clamped():
@@ -274,7 +307,7 @@ def test_trrd_alpha_one_is_exactly_grpo(aggregation, clamp_mode):
         assert torch.equal(a.grad, b.grad)
         for key in ("clip_frac_high", "clip_frac_low", "ratio_mean"):
             assert torch.equal(m_t[key], m_p[key])
-        assert m_t["teacher_widened_frac"].item() == 0.0 and m_t["teacher_narrowed_frac"].item() == 0.0
+        assert m_t["clip_differs_from_grpo_frac"].item() == 0.0 and m_t["bound_moved_frac"].item() == 0.0
 
 
 def test_trrd_first_step_with_teacher_equal_student_has_unit_ratio():
@@ -299,8 +332,8 @@ def test_trrd_first_step_with_teacher_equal_student_has_unit_ratio():
         "clip_frac_high",
         "clip_frac_low",
         "clamp_active_frac",
-        "teacher_widened_frac",
-        "teacher_narrowed_frac",
+        "clip_differs_from_grpo_frac",
+        "bound_moved_frac",
     ):
         assert m[key].item() == 0.0, key
     # ratio 1 everywhere: the plain policy gradient -A / N
@@ -329,7 +362,7 @@ def test_trrd_zero_advantage_gives_zero_gradient_whatever_the_teacher(clamp_mode
         loss.backward()
         assert loss.item() == 0.0
         assert torch.equal(x.grad, torch.zeros_like(lp))
-        assert m["teacher_widened_frac"].item() == 0.0 and m["teacher_narrowed_frac"].item() == 0.0
+        assert m["clip_differs_from_grpo_frac"].item() == 0.0 and m["bound_moved_frac"].item() == 0.0
 
 
 def test_trrd_detached_gradient_is_ratio_times_advantage_where_unclipped():

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import run_all
+from bench import run_all
 
 INFO = {"cores": "2", "cpu": "Test CPU", "torch": "2.x", "python": "3.11"}
 
@@ -18,6 +15,7 @@ INFO = {"cores": "2", "cpu": "Test CPU", "torch": "2.x", "python": "3.11"}
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch):
     (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")  # the scripts run as modules of this package
     (tmp_path / "docs").mkdir()
     monkeypatch.setattr(run_all, "REPO", tmp_path)
     monkeypatch.setattr(run_all, "DOC", tmp_path / "docs" / "benchmarks.md")
@@ -42,7 +40,7 @@ def test_json_table_ratio_lines_and_command(fake_repo):
     result = run_all.run_bench(bench, quick=False, timeout=60)
     assert result["status"] == 0 and result["json"]["table"][2] == "| 1 | 2 |"
     text = "\n".join(run_all.section(bench, result, INFO))
-    assert "Command: `OMP_NUM_THREADS=2 .venv/bin/python bench/b_json.py --n 1`" in text
+    assert "Command: `OMP_NUM_THREADS=2 .venv/bin/python -m bench.b_json --n 1`" in text
     assert "| 1 | 2 |" in text and "- speed-up : 2.50x (target >= 2x)" in text and "- noise line" not in text
     assert "2 cores, Test CPU, torch 2.x" in text
 

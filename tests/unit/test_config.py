@@ -134,3 +134,13 @@ def test_save_config_redacts_api_keys(tmp_path):
     cfg = load_config(None, ["teacher.api_key=secret-value", f"run_dir={tmp_path}"])
     text = save_config(cfg).read_text()
     assert "secret-value" not in text and "<redacted>" in text
+
+
+@pytest.mark.parametrize("algorithm", ["rlad", "kdrl", "opd", "gkd"])
+def test_teacher_algorithms_refuse_rollout_temperature_other_than_one(algorithm):
+    """The teacher is scored at temperature 1; a tempered student would be compared with an untempered teacher."""
+    with pytest.raises(ValueError, match=r"rollout\.temperature=0\.7.*scored at temperature 1"):
+        load_config(None, [f"algorithm.name={algorithm}", "rollout.temperature=0.7"])
+    # eval may sample at any temperature; methods without a teacher term may roll out at any temperature
+    assert load_config(None, [f"algorithm.name={algorithm}", "eval.temperature=0.6"]).eval.temperature == 0.6
+    assert load_config(None, ["algorithm.name=grpo", "rollout.temperature=0.7"]).rollout.temperature == 0.7

@@ -148,7 +148,7 @@ LAYOUTS = [  # (recipe, overrides): 1, 2 and 8 nodes, shared and dedicated, node
             "launch.rollout_nodes=0",
             "launch.teacher_nodes=0",
             "launch.teacher_tp=2",
-            "parallel.pipeline_model_parallel_size=1",
+            "parallel.context_parallel_size=1",
         ],
     ),
     ("kk", ["launch.nodes=2", "algorithm.name=grpo"]),

@@ -32,18 +32,24 @@ def _samples(n: int = 9, seed: int = 0) -> list[Sample]:
     ]
 
 
-def _fake_trainer(fp8: str, tp: int, sp: bool, pp: int = 1):
+def _fake_trainer(fp8: str, tp: int, sp: bool, pp: int = 1, cp: int = 1):
     """Just what `MegatronTrainer._micro_batches` reads: the trainer's batching without a model."""
     cfg = RunConfig()
     cfg.model.fp8, cfg.train.micro_batch_tokens = fp8, 24
     ctx = SimpleNamespace(
-        data_parallel_size=1, dp_rank=0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        data_parallel_size=1,
+        dp_rank=0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        cp_rank=cp - 1,
     )
     return SimpleNamespace(cfg=cfg, parallel=ctx, config=SimpleNamespace(sequence_parallel=sp))
 
 
-def _lengths(fp8: str, tp: int, sp: bool, pp: int = 1) -> list[int]:
-    batches, _ = MegatronTrainer._micro_batches(_fake_trainer(fp8, tp, sp, pp), _samples(), {})
+def _lengths(fp8: str, tp: int, sp: bool, pp: int = 1, cp: int = 1) -> list[int]:
+    """Tokens of each micro-batch on this (context-parallel) rank."""
+    batches, _ = MegatronTrainer._micro_batches(_fake_trainer(fp8, tp, sp, pp, cp), _samples(), {})
     return [b.num_tokens for b in batches]
 
 
@@ -65,6 +71,14 @@ def test_every_trainer_micro_batch_is_fp8_aligned(tp, sp, pp, multiple):
     assert len(lengths) == len(plain) > 1
     assert all(n % multiple == 0 for n in lengths), lengths
     assert all(n - p < multiple for n, p in zip(lengths, plain)) or pp > 1  # padded no further than needed
+
+
+@pytest.mark.parametrize(("tp", "sp"), [(1, False), (2, True)])
+def test_every_context_parallel_shard_is_fp8_aligned(tp, sp):
+    """Under CP=2 each rank's share of a row is what its FP8 layers see: a multiple of 16 (x TP under SP)."""
+    lengths = _lengths("hybrid", tp, sp, cp=2)
+    assert len(lengths) > 1
+    assert all(n % (16 * (tp if sp else 1)) == 0 for n in lengths), lengths
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ def test_tiny_model_memory_by_hand():
     assert mem["params_grads_optimizer"] == (2 * 36992 + 2 * 6400) * 18
     # activations per layer: 12*s*h + 4*s*g + 8*s*f = 12*10*64 + 4*10*32 + 8*10*128 = 19200; 2 layers
     assert mem["activations"] == 2 * 19200
-    assert mem["logits"] == 4 * 10 * 100 and mem["reserve"] == RESERVE
-    assert mem["total"] == 86784 * 18 + 38400 + 4000 + RESERVE
+    # the log-prob step holds about 5 fp32 [tokens, V] tensors at its peak (whole row here: no chunking)
+    assert mem["logits"] == 5 * 4 * 10 * 100 and mem["reserve"] == RESERVE
+    assert mem["total"] == 86784 * 18 + 38400 + 20000 + RESERVE
     dist = cap.student_memory(TINY, tp=1, pp=1, dp=4, micro_batch_tokens=10, num_microbatches=1)
     assert dist["params_grads_optimizer"] == 86784 * (6 + 12 / 4)
     rec = cap.student_memory(TINY, tp=1, pp=1, dp=4, micro_batch_tokens=10, num_microbatches=1, recompute=True)
@@ -130,11 +131,41 @@ def test_bigger_models_never_need_less_memory():
     assert _student(wider) > _student(TINY)
 
 
+def test_context_parallel_and_chunked_logits_memory_by_hand():
+    base = {"tp": 1, "pp": 1, "dp": 4, "micro_batch_tokens": 10, "num_microbatches": 1}
+    cp2 = cap.student_memory(TINY, **base, cp=2)
+    assert cp2["activations"] == 2 * 19200 / 2  # each CP rank holds half of the packed row
+    assert cp2["logits"] == 5 * 4 * 5 * 100
+    chunked = cap.student_memory(TINY, **base, cp=2, logprob_chunk_size=3)
+    assert chunked["logits"] == 5 * 4 * 3 * 100  # one chunk of 3 positions at a time
+    assert cap.student_memory(TINY, **base, logprob_chunk_size=1000)["logits"] == 5 * 4 * 10 * 100
+
+
+def test_plan_uses_context_parallelism_when_tensor_parallelism_is_not_enough():
+    """~96K-token rows of an 8B student on 16 H100: TP stops at 8 (its KV heads) and no TP alone holds the row's
+    activations without recompute; the recommended split adds CP=2 (preferred to recomputing every layer)."""
+    cfg = load_config(RECIPE, ["rollout.max_new_tokens=96256", "train.micro_batch_tokens=8192"])
+    arch, hbm = cap.KNOWN_ARCHS["qwen3-8b"], hw.GPUS["h100"].hbm_gb * hw.GB
+    assert recommend_split(arch, cfg, 16, 8, hbm, 8192) == (8, 1, 2, 1, False)
+    row = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    for tp in (1, 2, 4, 8):
+        mem = cap.student_memory(
+            arch,
+            tp=tp,
+            pp=1,
+            dp=16 // tp,
+            micro_batch_tokens=row,
+            num_microbatches=1,
+            logprob_chunk_size=cfg.model.logprob_chunk_size,
+        )
+        assert mem["total"] > hbm
+
+
 def test_recommended_split_fits_and_prefers_fewer_model_parallel_gpus():
     cfg = load_config(RECIPE, ["launch.nodes=4"])
     hbm = hw.GPUS["h100"].hbm_gb * hw.GB
-    tp, pp, dp, _recompute = recommend_split(cap.KNOWN_ARCHS["qwen3-8b"], cfg, 16, 8, hbm, 2048)
-    assert tp * pp * dp == 16
+    tp, pp, cp, dp, _recompute = recommend_split(cap.KNOWN_ARCHS["qwen3-8b"], cfg, 16, 8, hbm, 2048)
+    assert tp * pp * cp * dp == 16 and (cp == 1 or pp == 1)
     assert _student(cap.KNOWN_ARCHS["qwen3-8b"], tp, pp, dp, cfg.train.micro_batch_tokens) <= hbm
     # 70B on 8 GPUs of 80 GB cannot hold 70e9 * 6 bytes of weights + grads at TP*PP = 8
     assert recommend_split(cap.KNOWN_ARCHS["llama-3-70b"], cfg, 8, 8, hbm, 2048) is None

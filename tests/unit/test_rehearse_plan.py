@@ -98,11 +98,12 @@ def test_kk_keeps_tensor_parallel_2_on_one_node_of_4_gpus():
     assert got["train.num_steps"] == 3 and got["checkpoint.interval"] == 1 and got["data.task_kwargs.size"] == 16
 
 
-def test_math_becomes_pipeline_2_over_three_emulated_nodes():
+def test_math_becomes_context_parallel_2_over_three_emulated_nodes():
     changes = shrink.layout_changes(load_config(MATH), want_teacher=True)
     cfg = load_config(MATH, [c.override() for c in changes])
     la = cfg.launch
-    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == (1, 2)
+    par = cfg.parallel
+    assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size) == (1, 1, 2)
     assert cfg.parallel.sequence_parallel is False
     assert (
         la.nodes,
@@ -116,10 +117,19 @@ def test_math_becomes_pipeline_2_over_three_emulated_nodes():
 
 
 @pytest.mark.parametrize(
-    "tp, pp, want", [(2, 1, (2, 1)), (4, 2, (1, 2)), (8, 1, (2, 1)), (1, 4, (1, 2)), (1, 1, (1, 1))]
+    "tp, pp, cp, want",
+    [
+        (2, 1, 1, (2, 1, 1)),
+        (4, 2, 1, (1, 2, 1)),
+        (8, 1, 1, (2, 1, 1)),
+        (1, 4, 1, (1, 2, 1)),
+        (1, 1, 1, (1, 1, 1)),
+        (4, 1, 2, (1, 1, 2)),
+        (2, 1, 4, (1, 1, 2)),
+    ],
 )
-def test_trainer_layout_fits_two_processes(tp, pp, want):
-    assert shrink.trainer_layout(tp, pp) == want
+def test_trainer_layout_fits_two_processes(tp, pp, cp, want):
+    assert shrink.trainer_layout(tp, pp, cp) == want
 
 
 def test_the_users_overrides_win_and_every_change_loads():

@@ -1,7 +1,9 @@
-"""Security and half-written-artifact guarantees of issue 10 that no package test covered.
+"""Security and half-written-artifact guarantees that no package test covered.
 
-- the package source never evaluates strings (eval/exec), never unpickles (pickle/marshal loads,
-  torch.load without weights_only=True, yaml.load) and never runs a shell;
+- the package source never evaluates strings (eval/exec), never unpickles data (pickle/marshal loads,
+  torch.load without weights_only=True, yaml.load; aliases, from-imports and getattr resolved) and never
+  runs a shell (any shell= but a literal False); torch.distributed object collectives (which unpickle what
+  other ranks of the job send) appear only in the files docs/reliability.md names;
 - every server the package starts binds to 127.0.0.1 unless told otherwise (defaults, and a real
   `rlad serve` process checked in /proc/net/tcp);
 - a half-written HF export (`step_N.tmp`), a dangling `latest` pointer or a checkpoint save in
@@ -39,44 +41,102 @@ UNPICKLERS = {
     ("yaml", "unsafe_load"),
     ("dill", "load"),
     ("dill", "loads"),
+    ("os", "system"),
 }
+# torch.distributed collectives that pickle Python objects (and unpickle what other ranks send).
+OBJECT_COLLECTIVES = {"broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list"}
+# Where the package does use them, between the ranks of one job (trusted peers); docs/reliability.md names
+# each. A new one must be added here and there, on purpose.
+OBJECT_COLLECTIVE_FILES = {"components.py", "backends/megatron/trainer.py", "backends/megatron/weight_export.py"}
+
+
+def _imported_names(tree: ast.AST) -> dict[str, str]:
+    """Local name -> dotted origin, for every import in the file (`import pickle as p`: p -> pickle;
+    `from pickle import loads as l`: l -> pickle.loads)."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return names
+
+
+def _dotted(node: ast.AST, names: dict[str, str]) -> str:
+    """`a.b.c` of a call target with the first name resolved through the imports; `getattr(x, "y")` -> `x.y`."""
+    if isinstance(node, ast.Name):
+        return names.get(node.id, node.id)
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value, names)}.{node.attr}"
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "getattr"
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+    ):
+        return f"{_dotted(node.args[0], names)}.{node.args[1].value}"
+    return "?"
 
 
 def _unsafe_calls(source: str) -> list[str]:
-    """`line: problem` for every call that could run code taken from data."""
+    """`line: problem` for every call that could run code taken from data (imports and aliases resolved)."""
+    tree = ast.parse(source)
+    names = _imported_names(tree)
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
-        func, line = node.func, node.lineno
-        if isinstance(func, ast.Name) and func.id in ("eval", "exec"):
-            found.append(f"{line}: {func.id}()")
-        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-            pair = (func.value.id, func.attr)
-            if pair in UNPICKLERS:
-                found.append(f"{line}: {pair[0]}.{pair[1]}()")
-            if pair == ("torch", "load"):
-                weights_only = [k for k in node.keywords if k.arg == "weights_only"]
-                if not (
-                    weights_only
-                    and isinstance(weights_only[0].value, ast.Constant)
-                    and weights_only[0].value.value is True
-                ):
-                    found.append(f"{line}: torch.load() without weights_only=True")
-            if pair == ("os", "system"):
-                found.append(f"{line}: os.system()")
-        if any(k.arg == "shell" and isinstance(k.value, ast.Constant) and k.value.value is True for k in node.keywords):
-            found.append(f"{line}: shell=True")
+        target, line = _dotted(node.func, names), node.lineno
+        if target in ("eval", "exec", "builtins.eval", "builtins.exec"):
+            found.append(f"{line}: {target}()")
+        if tuple(target.split(".")[-2:]) in UNPICKLERS and target.split(".")[0] in {m for m, _ in UNPICKLERS}:
+            found.append(f"{line}: {target}()")
+        if target == "torch.load":
+            weights_only = [k for k in node.keywords if k.arg == "weights_only"]
+            if not (
+                weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True
+            ):
+                found.append(f"{line}: torch.load() without weights_only=True")
+        for k in node.keywords:  # shell= anything but a literal False could run a shell
+            if k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False):
+                found.append(f"{line}: shell={ast.unparse(k.value)}")
     return found
+
+
+def _object_collectives(source: str) -> list[str]:
+    tree = ast.parse(source)
+    names = _imported_names(tree)
+    calls = (_dotted(n.func, names) for n in ast.walk(tree) if isinstance(n, ast.Call))
+    return [c for c in calls if c.split(".")[-1] in OBJECT_COLLECTIVES]
 
 
 def test_the_scanner_catches_each_unsafe_pattern():
     bad = (
+        "import pickle\nimport torch\nimport yaml\nimport subprocess\nimport os\n"
         "eval(cfg)\nexec(text)\npickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\n"
         "yaml.load(s)\nsubprocess.run(cmd, shell=True)\nos.system(cmd)\n"
+        # aliases, from-imports, getattr and a shell flag held in a variable
+        "import pickle as pk\nfrom pickle import loads as undo\nfrom marshal import load\n"
+        "pk.loads(b)\nundo(b)\nload(f)\ngetattr(pickle, 'loads')(b)\nsubprocess.Popen(cmd, shell=use_shell)\n"
     )
-    assert len(_unsafe_calls(bad)) == 8
-    assert _unsafe_calls("torch.load(p, weights_only=True)\nmodel.eval()\nre.compile(x)\nyaml.safe_load(s)\n") == []
+    assert len(_unsafe_calls(bad)) == 13, _unsafe_calls(bad)
+    safe = (
+        "import torch\nimport yaml\nimport re\nimport pickle\nimport subprocess\n"
+        "torch.load(p, weights_only=True)\nmodel.eval()\nre.compile(x)\nyaml.safe_load(s)\n"
+        "pickle.dump(obj, f)\nsubprocess.run(cmd, shell=False)\nloads(b)\n"
+    )
+    assert _unsafe_calls(safe) == []
+    collectives = "import torch.distributed as dist\nfrom torch.distributed import all_gather_object as ago\n"
+    collectives += "dist.broadcast_object_list(x)\nago(out, x)\ndist.broadcast(t)\n"
+    assert _object_collectives(collectives) == [
+        "torch.distributed.broadcast_object_list",
+        "torch.distributed.all_gather_object",
+    ]
 
 
 def test_package_never_evaluates_or_unpickles_data():
@@ -84,6 +144,16 @@ def test_package_never_evaluates_or_unpickles_data():
     assert len(files) > 50  # the scan really walked the package
     problems = [f"{path.relative_to(PACKAGE)}:{hit}" for path in files for hit in _unsafe_calls(path.read_text())]
     assert problems == [], "unsafe calls in the package:\n" + "\n".join(problems)
+
+
+def test_object_collectives_only_where_the_docs_say():
+    """Object collectives unpickle what other ranks of the same job send: allowed only in the files
+    docs/reliability.md lists."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    using = {str(path.relative_to(PACKAGE)) for path in files if _object_collectives(path.read_text())}
+    assert using == OBJECT_COLLECTIVE_FILES
+    docs = (PACKAGE.parent / "docs" / "reliability.md").read_text()
+    assert all(f"`{name}`" in docs for name in OBJECT_COLLECTIVE_FILES)
 
 
 def test_every_server_defaults_to_loopback():

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlad_megatron import report
+from rlad_megatron.config import LoggingConfig
 from rlad_megatron.observe import (
     Observer,
     PhaseTimer,
@@ -16,7 +17,7 @@ from rlad_megatron.observe import (
 
 
 def _write_run(run_dir, rewards, evals, algorithm):
-    cfg = SimpleNamespace(tensorboard=False, progress_bar=False, rollout_samples=2)
+    cfg = LoggingConfig(tensorboard=False, progress_bar=False, rollout_samples=2)
     obs = Observer(run_dir, cfg, num_steps=len(rewards))
     for step, reward in enumerate(rewards, start=1):
         obs.log_step(step, {"reward/mean": reward, "accuracy": reward, "not_scalar": [1, 2]})

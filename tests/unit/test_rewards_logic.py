@@ -10,7 +10,7 @@ from rlad_megatron.rewards.knights_knaves import (
     split_format,
 )
 from rlad_megatron.rewards.reasoning_gym import extract_rg_answer
-from rlad_megatron.tasks.reasoning_gym_tasks import entry_for, reasoning_gym_records
+from rlad_megatron.tasks.reasoning_gym_tasks import entry_for, json_safe, reasoning_gym_records
 from rlad_megatron.types import Sample
 
 GOLD = {"answer": "Zoey is a knight, and Oliver is a knave."}
@@ -73,6 +73,8 @@ def test_reasoning_gym_reward_equals_its_own_score_answer(task):
     fn = get_reward_fn(f"reasoning_gym:{task}")
     for rec in records:
         entry = entry_for(rec)
+        # The regenerated entry is the prompt's own (same question and answer), not merely one of the task's.
+        assert entry["question"] == rec["prompt"] and json_safe(entry["answer"]) == rec["answer"]
         from rlad_megatron.tasks.reasoning_gym_tasks import dataset_for
 
         dataset = dataset_for(rec["metadata"]["reasoning_gym"])

@@ -20,7 +20,14 @@ TP / PP rank of a DP replica computes the same packs).
 Batch keys follow `rlad_megatron.algorithms` (one spelling per concept): `tokens, position_ids,
 targets, mask, seq_weights` plus the per-token keys given by the caller (`advantages,
 old_logprobs, teacher_logprobs, ref_logprobs, rollout_logprobs`) and, for GKD,
-`teacher_topk_ids` / `teacher_topk_logprobs` `[1, T, K]`. Left out: context-parallel sharding.
+`teacher_topk_ids` / `teacher_topk_logprobs` `[1, T, K]`.
+
+Context parallelism (CP ranks share one packed row): `pack_samples(pad_sequences_to=2 * CP)` pads
+every sequence to a multiple of 2*CP (the pad positions carry no loss and, being after the real
+tokens of their sequence, change no real token's log-prob); `shard_for_context_parallel` then cuts
+each sequence into 2*CP equal chunks and gives rank r chunks r and 2*CP-1-r (causal attention costs
+grow along a sequence: this pairing balances them), sharding every per-token column the same way.
+`cu_seqlens` stays the global padded boundaries (what RoPE and attention divide by CP).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ class PackedBatch:
     """Index (into the list given to `pack_samples`) of each packed sample, in row order."""
     response_spans: list[tuple[int, int]] = field(default_factory=list)
     """`[start, end)` positions in the row of each sample's response targets."""
+    cp_positions: torch.Tensor | None = None
+    """Under context parallelism: the positions in the whole row of this rank's tokens (None: whole row)."""
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +69,13 @@ class PackedBatch:
             max_seqlen=self.max_seqlen,
             sample_indices=self.sample_indices,
             response_spans=self.response_spans,
+            cp_positions=self.cp_positions,
         )
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens of the whole packed row (over all context-parallel ranks)."""
+        return int(self.cu_seqlens[-1])
 
 
 def sequence_length(sample: Sample) -> int:
@@ -121,6 +136,54 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def local_positions(length: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Positions (within a sequence of `length`, a multiple of 2*CP) held by `cp_rank`: chunks r, 2*CP-1-r."""
+    chunk = length // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+def context_parallel_gather_order(global_lengths: list[int], cp_size: int) -> torch.Tensor:
+    """Index into the rank-major all-gather of the local rows that puts its tokens in global row order."""
+    local_total = sum(global_lengths) // cp_size
+    where = torch.empty(sum(global_lengths), dtype=torch.long)
+    global_start = local_start = 0
+    for length in global_lengths:
+        for rank in range(cp_size):
+            held = local_positions(length, cp_size, rank) + global_start
+            where[held] = rank * local_total + local_start + torch.arange(length // cp_size)
+        global_start += length
+        local_start += length // cp_size
+    return where
+
+
+def context_parallel_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions in the whole row that `cp_rank` holds, in its local order (sequence by sequence)."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([local_positions(b - a, cp_size, cp_rank) + a for a, b in itertools.pairwise(bounds)])
+
+
+def shard_for_context_parallel(batch: PackedBatch, cp_size: int, cp_rank: int) -> PackedBatch:
+    """This CP rank's part of a packed row: chunks r and 2*CP-1-r of every sequence, every column alike."""
+    bounds = batch.cu_seqlens.tolist()
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if any(n % (2 * cp_size) for n in lengths):
+        raise ValueError(
+            f"sequence lengths {lengths} are not multiples of 2 x context_parallel_size={2 * cp_size}; "
+            "pack with pad_sequences_to=2 * context_parallel_size"
+        )
+    positions = context_parallel_positions(batch.cu_seqlens, cp_size, cp_rank)
+    return PackedBatch(
+        tensors={k: v.index_select(1, positions) for k, v in batch.tensors.items()},
+        cu_seqlens=batch.cu_seqlens,
+        max_seqlen=batch.max_seqlen,
+        sample_indices=batch.sample_indices,
+        response_spans=batch.response_spans,
+        cp_positions=positions,
+    )
+
+
 def pack_samples(
     samples: Sequence[Sample],
     per_token: dict[str, Sequence[Sequence[float]]] | None = None,
@@ -128,10 +191,13 @@ def pack_samples(
     pad_to_multiple: int = 1,
     pad_to_length: int = 0,
     topk: bool = False,
+    pad_sequences_to: int = 1,
 ) -> PackedBatch:
-    """Pack samples into one row. `per_token[key][i]` holds one value per response token of sample i."""
+    """Pack samples into one row. `per_token[key][i]` holds one value per response token of sample i.
+
+    `pad_sequences_to`: every sequence is padded to a multiple of it (context parallelism)."""
     per_token = per_token or {}
-    lengths = [sequence_length(s) for s in samples]
+    lengths = [_round_up(sequence_length(s), pad_sequences_to) for s in samples]
     total = sum(lengths)
     padded = max(_round_up(max(total, 1), pad_to_multiple), pad_to_length)
     if pad_to_length and total > pad_to_length:
@@ -143,8 +209,9 @@ def pack_samples(
     for i, (sample, length) in enumerate(zip(samples, lengths)):
         _check_sample(i, sample)
         ids = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids), dtype=torch.long)
-        cols["tokens"][offset : offset + length] = ids[:-1]
-        cols["targets"][offset : offset + length] = ids[1:]
+        real = len(ids) - 1
+        cols["tokens"][offset : offset + real] = ids[:-1]
+        cols["targets"][offset : offset + real] = ids[1:]
         cols["position_ids"][offset : offset + length] = torch.arange(length)
         start, n_resp = offset + len(sample.prompt_ids) - 1, len(sample.response_ids)
         floats["mask"][start : start + n_resp] = 1.0
@@ -204,10 +271,11 @@ def make_micro_batches(
     pad_to_multiple: int = 1,
     uniform_length: bool = False,
     topk: bool = False,
+    pad_sequences_to: int = 1,
 ) -> list[PackedBatch]:
     """Dynamic micro-batches by token budget; `sample_indices` refer to `samples`."""
     per_token = per_token or {}
-    lengths = [sequence_length(s) for s in samples]
+    lengths = [_round_up(sequence_length(s), pad_sequences_to) for s in samples]
     bins = first_fit_decreasing(lengths, micro_batch_tokens)
     pad_len = _round_up(max((sum(lengths[i] for i in b) for b in bins), default=1), pad_to_multiple)
     batches = []
@@ -219,6 +287,7 @@ def make_micro_batches(
             pad_to_multiple=pad_to_multiple,
             pad_to_length=pad_len if uniform_length else 0,
             topk=topk,
+            pad_sequences_to=pad_sequences_to,
         )
         batch.sample_indices = list(indices)
         batches.append(batch)

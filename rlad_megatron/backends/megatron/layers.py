@@ -7,6 +7,12 @@
 - `thd` (packed sequences, `packed_seq_params.qkv_format == "thd"`): `[t, heads, head_dim]` with
   `cu_seqlens_q`; attention runs per sequence, so it never crosses sequence boundaries
   -> out `[t, heads, head_dim]` (Megatron's attention reshapes it to `[t, 1, h]`).
+- `thd` under context parallelism (CP > 1): the row holds this CP rank's two chunks of every
+  sequence (`batching.shard_for_context_parallel`: chunks r and 2*CP-1-r of 2*CP, `cu_seqlens_q` the
+  global, padded boundaries). Keys and values are all-gathered over the CP group (Megatron's
+  `cp_comm_type="all_gather"` scheme; backward reduce-scatters their gradients), put back in
+  sequence order, and each local query attends to the keys at or before its global position within
+  its own sequence (an explicit causal mask, since the query chunks are not contiguous).
 
 `SPNorm` builds torch RMSNorm / LayerNorm and marks its parameters `sequence_parallel` so that
 Megatron all-reduces their gradients over the TP group under sequence parallelism (Megatron's
@@ -21,8 +27,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+
+from rlad_megatron.backends.megatron.batching import context_parallel_gather_order, local_positions
 
 
 class SDPACoreAttention(MegatronModule):
@@ -40,8 +49,12 @@ class SDPACoreAttention(MegatronModule):
         pg_collection: Any = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not support context parallelism; use the TE spec")
+        self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if self.cp_group is None and config.context_parallel_size > 1:
+            from megatron.core import parallel_state as mpu
+
+            self.cp_group = mpu.get_context_parallel_group()
+        self.cp_size = config.context_parallel_size
         self.softmax_scale = softmax_scale
         self.gqa = config.num_query_groups is not None and config.num_query_groups != config.num_attention_heads
 
@@ -55,7 +68,11 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if self.cp_size > 1:
+                return self._forward_thd_context_parallel(query, key, value, packed_seq_params.cu_seqlens_q)
             return self._forward_thd(query, key, value, packed_seq_params.cu_seqlens_q)
+        if self.cp_size > 1:
+            raise ValueError("context parallelism needs packed (thd) batches; pass packed_seq_params")
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s,b,h,d] -> [b,h,s,d]
         out = self._attend(q, k, v)
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)
@@ -71,6 +88,29 @@ class SDPACoreAttention(MegatronModule):
                 continue
             q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v))  # [len,h,d] -> [1,h,len,d]
             outs.append(self._attend(q, k, v)[0].permute(1, 0, 2))  # [len, h, d]
+        return torch.cat(outs, dim=0)
+
+    def _forward_thd_context_parallel(self, query, key, value, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        cp, rank = self.cp_size, dist.get_rank(self.cp_group)
+        global_lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        local_lengths = [n // cp for n in global_lengths]
+        # [cp * t_local, h, d], rank-major; then reordered into the global row
+        key, value = (gather_from_sequence_parallel_region(x, True, group=self.cp_group) for x in (key, value))
+        order = context_parallel_gather_order(global_lengths, cp).to(key.device)
+        key, value = key.index_select(0, order), value.index_select(0, order)
+        outs = []
+        queries = torch.split(query, local_lengths)
+        keys, values = torch.split(key, global_lengths), torch.split(value, global_lengths)
+        for q, k, v, length in zip(queries, keys, values, global_lengths):
+            positions = local_positions(length, cp, rank, device=q.device)  # [2c] global positions in the sequence
+            allowed = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # [2c, length]
+            q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=self.softmax_scale, enable_gqa=self.gqa
+            )
+            outs.append(out[0].permute(1, 0, 2))
         return torch.cat(outs, dim=0)
 
 

@@ -6,7 +6,9 @@ It then calls `parallel_state.initialize_model_parallel` and seeds the model-par
 Megatron's `model_parallel_cuda_manual_seed` with CUDA, the CPU tracker of `compat` without.
 The returned `ParallelContext` carries the process groups so callers pass them on explicitly.
 
-Left out: virtual pipeline stages, expert parallelism, context parallelism (refused: not supported yet).
+Context parallelism: `cp_group` (the ranks sharing one packed row) and `dp_cp_group` (data x context
+parallel ranks: where per-rank loss shares and metrics are summed). Left out: virtual pipeline stages,
+expert parallelism, context parallelism together with pipeline parallelism (refused).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rlad_megatron.backends.megatron import compat
-from rlad_megatron.config import CONTEXT_PARALLEL_UNSUPPORTED
+from rlad_megatron.config import CONTEXT_PARALLEL_WITH_PIPELINE
 
 
 @dataclass
@@ -40,6 +42,12 @@ class ParallelContext:
     dp_group: Any
     device: torch.device
     owns_process_group: bool = False
+    context_parallel_size: int = 1
+    cp_rank: int = 0
+    cp_group: Any = None
+    dp_cp_group: Any = None
+    dp_cp_rank: int = 0
+    """Rank among the DP x CP ranks holding the same weights: 0 picks one copy (export, sync senders)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -76,17 +84,18 @@ def _init_process_group(parallel_cfg) -> bool:
     return True
 
 
-def _refuse_context_parallel(parallel_cfg) -> None:
+def _refuse_context_parallel_with_pipeline(parallel_cfg) -> None:
     """Checked again here: setting the attribute after loading skips ParallelConfig.__post_init__."""
-    if parallel_cfg.context_parallel_size != 1:
-        raise ValueError(CONTEXT_PARALLEL_UNSUPPORTED.format(size=parallel_cfg.context_parallel_size))
+    cp, pp = parallel_cfg.context_parallel_size, parallel_cfg.pipeline_model_parallel_size
+    if cp > 1 and pp > 1:
+        raise ValueError(CONTEXT_PARALLEL_WITH_PIPELINE.format(cp=cp, pp=pp))
 
 
 def check_layout(parallel_cfg, world_size: int) -> int:
     """Validate the layout against the world size; return the data-parallel size."""
     tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
     cp = parallel_cfg.context_parallel_size
-    _refuse_context_parallel(parallel_cfg)
+    _refuse_context_parallel_with_pipeline(parallel_cfg)
     if world_size % (tp * pp * cp):
         raise ValueError(
             f"world size {world_size} is not divisible by tensor({tp}) x pipeline({pp}) x context({cp}) "
@@ -99,7 +108,7 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
     """Initialise torch.distributed and Megatron's parallel state; seed the model-parallel RNG."""
     from megatron.core import parallel_state as mpu
 
-    _refuse_context_parallel(parallel_cfg)  # before a process group is started
+    _refuse_context_parallel_with_pipeline(parallel_cfg)  # before a process group is started
     compat.activate_cpu_compat()
     owns = _init_process_group(parallel_cfg)
     world_size = dist.get_world_size()
@@ -133,6 +142,11 @@ def init_parallel(parallel_cfg, seed: int) -> ParallelContext:
         dp_group=mpu.get_data_parallel_group(),
         device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
         owns_process_group=owns,
+        context_parallel_size=mpu.get_context_parallel_world_size(),
+        cp_rank=mpu.get_context_parallel_rank(),
+        cp_group=mpu.get_context_parallel_group(),
+        dp_cp_group=mpu.get_data_parallel_group(with_context_parallel=True),
+        dp_cp_rank=mpu.get_data_parallel_rank(with_context_parallel=True),
     )
 
 

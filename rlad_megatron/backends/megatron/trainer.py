@@ -19,11 +19,26 @@ micro-batches and DP ranks. Megatron is therefore told not to rescale anything:
 averaging over DP) and `finalize_model_grads` is called with `num_tokens=None` (no division by
 Megatron's own token count). Result: gradients do not depend on DP size or micro-batch count.
 
-Left out: virtual pipeline stages, overlapping grad reduce / param gather with compute, fp16 loss scaling.
+Log-probs (`_token_outputs`): with `model.logprob_chunk_size > 0` (the default) the model's output
+layer is bypassed during the forward (`_hidden_states_out`), so the last stage returns final hidden
+states; log-probs / entropy / top-k are then computed only at the positions that carry a loss, chunk
+by chunk (`logprobs.chunked_logprobs`), and scattered back into `[1, T]` columns. With 0 the model
+returns logits for the whole row and the vocab-parallel functions run on all of them.
+
+Context parallelism (CP > 1): every CP rank of a DP replica packs the same micro-batches, each
+sequence padded to a multiple of 2*CP, and keeps its own two chunks of every sequence
+(`batching.shard_for_context_parallel`). The objective sees only local positions; its share uses
+the same global counts, so the step loss is the sum of shares over micro-batches, DP and CP ranks
+(metrics are summed over the DP x CP group; Megatron's DDP sums gradients over DP x CP).
+Forward-only log-probs are all-gathered over the CP group and put back in row order.
+
+Left out: virtual pipeline stages, overlapping grad reduce / param gather with compute, fp16 loss scaling,
+context parallelism with pipeline parallelism.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -35,11 +50,14 @@ import torch.distributed as dist
 from rlad_megatron.backends.megatron import compat
 from rlad_megatron.backends.megatron.batching import (
     PackedBatch,
+    context_parallel_positions,
     make_micro_batches,
+    shard_for_context_parallel,
     split_for_data_parallel,
     token_multiple,
 )
 from rlad_megatron.backends.megatron.logprobs import (
+    chunked_logprobs,
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
     vocab_parallel_topk_logprobs,
@@ -177,6 +195,9 @@ class MegatronTrainer:
         multiple = token_multiple(
             self.parallel.tensor_model_parallel_size, self.config.sequence_parallel, fp8=bool(self.cfg.model.fp8)
         )
+        cp = self.parallel.context_parallel_size
+        if cp > 1:  # every sequence splits in 2*CP chunks; each CP rank's share of the row is a multiple too
+            multiple = math.lcm(2 * cp, cp * multiple)
         batches = make_micro_batches(
             mine,
             sub,
@@ -184,7 +205,10 @@ class MegatronTrainer:
             pad_to_multiple=multiple,
             uniform_length=self.parallel.pipeline_model_parallel_size > 1,
             topk=topk,
+            pad_sequences_to=2 * cp if cp > 1 else 1,
         )
+        if cp > 1:
+            batches = [shard_for_context_parallel(b, cp, self.parallel.cp_rank) for b in batches]
         return batches, shard
 
     def _forward_step(self, model_chunks: list, loss_fn: Callable, data_iterator, model):
@@ -192,15 +216,96 @@ class MegatronTrainer:
 
         batch: PackedBatch = next(data_iterator).to(self.parallel.device)
         t = batch.tensors
+        # Under CP the boundaries are the global padded ones: every sequence (padding included) is a multiple
+        # of 2*CP, and Transformer Engine / Megatron's THD RoPE divide them by CP (`*_padded` is what they
+        # read when given).
+        padded = batch.cu_seqlens if self.parallel.context_parallel_size > 1 else None
         packed = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=batch.cu_seqlens,
             cu_seqlens_kv=batch.cu_seqlens,
+            cu_seqlens_q_padded=padded,
+            cu_seqlens_kv_padded=padded,
             max_seqlen_q=batch.max_seqlen,
             max_seqlen_kv=batch.max_seqlen,
         )
-        output = model(t["tokens"], t["position_ids"], None, packed_seq_params=packed)
+        with self._hidden_states_out(model):
+            output = model(t["tokens"], t["position_ids"], None, packed_seq_params=packed)
         return output, functools.partial(loss_fn, batch)
+
+    def _chunked(self) -> bool:
+        return self.cfg.model.logprob_chunk_size > 0
+
+    @contextlib.contextmanager
+    def _hidden_states_out(self, model):
+        """While active (chunked log-probs), the last stage's output layer passes hidden states through."""
+        bare = _bare_model(model)
+        if not (self._chunked() and bare.post_process):
+            yield
+            return
+        bare.output_layer.forward = _pass_hidden_states
+        try:
+            yield
+        finally:
+            del bare.output_layer.forward
+
+    def _output_weight(self, model_chunks: list) -> torch.Tensor:
+        bare = _bare_model(model_chunks[-1])
+        if bare.share_embeddings_and_output_weights:
+            return bare.shared_embedding_or_output_weight()
+        return bare.output_layer.weight
+
+    def _token_outputs(
+        self, batch: PackedBatch, output: torch.Tensor, weight: torch.Tensor | None, *, topk: bool, entropy: bool
+    ) -> dict[str, torch.Tensor]:
+        """`logprobs` [1, T] (and `student_topk_logprobs` [1, T, K], detached `entropy` [1, T]) of this rank's row.
+
+        `output`: logits [1, T, V_local] (unchunked) or final hidden states [1, T(/TP under SP), H] (chunked),
+        where only positions with `mask` get values (zeros elsewhere)."""
+        t = batch.tensors
+        tp_group = self.parallel.tp_group
+        sampling = {"temperature": self.cfg.rollout.temperature, "vocab_size": self.vocab_size}
+        if not self._chunked():
+            out = {"logprobs": vocab_parallel_logprobs(output, t["targets"], tp_group, **sampling)}
+            if topk:
+                out["student_topk_logprobs"] = vocab_parallel_topk_logprobs(
+                    output, t["teacher_topk_ids"], tp_group, **sampling
+                )
+            if entropy:
+                with torch.no_grad():
+                    out["entropy"] = vocab_parallel_entropy(output.detach(), tp_group, **sampling)
+            return out
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        hidden = output[0]  # [T or T/TP, H]
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, True, group=tp_group)
+        elif self.parallel.tensor_model_parallel_size > 1:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+        positions = t["mask"][0].nonzero().squeeze(-1)
+        chunks = chunked_logprobs(
+            hidden.index_select(0, positions),
+            weight,
+            t["targets"][0].index_select(0, positions),
+            tp_group,
+            chunk_size=self.cfg.model.logprob_chunk_size,
+            topk_ids=t["teacher_topk_ids"][0].index_select(0, positions) if topk else None,
+            with_entropy=entropy,
+            **sampling,
+        )
+        # hidden[:0].sum() is 0 but keeps the loss connected to the model on a rank without loss positions
+        # (under CP), so its backward still runs the collectives its peers wait for.
+        anchor = hidden[:0].sum()
+        row = hidden.shape[0]
+        out = {"logprobs": _scatter_row(chunks["logprobs"], positions, row).add(anchor).unsqueeze(0)}
+        if topk:
+            out["student_topk_logprobs"] = _scatter_row(chunks["topk_logprobs"], positions, row).unsqueeze(0)
+        if entropy:
+            out["entropy"] = _scatter_row(chunks["entropy"], positions, row).unsqueeze(0)
+        return out
 
     def _run_schedule(
         self, model_chunks: list, batches: list[PackedBatch], loss_fn: Callable, forward_only: bool
@@ -212,23 +317,17 @@ class MegatronTrainer:
             data_iterator=iter(batches),
             model=model_chunks,
             num_microbatches=len(batches),
-            seq_length=batches[0].num_tokens,
+            seq_length=batches[0].row_tokens,  # Megatron divides by CP (and by TP under SP) itself
             micro_batch_size=1,
             forward_only=forward_only,
         )
 
     # ---------------------------------------------------------------- log-probs
-    def _logprob_loss(self, batch: PackedBatch, logits: torch.Tensor):
+    def _logprob_loss(self, weight: torch.Tensor | None, batch: PackedBatch, output: torch.Tensor):
         """Forward-only 'loss': no loss, the detached per-token log-probs ride in the reported dict."""
-        logprobs = vocab_parallel_logprobs(
-            logits,
-            batch.tensors["targets"],
-            self.parallel.tp_group,
-            temperature=self.cfg.rollout.temperature,
-            vocab_size=self.vocab_size,
-        )
-        zero = logits.new_zeros(())
-        return zero, torch.zeros((), dtype=torch.int, device=logits.device), {"logprobs": logprobs.detach()}
+        logprobs = self._token_outputs(batch, output, weight, topk=False, entropy=False)["logprobs"]
+        zero = output.new_zeros(())
+        return zero, torch.zeros((), dtype=torch.int, device=output.device), {"logprobs": logprobs.detach()}
 
     def compute_logprobs(self, samples: Sequence[Sample], *, which: str = "old") -> list[list[float]]:
         """Log-probs of each sample's response tokens under the student ("old") or reference ("ref").
@@ -243,17 +342,33 @@ class MegatronTrainer:
         batches, shard = self._micro_batches(samples, {})
         for chunk in chunks:
             chunk.eval()
+        weight = self._output_weight(chunks) if self.parallel.is_last_stage else None
         with torch.no_grad():
-            stored = self._run_schedule(chunks, batches, self._logprob_loss, forward_only=True)
+            stored = self._run_schedule(
+                chunks, batches, functools.partial(self._logprob_loss, weight), forward_only=True
+            )
         for chunk in chunks:
             chunk.train()
         local = {}
         if self.parallel.is_last_stage:
             for batch, out in zip(batches, stored):
-                row = out["logprobs"][0]
+                row = self._whole_row(batch, out["logprobs"][0])
                 for pos, (start, end) in zip(batch.sample_indices, batch.response_spans):
                     local[shard[pos]] = row[start:end].tolist()
         return self._gather_results(local, len(samples))
+
+    def _whole_row(self, batch: PackedBatch, local_row: torch.Tensor) -> torch.Tensor:
+        """The per-token values of the whole packed row from each CP rank's part (identity without CP)."""
+        if batch.cp_positions is None:
+            return local_row
+        cp = self.parallel.context_parallel_size
+        parts = [torch.empty_like(local_row) for _ in range(cp)]
+        dist.all_gather(parts, local_row.contiguous(), group=self.parallel.cp_group)
+        row = local_row.new_zeros(batch.row_tokens)
+        for rank, part in enumerate(parts):
+            held = context_parallel_positions(batch.cu_seqlens, cp, rank).to(row.device)
+            row[held] = part
+        return row
 
     def _gather_results(self, local: dict[int, list[float]], count: int) -> list[list[float]]:
         """Collect the per-sample lists of the last stages of every DP replica onto every rank."""
@@ -267,6 +382,7 @@ class MegatronTrainer:
     # ---------------------------------------------------------------- training
     def _loss_adapter(
         self,
+        weight: torch.Tensor | None,
         num_tokens: torch.Tensor,
         num_seqs: torch.Tensor,
         step: int,
@@ -279,12 +395,9 @@ class MegatronTrainer:
         tensors["mask"] = tensors["mask"].bool()
         if "teacher_mask" in tensors:
             tensors["teacher_mask"] = tensors["teacher_mask"].bool()
-        sampling = {"temperature": self.cfg.rollout.temperature, "vocab_size": self.vocab_size}
-        tensors["logprobs"] = vocab_parallel_logprobs(logits, tensors["targets"], self.parallel.tp_group, **sampling)
-        if topk:
-            tensors["student_topk_logprobs"] = vocab_parallel_topk_logprobs(
-                logits, tensors["teacher_topk_ids"], self.parallel.tp_group, **sampling
-            )
+        outputs = self._token_outputs(batch, logits, weight, topk=topk, entropy=True)
+        entropy = outputs.pop("entropy")
+        tensors.update(outputs)
         loss, metrics = self.objective.loss(tensors, num_tokens=num_tokens, num_seqs=num_seqs, step=step)
         # `loss` is already this micro-batch's share of the step loss (global denominators), so it is
         # returned unscaled; the token count is only informative (finalize ignores it, see module doc).
@@ -294,7 +407,6 @@ class MegatronTrainer:
             **{k: torch.as_tensor(v).detach().float() for k, v in metrics.items()},
         }
         with torch.no_grad():  # monitoring only: token-mean share of the policy entropy
-            entropy = vocab_parallel_entropy(logits.detach(), self.parallel.tp_group, **sampling)
             reported["entropy"] = (entropy * tensors["mask"]).sum() / num_tokens
         return loss, local_tokens, reported
 
@@ -328,9 +440,8 @@ class MegatronTrainer:
                 values[key] = column
         token_mask = getattr(self.objective, "teacher_token_mask", None)
         if getattr(self.objective, "needs_teacher", False) and token_mask is not None:
-            # finish_reason 'stop' means the response ends with the stop (EOS) token.
             values["teacher_mask"] = [
-                token_mask(len(s.response_ids), s.finish_reason == "stop").float().tolist() for s in samples
+                token_mask(len(s.response_ids), s.ends_with_stop_token).float().tolist() for s in samples
             ]
         return values
 
@@ -358,12 +469,13 @@ class MegatronTrainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_fn = functools.partial(self._loss_adapter, num_tokens, num_seqs, step, topk)
+        weight = self._output_weight(self.model) if self.parallel.is_last_stage else None
+        loss_fn = functools.partial(self._loss_adapter, weight, num_tokens, num_seqs, step, topk)
         reported = self._run_schedule(self.model, batches, loss_fn, forward_only=False)
         return self._reduce_metrics(reported)
 
     def _reduce_metrics(self, reported: list[dict]) -> dict[str, float]:
-        """Sum the shares over micro-batches and DP ranks; broadcast from the last pipeline stage."""
+        """Sum the shares over micro-batches, DP and CP ranks; broadcast from the last pipeline stage."""
         keys: list[Any] = [sorted(reported[0]) if reported else None]
         last = self.parallel.pipeline_model_parallel_size - 1
         src = (
@@ -379,7 +491,7 @@ class MegatronTrainer:
             dtype=torch.float64,
             device=self.parallel.device,
         )
-        dist.all_reduce(sums, group=self.parallel.dp_group)
+        dist.all_reduce(sums, group=self.parallel.dp_cp_group or self.parallel.dp_group)
         if self.parallel.pipeline_model_parallel_size > 1:
             dist.broadcast(sums, src=src, group=self.parallel.pp_group)
         return dict(zip(names, sums.tolist()))
@@ -442,12 +554,25 @@ class MegatronTrainer:
 
     def unwrapped_model(self) -> list:
         """The bare GPTModel chunks (no DDP / Float16Module wrapper), e.g. for weight export."""
-        bare = []
-        for chunk in self.model:
-            while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
-                chunk = chunk.module
-            bare.append(chunk)
-        return bare
+        return [_bare_model(chunk) for chunk in self.model]
+
+
+def _bare_model(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _pass_hidden_states(input_, weight=None, runtime_gather_output=None):
+    """Stands in for the output layer's forward: (hidden states, no bias), as ColumnParallelLinear returns."""
+    return input_, None
+
+
+def _scatter_row(values: torch.Tensor, positions: torch.Tensor, row: int) -> torch.Tensor:
+    """A [row, ...] float32 tensor: `values` at `positions`, zeros elsewhere (differentiable)."""
+    out = values.new_zeros(row, *values.shape[1:])
+    return out.index_put((positions,), values)
 
 
 def _model_parallel_group():
