@@ -176,6 +176,26 @@ def test_fuzzed_http_requests_get_4xx_or_200_and_server_keeps_serving(client, bo
     assert client.post("/generate", json=GOOD).status_code == 200
 
 
+def test_allow_auto_truncate_cuts_instead_of_refusing(root):
+    """--allow-auto-truncate (SGLang's flag): prompt and max_new_tokens are cut to the context (48 here)."""
+    c, state = _client(root / "base", "--allow-auto-truncate")
+    try:
+        sp = {"temperature": 0, "max_new_tokens": 100, "ignore_eos": True}
+        out = c.post("/generate", json={"input_ids": [5] * 30, "sampling_params": sp}).json()
+        assert out["meta_info"]["prompt_tokens"] == 30
+        assert out["meta_info"]["completion_tokens"] == 48 - 2 - 30  # admitted 48 - 30, then the scheduler's cap
+        long = c.post("/generate", json={"input_ids": [5] * 60, "sampling_params": sp}).json()
+        assert long["meta_info"]["prompt_tokens"] == 48 - 6 and long["output_ids"] == []  # cut to max_req_input_len
+    finally:
+        state.scheduler.stop()
+    refused = _client(root / "base")
+    try:
+        r = refused[0].post("/generate", json={"input_ids": [5] * 30, "sampling_params": sp})
+        assert r.status_code == 400 and "maximum context length of 48 tokens" in r.json()["error"]["message"]
+    finally:
+        refused[1].scheduler.stop()
+
+
 def test_api_key_is_required_on_every_endpoint(root):
     c, state = _client(root / "base", "--api-key", "s3cret", "--weights-root", str(root))
     try:
