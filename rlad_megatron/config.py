@@ -445,7 +445,7 @@ class CheckpointConfig:
 class EvalConfig:
     _SECTION = "eval"
     interval: int = 0
-    """Evaluate on data.eval every N steps (0 = only before and after training)."""
+    """Evaluate on data.eval before training, every N steps and after the last step; 0 = no evaluation at all."""
     num_samples: int = 4
     """k responses per prompt (avg@k, pass@k)."""
     temperature: float = 0.6
@@ -464,6 +464,7 @@ class EvalConfig:
     """Record metadata keys reported per value (nested dicts expand: difficulty -> difficulty.n_people)."""
 
     def __post_init__(self) -> None:
+        _check(self, "interval", self.interval >= 0, ">= 0 (0 = no evaluation)")
         _check(self, "num_samples", self.num_samples >= 1, ">= 1")
         _check(self, "batch_size", self.batch_size >= 1, ">= 1")
         _check(self, "max_prompts", self.max_prompts >= 0, ">= 0")

@@ -97,7 +97,8 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
             else NullObserver()
         )
         history: list[dict[str, float]] = []
-        if start == 0 and run.eval_records:
+        evaluating = bool(run.eval_records) and cfg.eval.interval > 0  # eval.interval 0: no evaluation at all
+        if start == 0 and evaluating:
             obs.log_eval(0, evaluate(run, 0))
         bad_steps = 0
         for step in range(start + 1, cfg.train.num_steps + 1):
@@ -118,7 +119,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
             if bad_steps:
                 handle_bad_step(cfg, obs, step, bad_steps)
                 continue  # no eval, no checkpoint of a step whose update was skipped
-            if _due(step, cfg.eval.interval, cfg.train.num_steps) and run.eval_records:
+            if evaluating and _due(step, cfg.eval.interval, cfg.train.num_steps):
                 obs.log_eval(step, evaluate(run, step))
             if _due(step, cfg.checkpoint.interval, cfg.train.num_steps) and run.trainer is not None:
                 checkpoint(run, step)

@@ -76,7 +76,11 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         ),
         (
             f"mode             {t.mode}; checkpoint every {cfg.checkpoint.interval or 'end only'}; "
-            + (f"eval every {cfg.eval.interval or 'start/end only'}" if cfg.data.eval else "no eval (data.eval empty)")
+            + (
+                f"eval every {cfg.eval.interval}"
+                if cfg.data.eval and cfg.eval.interval
+                else "no eval (" + ("eval.interval=0" if cfg.data.eval else "data.eval empty") + ")"
+            )
         ),
         f"resume           {_resume_text(cfg)}",
     ]

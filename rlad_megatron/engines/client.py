@@ -23,10 +23,12 @@ import asyncio
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
+from rlad_megatron.engines import request_rules
 from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
@@ -62,7 +64,11 @@ class HttpEngine:
         connect_timeout_s: float = 5.0,
         score_batch_size: int = 8,
         health_timeout_s: float = 30.0,
+        context_length: int | None = None,
     ):
+        self.context_length = context_length
+        """The servers' context length (SGLang's context_len); when known, generate cuts max_new_tokens to what
+        the context leaves and refuses over-long prompts before sending, as the embedded engine does."""
         self.pool = ServerPool(
             list(urls), cooldown_s=cooldown_s, probe_timeout_s=health_timeout_s, on_rejoin=self._resync
         )
@@ -171,13 +177,25 @@ class HttpEngine:
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
         keys = [(i, s) for i in range(len(prompt_ids)) for s in range(n)]
-        got = self._run(self._generate(prompt_ids, sampling, keys))
+        per_prompt = [replace(sampling, max_new_tokens=self.max_new_tokens_for(len(p), sampling)) for p in prompt_ids]
+        got = self._run(self._generate(prompt_ids, per_prompt, keys))
         return [[got[(i, s)] for s in range(n)] for i in range(len(prompt_ids))]
 
-    async def _generate(self, prompt_ids, sampling: SamplingParams, keys) -> dict[Any, GenerateOutput]:
+    def max_new_tokens_for(self, prompt_len: int, sampling: SamplingParams) -> int:
+        """The budget a prompt gets: what the context leaves (engines/request_rules.py), when it is known."""
+        if self.context_length is None:
+            return sampling.max_new_tokens
+        request_rules.prompt_length(prompt_len, self.context_length)
+        return request_rules.fit_max_new_tokens(prompt_len, sampling.max_new_tokens, self.context_length)
+
+    async def _generate(self, prompt_ids, per_prompt: list[SamplingParams], keys) -> dict[Any, GenerateOutput]:
         sem = asyncio.Semaphore(self.max_concurrency)
         return await self._gather(
-            keys, [self._one_sample(prompt_ids[i], sampling, sample_seed(sampling.seed, i, s), sem) for i, s in keys]
+            keys,
+            [
+                self._one_sample(prompt_ids[i], per_prompt[i], sample_seed(per_prompt[i].seed, i, s), sem)
+                for i, s in keys
+            ],
         )
 
     async def _one_sample(self, prompt: list[int], sp: SamplingParams, seed: int | None, sem) -> GenerateOutput:
@@ -191,18 +209,16 @@ class HttpEngine:
         }
         if seed is not None:
             params["sampling_seed"] = seed
-        payload = {
-            "input_ids": prompt,
-            "sampling_params": params,
-            "return_logprob": True,
-            "logprob_start_len": len(prompt) - 1,
-        }
+        payload = {"input_ids": prompt, "sampling_params": params, "return_logprob": True}
         return await self._post("/generate", payload, sem, lambda b: parse_generate_response(b, sp.max_new_tokens))
 
     def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
         check_prompts(ids)
         if len(response_start) != len(ids):
             raise ValueError(f"response_start has {len(response_start)} entries for {len(ids)} sequences")
+        if self.context_length is not None:
+            for seq in ids:
+                request_rules.prompt_length(len(seq), self.context_length)
         return self._run(self._score(ids, response_start, top_k))
 
     async def _score(self, ids, starts, top_k: int) -> list[ScoreOutput]:

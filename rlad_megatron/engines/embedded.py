@@ -21,12 +21,13 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rlad_megatron.engines import request_rules
 from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
@@ -151,10 +152,13 @@ class EmbeddedEngine:
         max_batch_size: int = 64,
         dtype: torch.dtype = torch.float32,
         max_score_tokens: int = 16384,
+        context_length: int | None = None,
     ):
         self.model_dir = str(model_dir)
         self.model: DecoderModel = load_model(model_dir, dtype=dtype)
         self.spec = self.model.spec
+        self.context_length = int(context_length or self.spec.max_positions)
+        """Longest prompt + response, SGLang's context_len (engines/request_rules.py applies it)."""
         self.max_batch_size = int(max_batch_size)
         self.max_score_tokens = int(max_score_tokens)
         self.version = 0
@@ -166,6 +170,7 @@ class EmbeddedEngine:
         check_prompts(prompt_ids, self.spec.vocab_size)
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
+        budgets = [self.max_new_tokens_for(len(p), sampling.max_new_tokens) for p in prompt_ids]
         results: list[list[GenerateOutput | None]] = [[None] * n for _ in prompt_ids]
 
         def done(w: Work, out: GenerateOutput) -> None:
@@ -173,7 +178,13 @@ class EmbeddedEngine:
             results[i][s] = out
 
         pending = deque(
-            self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
+            self.make_work(
+                p,
+                replace(sampling, max_new_tokens=budgets[i]),
+                sample_seed(sampling.seed, i, s),
+                done,
+                tag=(i, s),
+            )
             for i, p in enumerate(prompt_ids)
             for s in range(n)
         )
@@ -188,11 +199,17 @@ class EmbeddedEngine:
             self.run_batch(take, capacity=min(self.max_batch_size, len(pending)))
         return results  # type: ignore[return-value]
 
+    def max_new_tokens_for(self, prompt_len: int, max_new_tokens: int) -> int:
+        """What an Engine-API caller gets over HTTP too: a prompt SGLang refuses raises its error (RuleError,
+        a ValueError); the budget is cut to what the context leaves (request_rules.fit_max_new_tokens)."""
+        request_rules.prompt_length(prompt_len, self.context_length)
+        return request_rules.fit_max_new_tokens(prompt_len, max_new_tokens, self.context_length)
+
     def make_work(self, prompt: list[int], sampling: SamplingParams, seed: int | None, done, tag=None) -> Work:
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)))
-        stops = tuple(sampling.stop_token_ids) + (() if sampling.ignore_eos else self.spec.eos_token_ids)
-        return Work(list(prompt), sampling, int(seed), done, tuple(dict.fromkeys(stops)), tag)
+        stops = request_rules.stop_tokens(sampling.stop_token_ids, self.spec.eos_token_ids, sampling.ignore_eos)
+        return Work(list(prompt), sampling, int(seed), done, stops, tag)
 
     def run_batch(
         self, take: Callable[[int, int], list[Work]], max_len_hint: int = 0, capacity: int | None = None
@@ -315,10 +332,19 @@ class EmbeddedEngine:
         rows.refresh_flags()
 
     # ------------------------------------------------------------------ score
-    def score(
+    def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
+        """Log-probs of ids[i][response_start[i]:] (teacher alignment: position p predicts token p + 1).
+
+        A sequence SGLang would refuse as a prompt (too long for the context) raises its error, as over HTTP."""
+        check_prompts(ids, self.spec.vocab_size)
+        for seq in ids:
+            request_rules.prompt_length(len(seq), self.context_length)
+        return self.score_positions(ids, response_start, top_k)
+
+    def score_positions(
         self, ids: list[list[int]], response_start: list[int], top_k: int = 0, temperature: float = 1.0
     ) -> list[ScoreOutput]:
-        """Log-probs of ids[i][response_start[i]:] (teacher alignment: position p predicts token p + 1)."""
+        """score without the context check (the server's own log-prob passes, after its request checks)."""
         check_prompts(ids, self.spec.vocab_size)
         if len(response_start) != len(ids):
             raise ValueError(f"response_start has {len(response_start)} entries for {len(ids)} sequences")

@@ -120,6 +120,20 @@ def resolve_api_key(engine_cfg) -> str:
     return engine_cfg.api_key or os.environ.get(engine_cfg.api_key_env, "")
 
 
+def context_length(engine_cfg, model_dir: str) -> int | None:
+    """The servers' context length as SGLang sets it: `server_args.context_length`, else the model's
+    max_position_embeddings (None when the model folder is not readable here)."""
+    if engine_cfg.server_args.get("context_length"):
+        return int(engine_cfg.server_args["context_length"])
+    config = Path(model_dir) / "config.json" if model_dir else None
+    if config is None or not config.is_file():
+        return None
+    from rlad_megatron.engines.model import read_config
+
+    value = read_config(model_dir).get("max_position_embeddings")
+    return int(value) if value else None
+
+
 def _client_kwargs(engine_cfg) -> dict:
     return {
         "max_concurrency": engine_cfg.max_concurrency,
@@ -155,11 +169,18 @@ def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str
     if kind == "embedded":
         from rlad_megatron.engines.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(model_dir, max_batch_size=engine_cfg.max_batch_size)
+        return EmbeddedEngine(
+            model_dir, max_batch_size=engine_cfg.max_batch_size, context_length=context_length(engine_cfg, model_dir)
+        )
     if kind == "http":
         from rlad_megatron.engines.client import HttpEngine
 
-        return HttpEngine(list(engine_cfg.urls), api_key=resolve_api_key(engine_cfg), **_client_kwargs(engine_cfg))
+        return HttpEngine(
+            list(engine_cfg.urls),
+            api_key=resolve_api_key(engine_cfg),
+            context_length=context_length(engine_cfg, model_dir),
+            **_client_kwargs(engine_cfg),
+        )
     if kind == "sglang":
         from rlad_megatron.engines.sglang_fleet import SGLangFleet
 
@@ -175,6 +196,7 @@ def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str
             use_router=engine_cfg.use_router,
             startup_timeout_s=engine_cfg.startup_timeout_s,
             python=sglang_python(engine_cfg),
+            context_length=context_length(engine_cfg, model_dir),
             **_client_kwargs(engine_cfg),
         )
         return FleetEngine(fleet.start())

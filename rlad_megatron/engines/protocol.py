@@ -5,19 +5,21 @@ same field names and shapes are used on both sides and the parser can be fuzzed 
 
 Field mapping (SGLang `GenerateReqInput` / `SamplingParams`, `meta_info` built by the tokenizer
 manager):
-  request   input_ids (one list or a batch), sampling_params (dict or one per prompt) with
+  request   input_ids (one list or a batch) or text (one string or a list, tokenized with the served
+            model's tokenizer as SGLang does), sampling_params (dict or one per prompt) with
             temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=128, stop_token_ids, n=1,
             sampling_seed, ignore_eos=False; return_logprob=False; logprob_start_len=-1
-            (-1: output tokens only); top_logprobs_num=0; rid.
+            (-1: output tokens only); top_logprobs_num=0; rid. The edge rules (context length,
+            max_new_tokens caps, logprob_start_len, stops) are engines/request_rules.py.
   response  {"text", "output_ids", "meta_info": {"id", "finish_reason": {"type": "stop"|"length"|
             "abort", "matched"|"length"|"message"}, "prompt_tokens", "completion_tokens",
             "cached_tokens", "weight_version", "e2e_latency", and with return_logprob:
             "input_token_logprobs", "output_token_logprobs" as [logprob, token_id, text|None]
             triples, "input_top_logprobs" / "output_top_logprobs" (lists of triples per position)
-            when top_logprobs_num > 0}}. input entry 0 always has logprob None (SGLang pads it).
+            when top_logprobs_num > 0}}. The first input entry has logprob None (SGLang pads it).
   batch     with n > 1 SGLang repeats the whole batch n times: output k is prompt k % B, sample k // B.
 Errors are 4xx with {"error": {"message": ...}}, SGLang's shape. Unsupported SGLang features
-(text prompts, stop strings, penalties, min_p, streaming, LoRA) are refused by name, never ignored.
+(stop strings, penalties, min_p, streaming, LoRA) are refused by name, never ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from rlad_megatron.engines import request_rules
 
 TOP_LEVEL_KEYS = {
     "input_ids",
@@ -98,8 +102,10 @@ class GenRequest:
     ignore_eos: bool = False
     return_logprob: bool = False
     logprob_start_len: int = -1
+    """As sent; after parse_generate, the first input position with a log-prob entry (len(input_ids): none)."""
     top_logprobs_num: int = 0
     rid: str | None = None
+    max_new_tokens_given: bool = False
 
 
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
@@ -133,7 +139,7 @@ def _token_list(value: Any, name: str, vocab_size: int, allow_empty: bool = Fals
     return value
 
 
-def _sampling(sp: Any, req: GenRequest, vocab_size: int, max_context: int) -> None:
+def _sampling(sp: Any, req: GenRequest, vocab_size: int) -> None:
     if sp is None:
         sp = {}
     if not isinstance(sp, dict):
@@ -150,13 +156,9 @@ def _sampling(sp: Any, req: GenRequest, vocab_size: int, max_context: int) -> No
         req.top_k = _int(sp["top_k"], "top_k", -1, 1 << 30)
         if req.top_k == 0:
             raise RequestError("top_k=0 is invalid: use -1 to disable top-k or a value >= 1")
-    budget = max_context - len(req.input_ids)
-    if budget < 0:
-        raise RequestError(f"prompt has {len(req.input_ids)} tokens, more than the context length {max_context}")
     if sp.get("max_new_tokens") is not None:
-        req.max_new_tokens = _int(sp["max_new_tokens"], "max_new_tokens", 0, max(budget, 0))
-    else:
-        req.max_new_tokens = min(req.max_new_tokens, budget)
+        req.max_new_tokens = _int(sp["max_new_tokens"], "max_new_tokens", 0, 1 << 30)
+        req.max_new_tokens_given = True
     if sp.get("stop_token_ids") is not None:
         req.stop_token_ids = _token_list(sp["stop_token_ids"], "stop_token_ids", vocab_size, allow_empty=True)
         if len(req.stop_token_ids) > MAX_STOP_IDS:
@@ -184,24 +186,30 @@ def _refuse_unsupported(sp: dict[str, Any]) -> None:
         raise RequestError("sampling_params.stop (stop strings) is not supported; use stop_token_ids")
 
 
-def parse_generate(body: Any, vocab_size: int, max_context: int, max_prompts: int = 4096) -> list[GenRequest]:
-    """Validate a /generate JSON body; return one GenRequest per prompt (n kept per request)."""
+def parse_generate(
+    body: Any,
+    vocab_size: int,
+    max_context: int,
+    max_prompts: int = 4096,
+    tokenizer=None,
+    allow_auto_truncate: bool = False,
+) -> list[GenRequest]:
+    """Validate a /generate JSON body; return one GenRequest per prompt (n kept per request).
+
+    `text` prompts need `tokenizer` (the served model's); SGLang's edge rules are applied in its order
+    (engines/request_rules.py): input length, total length, the scheduler's cap, log-prob start."""
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     unknown = sorted(set(body) - TOP_LEVEL_KEYS)
     if unknown:
         raise RequestError(f"unknown fields {unknown}")
-    for key in ("text", "image_data", "lora_path", "custom_logit_processor", "token_ids_logprob"):
+    for key in ("image_data", "lora_path", "custom_logit_processor", "token_ids_logprob"):
         if body.get(key) is not None:
-            raise RequestError(f"{key!r} is not supported by this server; send token ids in input_ids")
+            raise RequestError(f"{key!r} is not supported by this server; send token ids in input_ids or text")
     for key in MUST_BE_OFF:
         if body.get(key):
             raise RequestError(f"{key}=true is not supported by this server")
-    ids = body.get("input_ids")
-    if not isinstance(ids, list) or not ids:
-        raise RequestError("input_ids must be a non-empty list of token ids, or a non-empty list of such lists")
-    single = not isinstance(ids[0], list)
-    prompts = [ids] if single else ids
+    single, prompts = _prompts(body, vocab_size, tokenizer)
     if len(prompts) > max_prompts:
         raise RequestError(f"batch of {len(prompts)} prompts exceeds the limit {max_prompts}", status=413)
     sps = body.get("sampling_params")
@@ -212,15 +220,65 @@ def parse_generate(body: Any, vocab_size: int, max_context: int, max_prompts: in
         sps = [sps] * len(prompts)
     reqs = []
     for i, (p, sp) in enumerate(zip(prompts, sps)):
-        req = GenRequest(_token_list(p, f"input_ids[{i}]" if not single else "input_ids", vocab_size))
-        _sampling(sp, req, vocab_size, max_context)
+        req = GenRequest(list(p))
+        _sampling(sp, req, vocab_size)
         _logprob_fields(body, req, vocab_size, i, len(prompts), single)
+        _apply_rules(req, max_context, allow_auto_truncate)
         reqs.append(req)
     if len({r.n for r in reqs}) > 1:
         raise RequestError("all prompts of a batch must use the same n (as in SGLang)")
     if sum(r.n for r in reqs) > max_prompts:
         raise RequestError(f"{sum(r.n for r in reqs)} samples exceed the per-request limit {max_prompts}", status=413)
     return reqs
+
+
+def _prompts(body: dict[str, Any], vocab_size: int, tokenizer) -> tuple[bool, list[list[int]]]:
+    """(single, token-id prompts) from input_ids, or from text tokenized as SGLang's tokenizer manager does."""
+    text, ids = body.get("text"), body.get("input_ids")
+    if text is not None and ids is not None:
+        raise RequestError("give either text or input_ids, not both")
+    if text is not None:
+        if tokenizer is None:
+            raise RequestError(
+                "text prompts need the model's tokenizer, and this server has none (a model folder without "
+                "tokenizer files, or --skip-tokenizer-init); send input_ids"
+            )
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RequestError("text must be a string or a non-empty list of strings")
+        prompts = [list(map(int, t)) for t in tokenizer(texts)["input_ids"]]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise RequestError(f"text{'' if single else f'[{i}]'} has no tokens; the prompt cannot be empty")
+        return single, prompts
+    if ids == []:
+        raise RequestError("input_ids cannot be empty.")
+    if not isinstance(ids, list):
+        raise RequestError("input_ids must be a non-empty list of token ids, or a non-empty list of such lists")
+    single = not isinstance(ids[0], list)
+    prompts = [ids] if single else ids
+    for i, p in enumerate(prompts):
+        name = "input_ids" if single else f"input_ids[{i}]"
+        if p == []:
+            raise RequestError(f"{name}: input_ids cannot be empty.")
+        _token_list(p, name, vocab_size)
+    return single, prompts
+
+
+def _apply_rules(req: GenRequest, context_len: int, allow_auto_truncate: bool) -> None:
+    """SGLang's edge rules, in its order (engines/request_rules.py); a refusal is a 400 with SGLang's message."""
+    rules = request_rules
+    try:
+        n = rules.tokenizer_input_length(len(req.input_ids), context_len, allow_auto_truncate)
+        if req.max_new_tokens_given:  # the tokenizer manager checks only a max_new_tokens the request set
+            req.max_new_tokens = rules.admitted_max_new_tokens(n, req.max_new_tokens, context_len, allow_auto_truncate)
+        req.max_new_tokens = rules.scheduled_max_new_tokens(n, req.max_new_tokens, context_len)
+        n = rules.scheduler_input_length(n, context_len, allow_auto_truncate)
+        del req.input_ids[n:]
+        req.logprob_start_len = rules.logprob_start(req.return_logprob, req.logprob_start_len, n)
+    except rules.RuleError as err:
+        raise RequestError(str(err)) from None
 
 
 def _per_prompt(body: dict[str, Any], key: str, i: int, num: int, single: bool) -> Any:
@@ -238,7 +296,7 @@ def _logprob_fields(body: dict[str, Any], req: GenRequest, vocab_size: int, i: i
     req.return_logprob = False if rl is None else _bool(rl, "return_logprob")
     start = _per_prompt(body, "logprob_start_len", i, num, single)
     if start is not None:
-        req.logprob_start_len = _int(start, "logprob_start_len", -1, len(req.input_ids) - 1)
+        req.logprob_start_len = _int(start, "logprob_start_len", -1, 1 << 30)
     top = _per_prompt(body, "top_logprobs_num", i, num, single)
     if top is not None:
         req.top_logprobs_num = _int(top, "top_logprobs_num", 0, min(MAX_TOP_LOGPROBS, vocab_size))

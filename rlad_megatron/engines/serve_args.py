@@ -4,7 +4,7 @@ With `launch.server_impl=rlad` the node agent starts `rlad serve` with the very 
 `sglang.launch_server`, so one placement runs either server. Each SGLang flag is one of:
 
 * honoured: --model-path, --host, --port, --api-key, --dtype (auto = float32 on CPU),
-  --context-length, --skip-tokenizer-init, --enable-deterministic-inference (rlad serve always is:
+  --context-length, --allow-auto-truncate, --skip-tokenizer-init, --enable-deterministic-inference (rlad serve always is:
   a sample depends only on its seed), --tp-size 1, --nnodes 1;
 * accepted without effect: --base-gpu-id and --mem-fraction-static (GPU placement and memory),
   --trust-remote-code (only config.json and safetensors are read, no model code runs),
@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="longest prompt + response accepted (default and maximum: the model's)",
+    )
+    sglang.add_argument(
+        "--allow-auto-truncate",
+        action="store_true",
+        help="cut over-long prompts and max_new_tokens to the context instead of refusing them (SGLang's rules)",
     )
     sglang.add_argument("--skip-tokenizer-init", action="store_true", help="no tokenizer: responses carry no text")
     sglang.add_argument(

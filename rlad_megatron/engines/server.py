@@ -119,8 +119,17 @@ def _inside(path: str, root: str) -> bool:
 
 
 class ServerState:
-    def __init__(self, engine, model_dir: str, api_key: str = "", weights_root: str = "", tokenizer=None):
+    def __init__(
+        self,
+        engine,
+        model_dir: str,
+        api_key: str = "",
+        weights_root: str = "",
+        tokenizer=None,
+        allow_auto_truncate: bool = False,
+    ):
         self.engine, self.model_dir = engine, str(model_dir)
+        self.allow_auto_truncate = allow_auto_truncate
         self.api_key, self.weights_root = api_key, weights_root
         self.tokenizer = tokenizer
         self.weight_version = str(engine.version)
@@ -161,22 +170,19 @@ class ServerState:
             outputs.append(await self._format(reqs[k % B], w, out, time.perf_counter() - t0, inputs.get(k % B)))
         return outputs
 
-    @staticmethod
-    def _logprob_start(r: GenRequest) -> int:
-        return r.logprob_start_len if r.logprob_start_len >= 0 else len(r.input_ids) - 1
-
     async def _input_scores(self, reqs: list[GenRequest]) -> dict[int, Any]:
-        """Prompt log-probs of every request that asked for them, in one batched engine.score call."""
-        todo = [
-            i for i, r in enumerate(reqs) if r.return_logprob and self._logprob_start(r) + 1 <= len(r.input_ids) - 1
-        ]
+        """Prompt log-probs of every request that asked for them, in one batched engine.score call.
+
+        Entries cover input_ids[logprob_start_len:] (the first one None, as SGLang pads it), so only requests
+        with at least two such tokens need a forward pass."""
+        todo = [i for i, r in enumerate(reqs) if r.return_logprob and r.logprob_start_len + 1 < len(r.input_ids)]
         if not todo:
             return {}
         top_k = max(reqs[i].top_logprobs_num for i in todo)
         scores = await asyncio.to_thread(
-            self.engine.score,
+            self.engine.score_positions,
             [reqs[i].input_ids for i in todo],
-            [self._logprob_start(reqs[i]) + 1 for i in todo],
+            [reqs[i].logprob_start_len + 1 for i in todo],
             top_k,
         )
         return dict(zip(todo, scores))
@@ -203,9 +209,10 @@ class ServerState:
 
     async def _add_logprobs(self, meta: dict[str, Any], r: GenRequest, out: GenerateOutput, sc) -> None:
         P, k = len(r.input_ids), r.top_logprobs_num
-        start = self._logprob_start(r)
-        in_lp: list[float | None] = [None]  # SGLang pads the first returned input position with None
-        in_top: list[Any] = [None]
+        start = r.logprob_start_len
+        # SGLang pads the first returned input position with None; logprob_start_len == len(input): no entries
+        in_lp: list[float | None] = [None] if start < P else []
+        in_top: list[Any] = [None] if start < P else []
         if sc is not None:
             in_lp += sc.logprobs
             if k:
@@ -217,7 +224,9 @@ class ServerState:
             out_top: list[Any] = []
             if out.response_ids:
                 temp = r.temperature if r.temperature > 0 else 1.0
-                sc = (await asyncio.to_thread(self.engine.score, [r.input_ids + out.response_ids], [P], k, temp))[0]
+                sc = (
+                    await asyncio.to_thread(self.engine.score_positions, [r.input_ids + out.response_ids], [P], k, temp)
+                )[0]
                 out_top = [triples(v, i) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
             meta["output_top_logprobs"] = out_top
 
@@ -276,11 +285,18 @@ def create_app(state: ServerState):
     async def generate(request: Request):
         try:
             body = await read_json(request)
-            reqs = parse_generate(body, state.engine.spec.vocab_size, state.max_context)
+            reqs = parse_generate(
+                body,
+                state.engine.spec.vocab_size,
+                state.max_context,
+                tokenizer=state.tokenizer,
+                allow_auto_truncate=state.allow_auto_truncate,
+            )
             outs = await state.generate(reqs)
         except RequestError as err:
             return _error(str(err), err.status)
-        single = isinstance(body["input_ids"][0], int) and reqs[0].n == 1
+        prompts = body["input_ids"] if body.get("text") is None else body["text"]
+        single = (isinstance(prompts, str) or isinstance(prompts[0], int)) and reqs[0].n == 1
         return JSONResponse(outs[0] if single else outs)
 
     @app.get("/health")
@@ -388,8 +404,15 @@ def build_state(args) -> ServerState:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("RLAD_API_KEY", "")
-    state = ServerState(engine, args.model, api_key=api_key, weights_root=args.weights_root, tokenizer=tokenizer)
-    state.max_context = max_context
+    state = ServerState(
+        engine,
+        args.model,
+        api_key=api_key,
+        weights_root=args.weights_root,
+        tokenizer=tokenizer,
+        allow_auto_truncate=args.allow_auto_truncate,
+    )
+    state.max_context = engine.context_length = max_context
     return state
 
 

@@ -99,13 +99,15 @@ def test_top_k_one_is_greedy_and_stop_tokens_end_generation(models):
         prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=8, seed=1, ignore_eos=True)
     )
     assert [o[0].response_ids for o in greedy] == [o[0].response_ids for o in topk1]
-    stop = greedy[0][0].response_ids[3]
-    out = engine.generate(
-        prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(stop,), ignore_eos=True)
-    )[0][0]
-    first = greedy[0][0].response_ids.index(stop)
-    assert out.response_ids == greedy[0][0].response_ids[: first + 1]  # stop token included
+    ids = greedy[0][0].response_ids
+    stop = ids[3]
+    out = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(stop,)))[0][0]
+    first = min(i for i, t in enumerate(ids) if t == stop or t in engine.spec.eos_token_ids)
+    assert out.response_ids == ids[: first + 1]  # the stop token is kept as the last output token
     assert out.finish_reason == "stop"
+    # SGLang's rule: ignore_eos turns off every token stop, stop_token_ids included
+    through = SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=(stop,), ignore_eos=True)
+    assert engine.generate(prompts[:1], through)[0][0].response_ids == ids
     zero = engine.generate(prompts[:1], SamplingParams(max_new_tokens=0))[0][0]
     assert zero.response_ids == [] and zero.finish_reason == "length"
 

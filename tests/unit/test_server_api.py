@@ -61,7 +61,7 @@ def test_response_shapes_follow_sglang(client):
     greedy_top = [r[0][1] for r in meta["output_top_logprobs"]]
     assert greedy_top == out["output_ids"]  # greedy picks the top-1 token of the same distribution
     default = client.post("/generate", json={**body, "logprob_start_len": -1}).json()["meta_info"]
-    assert [e[1] for e in default["input_token_logprobs"]] == [8]  # -1: only the last prompt token, no log-prob
+    assert default["input_token_logprobs"] == []  # -1: output tokens only (SGLang sets the start to len(input))
 
 
 def test_batch_and_n_ordering_like_sglang(client):
@@ -78,20 +78,20 @@ def test_batch_and_n_ordering_like_sglang(client):
 @pytest.mark.parametrize(
     "body,message",
     [
-        ({"input_ids": []}, "non-empty"),
+        ({"input_ids": []}, "input_ids cannot be empty."),
         ({"input_ids": [1, 2, 10_000]}, "token ids must be integers in"),
         ({"input_ids": [1, -2]}, "token ids must be"),
         ({"input_ids": [[1], []]}, "input_ids[1]"),
         ({"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature"),
         ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "top_p"),
         ({"input_ids": [1, 2], "sampling_params": {"top_k": 0}}, "top_k=0"),
-        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, "max_new_tokens"),
+        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, "maximum context length of 48"),
         ({"input_ids": [1] * 60}, "context length"),
         ({"input_ids": [1, 2], "sampling_params": {"n": 0}}, "n=0"),
         ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "stop strings"),
         ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "unknown sampling_params"),
-        ({"input_ids": [1, 2], "logprob_start_len": 5}, "logprob_start_len"),
-        ({"text": "hello"}, "not supported"),
+        ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 5}, "logprob_start_len=5 is higher"),
+        ({"text": "hello", "input_ids": [1]}, "either text or input_ids"),
         ({"input_ids": [1, 2], "stream": True}, "stream"),
         ({"input_ids": [1, 2], "return_hidden_states": True}, "return_hidden_states"),
         ({"input_ids": [1.5]}, "token ids"),
@@ -174,6 +174,26 @@ def test_fuzzed_http_requests_get_4xx_or_200_and_server_keeps_serving(client, bo
     r = client.post("/generate", content=json.dumps(body, allow_nan=True))
     assert r.status_code == 200 or 400 <= r.status_code < 500, r.text
     assert client.post("/generate", json=GOOD).status_code == 200
+
+
+def test_allow_auto_truncate_cuts_instead_of_refusing(root):
+    """--allow-auto-truncate (SGLang's flag): prompt and max_new_tokens are cut to the context (48 here)."""
+    c, state = _client(root / "base", "--allow-auto-truncate")
+    try:
+        sp = {"temperature": 0, "max_new_tokens": 100, "ignore_eos": True}
+        out = c.post("/generate", json={"input_ids": [5] * 30, "sampling_params": sp}).json()
+        assert out["meta_info"]["prompt_tokens"] == 30
+        assert out["meta_info"]["completion_tokens"] == 48 - 2 - 30  # admitted 48 - 30, then the scheduler's cap
+        long = c.post("/generate", json={"input_ids": [5] * 60, "sampling_params": sp}).json()
+        assert long["meta_info"]["prompt_tokens"] == 48 - 6 and long["output_ids"] == []  # cut to max_req_input_len
+    finally:
+        state.scheduler.stop()
+    refused = _client(root / "base")
+    try:
+        r = refused[0].post("/generate", json={"input_ids": [5] * 30, "sampling_params": sp})
+        assert r.status_code == 400 and "maximum context length of 48 tokens" in r.json()["error"]["message"]
+    finally:
+        refused[1].scheduler.stop()
 
 
 def test_api_key_is_required_on_every_endpoint(root):

@@ -837,15 +837,16 @@ def fake_generate(body: dict, weight_version: str) -> Any:
         }
         if _per_prompt(body.get("return_logprob"), i, batch):
             start = _per_prompt(body.get("logprob_start_len", -1), i, batch)
-            start = len(prompt) - 1 if start is None or start < 0 else start
+            start = len(prompt) if start is None or start < 0 else start  # -1: output tokens only
             top = _per_prompt(body.get("top_logprobs_num", 0), i, batch) or 0
-            meta["input_token_logprobs"] = [[None, prompt[start], None]] + [
-                [-0.5, t, None] for t in prompt[start + 1 :]
-            ]
+            first = [[None, prompt[start], None]] if start < len(prompt) else []
+            meta["input_token_logprobs"] = first + [[-0.5, t, None] for t in prompt[start + 1 :]]
             meta["output_token_logprobs"] = [[-0.25, t, None] for t in out]
             if top:
                 others = [[-2.0 - j, j, None] for j in range(top - 1)]
-                meta["input_top_logprobs"] = [None] + [[[-0.5, t, None], *others] for t in prompt[start + 1 :]]
+                meta["input_top_logprobs"] = [None] * len(first) + [
+                    [[-0.5, t, None], *others] for t in prompt[start + 1 :]
+                ]
                 meta["output_top_logprobs"] = [[[-0.25, t, None], *others] for t in out]
         outs.append({"text": "", "output_ids": out, "meta_info": meta})
     return outs[0] if not batch and n == 1 else outs
