@@ -93,6 +93,44 @@ REFUSED = {  # id -> (family, config.json fields set, the field the refusal name
 }
 
 
+LAYOUTS = {  # config.json RoPE layouts transformers reads: 5.x, 4.x (rope_scaling + top-level theta, "type")
+    "transformers5": {"rope_parameters": _yarn(5e5, 4.0, 64)},
+    "transformers4": {
+        "rope_theta": 5e5,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    },
+    "context-from-max-positions": {
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+        "max_position_embeddings": 64,
+    },
+    "top-level-theta-only": {"rope_theta": 1234.0},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_rope_parameters_are_read_from_every_config_layout_as_transformers_does(layout):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from rlad_megatron.conversion.rope import config_rope
+
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 512}
+    config.update(LAYOUTS[layout])
+    hf = LlamaConfig.from_dict(config)
+    rope_type = hf.rope_parameters["rope_type"]
+    init = ROPE_INIT_FUNCTIONS.get(rope_type, LlamaRotaryEmbedding.compute_default_rope_parameters)
+    want_inv_freq, want_factor = init(hf)
+    inv_freq, factor = config_rope(config)
+    assert torch.equal(inv_freq, want_inv_freq) and factor == want_factor
+
+
 @pytest.fixture(scope="module")
 def parallel():
     from rlad_megatron.backends.megatron.parallel import destroy_parallel, init_parallel
