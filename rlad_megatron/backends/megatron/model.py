@@ -20,7 +20,8 @@ writes them into the rotary embedding's `inv_freq` (Megatron's own llama3 scalin
 of the four llama3 parameters), and YaRN's attention factor, which transformers multiplies cos and
 sin by, is handed to Megatron's own unfused RoPE through the `yarn_*` config attributes its
 attention reads (`_yarn_concentration_fields`). The Transformer Engine spec uses the same rotary
-embedding and the same attention-side RoPE call, so the same `inv_freq` and factor apply there. Every config field that changes the maths is checked by
+embedding and the same attention-side RoPE call, so the same `inv_freq` and factor apply there
+(not run on a GPU here). Every config field that changes the maths is checked by
 `conversion.arch.check_supported` (docs/conversion.md).
 
 Left out: sliding-window attention, dynamic / longrope RoPE, partial rotary, MoE, MTP, biases on
@@ -65,7 +66,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
 
 
 def _config_dict(hf_config) -> dict[str, Any]:
-    return hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(vars(hf_config))
+    return hf_config.to_dict()
 
 
 def rope_settings(hf_config) -> tuple[torch.Tensor, float]:
@@ -238,7 +239,7 @@ def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn
     )
     with compat.cuda_to_cpu():  # tied embeddings under PP call weight.data.cuda() (language_module.py:244)
         model = _gpt_model(GPTModel, config, use_te, vocab, hf_config)
-    inv_freq, _ = rope_settings(hf_config)  # the attention factor is in config.softmax_scale
+    inv_freq, _ = rope_settings(hf_config)  # the attention factor is in the config's yarn_* attributes
     model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
