@@ -14,6 +14,7 @@ frequency then moves the logits by far more than the tolerance).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -123,7 +124,7 @@ def test_rope_parameters_are_read_from_every_config_layout_as_transformers_does(
 
     config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 512}
     config.update(LAYOUTS[layout])
-    hf = LlamaConfig.from_dict(config)
+    hf = LlamaConfig.from_dict(copy.deepcopy(config))  # transformers fills in the nested dict it is given
     rope_type = hf.rope_parameters["rope_type"]
     init = ROPE_INIT_FUNCTIONS.get(rope_type, LlamaRotaryEmbedding.compute_default_rope_parameters)
     want_inv_freq, want_factor = init(hf)
