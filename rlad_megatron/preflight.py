@@ -5,6 +5,10 @@ and how to fix it. Checked, without building any model:
   - model folders: present, with config.json, tokenizer files and every weight shard
     (a sharded checkpoint's index lists its shards; each missing one is named),
   - student and teacher tokenizers map the same tokens to the same ids,
+  - model architecture: every config field that changes the maths (RoPE variant and parameters,
+    biases, sliding windows, activation, ...) is one the trainer and the embedded engine compute
+    exactly like transformers (`conversion.arch.check_supported`, docs/conversion.md); checked for
+    the student, the reference and an embedded-engine teacher,
   - dataset rows: the data package's loader validates every row (fields, UTF-8, prompt length),
   - parallel layout: TP divides attention and KV heads, PP divides layers, TP x PP divides the
     trainer's GPUs (WORLD_SIZE under torchrun, else launch.* nodes x gpus_per_node).
@@ -71,6 +75,26 @@ def tokenizer_problems(student: str, teacher: str) -> list[str]:
     except ValueError as err:
         return [str(err)]
     return []
+
+
+def architecture_problems(role: str, path: str) -> list[str]:
+    """The config field of this model folder that the trainer / embedded engine would refuse, if any."""
+    from rlad_megatron.conversion.arch import UnsupportedModelError, arch_from_config
+
+    if not (Path(path) / "config.json").exists():
+        return []
+    try:
+        arch_from_config(path)
+    except UnsupportedModelError as err:
+        return [f"model.{role}={path!r}: {err}"]
+    return []
+
+
+def _checked_architectures(cfg: RunConfig, roles: list[str]) -> list[str]:
+    """Roles whose model runs in the trainer (student, reference) or in the embedded engine (teacher)."""
+    from rlad_megatron.engines.factory import resolve_kind
+
+    return [role for role in roles if role != "teacher" or resolve_kind(cfg.teacher) == "embedded"]
 
 
 def _architecture(path: str) -> tuple[int, int, int] | None:
@@ -203,7 +227,10 @@ def preflight(cfg: RunConfig):
     roles = required_models(cfg, objective)
     for role in roles:
         problems += model_folder_problems(role, getattr(cfg.model, role))
-    folders_ok = not problems
+    if not problems:
+        for role in _checked_architectures(cfg, roles):
+            problems += architecture_problems(role, getattr(cfg.model, role))
+    folders_ok = not problems  # the tokenizer and data checks load the folders with transformers
     if folders_ok and "teacher" in roles:
         problems += tokenizer_problems(cfg.model.student, cfg.model.teacher)
     if cfg.train.mode == "train_only" and not Path(cfg.train.rollout_dir or "-").is_dir():

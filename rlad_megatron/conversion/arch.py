@@ -3,8 +3,11 @@
 The config is read as plain JSON (no transformers import), so the converter works on a machine
 without the model's transformers class and fails early, naming the field, on anything the name
 tables do not cover: another architecture, MoE outside the Qwen3-MoE family (or Qwen3-MoE with dense
-layers mixed in), sliding-window attention, RoPE scaling other than Llama-3 style, non-SiLU
-activations, MLP biases, or an o_proj bias.
+layers mixed in), sliding-window attention, a RoPE variant that `rope.py` does not compute exactly,
+non-SiLU activations, MLP biases, or an o_proj bias. `check_supported` is also what the trainer's
+model build, the embedded engine and `rlad train --dry-run` call, so every path refuses the same
+configs with the same message (table of fields: docs/conversion.md, "Config fields that change the
+maths").
 
 Qwen3-MoE (`Qwen3MoeForCausalLM`): every layer is a sparse MoE block of `num_experts` SwiGLU experts
 of width `moe_intermediate_size`, a bias-free router `mlp.gate`, top-`num_experts_per_tok` routing
@@ -22,6 +25,8 @@ from typing import Any
 
 import torch
 
+from rlad_megatron.conversion.rope import UnsupportedRopeError, check_rope, rope_parameters
+
 # architecture class -> family; model_type is the fallback when `architectures` is absent.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -31,7 +36,6 @@ ARCHITECTURES = {
 }
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 MOE_FAMILIES = ("qwen3_moe",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config fields that announce a mixture-of-experts model.
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
@@ -104,12 +108,6 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
-def _rope_type(config: dict[str, Any]) -> str:
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    return params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-
-
 def check_supported(config: dict[str, Any], family: str) -> None:
     """Raise `UnsupportedModelError` naming the first config field the tables cannot convert."""
 
@@ -124,15 +122,19 @@ def check_supported(config: dict[str, Any], family: str) -> None:
                 raise bad(name, config[name], "mixture-of-experts models have no name table here")
     if config.get("use_sliding_window"):
         raise bad("use_sliding_window", True, "sliding-window attention is not implemented; set it to false")
+    windowed = sorted({t for t in config.get("layer_types") or () if t != "full_attention"})
+    if windowed:
+        raise bad("layer_types", windowed, "only full attention in every layer is implemented")
     if config.get("hidden_act", "silu") != "silu":
         raise bad("hidden_act", config["hidden_act"], "only SwiGLU (silu) MLPs are supported")
     if config.get("mlp_bias"):
         raise bad("mlp_bias", True, "Megatron's SwiGLU MLP here has no biases")
     if family != "qwen2" and config.get("attention_bias"):
         raise bad("attention_bias", True, "the o_proj bias has no Megatron counterpart (add_bias_linear=False)")
-    rope = _rope_type(config)
-    if rope not in SUPPORTED_ROPE_TYPES:
-        raise bad("rope_type", rope, f"supported RoPE types: {list(SUPPORTED_ROPE_TYPES)}")
+    try:
+        check_rope(rope_parameters(config))
+    except UnsupportedRopeError as err:
+        raise UnsupportedModelError(f"{family}: {err}") from None
     heads = config["num_attention_heads"]
     groups = config.get("num_key_value_heads") or heads
     if heads % groups:

@@ -1,9 +1,10 @@
 """A plain-torch decoder for HF Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoints, built for batched KV-cache decoding.
 
-The architecture is read from config.json: RMSNorm, rotary embeddings with the config's theta
-(`rope_theta`, or `rope_parameters["rope_theta"]` as transformers 5 writes it), grouped-query
-attention, the Qwen2 QKV bias, the Qwen3 per-head QK RMSNorm and tied embeddings. Weights come
-from safetensors only (never pickle).
+The architecture is read from config.json: RMSNorm, rotary embeddings (default, linear, llama3
+and yarn RoPE, frequencies and YaRN's cos/sin factor from `conversion/rope.py`, the same code the
+trainer uses), grouped-query attention, the Qwen2 QKV bias, the Qwen3 per-head QK RMSNorm and tied
+embeddings. Configs outside that are refused by `conversion.arch.check_supported`, naming the
+field. Weights come from safetensors only (never pickle).
 
 For speed the Q/K/V projections and the gate/up projections are stored fused, and every HF
 parameter name maps to a *view* into the fused tensor (`named_parameters_hf`), so an in-place
@@ -14,8 +15,8 @@ experts in fp32, top-k, renormalised when `norm_topk_prob`, weights cast back to
 each expert's SwiGLU runs on the tokens routed to it. Experts are stored stacked (`[E, 2F, H]`,
 `[E, H, F]`), one view per HF expert tensor.
 
-Left out: rope scaling variants (llama3, yarn, ...; refused with a clear error), sliding-window
-attention, shared experts / dense layers inside MoE models, quantised checkpoints.
+Left out (refused by name): dynamic / longrope RoPE, partial rotary, sliding-window attention,
+o_proj / MLP biases, shared experts / dense layers inside MoE models; quantised checkpoints.
 
 Shapes: B batch, T new tokens, S cache length, H query heads, K kv heads, D head dim, V vocab.
 """
@@ -28,6 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from rlad_megatron.conversion import rope
+from rlad_megatron.conversion.arch import UnsupportedModelError, check_supported
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe")
 # Decode RoPE matrices are precomputed per position when the [positions, D, D] table stays this small
@@ -43,6 +47,10 @@ class ModelSpec:
         if mt not in SUPPORTED:
             raise ValueError(f"model_type={mt!r} is not supported by the embedded engine; supported: {list(SUPPORTED)}")
         self.model_type = mt
+        try:
+            check_supported(cfg, mt)
+        except UnsupportedModelError as err:
+            raise ValueError(f"the embedded engine cannot run this model: {err}") from None
         self.vocab_size = int(cfg["vocab_size"])
         self.hidden_size = int(cfg["hidden_size"])
         self.intermediate_size = int(cfg["intermediate_size"])
@@ -64,22 +72,13 @@ class ModelSpec:
             raise ValueError("MoE models with dense layers (mlp_only_layers, decoder_sparse_step) are not supported")
         if cfg.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported by the embedded engine")
-        self.rope_theta = _rope_theta(cfg)
+        self.rope_inv_freq, self.rope_attention_factor = rope.config_rope(cfg)
         eos = cfg.get("eos_token_id")
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
-
-
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ValueError(f"rope_type={rope_type!r} is not supported by the embedded engine (only 'default')")
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    return float(theta)
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -223,12 +222,12 @@ class DecoderModel:
         """cos and signed sin tables [n >= need, D], plus the decode rotation table, built on first need."""
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
             n, d = max(need, 256) * 2, self.spec.head_dim
-            inv = 1.0 / (self.spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.spec.rope_inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
-            sin = emb.sin()
+            scale = self.spec.rope_attention_factor  # YaRN's factor on cos and sin (1 otherwise), as transformers
+            cos, sin = emb.cos() * scale, emb.sin() * scale
             sin[:, : d // 2] *= -1  # rotate_half(x) * sin == swap_halves(x) * signed_sin
-            self._rope_cache = (emb.cos().to(self.dtype), sin.to(self.dtype))
+            self._rope_cache = (cos.to(self.dtype), sin.to(self.dtype))
             table_bytes = n * d * d * self._rope_cache[0].element_size()
             self._rot_table = _rotation_table(*self._rope_cache) if table_bytes <= ROT_TABLE_MAX_BYTES else None
         return self._rope_cache

@@ -131,7 +131,7 @@ def test_live_names_local_and_te_spellings():
         ({"architectures": None, "model_type": "mistral"}, "unsupported model_type 'mistral'"),
         ({"num_experts": 8}, "num_experts=8"),
         ({"use_sliding_window": True}, "use_sliding_window"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_type='yarn'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 2.0}}, "rope_type='dynamic'"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "attention_bias=True"),
         ({"num_key_value_heads": 3}, "num_key_value_heads=3"),

@@ -12,7 +12,6 @@ from rlad_megatron.backends.megatron.logprobs import (
 )
 from rlad_megatron.backends.megatron.model import (
     padded_vocab_size,
-    rope_settings,
     transformer_config_from_hf,
 )
 from rlad_megatron.config import ModelConfig, ParallelConfig
@@ -47,28 +46,6 @@ def test_megatron_passthrough_overrides_fields():
     model_cfg = ModelConfig(megatron={"recompute_granularity": "selective", "init_method_std": 0.01})
     cfg = transformer_config_from_hf(tiny_hf_config("llama"), model_cfg, ParallelConfig())
     assert cfg.recompute_granularity == "selective" and cfg.init_method_std == 0.01
-
-
-def test_rope_theta_from_transformers5_and_legacy_fields():
-    assert rope_settings(tiny_hf_config("llama", rope_theta=5e5))["rotary_base"] == 5e5
-
-    class Legacy:
-        rope_theta = 1234.0
-        rope_scaling = None
-
-    assert rope_settings(Legacy())["rotary_base"] == 1234.0
-    llama3 = tiny_hf_config(
-        "llama",
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 5e5,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    )
-    assert rope_settings(llama3) == {"rotary_base": 5e5, "rope_scaling": True, "rope_scaling_factor": 8.0}
 
 
 @pytest.mark.parametrize(

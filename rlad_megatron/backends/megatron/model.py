@@ -14,6 +14,16 @@ Layer specs: `local` = Megatron's local spec with `layers.SDPACoreAttention` and
 (CPU and GPU); `transformer_engine` = `get_gpt_layer_with_transformer_engine_spec` (GPU; imported
 lazily), with `fp8` from `model.fp8`. `model.megatron` is merged into TransformerConfig verbatim.
 
+RoPE: `conversion/rope.py` computes the inverse frequencies of every supported `rope_type`
+(default, linear, llama3 with any parameters, yarn) exactly as transformers does; `build_model`
+writes them into the rotary embedding's `inv_freq` (Megatron's own llama3 scaling hard-codes three
+of the four llama3 parameters), and YaRN's attention factor, which transformers multiplies cos and
+sin by, is handed to Megatron's own unfused RoPE through the `yarn_*` config attributes its
+attention reads (`_yarn_concentration_fields`). The Transformer Engine spec uses the same rotary
+embedding and the same attention-side RoPE call, so the same `inv_freq` and factor apply there
+(not run on a GPU here). Every config field that changes the maths is checked by
+`conversion.arch.check_supported` (docs/conversion.md).
+
 MoE (`moe_settings`): SequentialMLP experts (one SwiGLU MLP per expert, the same parameter names
 with and without Transformer Engine), the `allgather` token dispatcher (runs on CPU/gloo), no
 token dropping (capacity factor off). HF Qwen3-MoE routing is softmax over all experts in fp32,
@@ -24,9 +34,9 @@ load-balancing loss is on (`aux_loss`, coefficient `router_aux_loss_coef`) only 
 sets `output_router_logits`, as HF training does; Megatron computes it per layer and adds it to the
 gradients only, where HF sums one loss over all layers' tokens, so the two losses differ in value.
 
-Left out: RoPE scaling other than Llama-3 style, sliding-window attention, MTP, biases on MLP,
-grouped-GEMM experts (`TEGroupedMLP` names its weights `linear_fc1.weight<e>`: no table rows yet),
-shared experts.
+Left out (refused by name): sliding-window attention, dynamic / longrope RoPE, partial rotary, MTP,
+biases on the MLP and o_proj, shared experts; grouped-GEMM experts (`TEGroupedMLP` names its weights
+`linear_fc1.weight<e>`: no table rows yet).
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from rlad_megatron.backends.megatron import compat
+from rlad_megatron.conversion import rope
+from rlad_megatron.conversion.arch import check_supported
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 MOE_MODEL_TYPES = ("qwen3_moe",)
@@ -65,21 +77,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def rope_settings(hf_config) -> dict[str, Any]:
-    """RoPE base and scaling from the HF config (transformers 5 `rope_parameters` or 4.x `rope_theta`)."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    if theta is None:
-        raise ValueError("the HF config has neither rope_parameters['rope_theta'] nor rope_theta")
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    out: dict[str, Any] = {"rotary_base": float(theta), "rope_scaling": False}
-    if rope_type == "llama3":
-        factor = params.get("factor", scaling.get("factor", 8.0))
-        out.update(rope_scaling=True, rope_scaling_factor=float(factor))
-    elif rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, llama3")
-    return out
+def _config_dict(hf_config) -> dict[str, Any]:
+    return hf_config.to_dict()
+
+
+def rope_settings(hf_config) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim // 2] float32, attention factor) of the HF config, as transformers computes them."""
+    return rope.config_rope(_config_dict(hf_config))
 
 
 def num_moe_experts(hf_config) -> int:
@@ -142,12 +146,7 @@ def _check_family(hf_config) -> str:
     model_type = getattr(hf_config, "model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf_config.hidden_act!r} is not supported; only silu (SwiGLU)")
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ValueError("sliding-window attention is not supported; set use_sliding_window=False")
-    if getattr(hf_config, "mlp_bias", False):
-        raise ValueError("mlp_bias=True is not supported")
+    check_supported(_config_dict(hf_config), model_type)
     return model_type
 
 
@@ -169,6 +168,7 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
     _check_layout(hf_config, tp, pp)
     dtype = _DTYPES[model_cfg.params_dtype]
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    _, attention_factor = rope_settings(hf_config)
     on_cpu = not torch.cuda.is_available()
     fields: dict[str, Any] = dict(  # noqa: C408  (keyword form mirrors TransformerConfig)
         num_layers=hf_config.num_hidden_layers,
@@ -215,7 +215,31 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
     if _use_te(model_cfg) and model_cfg.fp8:
         fields.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
     fields.update(model_cfg.megatron or {})
-    return TransformerConfig(**fields)
+    config = TransformerConfig(**fields)
+    if attention_factor != 1.0:
+        for name, value in _yarn_concentration_fields(attention_factor).items():
+            setattr(config, name, value)
+    return config
+
+
+def _yarn_concentration_fields(attention_factor: float) -> dict[str, float]:
+    """Config attributes that make Megatron's attention multiply cos and sin by exactly `attention_factor`.
+
+    Megatron reads YaRN's factor from `config.yarn_rotary_scaling_factor`, `yarn_mscale` and
+    `yarn_mscale_all_dim` when they exist (attention.py, `_yarn_get_concentration_factor_from_config`):
+    (0.1 m ln s + 1) / (0.1 m_all ln s + 1). With s = e and m_all = 0 that is 0.1 m + 1; the m giving
+    the factor bit for bit is found by stepping through neighbouring floats, so the product matches
+    transformers' `cos * attention_factor` exactly rather than to rounding.
+    """
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
+    weight = (attention_factor - 1.0) / 0.1
+    for _ in range(64):
+        got = _yarn_get_concentration_factor(math.e, weight, 0.0)
+        if got == attention_factor:
+            return {"yarn_rotary_scaling_factor": math.e, "yarn_mscale": weight, "yarn_mscale_all_dim": 0.0}
+        weight = math.nextafter(weight, math.inf if got < attention_factor else -math.inf)
+    raise ValueError(f"YaRN attention factor {attention_factor!r} has no exact Megatron mscale encoding")
 
 
 def _use_te(model_cfg) -> bool:
@@ -279,6 +303,8 @@ def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn
     )
     with compat.cuda_to_cpu():  # tied embeddings under PP call weight.data.cuda() (language_module.py:244)
         model = _gpt_model(GPTModel, config, use_te, vocab, hf_config)
+    inv_freq, _ = rope_settings(hf_config)  # the attention factor is in the config's yarn_* attributes
+    model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     model.padded_vocab_size = vocab
@@ -300,5 +326,5 @@ def _gpt_model(GPTModel, config, use_te: bool, vocab: int, hf_config):
         parallel_output=True,
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
         position_embedding_type="rope",
-        **rope_settings(hf_config),
+        rotary_base=rope.rope_parameters(_config_dict(hf_config))["rope_theta"],  # replaced by build_model
     )
