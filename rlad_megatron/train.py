@@ -2,7 +2,8 @@
 
 One step:
   1. samples   <- source.collect(step)      prompts -> n rollouts each -> rewards (-> dynamic sampling)
-  2. teacher   <- score_samples(...)         teacher log-probs (or top-k) on the student's exact ids
+  2. teacher   <- score_samples(...)         teacher log-probs (or top-k) on the student's exact ids; on-policy
+                                             sources score each prompt group as soon as it finished generating
   3. (rank 0 drove steps 1-2; every trainer rank now gets the same samples by broadcast)
   4. old / ref <- trainer.compute_logprobs   forward-only, before any update of this step
   5. advantages <- objective.token_advantages(rewards, old and teacher log-probs)
@@ -150,9 +151,10 @@ def collect(run: Run, step: int, timer: PhaseTimer):
     if run.rank == 0:
         with timer("generate"):
             samples, metrics = generate_with_resync(run, step)
-        if run.objective.needs_teacher and not run.source.scored and samples:
+        unscored = [s for s in samples if s.teacher_logprobs is None]  # StudentRollouts scores its own groups
+        if run.objective.needs_teacher and not run.source.scored and unscored:
             with timer("score"):
-                components.score_teacher(run, samples)
+                components.score_teacher(run, unscored)
         metrics.update(sample_metrics(run.cfg, samples))
         if run.cfg.train.save_rollouts or run.cfg.train.mode == "rollout_only":
             save_rollouts(run.cfg.run_dir, step, samples)

@@ -18,6 +18,7 @@ i.e. it comes from the logits at position response_start + j - 1 (see teacher/al
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -90,10 +91,17 @@ class WeightsInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+OnSample = Callable[[int, int, GenerateOutput], None]
+"""Called with (prompt index, sample index, output) as each generated sample finishes."""
+
+
 @runtime_checkable
 class Engine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
-        """n samples per prompt: result[i][s] is sample s of prompt i."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, on_sample: OnSample | None = None
+    ) -> list[list[GenerateOutput]]:
+        """n samples per prompt: result[i][s] is sample s of prompt i. `on_sample(i, s, output)`, when given, is
+        called once per sample as soon as it finishes (from the engine's own thread: it must return quickly)."""
 
     def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
         """Log-probs of ids[i][response_start[i]:] given their prefix (temperature 1)."""

@@ -30,6 +30,7 @@ import httpx
 from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
+    OnSample,
     SamplingParams,
     ScoreOutput,
     check_prompts,
@@ -166,19 +167,27 @@ class HttpEngine:
         return got
 
     # ------------------------------------------------------------------ Engine API
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, on_sample: OnSample | None = None
+    ) -> list[list[GenerateOutput]]:
+        """One request per sample; `on_sample` fires (on the client's event-loop thread) as each one comes back."""
         check_prompts(prompt_ids)
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
         keys = [(i, s) for i in range(len(prompt_ids)) for s in range(n)]
-        got = self._run(self._generate(prompt_ids, sampling, keys))
+        got = self._run(self._generate(prompt_ids, sampling, keys, on_sample))
         return [[got[(i, s)] for s in range(n)] for i in range(len(prompt_ids))]
 
-    async def _generate(self, prompt_ids, sampling: SamplingParams, keys) -> dict[Any, GenerateOutput]:
+    async def _generate(self, prompt_ids, sampling: SamplingParams, keys, on_sample=None) -> dict[Any, GenerateOutput]:
         sem = asyncio.Semaphore(self.max_concurrency)
-        return await self._gather(
-            keys, [self._one_sample(prompt_ids[i], sampling, sample_seed(sampling.seed, i, s), sem) for i, s in keys]
-        )
+
+        async def one(i: int, s: int) -> GenerateOutput:
+            out = await self._one_sample(prompt_ids[i], sampling, sample_seed(sampling.seed, i, s), sem)
+            if on_sample is not None:
+                on_sample(i, s, out)
+            return out
+
+        return await self._gather(keys, [one(i, s) for i, s in keys])
 
     async def _one_sample(self, prompt: list[int], sp: SamplingParams, seed: int | None, sem) -> GenerateOutput:
         params = {

@@ -30,6 +30,7 @@ import torch
 from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
+    OnSample,
     SamplingParams,
     ScoreOutput,
     check_prompts,
@@ -162,7 +163,10 @@ class EmbeddedEngine:
         self._closed = False
 
     # ------------------------------------------------------------------ generate
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, on_sample: OnSample | None = None
+    ) -> list[list[GenerateOutput]]:
+        """n samples per prompt (continuous batching); `on_sample` fires as each sequence leaves the batch."""
         check_prompts(prompt_ids, self.spec.vocab_size)
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
@@ -171,6 +175,8 @@ class EmbeddedEngine:
         def done(w: Work, out: GenerateOutput) -> None:
             i, s = w.tag
             results[i][s] = out
+            if on_sample is not None:
+                on_sample(i, s, out)
 
         pending = deque(
             self.make_work(p, sampling, sample_seed(sampling.seed, i, s), done, tag=(i, s))
