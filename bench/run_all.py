@@ -86,6 +86,16 @@ BENCHES = (
         match=("step time",),
         threads="1",
     ),
+    Bench(
+        "stream_scoring",
+        "bench/bench_stream_scoring.py",
+        "Streaming teacher scoring vs scoring after generation",
+        "`train.stream_scoring=false` (teacher after generation), alternating in the same run",
+        ("--prompts", "32", "--repeats", "3"),
+        ("--prompts", "16", "--repeats", "1"),
+        match=("streaming teacher",),
+        threads="1",
+    ),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
 
