@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -78,10 +78,11 @@ class GenerateOutput:
 class ScoreOutput:
     logprobs: list[float]
     """logprobs[j] = log p(ids[response_start + j] | ids[:response_start + j]) at temperature 1."""
-    topk_ids: list[list[int]] | None = None
-    """Per response position, the top-k token ids of the same distribution (when top_k > 0)."""
-    topk_logprobs: list[list[float]] | None = None
-    """Their log-probs, descending."""
+    topk_ids: Any = None
+    """Per response position, the top-k token ids of the same distribution (when top_k > 0): an int32 numpy
+    array [n, k] (rows of ints are accepted too)."""
+    topk_logprobs: Any = None
+    """Their log-probs, descending: a float32 numpy array [n, k]."""
 
 
 @dataclass

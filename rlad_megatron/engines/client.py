@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import orjson
 
 from rlad_megatron.engines.base import (
     EngineError,
@@ -108,7 +109,7 @@ class HttpEngine:
             )
         if r.status_code >= 400:
             raise _ClientError(f"{server.url}{path} refused the request ({r.status_code}): {r.text[:300]}")
-        return server.url, r.json()
+        return server.url, orjson.loads(r.content)
 
     async def _post(self, path: str, payload: dict[str, Any], sem: asyncio.Semaphore, parse=lambda body: body) -> Any:
         """POST with failover and exponential back-off; `parse` errors (truncated, aborted or inconsistent

@@ -366,7 +366,7 @@ class EmbeddedEngine:
         top_ids = top_vals = None
         if top_k:
             tops = lp.topk(top_k, dim=-1)
-            top_ids, top_vals = tops.indices.tolist(), tops.values.tolist()
+            top_ids, top_vals = tops.indices.to(torch.int32).numpy(), tops.values.float().numpy()
         a = 0
         for i, c in zip(chunk, counts.tolist()):
             res = ScoreOutput(picked[a : a + c])
