@@ -96,6 +96,14 @@ BENCHES = (
         match=("streaming teacher",),
         threads="1",
     ),
+    Bench(
+        "teacher_columns",
+        "bench/bench_teacher_columns.py",
+        "GKD teacher top-k to the trainer ranks: lists vs flat tensors",
+        "top-k as Python lists in every Sample, pickled to every rank (`broadcast_object_list`), same samples",
+        match=("top-k to the trainer",),
+        threads="1",
+    ),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
 
