@@ -152,6 +152,10 @@ def collect(run: Run, step: int, timer: PhaseTimer):
     if run.rank == 0:
         with timer("generate"):
             samples, metrics = generate_with_resync(run, step)
+        waited = metrics.pop("time/score_after_generate", 0.0)
+        if run.objective.needs_teacher and waited:  # the scoring generation did not hide counts as the score phase
+            timer.seconds["generate"] -= waited
+            timer.seconds["score"] = timer.seconds.get("score", 0.0) + waited
         unscored = [s for s in samples if s.teacher_logprobs is None]  # StudentRollouts scores its own groups
         if run.objective.needs_teacher and not run.source.scored and unscored:
             with timer("score"):
