@@ -101,6 +101,24 @@ BENCHES = (
         ("--tokens", "4096", "--vocab", "8192", "--seq", "1024", "--prompt", "128"),
         match=("log-prob step memory",),
     ),
+    Bench(
+        "stream_scoring",
+        "bench/bench_stream_scoring.py",
+        "Streaming teacher scoring vs scoring after generation",
+        "`train.stream_scoring=false` (teacher after generation), alternating in the same run",
+        ("--prompts", "32", "--repeats", "3"),
+        ("--prompts", "16", "--repeats", "1"),
+        match=("streaming teacher",),
+        threads="1",
+    ),
+    Bench(
+        "teacher_columns",
+        "bench/bench_teacher_columns.py",
+        "GKD teacher top-k to the trainer ranks: lists vs flat tensors",
+        "top-k as Python lists in every Sample, pickled to every rank (`broadcast_object_list`), same samples",
+        match=("top-k to the trainer",),
+        threads="1",
+    ),
 )
 RATIO_LINE = re.compile(r"(speed-?up|ratio|/ *GRPO|vs\.? |x \(|target)", re.IGNORECASE)
 

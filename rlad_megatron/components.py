@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from rlad_megatron.sample_sources import SourceContext
@@ -31,6 +32,71 @@ def broadcast(value: Any, this_rank: int) -> Any:
     box = [value if this_rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_samples(samples: list[Sample] | None, this_rank: int, topk_wanted=None, device=None) -> list[Sample]:
+    """Rank 0's samples on every rank.
+
+    Without top-k columns: one `broadcast_object_list`. With them (GKD: k ids and k log-probs per response
+    token, most of a step's bytes), the samples travel pickled without those columns, then each rank gets
+    the top-k rows of only the samples `topk_wanted(samples)` names (the ones its data-parallel rank trains
+    on) as two flat tensors, int32 ids and float32 log-probs [sum of their response lengths, k], sent by rank
+    0 point to point; each sample's rows are a view into them (offsets from the response lengths every rank
+    already has). Samples a rank does not train on keep no top-k there."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return samples
+    k = broadcast(topk_width(samples) if this_rank == 0 and topk_wanted is not None else 0, this_rank)
+    if not k:
+        return broadcast(samples, this_rank)
+    light = broadcast(without_topk(samples) if this_rank == 0 else None, this_rank)
+    wanted: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(wanted, topk_wanted(light))
+    if this_rank == 0:
+        for dst in range(1, len(wanted)):
+            if wanted[dst]:
+                for flat in pack_topk(samples, wanted[dst]):
+                    dist.send(torch.from_numpy(flat).to(device or "cpu"), dst=dst)
+        return samples
+    mine = wanted[this_rank]
+    if mine:
+        rows = sum(len(light[i].response_ids) for i in mine)
+        ids, lps = torch.empty(rows, k, dtype=torch.int32, device=device), torch.empty(rows, k, device=device)
+        dist.recv(ids, src=0)
+        dist.recv(lps, src=0)
+        unpack_topk(light, mine, ids.cpu().numpy(), lps.cpu().numpy())
+    return light
+
+
+def topk_width(samples: Sequence[Sample]) -> int:
+    """k of the samples' teacher top-k columns; 0 when they carry none."""
+    return max((s.teacher_topk_ids.shape[-1] for s in samples if s.teacher_topk_ids is not None), default=0)
+
+
+def without_topk(samples: Sequence[Sample]) -> list[Sample]:
+    import dataclasses
+
+    return [dataclasses.replace(s, teacher_topk_ids=None, teacher_topk_logprobs=None) for s in samples]
+
+
+def pack_topk(samples: Sequence[Sample], indices: Sequence[int]) -> tuple:
+    """The top-k rows of samples[indices], concatenated: (int32 ids [R, k], float32 log-probs [R, k])."""
+    import numpy as np
+
+    return (
+        np.ascontiguousarray(np.concatenate([samples[i].teacher_topk_ids for i in indices]), dtype=np.int32),
+        np.ascontiguousarray(np.concatenate([samples[i].teacher_topk_logprobs for i in indices]), dtype=np.float32),
+    )
+
+
+def unpack_topk(samples: Sequence[Sample], indices: Sequence[int], ids, logprobs) -> None:
+    """Inverse of pack_topk: each sample's rows (len(response_ids) of them) as views of the flat arrays."""
+    at = 0
+    for i in indices:
+        n = len(samples[i].response_ids)
+        samples[i].teacher_topk_ids, samples[i].teacher_topk_logprobs = ids[at : at + n], logprobs[at : at + n]
+        at += n
+    if at != len(ids):
+        raise ValueError(f"top-k rows: received {len(ids)}, the samples' responses hold {at}")
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -144,8 +210,6 @@ def resolve_api_key(engine_cfg) -> str:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

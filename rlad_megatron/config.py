@@ -409,6 +409,9 @@ class TrainConfig:
     """Gradient-norm clip; 0 disables."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
+    stream_scoring: bool = True
+    """Reward and teacher-score each prompt group as soon as its responses finish generating, while the rest
+    still generate (false: all of them after generation). Same samples and scores either way, bit for bit."""
     save_rollouts: bool = False
     """Write every step's rollouts to <run_dir>/rollouts/step_N.jsonl (replayable by mode=train_only)."""
     mode: str = "full"

@@ -12,12 +12,16 @@
 
 `sample_source(cfg)` picks one from a table, so the loop itself never tests algorithm names.
 Sampling is seeded per (run seed, step, round): a resumed run draws the same tokens.
+StudentRollouts hands each prompt group to a GroupScorer (rewards, teacher scores) as soon as the group has
+finished generating (train.stream_scoring), so the teacher works while the rollout engine still generates.
 Left out: partial rollouts carried across steps, asynchronous generation.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,26 +66,131 @@ def sampling_params(cfg, seed: int):
 
 
 def generate_samples(
-    ctx: SourceContext, engine, items: Sequence[dict[str, Any]], n: int, seed: int, first_group: int = 0
+    ctx: SourceContext,
+    engine,
+    items: Sequence[dict[str, Any]],
+    n: int,
+    seed: int,
+    first_group: int = 0,
+    scorer: GroupScorer | None = None,
 ) -> list[Sample]:
-    """n responses per prompt item from `engine`, rewarded; group_index counts from first_group."""
+    """n responses per prompt item from `engine`, rewarded; group_index counts from first_group.
+
+    With a `scorer`, each prompt's group is handed to it (rewards, teacher scores) as soon as its last sample
+    finishes generating when the scorer streams, else once generation returns; without one, rewards only."""
     prompts = [list(item["prompt_ids"]) for item in items]
-    outputs = engine.generate(prompts, sampling_params(ctx.cfg, seed), n=n)
-    samples = []
-    for i, (item, prompt, outs) in enumerate(zip(items, prompts, outputs)):
-        for out in outs:
-            samples.append(
-                Sample(
-                    prompt_ids=list(prompt),
-                    record=dict(item["record"]),
-                    group_index=first_group + i,
-                    response_ids=list(out.response_ids),
-                    rollout_logprobs=list(out.logprobs),
-                    finish_reason=out.finish_reason,
-                )
+    groups: list[list[Sample] | None] = [None] * len(items)
+    finished: list[dict[int, Any]] = [{} for _ in items]
+    lock = threading.Lock()
+
+    def make_group(i: int, outs) -> list[Sample]:
+        return [
+            Sample(
+                prompt_ids=list(prompts[i]),
+                record=dict(items[i]["record"]),
+                group_index=first_group + i,
+                response_ids=list(out.response_ids),
+                rollout_logprobs=list(out.logprobs),
+                finish_reason=out.finish_reason,
             )
-    reward(ctx, samples)
+            for out in outs
+        ]
+
+    def on_sample(i: int, s: int, out) -> None:  # engine thread: build the group, hand it over, return
+        with lock:
+            finished[i][s] = out
+            if len(finished[i]) < n:
+                return
+            groups[i] = make_group(i, [finished[i][k] for k in range(n)])
+        scorer.submit(groups[i])
+
+    streaming = scorer is not None and scorer.streaming
+    outputs = engine.generate(
+        prompts, sampling_params(ctx.cfg, seed), n=n, **({"on_sample": on_sample} if streaming else {})
+    )
+    generated_at = time.perf_counter()
+    for i, outs in enumerate(outputs):
+        if groups[i] is None:
+            groups[i] = make_group(i, outs)
+            if scorer is not None:
+                scorer.submit(groups[i])
+    samples = [sample for group in groups for sample in group]
+    if scorer is None:
+        reward(ctx, samples)
+    else:
+        scorer.wait(since=generated_at)
     return samples
+
+
+class GroupScorer:
+    """Rewards and teacher scores of a step's samples, one prompt group at a time.
+
+    A group (the group_size responses of one prompt) is the unit of work: its rewards, then one teacher
+    `score` call with its responses. `streaming` (train.stream_scoring) hands each group over as soon as its
+    last response finishes generating, so rewards and teacher scoring run on worker threads while the rest
+    still generates; otherwise groups are handed over once generation returns. The teacher's answer for a
+    sequence depends on which sequences share its batch (padding, kernel shapes), and the batch is always
+    exactly one group, so both modes give the same samples and scores bit for bit.
+
+    With dynamic sampling, a group whose rewards are all equal is not sent to the teacher (it is likely
+    dropped); `score_missing` scores the ones that were kept after all, in the same per-group calls.
+    """
+
+    workers = 8
+    """Groups scored at once (concurrent requests to an HTTP teacher fleet; an in-process engine takes one)."""
+
+    def __init__(self, ctx: SourceContext, streaming: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ctx, self.streaming = ctx, streaming
+        self.teacher = bool(ctx.objective.needs_teacher and ctx.teacher_engine is not None)
+        self.skip_zero_adv = bool(ctx.cfg.algorithm.dynamic_sampling and ctx.objective.uses_rewards)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rlad-group-scorer")
+        self.pending: list[Any] = []
+        self.reward_lock = threading.Lock()  # reward functions and their worker pools are not assumed thread-safe
+        self.after_generate_s = 0.0
+        """Seconds spent waiting for rewards and teacher scores after generation returned (the exposed part)."""
+
+    def submit(self, group: list[Sample]) -> None:
+        self.pending.append(self.pool.submit(self._score, group))
+
+    def _score(self, group: list[Sample]) -> None:
+        with self.reward_lock:
+            reward(self.ctx, group)
+        if self.teacher and not (self.skip_zero_adv and _zero_adv(group)):
+            self._teacher(group)
+
+    def _teacher(self, group: Sequence[Sample]) -> None:
+        from rlad_megatron.teacher import score_samples
+
+        score_samples(
+            self.ctx.teacher_engine,
+            group,
+            top_k=self.ctx.objective.teacher_top_k,
+            drop_final_eos=self.ctx.cfg.algorithm.drop_final_eos_from_teacher,
+        )
+
+    def wait(self, since: float | None = None) -> None:
+        """Until every handed-over group is done; re-raises the first failure."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+        if since is not None:
+            self.after_generate_s += time.perf_counter() - since
+
+    def score_missing(self, groups: Sequence[Sequence[Sample]]) -> None:
+        """Teacher scores for kept groups that were skipped (dynamic sampling filler)."""
+        if not self.teacher:
+            return
+        start = time.perf_counter()
+        for group in groups:
+            if group and group[0].teacher_logprobs is None:
+                self.pending.append(self.pool.submit(self._teacher, group))
+        self.wait()
+        self.after_generate_s += time.perf_counter() - start
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def reward(ctx: SourceContext, samples: Sequence[Sample]) -> None:
@@ -136,10 +245,19 @@ class StudentRollouts(Source):
     needs_rollout_engine = True
 
     def collect(self, ctx: SourceContext, step: int) -> tuple[list[Sample], dict[str, float]]:
+        scorer = GroupScorer(ctx, streaming=ctx.cfg.train.stream_scoring)
+        try:
+            samples, metrics = self._collect(ctx, step, scorer)
+        finally:
+            scorer.close()
+        metrics["time/score_after_generate"] = scorer.after_generate_s
+        return samples, metrics
+
+    def _collect(self, ctx: SourceContext, step: int, scorer: GroupScorer) -> tuple[list[Sample], dict[str, float]]:
         cfg = ctx.cfg
         want, size = cfg.train.prompts_per_step, cfg.algorithm.group_size
         records = ctx.sampler.next_batch(want)
-        samples = generate_samples(ctx, ctx.rollout_engine, records, size, step_seed(cfg.seed, step))
+        samples = generate_samples(ctx, ctx.rollout_engine, records, size, step_seed(cfg.seed, step), scorer=scorer)
         groups = _groups(samples)
         metrics = {"zero_adv_group_frac": sum(map(_zero_adv, groups)) / max(len(groups), 1)}
         if not (cfg.algorithm.dynamic_sampling and ctx.objective.uses_rewards):
@@ -159,6 +277,7 @@ class StudentRollouts(Source):
                     size,
                     step_seed(cfg.seed, step, rounds),
                     first_group=len(groups) + extra_prompts - len(records),
+                    scorer=scorer,
                 )
             )
             kept += [g for g in more if not _zero_adv(g)]
@@ -167,6 +286,7 @@ class StudentRollouts(Source):
         # Short of informative groups after every round: fill up with zero-advantage ones (they add no
         # gradient) so the batch keeps its size and the optimizer step stays comparable.
         chosen = (kept + dropped)[:want]
+        scorer.score_missing(chosen)
         metrics.update(
             {
                 "dynamic_sampling/rounds": rounds,

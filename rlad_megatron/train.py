@@ -2,8 +2,10 @@
 
 One step:
   1. samples   <- source.collect(step)      prompts -> n rollouts each -> rewards (-> dynamic sampling)
-  2. teacher   <- score_samples(...)         teacher log-probs (or top-k) on the student's exact ids
-  3. (rank 0 drove steps 1-2; every trainer rank now gets the same samples by broadcast)
+  2. teacher   <- score_samples(...)         teacher log-probs (or top-k) on the student's exact ids; on-policy
+                                             sources score each prompt group as soon as it finished generating
+  3. (rank 0 drove steps 1-2; every trainer rank now gets the same samples by broadcast; GKD's top-k
+     columns go as flat tensors, to each rank only for the samples its data-parallel rank trains on)
   4. old / ref <- trainer.compute_logprobs   forward-only, before any update of this step
   5. advantages <- objective.token_advantages(rewards, old and teacher log-probs)
   6. update    <- trainer.train_step         ppo_epochs x num_minibatches optimizer steps;
@@ -155,16 +157,35 @@ def collect(run: Run, step: int, timer: PhaseTimer):
     if run.rank == 0:
         with timer("generate"):
             samples, metrics = generate_with_resync(run, step)
-        if run.objective.needs_teacher and not run.source.scored and samples:
+        waited = metrics.pop("time/score_after_generate", 0.0)
+        if run.objective.needs_teacher and waited:  # the scoring generation did not hide counts as the score phase
+            timer.seconds["generate"] -= waited
+            timer.seconds["score"] = timer.seconds.get("score", 0.0) + waited
+        unscored = [s for s in samples if s.teacher_logprobs is None]  # StudentRollouts scores its own groups
+        if run.objective.needs_teacher and not run.source.scored and unscored:
             with timer("score"):
-                components.score_teacher(run, samples)
+                components.score_teacher(run, unscored)
         metrics.update(sample_metrics(run.cfg, samples))
         if run.cfg.train.save_rollouts or run.cfg.train.mode == "rollout_only":
             save_rollouts(run.cfg.run_dir, step, samples)
     else:
         wait_for_samples(run)
-    samples = components.broadcast(samples, run.rank)
-    return samples, metrics
+    wanted = (lambda light: topk_rows_needed(run, light)) if run.trainer is not None else None
+    device = run.trainer.parallel.device if run.trainer is not None else None
+    return components.broadcast_samples(samples, run.rank, topk_wanted=wanted, device=device), metrics
+
+
+def topk_rows_needed(run: Run, samples: Sequence[Sample]) -> list[int]:
+    """Indices of the samples whose teacher top-k this rank trains on: its data-parallel share of every
+    minibatch (the trainer splits each minibatch with the same function)."""
+    from rlad_megatron.backends.megatron.batching import split_for_data_parallel
+
+    c = run.trainer.parallel
+    needed: set[int] = set()
+    for index in minibatches(samples, run.cfg.train.num_minibatches):
+        shard = split_for_data_parallel([samples[i] for i in index], c.data_parallel_size)[c.dp_rank]
+        needed.update(index[j] for j in shard)
+    return sorted(needed)
 
 
 def generate_with_resync(run: Run, step: int, attempts: int = 3):

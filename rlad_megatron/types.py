@@ -1,13 +1,17 @@
 """The record that carries one response through a step (prompt -> rollout -> reward -> teacher -> loss).
 
-Lists of Python numbers rather than tensors, so samples can cross process and HTTP
-boundaries, be saved to jsonl and replayed. The trainer packs them into tensors.
+Lists of Python numbers, except the teacher's top-k columns (GKD: k ids and k log-probs per response token,
+the bulk of a step's data), which are numpy arrays from the teacher's answer on: int32 ids and float32
+log-probs of shape [len(response_ids), k] (engines compute them in float32, so nothing is rounded).
+`to_dict` / `from_dict` turn them into lists and back for jsonl. The trainer packs everything into tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -32,10 +36,10 @@ class Sample:
     """What the reward function found (parsed answer, format ok, ...)."""
     teacher_logprobs: list[float] | None = None
     """Teacher log-probs of response_ids, same positions."""
-    teacher_topk_ids: list[list[int]] | None = None
-    """GKD: teacher top-k token ids per response position."""
-    teacher_topk_logprobs: list[list[float]] | None = None
-    """GKD: teacher log-probs of teacher_topk_ids."""
+    teacher_topk_ids: np.ndarray | None = None
+    """GKD: teacher top-k token ids per response position, int32 [len(response_ids), k]."""
+    teacher_topk_logprobs: np.ndarray | None = None
+    """GKD: teacher log-probs of teacher_topk_ids, float32 [len(response_ids), k]."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -50,8 +54,25 @@ class Sample:
         return self.finish_reason == "stop" and bool(self.response_ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for key in TOPK_FIELDS:
+            if out[key] is not None:
+                out[key] = np.asarray(out[key]).tolist()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
+        data = dict(data)
+        for key, dtype in TOPK_FIELDS.items():
+            if data.get(key) is not None:
+                data[key] = topk_array(data[key], dtype)
         return cls(**data)
+
+
+TOPK_FIELDS = {"teacher_topk_ids": np.int32, "teacher_topk_logprobs": np.float32}
+
+
+def topk_array(rows, dtype) -> np.ndarray:
+    """[n, k] array of `dtype` from rows of equal length (an empty list gives shape [0, 0])."""
+    array = np.asarray(rows, dtype=dtype)
+    return array.reshape(0, 0) if array.size == 0 and array.ndim != 2 else array

@@ -18,8 +18,9 @@ i.e. it comes from the logits at position response_start + j - 1 (see teacher/al
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -77,10 +78,11 @@ class GenerateOutput:
 class ScoreOutput:
     logprobs: list[float]
     """logprobs[j] = log p(ids[response_start + j] | ids[:response_start + j]) at temperature 1."""
-    topk_ids: list[list[int]] | None = None
-    """Per response position, the top-k token ids of the same distribution (when top_k > 0)."""
-    topk_logprobs: list[list[float]] | None = None
-    """Their log-probs, descending."""
+    topk_ids: Any = None
+    """Per response position, the top-k token ids of the same distribution (when top_k > 0): an int32 numpy
+    array [n, k] (rows of ints are accepted too)."""
+    topk_logprobs: Any = None
+    """Their log-probs, descending: a float32 numpy array [n, k]."""
 
 
 @dataclass
@@ -90,10 +92,17 @@ class WeightsInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+OnSample = Callable[[int, int, GenerateOutput], None]
+"""Called with (prompt index, sample index, output) as each generated sample finishes."""
+
+
 @runtime_checkable
 class Engine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
-        """n samples per prompt: result[i][s] is sample s of prompt i."""
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, on_sample: OnSample | None = None
+    ) -> list[list[GenerateOutput]]:
+        """n samples per prompt: result[i][s] is sample s of prompt i. `on_sample(i, s, output)`, when given, is
+        called once per sample as soon as it finishes (from the engine's own thread: it must return quickly)."""
 
     def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
         """Log-probs of ids[i][response_start[i]:] given their prefix (temperature 1)."""

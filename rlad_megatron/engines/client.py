@@ -27,11 +27,13 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
+import orjson
 
 from rlad_megatron.engines import request_rules
 from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
+    OnSample,
     SamplingParams,
     ScoreOutput,
     check_prompts,
@@ -113,7 +115,7 @@ class HttpEngine:
             )
         if r.status_code >= 400:
             raise _ClientError(f"{server.url}{path} refused the request ({r.status_code}): {r.text[:300]}")
-        return server.url, r.json()
+        return server.url, orjson.loads(r.content)
 
     async def _post(self, path: str, payload: dict[str, Any], sem: asyncio.Semaphore, parse=lambda body: body) -> Any:
         """POST with failover and exponential back-off; `parse` errors (truncated, aborted or inconsistent
@@ -172,13 +174,16 @@ class HttpEngine:
         return got
 
     # ------------------------------------------------------------------ Engine API
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, on_sample: OnSample | None = None
+    ) -> list[list[GenerateOutput]]:
+        """One request per sample; `on_sample` fires (on the client's event-loop thread) as each one comes back."""
         check_prompts(prompt_ids)
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
         keys = [(i, s) for i in range(len(prompt_ids)) for s in range(n)]
         per_prompt = [replace(sampling, max_new_tokens=self.max_new_tokens_for(len(p), sampling)) for p in prompt_ids]
-        got = self._run(self._generate(prompt_ids, per_prompt, keys))
+        got = self._run(self._generate(prompt_ids, per_prompt, keys, on_sample))
         return [[got[(i, s)] for s in range(n)] for i in range(len(prompt_ids))]
 
     def max_new_tokens_for(self, prompt_len: int, sampling: SamplingParams) -> int:
@@ -188,15 +193,18 @@ class HttpEngine:
         request_rules.prompt_length(prompt_len, self.context_length)
         return request_rules.fit_max_new_tokens(prompt_len, sampling.max_new_tokens, self.context_length)
 
-    async def _generate(self, prompt_ids, per_prompt: list[SamplingParams], keys) -> dict[Any, GenerateOutput]:
+    async def _generate(
+        self, prompt_ids, per_prompt: list[SamplingParams], keys, on_sample=None
+    ) -> dict[Any, GenerateOutput]:
         sem = asyncio.Semaphore(self.max_concurrency)
-        return await self._gather(
-            keys,
-            [
-                self._one_sample(prompt_ids[i], per_prompt[i], sample_seed(per_prompt[i].seed, i, s), sem)
-                for i, s in keys
-            ],
-        )
+
+        async def one(i: int, s: int) -> GenerateOutput:
+            out = await self._one_sample(prompt_ids[i], per_prompt[i], sample_seed(per_prompt[i].seed, i, s), sem)
+            if on_sample is not None:
+                on_sample(i, s, out)
+            return out
+
+        return await self._gather(keys, [one(i, s) for i, s in keys])
 
     async def _one_sample(self, prompt: list[int], sp: SamplingParams, seed: int | None, sem) -> GenerateOutput:
         params = {

@@ -31,6 +31,7 @@ from rlad_megatron.engines import request_rules
 from rlad_megatron.engines.base import (
     EngineError,
     GenerateOutput,
+    OnSample,
     SamplingParams,
     ScoreOutput,
     check_prompts,
@@ -166,7 +167,10 @@ class EmbeddedEngine:
         self._closed = False
 
     # ------------------------------------------------------------------ generate
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1) -> list[list[GenerateOutput]]:
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingParams, n: int = 1, on_sample: OnSample | None = None
+    ) -> list[list[GenerateOutput]]:
+        """n samples per prompt (continuous batching); `on_sample` fires as each sequence leaves the batch."""
         check_prompts(prompt_ids, self.spec.vocab_size)
         if n < 1:
             raise ValueError(f"n={n} must be >= 1")
@@ -176,6 +180,8 @@ class EmbeddedEngine:
         def done(w: Work, out: GenerateOutput) -> None:
             i, s = w.tag
             results[i][s] = out
+            if on_sample is not None:
+                on_sample(i, s, out)
 
         pending = deque(
             self.make_work(
@@ -386,7 +392,7 @@ class EmbeddedEngine:
         top_ids = top_vals = None
         if top_k:
             tops = lp.topk(top_k, dim=-1)
-            top_ids, top_vals = tops.indices.tolist(), tops.values.tolist()
+            top_ids, top_vals = tops.indices.to(torch.int32).numpy(), tops.values.float().numpy()
         a = 0
         for i, c in zip(chunk, counts.tolist()):
             res = ScoreOutput(picked[a : a + c])

@@ -113,6 +113,11 @@ def _error(message: str, status: int):
     return JSONResponse({"error": {"message": message}}, status_code=status)
 
 
+def _rows(values) -> list:
+    """Top-k rows as plain lists of Python numbers (JSON), from an engine's numpy array."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
 def _inside(path: str, root: str) -> bool:
     real, base = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([real, base]) == base
@@ -216,7 +221,7 @@ class ServerState:
         if sc is not None:
             in_lp += sc.logprobs
             if k:
-                in_top += [triples(v[:k], i[:k]) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
+                in_top += [triples(v[:k], i[:k]) for v, i in zip(_rows(sc.topk_logprobs), _rows(sc.topk_ids))]
         meta["input_token_logprobs"] = triples(in_lp, r.input_ids[start:])
         meta["output_token_logprobs"] = triples(out.logprobs, out.response_ids)
         if k:
@@ -227,7 +232,7 @@ class ServerState:
                 sc = (
                     await asyncio.to_thread(self.engine.score_positions, [r.input_ids + out.response_ids], [P], k, temp)
                 )[0]
-                out_top = [triples(v, i) for v, i in zip(sc.topk_logprobs, sc.topk_ids)]
+                out_top = [triples(v, i) for v, i in zip(_rows(sc.topk_logprobs), _rows(sc.topk_ids))]
             meta["output_top_logprobs"] = out_top
 
     def update_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:

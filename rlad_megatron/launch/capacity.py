@@ -27,8 +27,9 @@ Time of one RL step, each phase on its own GPUs (as `launch.topology` places the
 * weight sync: bf16 weights gathered on the GPU, then broadcast over one NIC (NCCL path) or written to and read
   from the shared file system (disk path, used by fleets that `rlad render` starts).
 FLOPs per token of a forward pass: 2 x (parameters without the input embedding) + attention 4 x layers x
-context x heads x head dim / 2 (causal). Left out: MoE, CPU offload, overlap of phases, the K/V exchange of
-context parallelism (its FLOPs are the same; its communication overlaps attention in Transformer Engine).
+context x heads x head dim / 2 (causal). Left out: MoE, CPU offload, the K/V exchange of context parallelism
+(its FLOPs are the same; its communication overlaps attention in Transformer Engine); overlap of phases is in
+plan.py (streaming scoring only).
 """
 
 from __future__ import annotations

@@ -188,7 +188,80 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
         )
     times["total"] = sum(times.values())
     plan["seconds"] = times
+    nodes = {
+        "trainer": len(topo.trainer_nodes),
+        "rollout": len({n for s in topo.fleet("rollout") for n in s.nodes}),
+        "teacher": len({n for s in topo.fleet("teacher") for n in s.nodes}),
+    }
+    plan["overlap"] = overlap_report(times, cfg.train.prompts_per_step)
+    # roles sharing a node (a one-node recipe) have no node split to recommend
+    plan["node_split"] = (
+        recommend_node_split(
+            times, nodes, cfg.train.prompts_per_step, lambda n: _student_fits(cfg, student, n, hbm, seq_len)
+        )
+        if sum(nodes.values()) == topo.nodes
+        else {}
+    )
     return plan
+
+
+def _student_fits(cfg: RunConfig, student: cap.Arch, trainer_nodes: int, hbm: float, seq_len: float) -> bool:
+    gpus = trainer_nodes * cfg.launch.gpus_per_node
+    return recommend_split(student, cfg, gpus, cfg.launch.gpus_per_node, hbm, seq_len) is not None
+
+
+def step_seconds(times: dict[str, float], prompts_per_step: int, streaming: bool) -> float:
+    """One step's wall time. Without streaming the phases follow each other; with streaming scoring the teacher
+    scores each prompt group while generation goes on, so generate + score take the longer of the two plus the
+    last group's scoring (1 / prompts_per_step of the teacher phase)."""
+    generate, teacher = times.get("generate", 0.0), times.get("teacher_score", 0.0)
+    rest = times.get("train", 0.0) + times.get("weight_sync", 0.0)
+    if not streaming or not teacher:
+        return generate + teacher + rest
+    return max(generate, teacher) + teacher / max(prompts_per_step, 1) + rest
+
+
+def overlap_report(times: dict[str, float], prompts_per_step: int) -> dict:
+    """Step time and each role's utilization (its busy seconds / step seconds), scoring after generation
+    (train.stream_scoring=false) and streaming. Busy: the trainer trains and sends weights, the rollout fleet
+    generates and receives weights, the teacher fleet scores."""
+    busy = {
+        "trainer": times.get("train", 0.0) + times.get("weight_sync", 0.0),
+        "rollout": times.get("generate", 0.0) + times.get("weight_sync", 0.0),
+        "teacher": times.get("teacher_score", 0.0),
+    }
+    out = {}
+    for mode, streaming in (("after_generation", False), ("streaming", True)):
+        step = step_seconds(times, prompts_per_step, streaming)
+        out[mode] = {"step": step, "utilization": {r: b / step for r, b in busy.items() if b}}
+    return out
+
+
+def recommend_node_split(times: dict[str, float], nodes: dict[str, int], prompts_per_step: int, trainer_fits) -> dict:
+    """The split of the same number of nodes between trainer, rollout and teacher with the shortest streaming
+    step, assuming each phase's time scales inversely with its role's nodes (ideal scaling: an estimate; the
+    weight sync is kept as is). Roles the recipe does not use stay at 0 nodes; the trainer needs enough nodes
+    for the student to fit."""
+    total = sum(nodes.values())
+    scale = {"generate": "rollout", "teacher_score": "teacher", "train": "trainer"}
+    best: dict = {}
+    for trainer in range(1, total + 1):
+        if not trainer_fits(trainer):
+            continue
+        for rollout in range(1 if nodes["rollout"] else 0, total - trainer + 1):
+            teacher = total - trainer - rollout
+            split = {"trainer": trainer, "rollout": rollout, "teacher": teacher}
+            if (teacher > 0) != (nodes["teacher"] > 0) or (rollout > 0) != (nodes["rollout"] > 0):
+                continue
+            scaled = {
+                k: v * nodes[scale[k]] / split[scale[k]] if k in scale and nodes[scale[k]] else v
+                for k, v in times.items()
+                if k != "total"
+            }
+            step = step_seconds(scaled, prompts_per_step, True)
+            if not best or step < best["step"]:
+                best = {"nodes": split, "step": step}
+    return best
 
 
 def _gib(x: float) -> str:
@@ -230,6 +303,17 @@ def format_plan(plan: dict) -> str:
                 f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}"
             )
     lines.append("estimated step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in plan["seconds"].items()))
+    for mode, label in (("after_generation", "scoring after generation"), ("streaming", "streaming scoring")):
+        o = plan["overlap"][mode]
+        use = ", ".join(f"{role} {u:.0%}" for role, u in o["utilization"].items())
+        lines.append(f"step with {label}: {o['step']:.1f} s; utilization {use}")
+    if plan.get("node_split"):
+        split = plan["node_split"]
+        lines.append(
+            "recommended node split (streaming scoring, phases scaled by node count): "
+            + " / ".join(f"{role} {n}" for role, n in split["nodes"].items())
+            + f", step {split['step']:.1f} s"
+        )
     if "weight_sync_nccl" in plan:
         lines.append(
             f"weight sync through the shared file system; over NCCL it would take {plan['weight_sync_nccl']:.1f} s"

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def response_logit_positions(seq_len: int, response_start: int) -> list[int]:
     """Logit positions scoring ids[response_start:], i.e. [response_start - 1, seq_len - 2]."""
@@ -45,13 +47,13 @@ def response_from_input_logprobs(
     response_start: int,
     input_top_logprobs: Sequence | None = None,
     logprob_start_len: int | None = None,
-) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
+) -> tuple[list[float], np.ndarray | None, np.ndarray | None]:
     """Decode SGLang's meta_info input logprobs over ids[response_start:].
 
     input_token_logprobs: [[logprob | None, token_id, text | None], ...], one per token from position
     `logprob_start_len` (default logprob_start_len_for(response_start); a batch sharing one smaller
     start is fine: the extra prompt entries are skipped). Checks that the echoed token ids are the
-    student's tokens. Returns (logprobs, topk_ids, topk_logprobs).
+    student's tokens. Returns (logprobs, topk_ids, topk_logprobs); the top-k as int32 / float32 arrays [n, k].
     """
     start = logprob_start_len_for(response_start) if logprob_start_len is None else logprob_start_len
     if not 0 <= start < response_start:
@@ -75,9 +77,15 @@ def response_from_input_logprobs(
     if len(input_top_logprobs) != expected:
         raise ValueError(f"server returned {len(input_top_logprobs)} top-logprob entries, expected {expected}")
     tops = list(input_top_logprobs)[skip:]
-    topk_ids = [[int(t[1]) for t in row] for row in tops]
-    topk_logprobs = [[float(t[0]) for t in row] for row in tops]
-    return logprobs, topk_ids, topk_logprobs
+    k = len(tops[0]) if tops else 0
+    if any(len(row) != k for row in tops):
+        raise ValueError("server returned top-logprob rows of different lengths")
+    # one pass over the [logprob, id, text] triples into flat arrays (float32: what the server computed in)
+    flat = [v for row in tops for t in row for v in (t[0], t[1])]
+    pairs = np.array(flat, dtype=np.float64).reshape(len(tops), k, 2)
+    if np.isnan(pairs).any():
+        raise ValueError("server returned a null top log-prob inside the response span")
+    return logprobs, pairs[..., 1].astype(np.int32), pairs[..., 0].astype(np.float32)
 
 
 def drop_final_token(values: list, response_ids: Sequence[int], eos_token_ids: Sequence[int]) -> list:

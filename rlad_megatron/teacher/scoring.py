@@ -4,7 +4,7 @@ Each sample is scored as ids = prompt_ids + response_ids with response_start = l
 so teacher_logprobs[j] = log p_T(response_ids[j] | prompt, response[:j]) (temperature 1), one
 value per response token, aligned with rollout_logprobs (teacher/alignment.py has the index
 arithmetic). With top_k > 0 (GKD) the teacher's top-k ids and log-probs per position are filled
-too.
+too, as int32 / float32 arrays [len(response_ids), k].
 
 drop_final_eos: a response that ends on a stop token (Sample.ends_with_stop_token: EOS or an extra
 stop token) is sent WITHOUT that final token (the teacher may end turns with a different token, or
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from rlad_megatron.engines.base import EngineError
-from rlad_megatron.types import Sample
+from rlad_megatron.types import Sample, topk_array
 
 
 def score_samples(
@@ -65,17 +67,22 @@ def _fill(s: Sample, out, drop: bool, top_k: int) -> None:
     logprobs = list(out.logprobs) if out is not None else []
     if len(logprobs) != n:
         raise EngineError(f"teacher returned {len(logprobs)} log-probs for a response span of {n} tokens")
-    topk_ids = list(out.topk_ids) if (out is not None and top_k) else []
-    topk_lps = list(out.topk_logprobs) if (out is not None and top_k) else []
-    if top_k and (len(topk_ids) != n or any(len(row) != top_k for row in topk_ids)):
-        raise EngineError(f"teacher top-k has the wrong shape (expected {n} x {top_k})")
+    topk_ids = topk_lps = None
+    if top_k and n:
+        if out.topk_ids is None or out.topk_logprobs is None:
+            raise EngineError(f"teacher returned no top-k for top_k={top_k}")
+        topk_ids, topk_lps = topk_array(out.topk_ids, np.int32), topk_array(out.topk_logprobs, np.float32)
+        if topk_ids.shape != (n, top_k) or topk_lps.shape != (n, top_k):
+            raise EngineError(f"teacher top-k has the wrong shape (expected {n} x {top_k})")
+    elif top_k:
+        topk_ids, topk_lps = np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32)
     if drop:  # placeholder at the final EOS, masked by the objective
         final = s.response_ids[-1]
         placeholder = s.rollout_logprobs[-1] if len(s.rollout_logprobs) == len(s.response_ids) else 0.0
         logprobs.append(float(placeholder))
         if top_k:
-            topk_ids.append([final] * top_k)
-            topk_lps.append([float(placeholder)] * top_k)
+            topk_ids = np.concatenate([topk_ids, np.full((1, top_k), final, np.int32)])
+            topk_lps = np.concatenate([topk_lps, np.full((1, top_k), placeholder, np.float32)])
     s.teacher_logprobs = logprobs
-    s.teacher_topk_ids = topk_ids if top_k else None
-    s.teacher_topk_logprobs = topk_lps if top_k else None
+    s.teacher_topk_ids = topk_ids
+    s.teacher_topk_logprobs = topk_lps

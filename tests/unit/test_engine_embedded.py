@@ -122,7 +122,7 @@ def test_score_matches_forward_with_topk(models):
         want, lp = _hf_logprobs(hf, seq[:st], seq[st:])
         torch.testing.assert_close(torch.tensor(out.logprobs), want, atol=1e-4, rtol=0)
         vals, idx = lp.topk(4, dim=-1)
-        assert out.topk_ids == idx.tolist()
+        assert out.topk_ids.tolist() == idx.tolist()
         torch.testing.assert_close(torch.tensor(out.topk_logprobs).reshape(-1, 4), vals, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="response_start"):
         engine.score([[1, 2]], [0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,8 @@ def test_sglang_input_logprobs_layout():
     entries = [[None, 9, None], [-0.5, 3, None], [-1.5, 4, None]]  # entry 0 (token at `start`) is None
     tops = [None, [[-0.5, 3, None], [-2.0, 1, None]], [[-1.0, 2, None], [-1.5, 4, None]]]
     lps, tids, tlps = response_from_input_logprobs(entries, ids, 3, tops)
-    assert lps == [-0.5, -1.5] and tids == [[3, 1], [2, 4]] and tlps == [[-0.5, -2.0], [-1.0, -1.5]]
+    assert lps == [-0.5, -1.5] and tids.tolist() == [[3, 1], [2, 4]] and tlps.tolist() == [[-0.5, -2.0], [-1.0, -1.5]]
+    assert tids.dtype == np.int32 and tlps.dtype == np.float32
     with pytest.raises(ValueError, match="expected 3"):
         response_from_input_logprobs(entries[1:], ids, 3)
     with pytest.raises(ValueError, match="echoed different token ids"):
@@ -54,7 +56,8 @@ def test_sglang_input_logprobs_layout():
     # a smaller shared start (batched through the router): extra prompt entries are skipped
     wider = [[None, 8, None], [-0.7, 9, None]] + entries[1:]
     wider_tops = [None, [[-0.7, 9, None], [-1.0, 0, None]]] + tops[1:]
-    assert response_from_input_logprobs(wider, ids, 3, wider_tops, logprob_start_len=1) == (lps, tids, tlps)
+    wide_lps, wide_tids, wide_tlps = response_from_input_logprobs(wider, ids, 3, wider_tops, logprob_start_len=1)
+    assert wide_lps == lps and np.array_equal(wide_tids, tids) and np.array_equal(wide_tlps, tlps)
     with pytest.raises(ValueError, match="logprob_start_len"):
         response_from_input_logprobs(entries, ids, 3, logprob_start_len=3)
 
@@ -106,7 +109,7 @@ def test_score_samples_equals_full_forward_for_padded_batches(teacher):
         want = [float(full[P + j - 1, t]) for j, t in enumerate(s.response_ids)]
         assert s.teacher_logprobs == pytest.approx(want, abs=1e-4)
         vals, idx = full[P - 1 : -1].topk(3, dim=-1)
-        assert s.teacher_topk_ids == idx.tolist()
+        assert s.teacher_topk_ids.tolist() == idx.tolist()
         torch.testing.assert_close(torch.tensor(s.teacher_topk_logprobs), vals, atol=1e-4, rtol=0)
 
 

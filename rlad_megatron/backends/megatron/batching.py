@@ -36,6 +36,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from rlad_megatron.types import Sample
@@ -244,7 +245,14 @@ def _fill(buffer: torch.Tensor, start: int, values: Sequence[float] | None, n_re
 
 
 def _topk_buffers(samples: Sequence[Sample], padded: int) -> dict[str, torch.Tensor]:
-    k = max((len(row) for s in samples for row in (s.teacher_topk_ids or [])), default=0)
+    k = max(
+        (
+            np.shape(s.teacher_topk_ids)[-1]
+            for s in samples
+            if s.teacher_topk_ids is not None and len(s.teacher_topk_ids)
+        ),
+        default=0,
+    )
     if k == 0:
         raise ValueError("top-k distillation needs sample.teacher_topk_ids; the teacher returned none")
     return {
@@ -256,7 +264,8 @@ def _topk_buffers(samples: Sequence[Sample], padded: int) -> dict[str, torch.Ten
 def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp: int) -> None:
     if not cols:
         return
-    ids, lps = sample.teacher_topk_ids or [], sample.teacher_topk_logprobs or []
+    ids = sample.teacher_topk_ids if sample.teacher_topk_ids is not None else []
+    lps = sample.teacher_topk_logprobs if sample.teacher_topk_logprobs is not None else []
     if len(ids) != n_resp or len(lps) != n_resp:
         raise ValueError(f"teacher top-k lists cover {len(ids)} positions for {n_resp} response tokens")
     cols["teacher_topk_ids"][start : start + n_resp] = torch.as_tensor(ids, dtype=torch.long)
