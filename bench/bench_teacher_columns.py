@@ -28,13 +28,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 TARGET = 10.0
 
 RECEIVER = r"""
 import pickle, sys
 import numpy as np
-sys.path.insert(0, sys.argv[1])
 from rlad_megatron.components import unpack_topk
 from rlad_megatron.types import Sample
 def status(key):

@@ -15,10 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
 import test_megatron_worker as base  # noqa: E402
+import torch.distributed as dist
 
 LAYOUTS = {
     # name: (tensor parallel, sequence parallel, logprob_chunk_size); CP=2 in all, DP = 4 / (TP x CP)

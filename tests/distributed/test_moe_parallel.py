@@ -55,7 +55,6 @@ def _state(folder) -> dict:
 @pytest.mark.dist
 def test_moe_logits_match_transformers_at_ep1_and_ep2(measured):
     work, r = measured
-    sys.path.insert(0, str(WORKER.parent))
     reference = _hf_logits(work / "hf")
     assert reference.abs().max() > 0.1
     torch.testing.assert_close(r["logits_ep1"], reference, atol=1e-5, rtol=0)

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_megatron_worker import inputs, make_cfg, make_samples, old_logprobs_for, reference_loss_and_grads  # noqa: E402
 
 IDS = [[5, 17, 42, 9, 77, 3, 61, 28, 14, 90, 33, 7], [64, 2, 8, 99, 41, 12, 56, 70, 21, 6, 38, 11]]
