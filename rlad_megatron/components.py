@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from rlad_megatron.sample_sources import SourceContext
+from rlad_megatron.sample_sources import Source, SourceContext
 from rlad_megatron.types import Sample
+
+if TYPE_CHECKING:
+    from rlad_megatron.algorithms.objectives import Objective
+    from rlad_megatron.backends.megatron.trainer import MegatronTrainer
+    from rlad_megatron.config import RunConfig
+    from rlad_megatron.train import Run
 
 
 # ----------------------------------------------------------------------------- processes
@@ -100,7 +106,7 @@ def unpack_topk(samples: Sequence[Sample], indices: Sequence[int], ids, logprobs
 
 
 # ----------------------------------------------------------------------------- trainer
-def build_trainer(cfg, objective):
+def build_trainer(cfg: RunConfig, objective: Objective) -> MegatronTrainer:
     """The Megatron student, initialised from the HF folder `model.student` (each rank loads its shard)."""
     from rlad_megatron.backends.megatron.checkpoint_convert import load_hf_weights
     from rlad_megatron.backends.megatron.parallel import init_parallel
@@ -115,7 +121,7 @@ def build_trainer(cfg, objective):
     )
 
 
-def push_weights(run, version: int) -> None:
+def push_weights(run: Run, version: int) -> None:
     """Trainer -> rollout engine. Collective over the trainer ranks.
 
     Three paths, chosen from config alone so every rank agrees:
@@ -157,7 +163,7 @@ def engine_kind(engine_cfg) -> str:
     return resolve_kind(engine_cfg)
 
 
-def sync_over_wire(run, version: int) -> None:
+def sync_over_wire(run: Run, version: int) -> None:
     """Every pipeline stage broadcasts its own HF buckets into every live server (engines/weight_sync.py).
 
     Rank 0 owns the engine: it finds the live servers, opens and closes the update window and checks
@@ -214,7 +220,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_hf(run, root: Path, step: int) -> Path:
+def save_hf(run: Run, root: Path, step: int) -> Path:
     """Collective: the live student as an HF folder `<root>/step_N` (`<root>/latest` points at it)."""
     from rlad_megatron.backends.megatron.weight_export import write_hf_folder
 
@@ -232,13 +238,13 @@ def save_hf(run, root: Path, step: int) -> Path:
     )
 
 
-def save(run, step: int, extra: dict[str, Any]) -> None:
+def save(run: Run, step: int, extra: dict[str, Any]) -> None:
     from rlad_megatron.backends.megatron.checkpoint import save_checkpoint
 
     save_checkpoint(run.trainer, run.cfg.run_dir, step, extra, keep_last=run.cfg.checkpoint.keep_last)
 
 
-def load(run) -> tuple[int, dict[str, Any]] | None:
+def load(run: Run) -> tuple[int, dict[str, Any]] | None:
     """(step, extra_state) of the latest complete checkpoint, loaded into the trainer; None if there is none."""
     if run.trainer is None:
         return None
@@ -247,14 +253,14 @@ def load(run) -> tuple[int, dict[str, Any]] | None:
     return load_latest(run.trainer, run.cfg.run_dir)
 
 
-def has_checkpoint(run) -> bool:
+def has_checkpoint(run: Run) -> bool:
     from rlad_megatron.backends.megatron.checkpoint import latest_checkpoint
 
     return latest_checkpoint(run.cfg.run_dir) is not None
 
 
 # ----------------------------------------------------------------------------- data and reward
-def trace_fn(cfg) -> Callable[[dict[str, Any]], str]:
+def trace_fn(cfg: RunConfig) -> Callable[[dict[str, Any]], str]:
     """The reference solution of a row: its `solution` field, else the procedural task's trace."""
     from rlad_megatron.tasks import solution_trace
 
@@ -270,7 +276,7 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def build_source_context(cfg, objective, source, *, with_engines: bool) -> SourceContext:
+def build_source_context(cfg: RunConfig, objective: Objective, source: Source, *, with_engines: bool) -> SourceContext:
     from rlad_megatron.data.loader import load_prompts
     from rlad_megatron.data.sampler import PromptSampler
     from rlad_megatron.rewards import build_reward_fn
@@ -298,7 +304,7 @@ def build_source_context(cfg, objective, source, *, with_engines: bool) -> Sourc
     return ctx
 
 
-def wants_rollout_engine(cfg, source) -> bool:
+def wants_rollout_engine(cfg: RunConfig, source: Source) -> bool:
     """The student engine: to sample rollouts, or to evaluate. Decided from config alone, so every
     rank agrees on whether weight sync (a collective) happens."""
     return bool(source.needs_rollout_engine or (cfg.data.eval and cfg.train.mode == "full"))
@@ -315,7 +321,7 @@ def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0):
     return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset)
 
 
-def eval_records(cfg) -> Sequence[dict[str, Any]]:
+def eval_records(cfg: RunConfig) -> Sequence[dict[str, Any]]:
     if not cfg.data.eval:
         return ()
     from rlad_megatron.data.loader import load_prompts
@@ -327,7 +333,7 @@ def eval_records(cfg) -> Sequence[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- teacher and eval
-def score_teacher(run, samples: Sequence[Sample]) -> None:
+def score_teacher(run: Run, samples: Sequence[Sample]) -> None:
     """teacher_logprobs (and top-k for GKD) on the student's exact ids, in place."""
     from rlad_megatron.teacher import score_samples
 
@@ -339,7 +345,7 @@ def score_teacher(run, samples: Sequence[Sample]) -> None:
     )
 
 
-def evaluate(run, step: int) -> dict[str, float]:
+def evaluate(run: Run, step: int) -> dict[str, float]:
     """avg@k / pass@k of the rollout engine's current weights on the held-out prompts, overall, plus avg@k per
     value of each eval.breakdown_keys path (`difficulty=4/avg@k`); again for each eval.extra_temperatures with
     the suffix `@T<t>`."""
@@ -376,7 +382,7 @@ def evaluate(run, step: int) -> dict[str, float]:
     return metrics
 
 
-def close(run) -> None:
+def close(run: Run) -> None:
     for engine in (run.source_ctx.rollout_engine, run.source_ctx.teacher_engine) if run is not None else ():
         if engine is not None:
             engine.close()

@@ -25,9 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlad_megatron.types import Sample
+
+if TYPE_CHECKING:
+    from rlad_megatron.algorithms.objectives import Objective
+    from rlad_megatron.config import RunConfig
+    from rlad_megatron.data.sampler import PromptSampler
+    from rlad_megatron.engines.base import Engine
 
 ROLLOUTS_DIR = "rollouts"
 
@@ -41,14 +47,15 @@ def step_seed(seed: int, step: int, round_index: int = 0) -> int:
 class SourceContext:
     """What a source needs; built once by train.build_run."""
 
-    cfg: Any
-    objective: Any
+    cfg: RunConfig
+    objective: Objective
     tokenizer: Any
-    sampler: Any
+    """The student's Hugging Face tokenizer."""
+    sampler: PromptSampler
     """PromptSampler over the data package's items `{"prompt_ids": [...], "record": {...}}`."""
     reward_fn: Callable[[str, dict[str, Any]], Any]
-    rollout_engine: Any = None
-    teacher_engine: Any = None
+    rollout_engine: Engine | None = None
+    teacher_engine: Engine | None = None
 
 
 def sampling_params(cfg, seed: int):

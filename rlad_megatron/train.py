@@ -29,7 +29,7 @@ import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,12 +40,17 @@ from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
 from rlad_megatron.sample_sources import (
     DatasetTraces,
     SavedRollouts,
+    Source,
     SourceContext,
     StudentRollouts,
     TeacherTraces,
     save_rollouts,
 )
 from rlad_megatron.types import Sample
+
+if TYPE_CHECKING:
+    from rlad_megatron.algorithms.objectives import Objective
+    from rlad_megatron.backends.megatron.trainer import MegatronTrainer
 
 HF_DIR = "hf"  # <run_dir>/hf/step_N: final HF export; <run_dir>/hf/latest names it
 
@@ -74,10 +79,11 @@ def sample_source(cfg: RunConfig):
 @dataclasses.dataclass
 class Run:
     cfg: RunConfig
-    objective: Any
+    objective: Objective
     source_ctx: SourceContext
-    source: Any
-    trainer: Any = None
+    source: Source
+    trainer: MegatronTrainer | None = None
+    """None when train.mode is rollout_only."""
     rank: int = 0
     weights_version: int = 0
     eval_records: Sequence[dict[str, Any]] = ()
