@@ -7,14 +7,10 @@ sequence is padded to a multiple of 2 x CP and the micro-batches differ in lengt
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_worker import run_worker
 
 pytestmark = pytest.mark.dist
 
@@ -22,29 +18,9 @@ WORKER = Path(__file__).with_name("test_context_parallel_worker.py")
 GRAD_TOL, LOSS_TOL, LP_TOL = 1e-6, 1e-6, 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cp") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=4",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return run_worker(WORKER, 4, tmp_path_factory.mktemp("cp") / "results.json")
 
 
 def test_samples_have_uneven_lengths_not_multiples_of_2cp(measured):

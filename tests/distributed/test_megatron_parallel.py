@@ -8,14 +8,10 @@ gradients 1e-6 absolute (reference gradients reach ~0.3), log-probs 1e-5, HF log
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_worker import run_worker
 
 pytestmark = pytest.mark.dist
 
@@ -23,29 +19,9 @@ WORKER = Path(__file__).with_name("test_megatron_worker.py")
 GRAD_TOL, LOSS_TOL, LP_TOL = 1e-6, 1e-6, 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megatron") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        pytest.fail(f"worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return run_worker(WORKER, 2, tmp_path_factory.mktemp("megatron") / "results.json")
 
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2_sp", "pp2"])
