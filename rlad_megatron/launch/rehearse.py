@@ -146,6 +146,18 @@ def plan_job(recipe: str, user: list[str], out: Path, steps: int, kill_server: b
     return Plan(_load(recipe, user, changes), [c.override() for c in changes] + user, changes)
 
 
+def recipe_plan_seconds(recipe: str, user: list[str]) -> tuple[dict[str, float] | None, str]:
+    """`rlad plan`'s per-phase seconds for the recipe as the cluster would run it (not the shrunk job), or
+    (None, why) when the recipe cannot be planned here (e.g. a model folder whose config is not on this machine)."""
+    from rlad_megatron.launch.plan import make_plan
+
+    try:
+        seconds = make_plan(load_config(recipe, user))["seconds"]
+    except (OSError, ValueError, KeyError) as err:
+        return None, f"rlad plan could not size the recipe ({err})"
+    return {k: float(v) for k, v in seconds.items() if k != "total"}, ""
+
+
 # ----------------------------------------------------------------------------- running attempts
 def job_env(out: Path, job_id: str, nodes: int, restart: int) -> dict[str, str]:
     """What the batch shell of the job sees on a cluster (Slurm's variables), on this machine."""
@@ -314,6 +326,7 @@ def rehearse(args: argparse.Namespace) -> int:
     killed_url = topo.server_urls("rollout", job.hosts)[0] if args.kill_server_at_step else ""
     (out / "job.sbatch").write_text(render(job.cfg, args.recipe, job.overrides))
     write_bin(out / "bin")
+    plan_seconds, why_no_plan = recipe_plan_seconds(args.recipe, parse_overrides(args.overrides + args.set_overrides))
     started = time.monotonic()
     attempts = run_attempts(job, out, args, killed_url)
     found = checks(job, attempts, args, killed_url)
@@ -325,6 +338,8 @@ def rehearse(args: argparse.Namespace) -> int:
         report.train_rows(Path(job.cfg.run_dir)),
         attempts,
         found,
+        plan_seconds,
+        why_no_plan,
     )
     print(text)
     failed = [c.name for c in found if not c.ok]

@@ -62,6 +62,48 @@ def phase_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PLAN_PHASES = {
+    "generate": ("generate",),
+    "teacher_score": ("score",),
+    "train": ("logprobs", "train"),
+    "weight_sync": ("sync",),
+}
+"""`rlad plan`'s phase estimate -> the trainer's `time/*` phases that measure it."""
+
+
+def measured_seconds(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per step of each plan phase, from `time/*`; the first step (start-up) is left out when there
+    are later ones."""
+    steady = list(rows[1:] or rows)
+    return {
+        key: sum(r.get(f"time/{p}", 0.0) for r in steady for p in phases) / max(len(steady), 1)
+        for key, phases in PLAN_PHASES.items()
+    }
+
+
+def plan_table(plan_seconds: dict[str, float] | None, rows: Sequence[dict[str, Any]], why_no_plan: str = "") -> str:
+    """The recipe's `rlad plan` estimate (cluster seconds, phases one after another) beside the rehearsal's
+    measured seconds per step (CPU, shrunk job), each as seconds and as a share of their sum. Only the shares
+    compare: they show whether the shrunk job keeps the recipe's balance between phases."""
+    if plan_seconds is None:
+        return f"No plan estimate: {why_no_plan}"
+    measured = measured_seconds(rows)
+    keys = [k for k in PLAN_PHASES if k in plan_seconds or measured.get(k)]
+    plan_total = sum(plan_seconds.get(k, 0.0) for k in keys) or 1.0
+    measured_total = sum(measured[k] for k in keys) or 1.0
+    lines = [
+        "| phase | plan s (cluster) | plan share | rehearsal s/step (CPU) | rehearsal share |",
+        "|---|---|---|---|---|",
+    ]
+    for k in keys:
+        planned = plan_seconds.get(k)
+        plan_cells = ["n/a", "n/a"] if planned is None else [f"{planned:.1f}", f"{planned / plan_total:.0%}"]
+        lines.append(
+            f"| {k} | " + " | ".join([*plan_cells, f"{measured[k]:.2f}", f"{measured[k] / measured_total:.0%}"]) + " |"
+        )
+    return "\n".join(lines)
+
+
 def logprob_gap(row: dict[str, Any]) -> float | None:
     """max |rollout - trainer log-prob| of one step (`kl/rollout_vs_old_max_abs`); None when not logged."""
     value = row.get("kl/rollout_vs_old_max_abs")
@@ -179,7 +221,12 @@ def summary(rows: Sequence[dict[str, Any]], attempts: Sequence[Attempt]) -> dict
 
 
 def render_markdown(
-    title: str, changes_table: str, rows: Sequence[dict[str, Any]], attempts: Sequence[Attempt], checks: Sequence[Check]
+    title: str,
+    changes_table: str,
+    rows: Sequence[dict[str, Any]],
+    attempts: Sequence[Attempt],
+    checks: Sequence[Check],
+    plan_phases: str = "",
 ) -> str:
     parts = [
         f"# Rehearsal: {title}",
@@ -193,6 +240,8 @@ def render_markdown(
         phase_table(rows),
         "",
     ]
+    if plan_phases:
+        parts += ["## Phases: the recipe's `rlad plan` estimate beside this rehearsal", "", plan_phases, ""]
     parts += ["## Job attempts", ""]
     for a in attempts:
         parts.append(
@@ -219,8 +268,10 @@ def write_report(
     rows: Sequence[dict[str, Any]],
     attempts: Sequence[Attempt],
     checks: Sequence[Check],
+    plan_seconds: dict[str, float] | None = None,
+    why_no_plan: str = "",
 ) -> str:
-    text = render_markdown(title, changes_table, rows, attempts, checks)
+    text = render_markdown(title, changes_table, rows, attempts, checks, plan_table(plan_seconds, rows, why_no_plan))
     (out / "rehearsal.md").write_text(text)
     data = {
         "recipe": title,
@@ -232,6 +283,8 @@ def write_report(
             {k: v for k, v in r.items() if k.startswith(("time/", "kl/rollout_vs_old")) or k == "step"} for r in rows
         ],
         **summary(rows, attempts),
+        "plan_seconds": plan_seconds,
+        "measured_seconds_per_step": measured_seconds(rows),
     }
     (out / "rehearsal.json").write_text(json.dumps(data, indent=2))
     return text

@@ -84,6 +84,10 @@ def test_tensor_parallel_job_and_its_requeue_pass_every_check(kk):
         (1, 0, "step_2"),
     ]
     assert all(r["time/train"] > 0 and r["time/sync"] > 0 for r in train_rows(kk))
+    # the recipe's own plan estimate (cluster seconds) is printed beside the measured phases
+    assert report["plan_seconds"]["generate"] > report["plan_seconds"]["train"] > 0
+    assert report["measured_seconds_per_step"]["train"] > 0
+    assert "`rlad plan` estimate beside this rehearsal" in (kk / "rehearsal.md").read_text()
 
 
 def test_killed_trainer_resumes_on_requeue_and_matches_the_uninterrupted_run(kk, tmp_path):

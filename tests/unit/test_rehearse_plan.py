@@ -317,3 +317,21 @@ def test_phase_table_has_a_row_per_step():
     assert lines[0] == "| step | generate | step | max abs lp diff |" and lines[3].startswith(
         "| 2 | 1.50 | 2.50 | 3.00e-06"
     )
+
+
+def test_plan_table_puts_plan_shares_beside_steady_state_measured_shares():
+    rows = [
+        {"step": 1, "time/generate": 100.0, "time/train": 1.0},  # start-up: left out
+        {"step": 2, "time/generate": 3.0, "time/score": 1.0, "time/logprobs": 0.5, "time/train": 0.5},
+        {"step": 3, "time/generate": 5.0, "time/score": 1.0, "time/logprobs": 0.5, "time/train": 1.5},
+    ]
+    measured = report.measured_seconds(rows)
+    assert measured == {"generate": 4.0, "teacher_score": 1.0, "train": 1.5, "weight_sync": 0.0}
+    table = report.plan_table({"generate": 80.0, "teacher_score": 10.0, "train": 10.0}, rows).splitlines()
+    assert table[2] == "| generate | 80.0 | 80% | 4.00 | 62% |"
+    assert table[4] == "| train | 10.0 | 10% | 1.50 | 23% |"
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| generate", "| teacher_score", "| train"]
+
+
+def test_plan_table_says_why_there_is_no_estimate():
+    assert report.plan_table(None, ROWS, "no config.json") == "No plan estimate: no config.json"
