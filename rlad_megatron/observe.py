@@ -147,7 +147,10 @@ class Observer:
         self._tb = self._open_tensorboard() if logging_cfg.tensorboard else None
         self._wandb = self._open_wandb(run_config or {}) if logging_cfg.wandb.project else None
         on_terminal = logging_cfg.progress_bar and sys.stdout.isatty()
-        self._progress, self._task = self._open_progress(start_step) if on_terminal else (None, None)
+        self._progress: Any = None  # a rich Progress bar and its task id, on a terminal only
+        self._task: Any = None
+        if on_terminal:
+            self._progress, self._task = self._open_progress(start_step)
 
     def _open_tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter

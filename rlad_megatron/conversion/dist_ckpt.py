@@ -137,7 +137,7 @@ def _merge_into(merged: Metadata, part: Metadata, rename: dict[str, str]) -> Non
         have = merged.state_dict_metadata.get(key)
         if have is None:
             merged.state_dict_metadata[key] = md
-        elif isinstance(md, TensorStorageMetadata) and have.size == md.size:
+        elif isinstance(md, TensorStorageMetadata) and isinstance(have, TensorStorageMetadata) and have.size == md.size:
             have.chunks.extend(md.chunks)  # another layer's chunk of the same stacked tensor
         else:
             raise ValueError(f"checkpoint key {key!r} was written twice with different metadata")
@@ -193,7 +193,10 @@ class _ChunkLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         items = []
         for name, (key, offsets, dest) in self._requests.items():
+            assert self.metadata is not None  # set by set_up_planner before planning
             md = self.metadata.state_dict_metadata[key]
+            if not isinstance(md, TensorStorageMetadata):
+                raise ValueError(f"checkpoint key {key!r} holds a non-tensor object, not the tensor {name!r}")
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
             for item in create_read_items_for_chunk_list(key, md, [chunk]):
                 # Route the read to this request's destination (several requests may share a key).

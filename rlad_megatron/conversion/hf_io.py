@@ -147,7 +147,7 @@ class _StreamingSafetensors:
                 f"{exp_name!r} {exp_shape} {exp_dtype} was planned"
             )
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))  # no extra copy of the tensor bytes
+        self._file.write(data.numpy().data)  # a memoryview of the tensor bytes: no extra copy
         self._next += 1
         self.num_written = self._next
         if self._next == len(self._expected):

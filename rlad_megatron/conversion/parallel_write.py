@@ -114,7 +114,7 @@ def write_piece(out_dir: Path, slot: Slot, piece: Piece) -> None:
     """
     data = piece.tensor.to(device="cpu", dtype=slot.dtype).contiguous()  # GPU shards: one device-to-host copy
     row_bytes = math.prod(slot.shape[1:]) * slot.dtype.itemsize
-    src = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+    src = data.reshape(-1).view(torch.uint8).numpy().data  # a memoryview: no copy
     fd = os.open(out_dir / slot.file, os.O_WRONLY)
     try:
         if piece.axis != 1:

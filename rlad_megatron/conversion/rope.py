@@ -124,12 +124,17 @@ def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
     return log_scale(factor)
 
 
-def _yarn(params: dict[str, Any], head_dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+def _yarn(params: dict[str, Any], head_dim: int, max_positions: int | None) -> tuple[torch.Tensor, float]:
     """NTK-by-parts: interpolate (divide by factor) the slow dimensions, extrapolate the fast ones, ramp between."""
     theta = params["rope_theta"]
     context = params["original_max_position_embeddings"]
     factor = params.get("factor")
     if factor is None:
+        if max_positions is None:
+            raise ValueError(
+                "yarn RoPE without a factor needs max_position_embeddings in config.json (factor = it / "
+                "original_max_position_embeddings): add one of them"
+            )
         factor = max_positions / context
     attention_factor = _yarn_attention_factor(params, factor)
     beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
@@ -151,7 +156,7 @@ def _yarn(params: dict[str, Any], head_dim: int, max_positions: int) -> tuple[to
 
 
 def inv_freq_and_attention_factor(
-    params: dict[str, Any], head_dim: int, max_positions: int
+    params: dict[str, Any], head_dim: int, max_positions: int | None
 ) -> tuple[torch.Tensor, float]:
     """float32 inverse frequencies [head_dim // 2] and the factor transformers multiplies cos/sin by."""
     check_rope(params)

@@ -230,7 +230,8 @@ def hf_to_megatron(rule: Rule, tensors: list[torch.Tensor], arch: ModelArch, nam
     for name, tensor, shape in zip(names or rule.hf, tensors, expected_hf_shapes(rule, arch)):
         _check_shape(name, tensor, shape)
     if rule.transform == "qkv":
-        return T.fuse_qkv(*tensors, arch.num_query_groups)
+        q, k, v = tensors
+        return T.fuse_qkv(q, k, v, arch.num_query_groups)
     if rule.transform == "gate_up":
         return T.fuse_gate_up(*tensors)
     return tensors[0]

@@ -18,6 +18,8 @@ Every function only reshapes, slices and concatenates, so HF -> Megatron -> HF i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 TP_KINDS = ("replicated", "column", "row", "gate_up")
@@ -82,6 +84,7 @@ def tp_split(full: torch.Tensor, kind: str, tp: int) -> list[torch.Tensor]:
     """Full (TP=1) Megatron tensor -> `tp` contiguous shards, rank order."""
     if kind == "replicated" or tp == 1:
         return [full] * tp
+    chunks: Sequence[torch.Tensor]
     if kind == "column":
         chunks = torch.chunk(full, tp, dim=0)
     elif kind == "row":

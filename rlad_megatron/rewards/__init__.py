@@ -133,7 +133,9 @@ def score_samples(
     results = _score_all(reward_fn, [s.response_text for s in samples], [s.record for s in samples], num_workers)
     for sample, result in zip(samples, results):
         details = dict(result.details, raw_score=result.score)
-        penalty = length_penalty * len(sample.response_ids) / max_new_tokens if length_penalty else 0.0
+        penalty = (
+            length_penalty * len(sample.response_ids) / max_new_tokens if length_penalty and max_new_tokens else 0.0
+        )
         if penalty:
             details["length_penalty"] = penalty
         sample.reward, sample.reward_details = result.score - penalty, details

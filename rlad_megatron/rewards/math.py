@@ -76,8 +76,9 @@ class MathReward:
 
     def score_batch(self, texts: Sequence[str], records: Sequence[dict[str, Any]]) -> list[RewardResult]:
         extracted = [extract_answer(t) for t in texts]
-        jobs = [i for i, e in enumerate(extracted) if e is not None]
-        pairs = [(_as_latex(records[i]["answer"]), f"$\\boxed{{{extracted[i]['answer']}}}$") for i in jobs]
+        found_at = {i: e for i, e in enumerate(extracted) if e is not None}
+        jobs = list(found_at)
+        pairs = [(_as_latex(records[i]["answer"]), f"$\\boxed{{{found_at[i]['answer']}}}$") for i in jobs]
         verdicts = dict(zip(jobs, self.pool.verify_many(pairs)))
         results = []
         for i, found in enumerate(extracted):

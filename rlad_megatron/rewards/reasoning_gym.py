@@ -28,9 +28,8 @@ class ReasoningGymReward:
         from rlad_megatron.tasks.reasoning_gym_tasks import dataset_for, entry_for
 
         entry = entry_for(record)
-        spec = (record.get("metadata") or {}).get("reasoning_gym")
-        if entry is not None:
-            return dataset_for(spec), entry
+        if entry is not None:  # entry_for found the record's own reasoning-gym spec
+            return dataset_for(record["metadata"]["reasoning_gym"]), entry
         # Records from a file: a small dataset of the same task provides score_answer.
         dataset = dataset_for({"task": self.task, "seed": 0, "size": 1, "config": self.config})
         entry = {

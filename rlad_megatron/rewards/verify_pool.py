@@ -42,7 +42,9 @@ class _Worker:
             stdout=subprocess.PIPE,
             env=env,  # stderr inherited: import errors show
         )
-        self.fd = self.proc.stdout.fileno()
+        assert self.proc.stdin is not None and self.proc.stdout is not None  # both are PIPEs
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.fd = self.stdout.fileno()
         self.buffer = b""
         self.ready = False
 
@@ -67,13 +69,13 @@ class _Worker:
             self.ready = b"ready" in self.read_lines()
 
     def send(self, gold: str, pred: str) -> None:
-        self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred}).encode() + b"\n")
-        self.proc.stdin.flush()
+        self.stdin.write(json.dumps({"gold": gold, "pred": pred}).encode() + b"\n")
+        self.stdin.flush()
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
+        for f in (self.stdin, self.stdout):
             f.close()
 
 
