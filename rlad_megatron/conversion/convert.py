@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlad_megatron.conversion import dist_ckpt, tables
-from rlad_megatron.conversion.arch import ModelArch, UnsupportedModelError, arch_from_config, load_config_dict
+from rlad_megatron.conversion.arch import ModelArch, arch_from_config, load_config_dict
 from rlad_megatron.conversion.hf_io import (
     HFReader,
     HFShardWriter,
@@ -49,46 +49,46 @@ def check_hf_shapes(arch: ModelArch, reader: HFReader) -> None:
 
 def _produce(reader: HFReader, rule: tables.Rule, layer, arch: ModelArch, part: int | None) -> torch.Tensor:
     names = rule.hf_names(layer)
+    stacked = len(rule.ckpt_stack(arch, layer)[0])  # one leading axis per stacked dimension (layer, expert)
     if part is not None:  # one half of linear_fc1: gate (0) or up (1), stored as its own chunk
-        return reader.get(names[part]).unsqueeze(0)
-    full = tables.hf_to_megatron(rule, [reader.get(n) for n in names], arch, names)
-    return full if layer is None else full.unsqueeze(0)
+        tensor = reader.get(names[part])
+    else:
+        tensor = tables.hf_to_megatron(rule, [reader.get(n) for n in names], arch, names)
+    return tensor.reshape((1,) * stacked + tuple(tensor.shape))
 
 
 def _chunks(arch: ModelArch, reader: HFReader, dtype: torch.dtype, rules) -> list[dist_ckpt.Chunk]:
-    L = arch.num_layers
+    """The stored pieces of `rules`' tensors: one per key, except linear_fc1 (gate rows and up rows apart)."""
     out = []
     for rule, layer in rules:
         shape = tables.megatron_shape(rule, arch)
+        at, stack = rule.ckpt_stack(arch, layer)
         make = functools.partial(_produce, reader, rule, layer, arch)
-        if layer is None:
-            out.append(
-                dist_ckpt.Chunk(rule.ckpt_key, shape, (0,) * len(shape), shape, dtype, functools.partial(make, None))
-            )
-        elif rule.transform == "gate_up":
-            half = (shape[0] // 2, shape[1])
-            out += [
-                dist_ckpt.Chunk(
-                    rule.ckpt_key,
-                    (L, *shape),
-                    (layer, part * half[0], 0),
-                    (1, *half),
-                    dtype,
-                    functools.partial(make, part),
-                )
-                for part in (0, 1)
-            ]
+        pieces: list[tuple[tuple[int, ...], tuple[int, ...], int | None]]  # (offsets, sizes, fc1 half)
+        if layer is not None and rule.transform == "gate_up":
+            pieces = [((part * shape[0] // 2, 0), (shape[0] // 2, shape[1]), part) for part in (0, 1)]
         else:
-            out.append(
-                dist_ckpt.Chunk(
-                    rule.ckpt_key,
-                    (L, *shape),
-                    (layer,) + (0,) * len(shape),
-                    (1, *shape),
-                    dtype,
-                    functools.partial(make, None),
-                )
+            pieces = [((0,) * len(shape), shape, None)]
+        out += [
+            dist_ckpt.Chunk(
+                key, (*stack, *shape), (*at, *offsets), (*(1,) * len(at), *sizes), dtype, functools.partial(make, part)
             )
+            for key in rule.ckpt_keys
+            for offsets, sizes, part in pieces
+        ]
+    return out
+
+
+def extra_state_objects(arch: ModelArch, layer: int) -> dict[str, bytes]:
+    """The (empty, local-spec) `_extra_state` Megatron stores per linear layer: one object per layer, and per
+    (layer, expert) for the experts' linear layers (key suffix `shard_<offsets>_<global shape>`)."""
+    L, E = arch.num_layers, arch.num_experts
+    modules = EXTRA_STATE_MODULES[:2] if arch.is_moe else EXTRA_STATE_MODULES
+    out = {f"decoder.layers.{m}._extra_state/shard_{layer}_{L}": dist_ckpt.serialized_none() for m in modules}
+    for e in range(E):
+        for m in ("linear_fc1", "linear_fc2"):
+            key = f"decoder.layers.mlp.experts.experts.{m}._extra_state/shard_{layer}.{e}_{L}.{E}"
+            out[key] = dist_ckpt.serialized_none()
     return out
 
 
@@ -100,35 +100,17 @@ def layer_groups(arch: ModelArch) -> list[list]:
     return groups
 
 
-def _refuse_moe(arch: ModelArch) -> None:
-    if arch.is_moe:
-        raise UnsupportedModelError(
-            f"offline dist-checkpoint conversion of the MoE family {arch.family} is not implemented (Megatron stores "
-            "experts under an extra expert axis); train from the HF folder (model.student loads it directly) and "
-            "export with `rlad train`'s HF export or weight_export.write_hf_folder"
-        )
-
-
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Convert a HF folder into a Megatron dist checkpoint loadable at any TP/PP; return out_dir."""
     config = load_config_dict(hf_dir)
     arch = arch_from_config(config)
-    _refuse_moe(arch)
     reader = HFReader(hf_dir)
     check_hf_shapes(arch, reader)
     dtype = dtype or arch.dtype
-    L = arch.num_layers
     groups = []
     for rules in layer_groups(arch):
         layer = rules[0][1]
-        objects = (
-            {}
-            if layer is None
-            else {
-                f"decoder.layers.{m}._extra_state/shard_{layer}_{L}": dist_ckpt.serialized_none()
-                for m in EXTRA_STATE_MODULES
-            }
-        )
+        objects = {} if layer is None else extra_state_objects(arch, layer)
         groups.append((_chunks(arch, reader, dtype, rules), objects))
     out = Path(out_dir)
     dist_ckpt.write_checkpoint(out, groups)
@@ -137,32 +119,43 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, dtype: torch.dtype |
     return out
 
 
+def _stored_key(rule: tables.Rule, reader: dist_ckpt.CheckpointReader) -> str:
+    """The first of the rule's checkpoint spellings present in the checkpoint (or the first, to name it missing)."""
+    return next((k for k in rule.ckpt_keys if reader.has(k)), rule.ckpt_key)
+
+
 def _check_ckpt_shapes(arch: ModelArch, reader: dist_ckpt.CheckpointReader) -> None:
-    L = arch.num_layers
     for rule, layer in tables.iter_tensors(arch):
-        if layer not in (None, 0):
+        if layer not in (None, 0) or rule.expert not in (None, 0):
             continue
         want = tables.megatron_shape(rule, arch)
-        got = reader.shape(rule.ckpt_key)
+        stack = rule.ckpt_stack(arch, layer)[1]
+        key = _stored_key(rule, reader)
+        got = reader.shape(key)
         if rule.transform == "vocab":
             ok = got[0] >= want[0] and got[1:] == want[1:]  # stored vocab may be padded
         else:
-            ok = got == (want if layer is None else (L, *want))
+            ok = got == (*stack, *want)
         if not ok:
+            axes = " x ".join(f"{n} {what}" for n, what in zip(stack, ("layers", "experts")))
             raise ValueError(
-                f"checkpoint tensor {rule.ckpt_key!r} has shape {got}, which does not match "
-                f"the HF config ({'' if layer is None else f'{L} layers x '}{want})"
+                f"checkpoint tensor {key!r} has shape {got}, which does not match the HF config "
+                f"({axes + ' x ' if axes else ''}{want})"
             )
 
 
-def _requests(arch: ModelArch, rules) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
+def _requests(
+    arch: ModelArch, rules, reader: dist_ckpt.CheckpointReader
+) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
     out = {}
     for rule, layer in rules:
         shape = tables.megatron_shape(rule, arch)
-        if layer is None:
-            out[rule.megatron_name()] = (rule.ckpt_key, (0,) * len(shape), shape)
-        else:
-            out[rule.megatron_name(layer)] = (rule.ckpt_key, (layer,) + (0,) * len(shape), (1, *shape))
+        at = rule.ckpt_stack(arch, layer)[0]
+        out[rule.megatron_name(layer)] = (
+            _stored_key(rule, reader),
+            (*at, *(0,) * len(shape)),
+            (*(1,) * len(at), *shape),
+        )
     return out
 
 
@@ -184,14 +177,13 @@ def megatron_to_hf(
                 "as hf_config_dir (CLI: --hf-config) for config.json and tokenizer files"
             )
     arch = arch_from_config(load_config_dict(hf_config_dir))
-    _refuse_moe(arch)
     _check_ckpt_shapes(arch, reader)
     dtype = dtype or reader.dtype("embedding.word_embeddings.weight")
     writer = HFShardWriter(out_dir, tables.hf_entries(arch, dtype, tables.iter_tensors(arch)), max_shard_bytes)
     for rule, layer in tables.iter_tensors(arch):  # one tensor in memory at a time
         name = rule.megatron_name(layer)
-        full = reader.read(_requests(arch, [(rule, layer)]))[name]
-        full = full if layer is None else full[0]
+        full = reader.read(_requests(arch, [(rule, layer)], reader))[name]
+        full = full.reshape(tables.megatron_shape(rule, arch))  # drop the stacked (layer, expert) axes
         for hf_name, tensor in zip(rule.hf_names(layer), tables.megatron_to_hf(rule, full, arch)):
             writer.add(hf_name, tensor.to(dtype))
     write_index(out_dir, writer.finish(), writer.total_bytes)

@@ -244,6 +244,9 @@ class CheckpointReader:
             raise KeyError(f"cannot find a unique {anchor!r} in {self.dir}; pass key_prefix explicitly")
         return found[0]
 
+    def has(self, key: str) -> bool:
+        return self.prefix + key in self.tensors
+
     def shape(self, key: str) -> tuple[int, ...]:
         full = self.prefix + key
         if full not in self.tensors:

@@ -47,6 +47,7 @@ class Rule:
     tp: str  # TP kind, see transforms.TP_KINDS
     ckpt_alias: str = ""  # TE-fused name: the dist-checkpoint key and a live-model alias
     expert: int | None = None  # global expert index of an MoE expert row
+    ckpt_also: str = ""  # a second dist-checkpoint spelling of the same tensor (another layer spec's key)
 
     @property
     def is_layer(self) -> bool:
@@ -60,9 +61,26 @@ class Rule:
 
     @property
     def ckpt_key(self) -> str:
-        """Dist-checkpoint key: layer rows are stacked along a leading layer axis, so no index."""
+        """Dist-checkpoint key: layer rows are stacked along a leading layer axis, so no index; expert rows
+        along a second, expert axis (`SequentialMLP` stores `local_experts.{e}.` under `experts.`)."""
         name = self.ckpt_alias or self.megatron
+        if self.expert is not None:
+            name = name.replace(f"local_experts.{self.expert}.", "experts.")
         return name.replace("{i}.", "")
+
+    @property
+    def ckpt_keys(self) -> tuple[str, ...]:
+        """Every key the tensor is written under (the first is preferred when reading)."""
+        return (self.ckpt_key, self.ckpt_also.replace("{i}.", "")) if self.ckpt_also else (self.ckpt_key,)
+
+    def ckpt_stack(self, arch: ModelArch, layer: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(offsets, sizes) of this tensor on the leading stacked axes of its checkpoint key: none for
+        embedding and head, (layer,) of (L,) for a layer row, (layer, expert) of (L, E) for an expert row."""
+        if layer is None:
+            return (), ()
+        if self.expert is None:
+            return (layer,), (arch.num_layers,)
+        return (layer, self.expert), (arch.num_layers, arch.num_experts)
 
 
 def layer_rules(arch: ModelArch) -> list[Rule]:
@@ -101,13 +119,16 @@ def layer_rules(arch: ModelArch) -> list[Rule]:
         Rule(L + "self_attention.linear_proj.weight", (A + "o_proj.weight",), "copy", "row"),
     ]
     if arch.is_moe:
-        # MoE layers keep a separate pre-MLP norm in both specs (no TE-fused alias).
+        # MoE layers keep a separate pre-MLP norm module in both specs; the local spec's checkpoint stores it
+        # under the fused name (its sharded_state_dict_keys_map), the Transformer Engine spec under its own.
         rules.append(
             Rule(
                 L + "pre_mlp_layernorm.weight",
                 ("model.layers.{i}.post_attention_layernorm.weight",),
                 "copy",
                 "replicated",
+                L + "mlp.linear_fc1.layer_norm_weight",
+                ckpt_also=L + "pre_mlp_layernorm.weight",
             )
         )
         return rules + moe_rules(arch)
