@@ -1,9 +1,9 @@
-"""torchrun worker for test_moe_dist_ckpt.py: `<work_dir> <ep>`, nproc = ep.
+"""torchrun worker for test_moe_dist_ckpt.py: `<work_dir> <tp> <ep>`, nproc = tp x ep.
 
-Builds the tiny Qwen3-MoE student at EP=ep with the backend's `build_model`, loads the dist checkpoint that
+Builds the tiny Qwen3-MoE student at TP=tp, EP=ep (DP = ep) with the backend's `build_model`, loads the dist checkpoint that
 `conversion.convert.hf_to_megatron` wrote to `<work_dir>/mcore` with Megatron's own loader, computes the logits
-of IDS, and saves the model with Megatron's own `dist_checkpointing.save` to `<work_dir>/saved_ep<ep>`.
-Rank 0 writes `<work_dir>/result_ep<ep>.pt`.
+of IDS, and saves the model with Megatron's own `dist_checkpointing.save` to `<work_dir>/saved_tp<tp>_ep<ep>`.
+Rank 0 writes `<work_dir>/result_tp<tp>_ep<ep>.pt`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def main() -> None:
     from rlad_megatron.backends.megatron.parallel import destroy_parallel, init_parallel
     from rlad_megatron.config import ModelConfig, ParallelConfig
 
-    work, ep = Path(sys.argv[1]), int(sys.argv[2])
-    parallel = ParallelConfig(expert_model_parallel_size=ep)
+    work, tp, ep = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     ctx = init_parallel(parallel, seed=1234)
     chunks = build_model(work / "hf", ModelConfig(transformer_impl="local", make_vocab_size_divisible_by=128), parallel)
     model = chunks[0]
@@ -38,8 +38,11 @@ def main() -> None:
     load_model_checkpoint(chunks, work / "mcore")
     tokens = torch.tensor(IDS)
     with torch.no_grad():
-        logits = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)[..., : model.vocab_size_unpadded]
-    saved = work / f"saved_ep{ep}"
+        local = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)  # [b, s, padded vocab / tp]
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.contiguous(), group=ctx.tp_group)
+    logits = torch.cat(shards, dim=-1)[..., : model.vocab_size_unpadded]
+    saved = work / f"saved_tp{tp}_ep{ep}"
     if ctx.rank == 0:
         saved.mkdir()
     dist.barrier()
@@ -47,7 +50,7 @@ def main() -> None:
     held = [None] * ctx.world_size
     dist.all_gather_object(held, experts)
     if ctx.rank == 0:
-        torch.save({"logits": logits, "experts_per_rank": held}, work / f"result_ep{ep}.pt")
+        torch.save({"logits": logits, "experts_per_rank": held}, work / f"result_tp{tp}_ep{ep}.pt")
     destroy_parallel(ctx)
 
 
