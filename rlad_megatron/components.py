@@ -67,14 +67,12 @@ def broadcast_samples(samples: list[Sample] | None, this_rank: int, columns_want
         return samples
     received = {}
     for name, (dtype, shape) in column_layout(light, wanted[this_rank]).items():
-        flat = torch.empty(shape, dtype=TORCH_DTYPES[dtype], device=device)
+        flat = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=device)
         dist.recv(flat, src=0)
         received[name] = flat.cpu().numpy()
     unpack_columns(light, wanted[this_rank], received)
     return light
 
-
-TORCH_DTYPES = {np.int32: torch.int32, np.int64: torch.int64, np.float32: torch.float32, np.float64: torch.float64}
 
 Selection = Mapping[str, Sequence[int]]
 """Per-token column name -> indices of the samples whose values of that column are wanted."""

@@ -1,6 +1,6 @@
 """Per-token columns between trainer ranks (2 gloo processes, data parallel 2, two minibatches): rank 1 holds
 the ids and log-probs of only the samples its data-parallel rank trains on, the values it trains on are exactly
-the whole samples', and the step's advantages, losses and gradients equal those of samples pickled whole to
+the whole samples', and the step's advantages, losses, metrics and gradients equal those of samples pickled whole to
 every rank (the previous path), for OPD (teacher log-probs in the advantages), RLAD (in the loss) and GKD
 (top-k). `test_token_columns_worker.py` runs the ranks; this side asserts on what it wrote."""
 
@@ -44,10 +44,10 @@ def test_rank_1_holds_only_its_data_parallel_share(measured, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_losses_advantages_and_gradients_equal_the_whole_samples_path(measured, algorithm):
+def test_losses_metrics_advantages_and_gradients_equal_the_whole_samples_path(measured, algorithm):
     for rank in measured[algorithm]:
         assert rank["grads_nonzero"]
-        assert rank["losses_equal"] and rank["grads_equal"] and rank["held_advantages_equal"]
+        assert rank["metrics_equal"] and rank["grads_equal"] and rank["held_advantages_equal"]
     unheld = measured[algorithm][1]["unheld_advantages"]
     # OPD's advantages read the teacher log-probs: rank 1 has none for samples it does not train on
     assert unheld == (["NoneType"] if algorithm == "opd" else ["list"])

@@ -4,7 +4,7 @@ For each objective (OPD: teacher log-probs in the advantages; RLAD: in the loss;
 step's samples and both ranks get them twice: through `components.broadcast_samples` as the loop calls it
 (`train.columns_needed` picks the samples), and pickled whole to every rank (`components.broadcast`, the way
 samples travelled before). Each way then runs the loop's own step maths (`train.compute_advantages`,
-`trainer.forward_backward` per minibatch, DP-reduced); losses, advantages and gradients are recorded. Rank 1
+`trainer.forward_backward` per minibatch, DP-reduced); losses, metrics, advantages and gradients are recorded. Rank 1
 also records which samples it holds columns of, and whether those equal the whole samples' values.
 """
 
@@ -72,14 +72,14 @@ def step(run, samples) -> dict:
     trainer = run.trainer
     old = trainer.compute_logprobs(samples, which="old") if run.objective.needs_old_logprobs else None
     advantages = train.compute_advantages(run, samples, old, step=1)
-    losses, gradients = [], []
+    reported, gradients = [], []
     for index in train.minibatches(samples, run.cfg.train.num_minibatches):
         metrics = trainer.forward_backward(
             [samples[i] for i in index], [advantages[i] for i in index], 1, old_logprobs=train._pick(old, index)
         )
-        losses.append(metrics["loss"])
+        reported.append(metrics)  # the loss and the objective's metrics (e.g. RLAD's teacher log-ratio)
         gradients.append(grads(trainer))
-    return {"advantages": advantages, "losses": losses, "grads": gradients}
+    return {"advantages": advantages, "metrics": reported, "grads": gradients}
 
 
 def share(samples, index, dp_rank):
@@ -89,6 +89,11 @@ def share(samples, index, dp_rank):
     return [index[j] for j in split_for_data_parallel([samples[i] for i in index], 2)[dp_rank]]
 
 
+def as_trainer_reads(values, name: str) -> torch.Tensor:
+    """A column as the trainer reads it: ids as int64, log-probs as float32."""
+    return torch.as_tensor(np.asarray(values), dtype=torch.int64 if name.endswith("_ids") else torch.float32)
+
+
 def received(light, whole) -> dict:
     """Per column, the samples whose values this rank holds; whether they equal the whole samples' values (in
     the column's dtype); which columns of the other samples stayed behind; whether every length is kept."""
@@ -96,8 +101,8 @@ def received(light, whole) -> dict:
 
     held = {name: [i for i, s in enumerate(light) if s.holds(name)] for name in TOKEN_COLUMNS}
     exact = all(
-        np.array_equal(np.asarray(getattr(light[i], name)), np.asarray(getattr(whole[i], name), dtype=dtype))
-        for name, dtype in TOKEN_COLUMNS.items()
+        torch.equal(as_trainer_reads(getattr(light[i], name), name), as_trainer_reads(getattr(whole[i], name), name))
+        for name in TOKEN_COLUMNS
         for i in held[name]
     )
     absent = sorted(
@@ -139,7 +144,7 @@ def main(out_path: str) -> None:
             "trained": trained,
             "scored": scored,
             "num_samples": len(whole),
-            "losses_equal": by_columns["losses"] == by_pickle["losses"],
+            "metrics_equal": by_columns["metrics"] == by_pickle["metrics"],
             "grads_equal": all(torch.equal(a, b) for a, b in zip(by_columns["grads"], by_pickle["grads"])),
             "grads_nonzero": all(bool(g.abs().max() > 0) for g in by_pickle["grads"]),
             "held_advantages_equal": all(by_columns["advantages"][i] == by_pickle["advantages"][i] for i in trained),
