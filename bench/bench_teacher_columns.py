@@ -1,18 +1,21 @@
-"""GKD teacher top-k on the trainer ranks: Python lists pickled to every rank vs flat tensors per data-parallel rank.
+"""A GKD step's per-token columns on the trainer ranks: Python lists pickled to every rank vs flat tensors per data-parallel rank.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_teacher_columns [--samples 16] [--tokens 8192] [--k 8] [--json out.json]
 
-A step's samples with 8K-token responses and the teacher's top-8 per token. Two ways to get them from rank 0
+A step's samples with 4K-8K-token responses and the teacher's top-8 per token. Two ways to get them from rank 0
 to another trainer rank:
-- lists (the baseline): top-k ids and log-probs as lists of Python lists in each Sample, the whole list of
-  Samples pickled (`broadcast_object_list`) to every rank;
-- tensors (what the loop does): the Samples pickled without their top-k, then the top-k rows of only the
-  samples the receiving rank's data-parallel rank trains on, as a flat int32 and a flat float32 tensor
-  (`components.pack_topk` / `unpack_topk`; the loop sends them with `dist.send`).
+- lists (the baseline): every per-token column (prompt and response ids, rollout and teacher log-probs, top-k
+  ids and log-probs) as Python lists in each Sample, the whole list of Samples pickled
+  (`broadcast_object_list`) to every rank;
+- tensors (what the loop does): the Samples pickled with each column replaced by its shape
+  (`components.without_columns`), then every column of only the samples the receiving rank's data-parallel rank
+  trains on (GKD, one minibatch), as one flat tensor per column in its dtype (`components.pack_columns` /
+  `unpack_columns`; the loop sends them with `dist.send`).
 Measured per receiving rank, for several data-parallel sizes: the bytes it receives (the pickle, plus the
 tensors' bytes) and its peak RSS growth while it receives and rebuilds the samples, in a fresh process per
-measurement (Linux VmHWM after, reset through /proc/self/clear_refs, minus VmRSS before). The receiving rank's micro-batch top-k tensors
-(`pack_samples`) are checked equal between the two ways.
+measurement (Linux VmHWM after, reset through /proc/self/clear_refs, minus VmRSS before). The receiving rank's
+micro-batch tensors (`pack_samples`: tokens, targets, teacher and rollout log-probs, top-k) are checked
+bit-equal between the two ways.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ TARGET = 10.0
 RECEIVER = r"""
 import pickle, sys
 import numpy as np
-from rlad_megatron.components import unpack_topk
+from rlad_megatron.components import unpack_columns
 from rlad_megatron.types import Sample
 def status(key):
     for line in open("/proc/self/status"):
@@ -44,26 +47,27 @@ before = status("VmRSS")
 mode, folder = sys.argv[2], sys.argv[3]
 payload = open(f"{folder}/objects.pkl", "rb").read()  # what broadcast_object_list hands over
 samples = pickle.loads(payload)
+mine = pickle.loads(open(f"{folder}/mine.pkl", "rb").read())
 if mode == "tensors":
-    mine = pickle.loads(open(f"{folder}/mine.pkl", "rb").read())
-    if mine:
-        ids = np.fromfile(f"{folder}/ids.bin", dtype=np.int32)
-        lps = np.fromfile(f"{folder}/lps.bin", dtype=np.float32)
-        k = int(open(f"{folder}/k.txt").read())
-        unpack_topk(samples, mine, ids.reshape(-1, k), lps.reshape(-1, k))
+    names = pickle.loads(open(f"{folder}/names.pkl", "rb").read())
+    unpack_columns(samples, {name: mine for name in names}, {name: np.load(f"{folder}/{name}.npy") for name in names})
 del payload
 peak = status("VmHWM")
 from rlad_megatron.backends.megatron.batching import pack_samples
-mine = pickle.loads(open(f"{folder}/mine.pkl", "rb").read())
-batch = pack_samples([samples[i] for i in mine], topk=True) if mine else None
-np.save(f"{folder}/check_{mode}.npy", batch.tensors["teacher_topk_logprobs"].numpy() if batch else np.zeros(0))
-np.save(f"{folder}/check_ids_{mode}.npy", batch.tensors["teacher_topk_ids"].numpy() if batch else np.zeros(0))
+if mine:
+    mine_samples = [samples[i] for i in mine]
+    per_token = {key: [getattr(s, key) for s in mine_samples] for key in ("teacher_logprobs", "rollout_logprobs")}
+    batch = pack_samples(mine_samples, per_token, topk=True)
+    np.savez(f"{folder}/check_{mode}.npz", **{key: t.numpy() for key, t in batch.tensors.items()})
+else:
+    np.savez(f"{folder}/check_{mode}.npz")
 print(peak - before)
 """
 
 
 def make_samples(num: int, tokens: int, k: int, seed: int = 0):
-    """Samples as the teacher leaves them: top-k as float32-valued arrays (the tensor path) and as lists."""
+    """Samples as rank 0 holds them: ids and log-probs as Python lists (the log-probs float32 values, as engines
+    compute them), the teacher's top-k as int32 / float32 arrays."""
     from rlad_megatron.types import Sample
 
     rng = np.random.default_rng(seed)
@@ -108,8 +112,9 @@ def receive(folder: Path, mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def measure(samples, k: int, dp: int, root: Path) -> dict[str, float]:
-    from rlad_megatron.components import pack_topk, without_topk
+def measure(samples, dp: int, root: Path) -> dict[str, float]:
+    from rlad_megatron.components import pack_columns, without_columns
+    from rlad_megatron.types import TOKEN_COLUMNS
 
     mine = shard(samples, dp, dp - 1)  # the last data-parallel rank: a receiver, never rank 0
     lists = root / f"lists_dp{dp}"
@@ -119,17 +124,18 @@ def measure(samples, k: int, dp: int, root: Path) -> dict[str, float]:
         (folder / "mine.pkl").write_bytes(pickle.dumps(mine))
     list_bytes = pickle.dumps(as_lists(samples))
     (lists / "objects.pkl").write_bytes(list_bytes)
-    light = pickle.dumps(without_topk(samples))
+    light = pickle.dumps(without_columns(samples))
     (tensors / "objects.pkl").write_bytes(light)
-    ids, lps = pack_topk(samples, mine)
-    ids.tofile(tensors / "ids.bin")
-    lps.tofile(tensors / "lps.bin")
-    (tensors / "k.txt").write_text(str(k))
+    flats = pack_columns(samples, {name: mine for name in TOKEN_COLUMNS})
+    (tensors / "names.pkl").write_bytes(pickle.dumps(list(flats)))
+    for name, flat in flats.items():
+        np.save(tensors / f"{name}.npy", flat)
     rss_lists, rss_tensors = receive(lists, "lists"), receive(tensors, "tensors")
-    identical = np.array_equal(np.load(lists / "check_lists.npy"), np.load(tensors / "check_tensors.npy")) and (
-        np.array_equal(np.load(lists / "check_ids_lists.npy"), np.load(tensors / "check_ids_tensors.npy"))
-    )
-    tensor_bytes = len(light) + ids.nbytes + lps.nbytes
+    with np.load(lists / "check_lists.npz") as want, np.load(tensors / "check_tensors.npz") as got:
+        identical = sorted(want.files) == sorted(got.files) and all(
+            want[key].dtype == got[key].dtype and np.array_equal(want[key], got[key]) for key in want.files
+        )
+    tensor_bytes = len(light) + sum(flat.nbytes for flat in flats.values())
     return {
         "dp": dp,
         "bytes_lists": len(list_bytes),
@@ -147,7 +153,8 @@ def table(rows: list[dict], args) -> list[str]:
     out = [
         f"{args.samples} samples, responses of {args.tokens // 2}-{args.tokens} tokens, top-{args.k}; per receiving rank:",
         "",
-        "| data-parallel size | bytes: lists (MB) | bytes: tensors (MB) | ratio | peak RSS growth: lists (MB) | tensors (MB) | ratio | identical |",
+        "| data-parallel size | bytes: lists (MB) | tensors (MB) | lists / tensors | peak RSS growth: lists (MB) "
+        "| tensors (MB) | lists / tensors | identical |",
         "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -168,7 +175,7 @@ def main() -> None:
     args = ap.parse_args()
     samples = make_samples(args.samples, args.tokens, args.k)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(samples, args.k, dp, Path(tmp)) for dp in args.dp]
+        rows = [measure(samples, dp, Path(tmp)) for dp in args.dp]
     print("\n".join(table(rows, args)))
     for r in rows:
         print(
@@ -178,7 +185,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "target": TARGET, "table": table(rows, args)}, indent=1))
     if not all(r["identical"] for r in rows):
-        sys.exit("the two paths gave different micro-batch top-k tensors")
+        sys.exit("the two paths gave different micro-batch tensors")
 
 
 if __name__ == "__main__":

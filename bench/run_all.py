@@ -114,9 +114,10 @@ BENCHES = (
     Bench(
         "teacher_columns",
         "bench/bench_teacher_columns.py",
-        "GKD teacher top-k to the trainer ranks: lists vs flat tensors",
-        "top-k as Python lists in every Sample, pickled to every rank (`broadcast_object_list`), same samples",
-        match=("top-k to the trainer",),
+        "GKD per-token columns to the trainer ranks: lists vs flat tensors",
+        "every per-token column (ids, log-probs, top-k) as Python lists in every Sample, pickled to every rank "
+        "(`broadcast_object_list`), same samples",
+        match=("columns to the trainer", "top-k to the trainer"),
         threads="1",
     ),
 )

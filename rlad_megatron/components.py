@@ -9,15 +9,17 @@ Left out: engines on ranks other than 0 (they receive samples by broadcast inste
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from rlad_megatron.sample_sources import Source, SourceContext
-from rlad_megatron.types import Sample
+from rlad_megatron.types import TOKEN_COLUMNS, AbsentColumn, Sample
 
 if TYPE_CHECKING:
     from rlad_megatron.algorithms.objectives import Objective
@@ -40,69 +42,127 @@ def broadcast(value: Any, this_rank: int) -> Any:
     return box[0]
 
 
-def broadcast_samples(samples: list[Sample] | None, this_rank: int, topk_wanted=None, device=None) -> list[Sample]:
+def broadcast_samples(samples: list[Sample] | None, this_rank: int, columns_wanted=None, device=None) -> list[Sample]:
     """Rank 0's samples on every rank.
 
-    Without top-k columns: one `broadcast_object_list`. With them (GKD: k ids and k log-probs per response
-    token, most of a step's bytes), the samples travel pickled without those columns, then each rank gets
-    the top-k rows of only the samples `topk_wanted(samples)` names (the ones its data-parallel rank trains
-    on) as two flat tensors, int32 ids and float32 log-probs [sum of their response lengths, k], sent by rank
-    0 point to point; each sample's rows are a view into them (offsets from the response lengths every rank
-    already has). Samples a rank does not train on keep no top-k there."""
+    Without `columns_wanted` (no trainer on this rank): one `broadcast_object_list` of the whole samples. With
+    it, the per-sample metadata (reward, group index, record, finish_reason, response text...) is pickled to
+    every rank with each per-token column (`TOKEN_COLUMNS`: prompt and response ids, rollout and teacher
+    log-probs, GKD's top-k) replaced by an `AbsentColumn` of its shape; then each rank gets the values of only
+    what `columns_wanted(samples)` names ({column: sample indices}: what its data-parallel rank reads), one
+    flat tensor per column in the column's dtype (`pack_columns`), sent by rank 0 point to point. Each
+    received column is a numpy view into them (`unpack_columns`; offsets from the lengths every rank already
+    has); the rest keep their `AbsentColumn`s (lengths only). Rank 0 keeps its own samples as they are."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return samples
-    k = broadcast(topk_width(samples) if this_rank == 0 and topk_wanted is not None else 0, this_rank)
-    if not k:
+    if columns_wanted is None:
         return broadcast(samples, this_rank)
-    light = broadcast(without_topk(samples) if this_rank == 0 else None, this_rank)
+    light = broadcast(without_columns(samples) if this_rank == 0 else None, this_rank)
     wanted: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(wanted, topk_wanted(light))
+    dist.all_gather_object(wanted, columns_wanted(light))
     if this_rank == 0:
         for dst in range(1, len(wanted)):
-            if wanted[dst]:
-                for flat in pack_topk(samples, wanted[dst]):
-                    dist.send(torch.from_numpy(flat).to(device or "cpu"), dst=dst)
+            for flat in pack_columns(samples, wanted[dst]).values():
+                dist.send(torch.from_numpy(flat).to(device or "cpu"), dst=dst)
         return samples
-    mine = wanted[this_rank]
-    if mine:
-        rows = sum(len(light[i].response_ids) for i in mine)
-        ids, lps = torch.empty(rows, k, dtype=torch.int32, device=device), torch.empty(rows, k, device=device)
-        dist.recv(ids, src=0)
-        dist.recv(lps, src=0)
-        unpack_topk(light, mine, ids.cpu().numpy(), lps.cpu().numpy())
+    received = {}
+    for name, (dtype, shape) in column_layout(light, wanted[this_rank]).items():
+        flat = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=device)
+        dist.recv(flat, src=0)
+        received[name] = flat.cpu().numpy()
+    unpack_columns(light, wanted[this_rank], received)
     return light
 
 
-def topk_width(samples: Sequence[Sample]) -> int:
-    """k of the samples' teacher top-k columns; 0 when they carry none."""
-    return max((s.teacher_topk_ids.shape[-1] for s in samples if s.teacher_topk_ids is not None), default=0)
+Selection = Mapping[str, Sequence[int]]
+"""Per-token column name -> indices of the samples whose values of that column are wanted."""
 
 
-def without_topk(samples: Sequence[Sample]) -> list[Sample]:
-    import dataclasses
+def without_columns(samples: Sequence[Sample]) -> list[Sample]:
+    """Copies of the samples whose per-token columns are `AbsentColumn`s of the same shape (None stays None)."""
+    return [
+        dataclasses.replace(
+            s,
+            **{
+                name: AbsentColumn(name, _shape(value))
+                for name in TOKEN_COLUMNS
+                if (value := getattr(s, name)) is not None
+            },
+        )
+        for s in samples
+    ]
 
-    return [dataclasses.replace(s, teacher_topk_ids=None, teacher_topk_logprobs=None) for s in samples]
+
+def _shape(column: Any) -> tuple[int, ...]:
+    return tuple(column.shape) if isinstance(column, np.ndarray | AbsentColumn) else (len(column),)
 
 
-def pack_topk(samples: Sequence[Sample], indices: Sequence[int]) -> tuple:
-    """The top-k rows of samples[indices], concatenated: (int32 ids [R, k], float32 log-probs [R, k])."""
-    import numpy as np
+def column_layout(samples: Sequence[Sample], selection: Selection) -> dict[str, tuple[type, tuple[int, ...]]]:
+    """(dtype, flat shape) of each column `pack_columns(samples, selection)` packs, in packing order
+    (`TOKEN_COLUMNS`' order), from the samples' shapes alone (an `AbsentColumn` has one): the selected columns
+    with at least one row among the selected samples that hold them (not None), their rows stacked. Sender and
+    receiver both compute it, so they agree on every message."""
+    layout = {}
+    for name, dtype in TOKEN_COLUMNS.items():
+        shapes = [_shape(c) for c in _present(samples, selection.get(name, ()), name)]
+        rows = sum(shape[0] for shape in shapes)
+        if rows:
+            trailing = {shape[1:] for shape in shapes if shape[0]}
+            if len(trailing) != 1:
+                raise ValueError(f"{name}: the samples disagree on the shape of a row: {sorted(trailing)}")
+            layout[name] = (dtype, (rows, *trailing.pop()))
+    return layout
 
-    return (
-        np.ascontiguousarray(np.concatenate([samples[i].teacher_topk_ids for i in indices]), dtype=np.int32),
-        np.ascontiguousarray(np.concatenate([samples[i].teacher_topk_logprobs for i in indices]), dtype=np.float32),
-    )
+
+def _present(samples: Sequence[Sample], indices: Sequence[int], name: str) -> list[Any]:
+    return [column for i in indices if (column := getattr(samples[i], name)) is not None]
 
 
-def unpack_topk(samples: Sequence[Sample], indices: Sequence[int], ids, logprobs) -> None:
-    """Inverse of pack_topk: each sample's rows (len(response_ids) of them) as views of the flat arrays."""
-    at = 0
-    for i in indices:
-        n = len(samples[i].response_ids)
-        samples[i].teacher_topk_ids, samples[i].teacher_topk_logprobs = ids[at : at + n], logprobs[at : at + n]
-        at += n
-    if at != len(ids):
-        raise ValueError(f"top-k rows: received {len(ids)}, the samples' responses hold {at}")
+def column_offsets(samples: Sequence[Sample], indices: Sequence[int], name: str) -> np.ndarray:
+    """Where each of samples[indices]' rows of column `name` start in its flat array, then where the last
+    ends ([len(indices) + 1]; a sample whose column is None takes no rows)."""
+    lengths = [len(c) if (c := getattr(samples[i], name)) is not None else 0 for i in indices]
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def pack_columns(samples: Sequence[Sample], selection: Selection) -> dict[str, np.ndarray]:
+    """Each column of `column_layout(samples, selection)`: the rows of its selected samples, concatenated in
+    selection order, as one contiguous array of the column's dtype (`TOKEN_COLUMNS`). Token ids out of the
+    dtype's range are refused rather than wrapped."""
+    packed = {}
+    for name, (dtype, shape) in column_layout(samples, selection).items():
+        parts = [_as_dtype(c, dtype, name) for c in _present(samples, selection[name], name) if len(c)]
+        flat = np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
+        if flat.shape != shape:
+            raise ValueError(f"{name}: packed shape {flat.shape}, the samples' lengths give {shape}")
+        packed[name] = flat
+    return packed
+
+
+def _as_dtype(values: Any, dtype: type, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if np.issubdtype(dtype, np.integer) and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(
+                f"{name} holds values in [{array.min()}, {array.max()}], beyond {np.dtype(dtype).name}; "
+                f"widen TOKEN_COLUMNS[{name!r}] in rlad_megatron/types.py"
+            )
+    return array.astype(dtype, copy=False)
+
+
+def unpack_columns(samples: Sequence[Sample], selection: Selection, flats: Mapping[str, np.ndarray]) -> None:
+    """Inverse of `pack_columns`, in place: each selected sample's column becomes its rows of the flat array
+    (a view, no copy), at `column_offsets`. A column `flats` lacks (no selected sample held rows of it) keeps
+    what the samples hold."""
+    for name, flat in flats.items():
+        indices = selection[name]
+        offsets = column_offsets(samples, indices, name)
+        if offsets[-1] != len(flat):
+            raise ValueError(f"{name}: received {len(flat)} rows, the selected samples' lengths hold {offsets[-1]}")
+        for i, start, end in zip(indices, offsets[:-1], offsets[1:]):
+            if getattr(samples[i], name) is not None:
+                setattr(samples[i], name, flat[start:end])
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -4,8 +4,9 @@ One step:
   1. samples   <- source.collect(step)      prompts -> n rollouts each -> rewards (-> dynamic sampling)
   2. teacher   <- score_samples(...)         teacher log-probs (or top-k) on the student's exact ids; on-policy
                                              sources score each prompt group as soon as it finished generating
-  3. (rank 0 drove steps 1-2; every trainer rank now gets the same samples by broadcast; GKD's top-k
-     columns go as flat tensors, to each rank only for the samples its data-parallel rank trains on)
+  3. (rank 0 drove steps 1-2; every trainer rank now gets the same samples' metadata by broadcast; the
+     per-token columns (ids, log-probs, top-k) go as flat tensors, to each rank only for the samples its
+     data-parallel rank trains on; the others keep their lengths)
   4. old / ref <- trainer.compute_logprobs   forward-only, before any update of this step
   5. advantages <- objective.token_advantages(rewards, old and teacher log-probs)
   6. update    <- trainer.train_step         ppo_epochs x num_minibatches optimizer steps;
@@ -46,7 +47,7 @@ from rlad_megatron.sample_sources import (
     TeacherTraces,
     save_rollouts,
 )
-from rlad_megatron.types import Sample
+from rlad_megatron.types import TOKEN_COLUMNS, Sample
 
 if TYPE_CHECKING:
     from rlad_megatron.algorithms.objectives import Objective
@@ -176,22 +177,26 @@ def collect(run: Run, step: int, timer: PhaseTimer):
             save_rollouts(run.cfg.run_dir, step, samples)
     else:
         wait_for_samples(run)
-    wanted = (lambda light: topk_rows_needed(run, light)) if run.trainer is not None else None
+    wanted = (lambda light: columns_needed(run, light)) if run.trainer is not None else None
     device = run.trainer.parallel.device if run.trainer is not None else None
-    return components.broadcast_samples(samples, run.rank, topk_wanted=wanted, device=device), metrics
+    return components.broadcast_samples(samples, run.rank, columns_wanted=wanted, device=device), metrics
 
 
-def topk_rows_needed(run: Run, samples: Sequence[Sample]) -> list[int]:
-    """Indices of the samples whose teacher top-k this rank trains on: its data-parallel share of every
-    minibatch (the trainer splits each minibatch with the same function)."""
+def columns_needed(run: Run, samples: Sequence[Sample]) -> dict[str, list[int]]:
+    """Per per-token column, the indices of the samples whose values this rank reads: its data-parallel share
+    of every minibatch (the trainer splits each minibatch with the same function), plus, for the token ids
+    only, its share of the whole step when forward-only log-probs (old / ref) are computed over all samples."""
     from rlad_megatron.backends.megatron.batching import split_for_data_parallel
 
     c = run.trainer.parallel
-    needed: set[int] = set()
-    for index in minibatches(samples, run.cfg.train.num_minibatches):
-        shard = split_for_data_parallel([samples[i] for i in index], c.data_parallel_size)[c.dp_rank]
-        needed.update(index[j] for j in shard)
-    return sorted(needed)
+
+    def share(index: list[int]) -> list[int]:
+        return [index[j] for j in split_for_data_parallel([samples[i] for i in index], c.data_parallel_size)[c.dp_rank]]
+
+    trained = sorted({i for index in minibatches(samples, run.cfg.train.num_minibatches) for i in share(index)})
+    scored = share(list(range(len(samples)))) if run.objective.needs_old_logprobs or run.objective.needs_ref else []
+    ids = sorted(set(trained) | set(scored))  # the token ids are all that forward-only log-probs read
+    return {name: ids if name in ("prompt_ids", "response_ids") else trained for name in TOKEN_COLUMNS}
 
 
 def generate_with_resync(run: Run, step: int, attempts: int = 3):
@@ -266,7 +271,8 @@ def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, adva
                 )
                 _accumulate(metrics, out)
     metrics.update(objective.step_scalars(step))
-    metrics.update(_logprob_metrics(samples, old))
+    if run.rank == 0:  # the only rank that holds every sample's log-probs (and logs metrics)
+        metrics.update(_logprob_metrics(samples, old))
     return metrics
 
 
@@ -276,7 +282,7 @@ def _pick(values: list[Any] | None, index: Sequence[int]) -> list[Any] | None:
 
 def compute_advantages(
     run: Run, samples: Sequence[Sample], old: list[list[float]] | None, step: int
-) -> list[list[float]]:
+) -> list[list[float] | None]:
     objective = run.objective
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32) if objective.uses_rewards else None
     per_seq = objective.token_advantages(
@@ -284,11 +290,14 @@ def compute_advantages(
         run.cfg.algorithm.group_size if objective.uses_rewards else 1,
         seq_lens=[len(s.response_ids) for s in samples],
         old_logprobs=old,
-        teacher_logprobs=[s.teacher_logprobs for s in samples] if objective.needs_teacher else None,
+        # None: another data-parallel rank trains on that sample, and only it received its teacher log-probs
+        teacher_logprobs=[s.teacher_logprobs if s.holds("teacher_logprobs") else None for s in samples]
+        if objective.needs_teacher
+        else None,
         ends_with_eos=[s.ends_with_stop_token for s in samples],
         step=step,
     )
-    return [a.tolist() for a in per_seq]
+    return [None if a is None else a.tolist() for a in per_seq]
 
 
 def minibatches(samples: Sequence[Sample], num_minibatches: int) -> list[list[int]]:

@@ -70,6 +70,19 @@ def _split(values: PerSeq | None, seq_lens: Sequence[int], name: str) -> list[to
     return parts
 
 
+def _missing(values: PerSeq | None, i: int) -> bool:
+    """Whether response i's entry of a per-response list is None (not held by this process)."""
+    return values is not None and not isinstance(values, torch.Tensor) and values[i] is None
+
+
+def _subset(values: PerSeq | None, indices: Sequence[int], seq_lens: Sequence[int]) -> PerSeq | None:
+    """The entries of responses `indices` (a packed tensor is split per response first)."""
+    if values is None:
+        return None
+    per_seq = list(torch.split(values, list(seq_lens))) if isinstance(values, torch.Tensor) else values
+    return [per_seq[i] for i in indices]
+
+
 class Objective:
     """Base: GRPO. Subclasses override `_token_terms` (per-token advantage terms) and `_loss`."""
 
@@ -116,24 +129,38 @@ class Objective:
         teacher_logprobs: PerSeq | None = None,
         ends_with_eos: Sequence[bool] | None = None,
         step: int = 0,
-    ) -> list[torch.Tensor]:
+    ) -> list[torch.Tensor | None]:
         """Per-response advantage tensors [len_i] (float32, detached) for N responses.
 
         rewards [N] group-contiguous (may be None when `uses_rewards` is False); seq_lens [N];
         old_logprobs / teacher_logprobs: N tensors [len_i] or one packed tensor [sum len_i];
         ends_with_eos [N]: whether response i ends with EOS (for drop_final_eos_from_teacher).
+        An entry of None in old_logprobs / teacher_logprobs: this process does not hold that response's
+        values (another data-parallel rank trains on it); when the objective has per-token terms, its
+        advantages are then None too, and every other response's are unchanged (each response's terms read
+        only its own values and reward; the group term reads only rewards).
         """
         seq_lens = [int(n) for n in seq_lens]
         seq_adv = self._seq_advantages(rewards, group_size, len(seq_lens))
         out = [seq_adv[i].expand(n).clone() for i, n in enumerate(seq_lens)]
-        terms = self._token_terms(rewards, seq_lens, old_logprobs, teacher_logprobs, step)
+        held = [i for i in range(len(seq_lens)) if not _missing(old_logprobs, i) and not _missing(teacher_logprobs, i)]
+        every = len(held) == len(seq_lens)
+        terms = self._token_terms(
+            rewards if every or rewards is None else torch.as_tensor(rewards)[held],
+            [seq_lens[i] for i in held],
+            old_logprobs if every else _subset(old_logprobs, held, seq_lens),
+            teacher_logprobs if every else _subset(teacher_logprobs, held, seq_lens),
+            step,
+        )
+        advantages: list[torch.Tensor | None] = list(out)
         if terms is None:
-            return out
+            return advantages
         eos = list(ends_with_eos) if ends_with_eos is not None else [False] * len(seq_lens)
-        return [
-            a.to(t.device) + t.to(torch.float32) * self.teacher_token_mask(n, e).to(t.device)
-            for a, t, n, e in zip(out, terms, seq_lens, eos)
-        ]
+        advantages = [None] * len(seq_lens)
+        for i, t in zip(held, terms):
+            mask = self.teacher_token_mask(seq_lens[i], eos[i]).to(t.device)
+            advantages[i] = out[i].to(t.device) + t.to(torch.float32) * mask
+        return advantages
 
     def _seq_weight_of_group_term(self) -> float:
         return 1.0

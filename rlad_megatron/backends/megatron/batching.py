@@ -85,7 +85,7 @@ def sequence_length(sample: Sample) -> int:
 
 
 def _check_sample(index: int, sample: Sample) -> None:
-    if not sample.prompt_ids:
+    if len(sample.prompt_ids) == 0:
         raise ValueError(f"sample {index} has an empty prompt_ids; every sample needs at least one prompt token")
 
 
@@ -209,7 +209,10 @@ def pack_samples(
     spans, offset, bounds = [], 0, [0]
     for i, (sample, length) in enumerate(zip(samples, lengths)):
         _check_sample(i, sample)
-        ids = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids), dtype=torch.long)
+        # lists of Python ints, or int32 arrays on the ranks that received them (components.broadcast_samples)
+        ids = torch.from_numpy(
+            np.concatenate([np.asarray(c, dtype=np.int64) for c in (sample.prompt_ids, sample.response_ids)])
+        )
         real = len(ids) - 1
         cols["tokens"][offset : offset + real] = ids[:-1]
         cols["targets"][offset : offset + real] = ids[1:]

@@ -603,8 +603,11 @@ def _model_parallel_group():
     return mpu.get_model_parallel_group()
 
 
-def _per_token_advantages(advantage: Any, sample: Sample) -> list[float]:
-    """A scalar advantage is broadcast over the response; a sequence needs one value per token."""
+def _per_token_advantages(advantage: Any, sample: Sample) -> list[float] | None:
+    """A scalar advantage is broadcast over the response; a sequence needs one value per token. None: this
+    rank does not hold the sample's values (another data-parallel rank trains on it), so it has none."""
+    if advantage is None:
+        return None
     if isinstance(advantage, torch.Tensor):
         advantage = advantage.item() if advantage.dim() == 0 else advantage.tolist()
     if isinstance(advantage, (int, float)):
