@@ -7,8 +7,8 @@ The same GRPO run (tiny Llama student, same prompts, group size, lengths and see
 samples per step) twice per repeat, alternating `train.max_staleness=0` and `=1` so a burst of load on a
 shared machine hits both. The setting is the rehearsal's: the rollout engine is an `rlad serve` process
 (one torch thread) that receives the weights over the wire after every step (`rollout.sync=distributed`),
-the trainer is this process; the sizes are chosen so that generation and the optimizer step cost about the
-same (the printed balance says how close it came). `--engine embedded` keeps the engine in the trainer's
+the trainer is this process; the sizes (and `train.ppo_epochs=2`) are chosen so that generation and the
+optimizer phase cost about the same on an idle machine (the printed phase table says how close it came). `--engine embedded` keeps the engine in the trainer's
 process instead: then both halves share one process's cores and GIL, and the overlap can only use spare
 cores.
 
@@ -31,6 +31,8 @@ import warnings
 from pathlib import Path
 
 TARGET = 1.3
+PHASES = ("generate", "logprobs+train", "prefetch_wait", "sync", "step")
+"""Median seconds per step of each mode (`time/...` metrics; `generate` is only the wait with max_staleness=1)."""
 
 
 def _models(root: Path) -> Path:
@@ -57,6 +59,8 @@ def _config(student: Path, run_dir: Path, staleness: int, rollout: list[str], ar
             f"train.num_steps={args.steps}",
             f"train.prompts_per_step={args.prompts}",
             "train.lr=0.001",
+            f"train.ppo_epochs={args.ppo_epochs}",
+            "reward.length_penalty=0.5",  # rewards spread within a group: every step has a real gradient
             f"train.max_staleness={staleness}",
             "checkpoint.interval=0",
             "checkpoint.save_hf=false",
@@ -106,7 +110,7 @@ def measure(args, root: Path) -> dict:
     else:
         rollout = ["rollout.kind=embedded"]
     speeds: dict[int, list[float]] = {0: [], 1: []}
-    phases: dict[str, list[float]] = {"generate": [], "logprobs+train": [], "sync": []}
+    phases: dict[int, dict[str, list[float]]] = {0: {p: [] for p in PHASES}, 1: {p: [] for p in PHASES}}
     try:
         for rep in range(args.repeats):
             for staleness in (0, 1):
@@ -114,11 +118,9 @@ def measure(args, root: Path) -> dict:
                 steps_per_s, rows = _run(cfg)
                 speeds[staleness].append(steps_per_s)
                 print(f"repeat {rep} max_staleness={staleness}: {steps_per_s:.3f} steps/s", flush=True)
-                if staleness == 0:
-                    for r in rows[1:]:
-                        phases["generate"].append(r["time/generate"])
-                        phases["logprobs+train"].append(r["time/logprobs"] + r["time/train"])
-                        phases["sync"].append(r["time/sync"])
+                for r in rows[1:-1]:  # the last step has no next step to wait for
+                    for phase in PHASES:
+                        phases[staleness][phase].append(sum(r.get(f"time/{part}", 0.0) for part in phase.split("+")))
     finally:
         for p in procs:
             p.stop(grace_s=5)
@@ -127,14 +129,14 @@ def measure(args, root: Path) -> dict:
         "steps_per_s": {"sync": sync_s, "async": async_s},
         "all_steps_per_s": {"sync": speeds[0], "async": speeds[1]},
         "speedup": async_s / sync_s,
-        "phases_s": {k: statistics.median(v) for k, v in phases.items()},
+        "phases_s": {mode: {k: statistics.median(v) for k, v in by.items()} for mode, by in phases.items()},
         "samples_per_step": args.prompts * args.group_size,
         "engine": args.engine,
     }
 
 
 def table(stats: dict) -> list[str]:
-    p = stats["phases_s"]
+    p = {int(mode): v for mode, v in stats["phases_s"].items()}
     engine = "`rlad serve` process (weights over the wire)" if stats["engine"] == "serve" else "embedded, in-process"
     return [
         f"Rollout engine: {engine}; {stats['samples_per_step']} samples per step in both modes.",
@@ -148,8 +150,10 @@ def table(stats: dict) -> list[str]:
         + ", ".join(f"{v:.3f}" for v in stats["all_steps_per_s"]["async"])
         + " |",
         "",
-        f"Synchronous step balance (median s): generate {p['generate']:.2f}, log-probs + train "
-        f"{p['logprobs+train']:.2f}, sync {p['sync']:.2f}.",
+        "| median s per step | " + " | ".join(PHASES) + " |",
+        "|---|" + "---:|" * len(PHASES),
+        *(f"| `max_staleness={m}` | " + " | ".join(f"{p[m][k]:.2f}" for k in PHASES) + " |" for m in (0, 1)),
+        "",
         f"Speed-up max_staleness=1 vs 0: {stats['speedup']:.2f}x (target >= {TARGET:.1f}x).",
     ]
 
@@ -162,6 +166,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--ppo-epochs", type=int, default=2, help="optimizer passes per step (sets the train cost)")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
     if args.steps < 3:
