@@ -112,6 +112,16 @@ BENCHES = (
         threads="1",
     ),
     Bench(
+        "async_overlap",
+        "bench/bench_async_overlap.py",
+        "Off-policy overlap: max_staleness=1 vs the synchronous loop",
+        "`train.max_staleness=0` (generate, then train), same samples per step, alternating in the same run",
+        ("--steps", "6", "--repeats", "2"),
+        ("--steps", "4", "--repeats", "1"),
+        match=("off-policy overlap",),
+        threads="1",
+    ),
+    Bench(
         "teacher_columns",
         "bench/bench_teacher_columns.py",
         "GKD per-token columns to the trainer ranks: lists vs flat tensors",

@@ -28,6 +28,10 @@ from omegaconf.errors import OmegaConfBaseException
 ALGORITHMS = ("grpo", "kdrl", "opd", "gkd", "sft", "rlad")
 TEACHER_SCORED_ALGORITHMS = ("kdrl", "opd", "gkd", "rlad")
 """Algorithms whose loss compares the student's log-probs with teacher log-probs on the same tokens."""
+POLICY_GRADIENT_ALGORITHMS = ("grpo", "kdrl", "opd", "rlad")
+"""Algorithms with a (clipped) policy-gradient term, the term algorithm.tis_cap weights."""
+DEFAULT_TIS_CAP = 2.0
+"""algorithm.tis_cap when left unset and train.max_staleness > 0."""
 
 
 def _choice(obj: Any, name: str, allowed: Sequence[Any]) -> None:
@@ -190,6 +194,10 @@ class AlgorithmConfig:
     """Drop zero-advantage groups and over-sample replacements (DAPO-style), up to max_resample_rounds."""
     max_resample_rounds: int = 3
     """Dynamic sampling: extra generation rounds before training on what was collected."""
+    tis_cap: float | None = None
+    """Truncated importance sampling against the rollout engine's log-probs: each token's policy-gradient term
+    is weighted by min(exp(lp_old - lp_rollout), tis_cap) (docs/algorithms.md, off-policy samples). 0 = off;
+    unset = 2.0 when train.max_staleness > 0 (grpo, kdrl, opd, rlad), else off."""
 
     def __post_init__(self) -> None:
         _choice(self, "name", ALGORITHMS)
@@ -219,6 +227,14 @@ class AlgorithmConfig:
         ):
             _check(self, name, getattr(self, name) >= 0.0, ">= 0")
         _check(self, "max_resample_rounds", self.max_resample_rounds >= 0, ">= 0")
+        if self.tis_cap is not None:
+            _check(
+                self,
+                "tis_cap",
+                self.tis_cap == 0 or self.tis_cap >= 1,
+                "0 (off) or >= 1 (a cap below 1 "
+                "would shrink the weight of tokens the rollout engine and the trainer agree on)",
+            )
 
 
 @dataclass
@@ -409,6 +425,9 @@ class TrainConfig:
     """Gradient-norm clip; 0 disables."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
+    max_staleness: int = 0
+    """Off-policy overlap: 0 = synchronous (generate, then train, then sync); 1 = the next step's samples are
+    generated in the background while this step trains, by weights at most one update old (docs/training.md)."""
     stream_scoring: bool = True
     """Reward and teacher-score each prompt group as soon as its responses finish generating, while the rest
     still generate (false: all of them after generation). Same samples and scores either way, bit for bit."""
@@ -431,6 +450,7 @@ class TrainConfig:
         _choice(self, "mode", ("full", "rollout_only", "train_only"))
         _choice(self, "offline_source", ("teacher", "dataset"))
         _check(self, "max_bad_steps", self.max_bad_steps >= 1, ">= 1")
+        _check(self, "max_staleness", self.max_staleness in (0, 1), "0 or 1 (one step is generated ahead)")
 
 
 @dataclass
@@ -627,6 +647,26 @@ class RunConfig:
                 "teacher is scored at temperature 1 (SGLang's input-token log-probs are never temperature-scaled), "
                 "so lp - lp_T would compare a tempered student with an untempered teacher; set "
                 "rollout.temperature=1.0 (eval.temperature may differ) or use an algorithm without a teacher term"
+            )
+        self._check_off_policy()
+
+    def _check_off_policy(self) -> None:
+        """train.max_staleness needs student rollouts to overlap with training; algorithm.tis_cap's default."""
+        name, train = self.algorithm.name, self.train
+        if train.max_staleness > 0 and (name == "sft" or train.mode != "full"):
+            raise ValueError(
+                f"train.max_staleness={train.max_staleness} overlaps the student's generation with training, but "
+                f"algorithm.name={name!r} with train.mode={train.mode!r} has "
+                + ("no student rollouts" if name == "sft" else "no generation and training in the same run")
+                + "; set train.max_staleness=0"
+            )
+        if self.algorithm.tis_cap is None:
+            on = train.max_staleness > 0 and name in POLICY_GRADIENT_ALGORITHMS
+            self.algorithm.tis_cap = DEFAULT_TIS_CAP if on else 0.0
+        elif self.algorithm.tis_cap > 0 and name not in POLICY_GRADIENT_ALGORITHMS:
+            raise ValueError(
+                f"algorithm.tis_cap={self.algorithm.tis_cap} weights the policy-gradient term, and "
+                f"algorithm.name={name!r} has none; set algorithm.tis_cap=0 or leave it unset"
             )
 
 

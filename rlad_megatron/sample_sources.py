@@ -14,7 +14,10 @@
 Sampling is seeded per (run seed, step, round): a resumed run draws the same tokens.
 StudentRollouts hands each prompt group to a GroupScorer (rewards, teacher scores) as soon as the group has
 finished generating (train.stream_scoring), so the teacher works while the rollout engine still generates.
-Left out: partial rollouts carried across steps, asynchronous generation.
+A source runs on the loop's thread, or, with train.max_staleness=1, on rank 0's prefetch thread while the
+trainer works (train.py:start_prefetch): it touches only the engines, the sampler and the reward, never a
+collective.
+Left out: partial rollouts carried across a weight sync.
 """
 
 from __future__ import annotations

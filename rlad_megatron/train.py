@@ -17,18 +17,31 @@ Per-algorithm differences live in the Objective's attributes (`needs_teacher`, `
 `needs_old_logprobs`, `needs_ref`, `uses_rewards`) and in the sample source (sample_sources.py); the
 loop never tests an algorithm name.
 
+Off-policy overlap (train.max_staleness=1): right after step N's samples are in hand, rank 0 starts
+generating step N+1's samples (steps 1-2) on a background thread, with the weights the engine holds then
+(version N-1), while steps 4-6 of step N run; step 7 first waits for that generation to end (the engine
+syncs only between generations), so step N+1 trains on samples one update old (`staleness` metrics). The
+objective corrects for it with truncated importance weights (algorithm.tis_cap, docs/algorithms.md).
+A checkpoint holds the finished next-step samples, so a resumed run continues exactly as the
+uninterrupted one would have.
+
 Distributed design: rank 0 owns the engines (rollout, teacher, eval) and broadcasts each
 step's samples; all ranks run the Megatron step; weights are exported collectively and rank 0
-pushes them to its engine. Determinism: generation is seeded per (seed, step), so a resumed run
-on CPU reproduces the uninterrupted run's metrics step for step.
-Left out: asynchronous (off-policy) rollouts overlapping training; colocated GPU memory swapping.
+pushes them to its engine. The background generation touches no collective. Determinism: generation
+is seeded per (seed, step), so a resumed run on CPU reproduces the uninterrupted run's metrics step
+for step.
+Left out: more than one step of staleness, partial rollouts carried across a weight sync, colocated GPU
+memory swapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +91,19 @@ def sample_source(cfg: RunConfig):
 
 
 @dataclasses.dataclass
+class Prefetch:
+    """One step's samples, generated on rank 0's background thread while the step before trains."""
+
+    step: int
+    weights_version: int
+    """The rollout engine's weights version when the generation started."""
+    sampler_state: dict[str, Any]
+    """The prompt sampler before the generation drew its prompts (checkpointed if the generation failed)."""
+    result: Future
+    """(samples, metrics) of `source.collect`, or its exception."""
+
+
+@dataclasses.dataclass
 class Run:
     cfg: RunConfig
     objective: Objective
@@ -90,6 +116,10 @@ class Run:
     eval_records: Sequence[dict[str, Any]] = ()
     weight_wire: Any = None
     """This rank's side of the over-the-wire weight sync (engines/weight_sync.py), built at the first sync."""
+    prefetch: Prefetch | None = None
+    """train.max_staleness=1, rank 0: the next step's samples, generating or done."""
+    generator: ThreadPoolExecutor | None = None
+    """The one background thread that runs prefetches."""
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -113,10 +143,15 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
         for step in range(start + 1, cfg.train.num_steps + 1):
             timer = PhaseTimer()
             samples, metrics = collect(run, step, timer)
+            if cfg.train.max_staleness and step < cfg.train.num_steps:
+                start_prefetch(run, step + 1)  # generates while this step trains, with the engine's weights now
             if run.trainer is not None and samples:
                 metrics.update(optimize(run, samples, step, timer, advantage_hook))
                 bad_steps = bad_steps + 1 if metrics["skipped"] else 0
                 if not bad_steps:
+                    if run.prefetch is not None:
+                        with timer("prefetch_wait"):
+                            wait_for_prefetch(run)  # the engine takes new weights only between generations
                     with timer("sync"):
                         sync_weights(run, step)
             metrics.update(timer.metrics())
@@ -137,6 +172,7 @@ def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) ->
     finally:
         if obs is not None:
             obs.close()
+        close_prefetch(run)
         components.close(run)
 
 
@@ -158,14 +194,16 @@ def _due(step: int, interval: int, last: int) -> bool:
 
 
 def collect(run: Run, step: int, timer: PhaseTimer):
-    """Steps 1-3: samples with rewards and teacher scores, identical on every rank."""
+    """Steps 1-3: samples with rewards and teacher scores, identical on every rank. With a prefetch for this
+    step, rank 0 only waits for it (`time/generate` is then the wait)."""
     samples: list[Sample] = []
     metrics: dict[str, float] = {}
     if run.rank == 0:
+        prefetched = run.prefetch is not None and run.prefetch.step == step
         with timer("generate"):
             samples, metrics = generate_with_resync(run, step)
         waited = metrics.pop("time/score_after_generate", 0.0)
-        if run.objective.needs_teacher and waited:  # the scoring generation did not hide counts as the score phase
+        if run.objective.needs_teacher and waited and not prefetched:  # scoring generation did not hide
             timer.seconds["generate"] -= waited
             timer.seconds["score"] = timer.seconds.get("score", 0.0) + waited
         unscored = [s for s in samples if s.teacher_logprobs is None]  # StudentRollouts scores its own groups
@@ -173,6 +211,8 @@ def collect(run: Run, step: int, timer: PhaseTimer):
             with timer("score"):
                 components.score_teacher(run, unscored)
         metrics.update(sample_metrics(run.cfg, samples))
+        if run.cfg.train.max_staleness:
+            metrics.update(staleness_metrics(samples, trainer_version=step - 1))
         if run.cfg.train.save_rollouts or run.cfg.train.mode == "rollout_only":
             save_rollouts(run.cfg.run_dir, step, samples)
     else:
@@ -200,15 +240,22 @@ def columns_needed(run: Run, samples: Sequence[Sample]) -> dict[str, list[int]]:
 
 
 def generate_with_resync(run: Run, step: int, attempts: int = 3):
-    """Rank 0's samples. When every rollout server restarted since the last weight sync (each answers with
-    older weights), rank 0 says so to the other ranks, all of them push the current weights again (the
-    sync rebuilds its groups with the restarted servers) and generation is retried; the other ranks take
-    part from `wait_for_samples`."""
+    """Rank 0's samples, each stamped with the weights version that generated it: the prefetched ones when a
+    prefetch of this step exists, else generated now. When every rollout server restarted since the last
+    weight sync (each answers with older weights), rank 0 says so to the other ranks, all of them push the
+    current weights again (the sync rebuilds its groups with the restarted servers) and generation is
+    retried; the other ranks take part from `wait_for_samples`."""
     from rlad_megatron.engines.client import StaleWeightsError
 
+    prefetch, run.prefetch = run.prefetch, None
     for attempt in range(attempts):
         try:
-            samples, metrics = run.source.collect(run.source_ctx, step)
+            if prefetch is not None and prefetch.step == step and attempt == 0:
+                version = prefetch.weights_version
+                samples, metrics = prefetch.result.result()
+            else:
+                version = run.weights_version
+                samples, metrics = run.source.collect(run.source_ctx, step)
         except StaleWeightsError as err:
             if attempt == attempts - 1 or run.trainer is None:
                 raise
@@ -217,8 +264,49 @@ def generate_with_resync(run: Run, step: int, attempts: int = 3):
             sync_weights(run, run.weights_version)
             continue
         components.broadcast(None, run.rank)  # no resync needed: the other ranks go on to the samples
+        for sample in samples:
+            sample.weights_version = version
         return samples, metrics
     raise AssertionError("unreachable")
+
+
+def start_prefetch(run: Run, step: int) -> None:
+    """train.max_staleness=1, rank 0: generate `step`'s samples on the background thread, with the weights
+    the rollout engine holds now; the loop takes them at `step` (generate_with_resync). No collectives."""
+    if run.rank != 0:
+        return
+    if run.generator is None:
+        run.generator = ThreadPoolExecutor(1, thread_name_prefix="rlad-prefetch")
+    sampler_state = run.source_ctx.sampler.state_dict()
+    started = time.perf_counter()
+
+    def generate():
+        samples, metrics = run.source.collect(run.source_ctx, step)
+        metrics["time/generate_background"] = time.perf_counter() - started
+        return samples, metrics
+
+    run.prefetch = Prefetch(step, run.weights_version, sampler_state, run.generator.submit(generate))
+
+
+def wait_for_prefetch(run: Run) -> None:
+    """Until the background generation has ended (the engine is then idle: a clean point for a weight sync or
+    an eval); its samples or its error are taken at its step."""
+    if run.prefetch is not None:
+        wait_for_futures([run.prefetch.result])
+
+
+def close_prefetch(run: Run | None) -> None:
+    """At the end of a run (or on an error): let a running generation end, then stop the thread."""
+    if run is not None and run.generator is not None:
+        wait_for_prefetch(run)
+        run.generator.shutdown(wait=True)
+        run.generator = None
+
+
+def staleness_metrics(samples: Sequence[Sample], trainer_version: int) -> dict[str, float]:
+    """Updates between the weights that generated each sample and those this step's update starts from."""
+    lags = [trainer_version - s.weights_version for s in samples if s.weights_version is not None]
+    return {"staleness/mean": float(np.mean(lags)), "staleness/max": float(max(lags))} if lags else {}
 
 
 def wait_for_samples(run: Run) -> None:
@@ -378,7 +466,37 @@ def checkpoint(run: Run, step: int) -> None:
         "sampler": run.source_ctx.sampler.state_dict(),
         "weights_version": run.weights_version,
     }
+    if run.prefetch is not None:
+        extra.update(prefetch_state(run.prefetch))
     components.save(run, step, components.broadcast(extra, run.rank))  # rank 0 drives sampling: its state is the run's
+
+
+def prefetch_state(prefetch: Prefetch) -> dict[str, Any]:
+    """What a checkpoint keeps of the next step's (finished) background generation: its samples and metrics,
+    so a resumed run trains on exactly them; if it failed, the sampler as it was before it, so a resumed run
+    generates that step again."""
+    error = prefetch.result.exception()
+    if error is not None:
+        return {"sampler": prefetch.sampler_state}
+    samples, metrics = prefetch.result.result()
+    return {
+        "prefetched": {
+            "step": prefetch.step,
+            "weights_version": prefetch.weights_version,
+            "samples": [s.to_dict() for s in samples],
+            "metrics": dict(metrics),
+        }
+    }
+
+
+def restore_prefetch(run: Run, state: dict[str, Any]) -> None:
+    """The checkpointed next-step samples become the pending prefetch (rank 0 generates; the others get them
+    by broadcast)."""
+    if run.rank != 0:
+        return
+    done: Future = Future()
+    done.set_result(([Sample.from_dict(s) for s in state["samples"]], dict(state["metrics"])))
+    run.prefetch = Prefetch(int(state["step"]), int(state["weights_version"]), {}, done)
 
 
 def restore(run: Run, resume: bool | None) -> int:
@@ -396,6 +514,8 @@ def restore(run: Run, resume: bool | None) -> int:
     run.source_ctx.sampler.load_state_dict(extra["sampler"])
     set_rng_state(extra["rng"])
     sync_weights(run, extra.get("weights_version", step))
+    if "prefetched" in extra:
+        restore_prefetch(run, extra["prefetched"])
     return int(step)
 
 

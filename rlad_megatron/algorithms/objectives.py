@@ -21,6 +21,8 @@ Megatron backend's layout). Values on positions with mask 0 must be finite (use 
     seq_weights            float [*]     1 / len(response of the token) (aggregation.seq_weights_*);
                                          required when aggregation='seq_mean_token_mean'
     ref_logprobs           float [*]     reference-model log-probs (when needs_ref)
+    rollout_logprobs       float [*]     the rollout engine's log-probs of the same tokens (when
+                                         algorithm.tis_cap > 0: truncated importance weights)
     rewards                float [*]     the response's reward on each of its tokens (KDRL masking)
     student_topk_logprobs  float [*, K]  student log-probs at the teacher's top-k ids, WITH grad
     teacher_topk_logprobs  float [*, K]  teacher top-k log-probs (gkd)
@@ -33,6 +35,9 @@ Step-level constants (the KDRL beta) come from `step_scalars(step)` instead.
 Token advantages: group advantages (GRPO) broadcast over each response, plus per-token terms:
 OPD adds -opd_coef * (lp_old - lp_T) (its group term is weighted by opd_reward_coef, 0 by
 default); KDRL with kd_estimator='k1' adds beta_t * (lp_T - lp_old). GKD and SFT return zeros.
+Off-policy correction (algorithm.tis_cap > 0, objectives with a policy-gradient term): each token's
+policy-gradient term is multiplied by w = min(exp(lp_old - lp_rollout), tis_cap) (off_policy.py),
+logged as tis/weight_mean and tis/truncated_frac.
 Left out: value functions (PPO critics) and process rewards.
 """
 
@@ -47,6 +52,7 @@ from .advantages import group_advantages, zero_advantage_groups
 from .aggregation import AggregationArgs
 from .distill import gkd_loss, opd_advantage_term, sft_loss
 from .kl import incorrect_mask, kd_advantage_term, kd_coef_at, kd_loss
+from .off_policy import truncated_is_metrics, truncated_is_weights
 from .policy import ClipArgs, Metrics, policy_loss
 from .trrd import trrd_loss
 
@@ -95,6 +101,8 @@ class Objective:
         self.cfg = cfg
         self.teacher_top_k = 0
         self.needs_ref = cfg.ref_kl_coef > 0 and self.needs_old_logprobs
+        self.tis_cap = float(getattr(cfg, "tis_cap", None) or 0.0) if self.needs_old_logprobs else 0.0
+        """Truncated importance weights against the rollout engine's log-probs when > 0 (the cap)."""
         self.required_batch_keys = self._required_keys()
 
     # -- what the loop needs --------------------------------------------------------------
@@ -102,6 +110,8 @@ class Objective:
         keys = ["logprobs", "mask", "old_logprobs", "advantages"]
         if self.needs_ref:
             keys.append("ref_logprobs")
+        if self.tis_cap > 0:
+            keys.append("rollout_logprobs")
         return tuple(keys) + self._aggregation_keys()
 
     def _aggregation_keys(self) -> tuple[str, ...]:
@@ -196,7 +206,12 @@ class Objective:
             num_seqs=num_seqs,
             seq_weights=batch.get("seq_weights"),
         )
-        return self._loss(batch, agg, step)
+        if self.tis_cap <= 0:
+            return self._loss(batch, agg, step)
+        weights, truncated = truncated_is_weights(batch["old_logprobs"], batch["rollout_logprobs"], self.tis_cap)
+        loss, metrics = self._loss({**batch, "is_weights": weights}, agg, step)
+        metrics.update(truncated_is_metrics(weights, truncated, batch["mask"].bool(), num_tokens))
+        return loss, metrics
 
     def _teacher_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["mask"].bool()
@@ -211,6 +226,7 @@ class Objective:
             ref_logprobs=batch.get("ref_logprobs"),
             ref_kl_coef=cfg.ref_kl_coef,
             ref_kl_estimator=cfg.ref_kl_estimator,
+            is_weights=batch.get("is_weights"),
         )
 
     def _loss(self, batch: Mapping[str, torch.Tensor], agg: AggregationArgs, step: int) -> tuple[torch.Tensor, Metrics]:

@@ -1,8 +1,11 @@
 """PPO / GRPO clipped surrogate with asymmetric clip (docs/algorithms.md section 2).
 
     ratio_t = exp(log_ratio_t)                  GRPO: log_ratio_t = lp - lp_old
-    loss_t  = -min(ratio_t * A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_t)
+    loss_t  = -w_t * min(ratio_t * A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A_t)
               + ref_kl_coef * k(lp_ref - lp)    (optional, default off)
+w_t is an optional per-token importance weight (no gradient), 1 when absent: the truncated
+importance-sampling correction for off-policy samples (off_policy.py); the ratio stays anchored on
+lp_old (decoupled PPO).
 
 `clipped_policy_loss` takes the log-ratio, so TRRD (trrd.py) reuses it with its own anchor.
 Aggregation (token_mean or seq_mean_token_mean) is aggregation.py's; the returned loss is this
@@ -13,8 +16,7 @@ Clip fractions count tokens where the clip is ACTIVE, i.e. where it zeroes the g
     clip_frac_high: A_t > 0 and ratio_t > 1 + clip_high
     clip_frac_low:  A_t < 0 and ratio_t < 1 - clip_low
 A ratio outside the range on the side the advantage does not push still has gradient, so it
-does not count. Left out: dual-clip PPO and truncated importance sampling against
-rollout-engine log-probs.
+does not count. Left out: dual-clip PPO.
 
 Shape legend: every per-token tensor has one shape [*] (padded [B, S] or packed [1, T]);
 advantages are per token (the group advantage broadcast over each response).
@@ -41,6 +43,8 @@ class ClipArgs(TypedDict):
     ref_logprobs: torch.Tensor | None
     ref_kl_coef: float
     ref_kl_estimator: str
+    is_weights: torch.Tensor | None
+    """Per-token importance weights [*] on the policy-gradient term (off_policy.py), or None."""
 
 
 def _check_same_shape(**tensors: torch.Tensor | None) -> None:
@@ -64,16 +68,22 @@ def clipped_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     ref_kl_coef: float = 0.0,
     ref_kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Clipped surrogate of a given per-token `log_ratio` [*] (with grad); see module docstring.
 
-    `logprobs` is needed only for the reference-KL term (its gradient path).
+    `logprobs` is needed only for the reference-KL term (its gradient path); `is_weights` [*] multiplies
+    each token's policy-gradient term (detached).
     """
-    _check_same_shape(log_ratio=log_ratio, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs)
+    _check_same_shape(
+        log_ratio=log_ratio, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs, is_weights=is_weights
+    )
     advantages = advantages.detach().to(log_ratio.dtype)
     ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_per_token = torch.maximum(-ratio * advantages, -clipped_ratio * advantages)
+    if is_weights is not None:
+        pg_per_token = pg_per_token * is_weights.detach().to(pg_per_token.dtype)
     agg = AggregationArgs(aggregation=aggregation, num_tokens=num_tokens, num_seqs=num_seqs, seq_weights=seq_weights)
     pg_loss = aggregate(pg_per_token, mask, **agg)
     metrics: Metrics = {
@@ -106,6 +116,7 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     ref_kl_coef: float = 0.0,
     ref_kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """GRPO / PPO loss share and metrics; all per-token inputs [*], `logprobs` carries the gradient.
 
@@ -128,4 +139,5 @@ def policy_loss(
         ref_logprobs=ref_logprobs,
         ref_kl_coef=ref_kl_coef,
         ref_kl_estimator=ref_kl_estimator,
+        is_weights=is_weights,
     )

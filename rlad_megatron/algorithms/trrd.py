@@ -101,6 +101,7 @@ def trrd_loss(
     ref_logprobs: torch.Tensor | None = None,
     ref_kl_coef: float = 0.0,
     ref_kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """TRRD loss share and metrics; per-token inputs [*], `logprobs` carries the gradient.
 
@@ -132,6 +133,7 @@ def trrd_loss(
         ref_logprobs=ref_logprobs,
         ref_kl_coef=ref_kl_coef,
         ref_kl_estimator=ref_kl_estimator,
+        is_weights=is_weights,
     )
     adv = advantages.detach().to(shift.dtype)
     grpo_log_ratio = logprobs.detach() - old_logprobs.detach()

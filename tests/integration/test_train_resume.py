@@ -1,5 +1,7 @@
 """Resume: kill -9 between steps, during a step, during weight export and during a checkpoint save,
 restart with the same command, and the metrics equal an uninterrupted run's step for step.
+With train.max_staleness=1 too: a checkpoint holds the next step's samples, generated in the background
+with the weights one update older, so the resumed run trains on exactly what the uninterrupted one did.
 
 The killed runs go through a small driver that wraps one internal function to SIGKILL its own
 process at a chosen step (a deterministic kill point); the last kill comes from outside at a
@@ -68,7 +70,7 @@ if __name__ == "__main__":
 NUM_STEPS = 5
 
 
-def _recipe(root: Path, run_dir: Path, algorithm: str = "opd", extra: str = "") -> Path:
+def _recipe(root: Path, run_dir: Path, algorithm: str = "opd", extra: str = "", train_extra: str = "") -> Path:
     student, teacher = make_models(root)
     recipe = root / f"{run_dir.name}.yaml"
     recipe.write_text(f"""
@@ -79,7 +81,7 @@ algorithm: {{name: {algorithm}, group_size: 2{extra}}}
 rollout: {{kind: embedded, max_new_tokens: 6}}
 teacher: {{kind: embedded}}
 data: {{train: "task:addition", task_kwargs: {{size: 8}}}}
-train: {{num_steps: {NUM_STEPS}, prompts_per_step: 2, lr: 0.01}}
+train: {{num_steps: {NUM_STEPS}, prompts_per_step: 2, lr: 0.01{train_extra}}}
 checkpoint: {{interval: 1, keep_last: 2, save_hf: false}}
 logging: {{tensorboard: false, progress_bar: false}}
 """)
@@ -126,13 +128,26 @@ def _latest(run_dir: Path) -> str:
 
 
 def test_kill_anywhere_then_resume_reproduces_metrics(tmp_path):
+    _kill_anywhere_then_resume(tmp_path)
+
+
+def test_kill_anywhere_with_max_staleness_1_then_resume_reproduces_metrics(tmp_path):
+    rows = _kill_anywhere_then_resume(tmp_path, "rlad", train_extra=", max_staleness: 1")
+    assert [r["staleness/mean"] for r in rows] == [0.0] + [1.0] * (NUM_STEPS - 1)
+
+
+def _kill_anywhere_then_resume(tmp_path: Path, algorithm: str = "opd", train_extra: str = "") -> list[dict]:
+    """Kills at fixed points (in an optimizer step, while publishing a checkpoint, in a weight export) and at
+    a random moment of the last step, each followed by the plain command; returns the final metric rows,
+    asserted equal to the uninterrupted run's."""
     base_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     log = tmp_path / "log.txt"
-    assert _reap(_start(_cli(_recipe(tmp_path, base_dir)), log)) == 0, log.read_text()[-2000:]
+    base_recipe = _recipe(tmp_path, base_dir, algorithm, train_extra=train_extra)
+    assert _reap(_start(_cli(base_recipe), log)) == 0, log.read_text()[-2000:]
     expected = _rows(base_dir)
     assert [r["step"] for r in expected] == list(range(1, NUM_STEPS + 1))
 
-    recipe = _recipe(tmp_path, run_dir)
+    recipe = _recipe(tmp_path, run_dir, algorithm, train_extra=train_extra)
     driver = tmp_path / "kill_driver.py"
     driver.write_text(DRIVER)
     # (kill point, step or call number, checkpoint that must survive)
@@ -144,6 +159,7 @@ def test_kill_anywhere_then_resume_reproduces_metrics(tmp_path):
     _kill_at_a_random_moment_of_the_last_step(recipe, run_dir, log, _step_seconds(base_dir))
     assert _reap(_start(_cli(recipe), log)) == 0, log.read_text()[-2000:]
     assert _rows(run_dir) == expected
+    return expected
 
 
 def _step_seconds(run_dir: Path) -> float:

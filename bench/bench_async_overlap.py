@@ -1,0 +1,186 @@
+"""Off-policy overlap: training steps per second with `train.max_staleness=1` against the synchronous loop.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_async_overlap [--steps 6] [--repeats 2]
+     [--engine serve|embedded] [--json out.json]
+
+The same GRPO run (tiny Llama student, same prompts, group size, lengths and seed, so the same number of
+samples per step) twice per repeat, alternating `train.max_staleness=0` and `=1` so a burst of load on a
+shared machine hits both. The setting is the rehearsal's: the rollout engine is an `rlad serve` process
+(one torch thread) that receives the weights over the wire after every step (`rollout.sync=distributed`),
+the trainer is this process; the sizes (and `train.ppo_epochs=2`) are chosen so that generation and the
+optimizer phase cost about the same on an idle machine (the printed phase table says how close it came). `--engine embedded` keeps the engine in the trainer's
+process instead: then both halves share one process's cores and GIL, and the overlap can only use spare
+cores.
+
+Measured per run: steps per second between the end of step 1 and the end of the last step (wall clock, every
+phase included: generation or the wait for it, log-probs, optimizer step, weight sync, logging). Printed:
+the median steps/s of each mode over the repeats, their ratio (target >= 1.3x), and the synchronous run's
+phase balance (generate vs log-probs + train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+TARGET = 1.3
+PHASES = ("generate", "logprobs+train", "prefetch_wait", "sync", "step")
+"""Median seconds per step of each mode (`time/...` metrics; `generate` is only the wait with max_staleness=1)."""
+
+
+def _models(root: Path) -> Path:
+    from rlad_megatron.tiny_models import save_tiny_model
+
+    size = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    return save_tiny_model(root / "student", "llama", seed=1, num_hidden_layers=4, **size)
+
+
+def _config(student: Path, run_dir: Path, staleness: int, rollout: list[str], args):
+    from rlad_megatron.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "seed=5",
+            f"model.student={student}",
+            "algorithm.name=grpo",
+            f"algorithm.group_size={args.group_size}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            "data.train=task:addition",
+            "data.task_kwargs.size=64",
+            f"train.num_steps={args.steps}",
+            f"train.prompts_per_step={args.prompts}",
+            "train.lr=0.001",
+            f"train.ppo_epochs={args.ppo_epochs}",
+            "reward.length_penalty=0.5",  # rewards spread within a group: every step has a real gradient
+            f"train.max_staleness={staleness}",
+            "checkpoint.interval=0",
+            "checkpoint.save_hf=false",
+            "logging.tensorboard=false",
+            "logging.progress_bar=false",
+            *rollout,
+        ],
+    )
+
+
+def _run(cfg) -> tuple[float, list[dict[str, float]]]:
+    """(steps per second after step 1, metric rows): the clock is read as each step is logged."""
+    from rlad_megatron import observe
+    from rlad_megatron.train import train
+
+    stamps: list[float] = []
+    original = observe.Observer.log_step
+
+    def log_step(self, step, metrics):
+        stamps.append(time.perf_counter())
+        return original(self, step, metrics)
+
+    observe.Observer.log_step = log_step
+    try:
+        rows = train(cfg, resume=False)
+    finally:
+        observe.Observer.log_step = original
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), rows
+
+
+def measure(args, root: Path) -> dict:
+    from rlad_megatron.engines.fleet import embedded_server_cmd, free_port, launch_fleet
+
+    student = _models(root)
+    procs = []
+    if args.engine == "serve":
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        procs = launch_fleet([embedded_server_cmd(str(student), port, threads=1)], [url], str(root / "logs"), env=env)
+        rollout = [
+            "rollout.kind=http",
+            f"rollout.urls=[{url}]",
+            "rollout.sync=distributed",
+            "rollout.sync_host=127.0.0.1",
+        ]
+    else:
+        rollout = ["rollout.kind=embedded"]
+    speeds: dict[int, list[float]] = {0: [], 1: []}
+    phases: dict[int, dict[str, list[float]]] = {0: {p: [] for p in PHASES}, 1: {p: [] for p in PHASES}}
+    try:
+        for rep in range(args.repeats):
+            for staleness in (0, 1):
+                cfg = _config(student, root / f"run_{rep}_{staleness}", staleness, rollout, args)
+                steps_per_s, rows = _run(cfg)
+                speeds[staleness].append(steps_per_s)
+                print(f"repeat {rep} max_staleness={staleness}: {steps_per_s:.3f} steps/s", flush=True)
+                for r in rows[1:-1]:  # the last step has no next step to wait for
+                    for phase in PHASES:
+                        phases[staleness][phase].append(sum(r.get(f"time/{part}", 0.0) for part in phase.split("+")))
+    finally:
+        for p in procs:
+            p.stop(grace_s=5)
+    sync_s, async_s = statistics.median(speeds[0]), statistics.median(speeds[1])
+    return {
+        "steps_per_s": {"sync": sync_s, "async": async_s},
+        "all_steps_per_s": {"sync": speeds[0], "async": speeds[1]},
+        "speedup": async_s / sync_s,
+        "phases_s": {mode: {k: statistics.median(v) for k, v in by.items()} for mode, by in phases.items()},
+        "samples_per_step": args.prompts * args.group_size,
+        "engine": args.engine,
+    }
+
+
+def table(stats: dict) -> list[str]:
+    p = {int(mode): v for mode, v in stats["phases_s"].items()}
+    engine = "`rlad serve` process (weights over the wire)" if stats["engine"] == "serve" else "embedded, in-process"
+    return [
+        f"Rollout engine: {engine}; {stats['samples_per_step']} samples per step in both modes.",
+        "",
+        "| mode | steps/s (median) | runs |",
+        "|---|---:|---|",
+        f"| `train.max_staleness=0` | {stats['steps_per_s']['sync']:.3f} | "
+        + ", ".join(f"{v:.3f}" for v in stats["all_steps_per_s"]["sync"])
+        + " |",
+        f"| `train.max_staleness=1` | {stats['steps_per_s']['async']:.3f} | "
+        + ", ".join(f"{v:.3f}" for v in stats["all_steps_per_s"]["async"])
+        + " |",
+        "",
+        "| median s per step | " + " | ".join(PHASES) + " |",
+        "|---|" + "---:|" * len(PHASES),
+        *(f"| `max_staleness={m}` | " + " | ".join(f"{p[m][k]:.2f}" for k in PHASES) + " |" for m in (0, 1)),
+        "",
+        f"Speed-up max_staleness=1 vs 0: {stats['speedup']:.2f}x (target >= {TARGET:.1f}x).",
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="steps per run (the rate is taken after step 1)")
+    ap.add_argument("--repeats", type=int, default=2, help="sync / async run pairs")
+    ap.add_argument("--engine", choices=("serve", "embedded"), default="serve")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--ppo-epochs", type=int, default=2, help="optimizer passes per step (sets the train cost)")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = ap.parse_args()
+    if args.steps < 3:
+        ap.error("--steps must be >= 3 (the rate is taken between the end of step 1 and the last step)")
+    warnings.filterwarnings("ignore")
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = measure(args, Path(tmp))
+    lines = table(stats)
+    print("\n".join(lines) + f" [{time.time() - started:.0f} s]")
+    if args.json:
+        args.json.write_text(json.dumps({**stats, "target": TARGET, "table": lines}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
