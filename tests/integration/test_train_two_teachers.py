@@ -165,3 +165,35 @@ def test_a_teacher_served_over_http_scores_its_rows(tmp_path, models):
     samples = load_rollouts(tmp_path / "http" / "rollouts" / "step_1.jsonl")
     code = [s for s in samples if s.record["teacher"] == "code"]
     assert code and all(_close(s.teacher_logprobs, _teacher_logprobs(models["code"], s), 1e-4) for s in code)
+
+
+def test_rlad_train_dry_run_checks_each_teachers_tokenizer(tmp_path, models, capsys):
+    """`rlad train --dry-run`: the plan names both teachers; a teacher with another vocabulary is refused by name."""
+    from rlad_megatron.data.tokenizer import build_char_tokenizer
+    from rlad_megatron.tiny_models import save_tiny_model
+    from rlad_megatron.train_cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    args = [
+        f"--config={recipe}",
+        f"model.student={models['student']}",
+        "algorithm.name=rlad",
+        "rollout.kind=embedded",
+        f"teachers.math.model={models['math']}",
+        "teachers.math.kind=embedded",
+        f"teachers.code.model={models['code']}",
+        "teachers.code.kind=embedded",
+        "data.train=task:addition",
+        "data.task_kwargs.size=8",
+        "data.teacher_field=domain",
+        "data.teacher_default=math",
+    ]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"math={models['math']}, code={models['code']} (by row field domain, default math)" in out
+    other = save_tiny_model(tmp_path / "other", "llama", seed=4, tokenizer=False, vocab_size=120, **TINY)
+    build_char_tokenizer(other, alphabet="0123456789+=# abcdefghijklmnop")  # a different vocabulary
+    assert main([*args, f"teachers.code.model={other}", "--dry-run"]) == 1
+    problems = [line.strip()[2:] for line in capsys.readouterr().err.splitlines() if line.strip().startswith("- ")]
+    assert len(problems) == 1 and problems[0].startswith("teachers.code: ") and "tokenizer" in problems[0].lower()

@@ -126,3 +126,10 @@ def test_rlad_plan_cli_on_a_two_teacher_recipe(capsys):
     assert rlad(["plan", RECIPE, "--nodes", "4", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert set(plan["teachers"]) == {"math", "code"} and plan["seconds"]["teacher_score"] > 0
+
+
+def test_rlad_rehearse_refuses_several_teachers_with_the_way_out(tmp_path, capsys):
+    assert rlad(["rehearse", RECIPE, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "has several teachers (`teachers:`), which rlad rehearse does not shrink yet" in err
+    assert not (tmp_path / "out" / "models").exists()  # refused before building anything
