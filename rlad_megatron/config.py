@@ -594,7 +594,7 @@ class LaunchConfig:
     """Nodes running the student's SGLang rollout servers and their router; 0 = automatic."""
     teacher_nodes: int = 0
     """Nodes running the teacher's SGLang servers and their router; 0 = automatic (none if the algorithm
-    needs no teacher)."""
+    needs no teacher). Several teachers (`teachers:`): leave 0 and set teachers.<name>.launch_nodes."""
     rollout_tp: int = 1
     """Tensor-parallel size of each rollout SGLang server (--tp-size)."""
     teacher_tp: int = 8

@@ -203,7 +203,11 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
     # roles sharing a node (a one-node recipe) have no node split to recommend
     plan["node_split"] = (
         recommend_node_split(
-            times, nodes, cfg.train.prompts_per_step, lambda n: _student_fits(cfg, student, n, hbm, seq_len)
+            times,
+            nodes,
+            cfg.train.prompts_per_step,
+            lambda n: _student_fits(cfg, student, n, hbm, seq_len),
+            min_teacher_nodes=len(teacher_fleets),  # several teachers: one node each at least
         )
         if sum(nodes.values()) == topo.nodes
         else {}
@@ -261,11 +265,13 @@ def overlap_report(times: dict[str, float], prompts_per_step: int) -> dict:
     return out
 
 
-def recommend_node_split(times: dict[str, float], nodes: dict[str, int], prompts_per_step: int, trainer_fits) -> dict:
+def recommend_node_split(
+    times: dict[str, float], nodes: dict[str, int], prompts_per_step: int, trainer_fits, min_teacher_nodes: int = 1
+) -> dict:
     """The split of the same number of nodes between trainer, rollout and teacher with the shortest streaming
     step, assuming each phase's time scales inversely with its role's nodes (ideal scaling: an estimate; the
     weight sync is kept as is). Roles the recipe does not use stay at 0 nodes; the trainer needs enough nodes
-    for the student to fit."""
+    for the student to fit, and several teacher fleets (`min_teacher_nodes`) one node each at least."""
     total = sum(nodes.values())
     scale = {"generate": "rollout", "teacher_score": "teacher", "train": "trainer"}
     best: dict = {}
@@ -276,6 +282,8 @@ def recommend_node_split(times: dict[str, float], nodes: dict[str, int], prompts
             teacher = total - trainer - rollout
             split = {"trainer": trainer, "rollout": rollout, "teacher": teacher}
             if (teacher > 0) != (nodes["teacher"] > 0) or (rollout > 0) != (nodes["rollout"] > 0):
+                continue
+            if nodes["teacher"] and teacher < min_teacher_nodes:
                 continue
             scaled = {
                 k: v * nodes[scale[k]] / split[scale[k]] if k in scale and nodes[scale[k]] else v
