@@ -330,8 +330,8 @@ def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0, nam
     """`name`: a named teacher's name (its launched fleet logs to logs/teacher_<name>_fleet)."""
     from rlad_megatron.engines import build_engine as build
 
-    log_dir = f"logs/{role}_{name}_fleet" if name else ""
-    return build(engine_cfg, model_dir, role, log_dir=log_dir, gpu_offset=gpu_offset)
+    named = {"log_dir": f"logs/{role}_{name}_fleet"} if name else {}
+    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset, **named)
 
 
 def eval_records(cfg: RunConfig) -> Sequence[dict[str, Any]]:
