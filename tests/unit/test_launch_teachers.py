@@ -133,3 +133,50 @@ def test_rlad_rehearse_refuses_several_teachers_with_the_way_out(tmp_path, capsy
     err = capsys.readouterr().err
     assert "has several teachers (`teachers:`), which rlad rehearse does not shrink yet" in err
     assert not (tmp_path / "out" / "models").exists()  # refused before building anything
+
+
+def test_the_node_agent_starts_both_teacher_fleets_before_the_trainer(tmp_path, monkeypatch):
+    """One node, fake SGLang servers: the agent starts each teacher's server and router, waits for all of them,
+    then runs the trainer (here a probe of both teachers' routers)."""
+    import sys
+
+    from test_launch_node_agent import FAKE_SGLANG, fake_python, free_ports
+
+    from rlad_megatron.launch import node as agent
+
+    rollout, teacher, rollout_router, teacher_router = free_ports(4)
+    cfg = load_config(
+        RECIPE,
+        [
+            "launch.nodes=1",
+            f"run_dir={tmp_path / 'run'}",
+            "launch.gpus_per_node=4",
+            "teachers.math.launch_tp=1",
+            "teachers.code.launch_tp=1",
+            "launch.rollout_tp=1",
+            "parallel.tensor_model_parallel_size=1",
+            f"launch.rollout_port={rollout}",
+            f"launch.teacher_port={teacher}",
+            f"launch.rollout_router_port={rollout_router}",
+            f"launch.teacher_router_port={teacher_router}",
+        ],
+    )
+    topo = plan_topology(cfg)
+    assert [s.port for s in topo.servers] == [teacher, teacher + 4, rollout]
+    probe = tmp_path / "trainer_saw_teachers"
+    urls = [f"http://127.0.0.1:{teacher_router + i}/health_generate" for i in range(2)]
+    code = f"import urllib.request\nfor u in {urls!r}: urllib.request.urlopen(u)\nopen({str(probe)!r}, 'w').write('ok')"
+    monkeypatch.setattr(agent, "trainer_command", lambda *a, **k: ({}, [sys.executable, "-c", code]))
+    real_wait = agent.wait_healthy
+    waited = []
+
+    def wait(urls, timeout, **kw):
+        waited.extend(urls)
+        return real_wait(urls, timeout, 0.1, **kw)
+
+    monkeypatch.setattr(agent, "wait_healthy", wait)
+    env = {"RLAD_SGLANG_PYTHON": fake_python(tmp_path, FAKE_SGLANG), "SLURM_JOB_ID": "8"}
+    assert agent.run_node(cfg, RECIPE, [], 0, ["127.0.0.1"], env) == 0
+    assert probe.read_text() == "ok"
+    ports = sorted(int(u.split(":")[2].split("/")[0]) for u in waited)
+    assert ports == sorted([teacher, teacher + 4, rollout, teacher_router, teacher_router + 1, rollout_router])
