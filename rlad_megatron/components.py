@@ -342,7 +342,10 @@ def build_source_context(cfg: RunConfig, objective: Objective, source: Source, *
     from rlad_megatron.rewards import build_reward_fn
 
     tokenizer = load_tokenizer(cfg.model.student)
-    dataset = load_prompts(cfg.data.train, cfg.data, tokenizer, split="train", seed=cfg.seed)
+    # several teachers: every row is routed (and an unknown teacher refused) here, before any generation
+    dataset = load_prompts(
+        cfg.data.train, cfg.data, tokenizer, split="train", seed=cfg.seed, teachers=list(cfg.teachers)
+    )
     sampler = PromptSampler(dataset.records, seed=cfg.seed, shuffle=cfg.data.shuffle)
     ctx = SourceContext(
         cfg=cfg,
@@ -352,15 +355,23 @@ def build_source_context(cfg: RunConfig, objective: Objective, source: Source, *
         reward_fn=build_reward_fn(cfg.reward, cfg.data),
     )
     if with_engines:
+        from rlad_megatron.config import SINGLE_TEACHER, teachers_of
         from rlad_megatron.engines.factory import fleet_gpu_offsets
 
-        wanted = {"rollout": wants_rollout_engine(cfg, source), "teacher": wants_teacher_engine(objective, source)}
+        teachers = teachers_of(cfg) if wants_teacher_engine(objective, source) else []
+        fleets = {t.section: t.engine for t in teachers}
+        if wants_rollout_engine(cfg, source):
+            fleets["rollout"] = cfg.rollout
         # fleets launched here go on GPUs after the trainer's local ranks, never on top of them or each other
-        offsets = fleet_gpu_offsets({role: getattr(cfg, role) for role, want in wanted.items() if want})
-        if wanted["rollout"]:
+        offsets = fleet_gpu_offsets(fleets)
+        if "rollout" in fleets:
             ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout", offsets["rollout"])
-        if wanted["teacher"]:
-            ctx.teacher_engine = build_engine(cfg.teacher, cfg.model.teacher, "teacher", offsets["teacher"])
+        for t in teachers:
+            engine = build_engine(t.engine, t.model, "teacher", offsets[t.section], name=t.name)
+            if t.name == SINGLE_TEACHER:
+                ctx.teacher_engine = engine
+            else:
+                ctx.teacher_engines[t.name] = engine
     return ctx
 
 
@@ -375,10 +386,12 @@ def wants_teacher_engine(objective, source) -> bool:
     return bool((objective.needs_teacher and not source.scored) or source.needs_teacher)
 
 
-def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0):
+def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0, name: str = ""):
+    """`name`: a named teacher's name (its launched fleet logs to logs/teacher_<name>_fleet)."""
     from rlad_megatron.engines import build_engine as build
 
-    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset)
+    named = {"log_dir": f"logs/{role}_{name}_fleet"} if name else {}
+    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset, **named)
 
 
 def eval_records(cfg: RunConfig) -> Sequence[dict[str, Any]]:
@@ -394,11 +407,12 @@ def eval_records(cfg: RunConfig) -> Sequence[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- teacher and eval
 def score_teacher(run: Run, samples: Sequence[Sample]) -> None:
-    """teacher_logprobs (and top-k for GKD) on the student's exact ids, in place."""
-    from rlad_megatron.teacher import score_samples
+    """teacher_logprobs (and top-k for GKD) on the student's exact ids, in place; each sample by its own
+    teacher (several teachers: at the same time, one thread per teacher)."""
+    from rlad_megatron.sample_sources import score_with_teachers
 
-    score_samples(
-        run.source_ctx.teacher_engine,
+    score_with_teachers(
+        run.source_ctx.engines_by_teacher(),
         samples,
         top_k=run.objective.teacher_top_k,
         drop_final_eos=run.cfg.algorithm.drop_final_eos_from_teacher,
@@ -443,7 +457,8 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
 
 
 def close(run: Run) -> None:
-    for engine in (run.source_ctx.rollout_engine, run.source_ctx.teacher_engine) if run is not None else ():
+    engines = [run.source_ctx.rollout_engine, *run.source_ctx.engines_by_teacher().values()] if run is not None else []
+    for engine in engines:
         if engine is not None:
             engine.close()
     if run is not None and run.trainer is not None:

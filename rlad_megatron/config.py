@@ -334,6 +334,67 @@ class TeacherConfig(EngineConfig):
 
 
 @dataclass
+class NamedTeacherConfig(TeacherConfig):
+    """One teacher of a several-teacher run (`teachers: {name: ...}`): the engine keys of `teacher:` plus the
+    teacher's own model folder and, for `rlad render` / `rlad plan`, the size of its fleet."""
+
+    _SECTION = "teachers.<name>"
+    model: str = ""
+    """Hugging Face folder of this teacher (what `model.teacher` is for the single `teacher:`)."""
+    launch_tp: int = 0
+    """Tensor-parallel size of each of this teacher's SGLang servers when the node agent launches them;
+    0 = launch.teacher_tp."""
+    launch_nodes: int = 0
+    """Nodes of this teacher's fleet on a multi-node job; 0 = the nodes one server needs."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "launch_tp", self.launch_tp >= 0, ">= 0 (0 = launch.teacher_tp)")
+        _check(self, "launch_nodes", self.launch_nodes >= 0, ">= 0 (0 = automatic)")
+
+
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+SINGLE_TEACHER = ""
+"""Name of the one teacher of a `teacher:` run (records carry no teacher name then)."""
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """One teacher as the rest of the code sees it, whichever form the config used (`teachers_of`)."""
+
+    name: str
+    """Its name in `teachers:`; SINGLE_TEACHER ('') for the `teacher:` form."""
+    section: str
+    """Config path of its engine settings: 'teacher' or 'teachers.<name>' (also its fleet's name)."""
+    engine: EngineConfig
+    model: str
+    """Its Hugging Face folder."""
+    tp: int
+    """TP of each server the node agent launches for it."""
+    nodes: int
+    """Nodes of its fleet on a multi-node job; 0 = automatic."""
+
+
+def teachers_of(cfg: RunConfig) -> list[Teacher]:
+    """The run's teachers in config order: the one `teacher:` (with model.teacher), or each of `teachers:`."""
+    la = cfg.launch
+    if not cfg.teachers:
+        return [Teacher(SINGLE_TEACHER, "teacher", cfg.teacher, cfg.model.teacher, la.teacher_tp, la.teacher_nodes)]
+    return [
+        Teacher(name, f"teachers.{name}", t, t.model, t.launch_tp or la.teacher_tp, t.launch_nodes)
+        for name, t in cfg.teachers.items()
+    ]
+
+
+def teacher_by_section(cfg: RunConfig, section: str) -> Teacher:
+    """The teacher whose engine settings (and fleet) are at config path `section`."""
+    for teacher in teachers_of(cfg):
+        if teacher.section == section:
+            return teacher
+    raise KeyError(f"no teacher at {section!r}")
+
+
+@dataclass
 class DataConfig:
     _SECTION = "data"
     train: str = ""
@@ -367,6 +428,12 @@ class DataConfig:
     """Split to read from a `datasets` folder source."""
     cache_dir: str = ""
     """`datasets` cache for folder sources; empty = <folder>/.cache (never ~/.cache)."""
+    teacher_field: str = ""
+    """Several teachers (`teachers:`): the row field naming each prompt's teacher (one of the names in
+    `teachers:`). A row naming no teacher gets `teacher_default`; a row naming an unknown one is a bad row."""
+    teacher_default: str = ""
+    """Several teachers: the teacher of rows without `teacher_field` (or with it empty); empty = such a row
+    is a bad row, unless `teachers:` lists only one teacher (which then scores every row)."""
 
     def __post_init__(self) -> None:
         _choice(self, "template", ("chat", "plain", "none"))
@@ -547,7 +614,7 @@ class LaunchConfig:
     """Nodes running the student's SGLang rollout servers and their router; 0 = automatic."""
     teacher_nodes: int = 0
     """Nodes running the teacher's SGLang servers and their router; 0 = automatic (none if the algorithm
-    needs no teacher)."""
+    needs no teacher). Several teachers (`teachers:`): leave 0 and set teachers.<name>.launch_nodes."""
     rollout_tp: int = 1
     """Tensor-parallel size of each rollout SGLang server (--tp-size)."""
     teacher_tp: int = 8
@@ -629,6 +696,9 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: dict[str, NamedTeacherConfig] = field(default_factory=dict)
+    """Several teachers, by name (instead of `teacher:` and model.teacher): each prompt is scored by the
+    teacher its row names in `data.teacher_field` (see docs/training.md)."""
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -649,6 +719,7 @@ class RunConfig:
                 "rollout.temperature=1.0 (eval.temperature may differ) or use an algorithm without a teacher term"
             )
         self._check_off_policy()
+        _check_teachers(self)
 
     def _check_off_policy(self) -> None:
         """train.max_staleness needs student rollouts to overlap with training; algorithm.tis_cap's default."""
@@ -670,9 +741,60 @@ class RunConfig:
             )
 
 
+def _check_teachers(cfg: RunConfig) -> None:
+    """The two teacher forms (`teacher:` + model.teacher, or `teachers:` + data.teacher_field) and their links."""
+    d = cfg.data
+    if not cfg.teachers:
+        for name in ("teacher_field", "teacher_default"):
+            if getattr(d, name):
+                raise ValueError(
+                    f"data.{name}={getattr(d, name)!r} routes prompts to teachers, but there is no `teachers:` "
+                    f"section; list the teachers (teachers.<name>.model=...) or leave data.{name} empty"
+                )
+        return
+    names = list(cfg.teachers)
+    if cfg.model.teacher or cfg.teacher != TeacherConfig():
+        raise ValueError(
+            f"both teacher forms are given: `teachers:` ({', '.join(names)}) and `teacher:` / model.teacher; "
+            "use one: move the teacher settings and model folder into teachers.<name> (model: <folder>), "
+            "or drop `teachers:`"
+        )
+    for name, teacher in cfg.teachers.items():
+        if not TEACHER_NAME.fullmatch(name):
+            raise ValueError(
+                f"teachers.{name!r}: a teacher name may hold only letters, digits, '_' and '-' (it names "
+                "metrics, fleets and config paths); rename it"
+            )
+        teacher._SECTION = f"teachers.{name}"  # later messages (engine factory) name this teacher's section
+        if not teacher.model:
+            raise ValueError(f"teachers.{name}.model is empty; set it to the teacher's Hugging Face folder")
+    if len(names) > 1 and not d.teacher_field:
+        raise ValueError(
+            f"teachers: lists {len(names)} teachers ({', '.join(names)}) but data.teacher_field is empty; set it "
+            "to the row field naming each prompt's teacher"
+        )
+    if d.teacher_default and d.teacher_default not in cfg.teachers:
+        raise ValueError(
+            f"data.teacher_default={d.teacher_default!r} is not a teacher; choose one of {names} or leave it empty"
+        )
+    if cfg.launch.teacher_nodes:
+        raise ValueError(
+            f"launch.teacher_nodes={cfg.launch.teacher_nodes} with `teachers:`: each teacher fleet is sized on its "
+            "own; set teachers.<name>.launch_nodes instead and launch.teacher_nodes=0"
+        )
+    if cfg.algorithm.name == "sft" and cfg.train.offline_source == "teacher" and len(names) > 1:
+        raise ValueError(
+            "algorithm.name=sft with train.offline_source=teacher generates traces with one teacher; several "
+            "teachers (`teachers:`) are not supported there: use train.offline_source=dataset or one teacher"
+        )
+
+
 def _valid_keys(path: str) -> list[str]:
     cls: Any = RunConfig
-    for part in [p for p in path.split(".") if p][:-1]:
+    parts = [p for p in path.split(".") if p][:-1]
+    if parts[:1] == ["teachers"]:  # teachers.<name>.<key>: the keys of one named teacher
+        return sorted(f.name for f in dataclasses.fields(NamedTeacherConfig)) if len(parts) == 2 else []
+    for part in parts:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):
             return []
@@ -738,9 +860,9 @@ def to_dict(cfg: RunConfig, *, redact: bool = True) -> dict[str, Any]:
     """Plain dict of the config; secrets (api_key fields) are redacted unless asked not to."""
     data = dataclasses.asdict(cfg)
     if redact:
-        for section in ("rollout", "teacher"):
-            if data[section].get("api_key"):
-                data[section]["api_key"] = "<redacted>"
+        for section in [data["rollout"], data["teacher"], *data["teachers"].values()]:
+            if section.get("api_key"):
+                section["api_key"] = "<redacted>"
     return data
 
 

@@ -4,7 +4,7 @@
 and how to fix it. Checked, without building any model:
   - model folders: present, with config.json, tokenizer files and every weight shard
     (a sharded checkpoint's index lists its shards; each missing one is named),
-  - student and teacher tokenizers map the same tokens to the same ids,
+  - student and teacher tokenizers map the same tokens to the same ids (each teacher's, with `teachers:`),
   - model architecture: every config field that changes the maths (RoPE variant and parameters,
     biases, sliding windows, activation, ...) is one the trainer and the embedded engine compute
     exactly like transformers (`conversion.arch.check_supported`, docs/conversion.md); checked for
@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from rlad_megatron.config import RunConfig
+from rlad_megatron.config import RunConfig, teachers_of
 
 # (attention heads, KV heads, layers) of the models the example recipes name, from their config.json.
 KNOWN_ARCHITECTURES: dict[str, tuple[int, int, int]] = {
@@ -46,14 +46,16 @@ def _download_hint(path: str) -> str:
     return f"download it first, e.g. `hf download {repo} --local-dir {path}`"
 
 
-def model_folder_problems(role: str, path: str) -> list[str]:
-    """Problems with one HF model folder (empty list when it looks complete)."""
+def model_folder_problems(role: str, path: str, key: str = "") -> list[str]:
+    """Problems with one HF model folder (empty list when it looks complete). `key`: the config key that
+    names it (default model.<role>)."""
+    key = key or f"model.{role}"
     needed = "config.json, tokenizer.json + tokenizer_config.json, model.safetensors (or an index and its shards)"
     if not path:
-        return [f"model.{role} is empty: set it to a Hugging Face model folder ({needed})"]
+        return [f"{key} is empty: set it to a Hugging Face model folder ({needed})"]
     folder = Path(path)
     if not folder.is_dir():
-        return [f"model.{role}={path!r} is not a folder on this machine; it needs {needed}; {_download_hint(path)}"]
+        return [f"{key}={path!r} is not a folder on this machine; it needs {needed}; {_download_hint(path)}"]
     missing = [name for name in ("config.json",) + TOKENIZER_FILES if not (folder / name).exists()]
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -62,22 +64,23 @@ def model_folder_problems(role: str, path: str) -> list[str]:
     elif not (folder / "model.safetensors").exists() and not (folder / "pytorch_model.bin").exists():
         missing.append("model.safetensors")
     if missing:
-        return [f"model.{role}={path!r} is missing {', '.join(missing)}; {_download_hint(path)}"]
+        return [f"{key}={path!r} is missing {', '.join(missing)}; {_download_hint(path)}"]
     return []
 
 
-def tokenizer_problems(student: str, teacher: str) -> list[str]:
-    """Student and teacher must share the vocabulary (docs/algorithms.md section 6; teacher package check)."""
+def tokenizer_problems(student: str, teacher: str, label: str = "") -> list[str]:
+    """Student and teacher must share the vocabulary (docs/algorithms.md section 6; teacher package check).
+    `label` ('teachers.<name>') prefixes the message when the run has several teachers."""
     from rlad_megatron.teacher import check_same_tokenizer
 
     try:
         check_same_tokenizer(student, teacher)
     except ValueError as err:
-        return [str(err)]
+        return [f"{label}: {err}" if label else str(err)]
     return []
 
 
-def architecture_problems(role: str, path: str) -> list[str]:
+def architecture_problems(role: str, path: str, key: str = "") -> list[str]:
     """The config field of this model folder that the trainer / embedded engine would refuse, if any."""
     from rlad_megatron.conversion.arch import UnsupportedModelError, arch_from_config
 
@@ -86,15 +89,34 @@ def architecture_problems(role: str, path: str) -> list[str]:
     try:
         arch_from_config(path)
     except UnsupportedModelError as err:
-        return [f"model.{role}={path!r}: {err}"]
+        return [f"{key or f'model.{role}'}={path!r}: {err}"]
     return []
 
 
-def _checked_architectures(cfg: RunConfig, roles: list[str]) -> list[str]:
-    """Roles whose model runs in the trainer (student, reference) or in the embedded engine (teacher)."""
+def model_folders(cfg: RunConfig, roles: list[str]) -> list[tuple[str, str, str]]:
+    """(role, config key, folder) of each model the run loads; the 'teacher' role is every teacher."""
+    from rlad_megatron.config import teachers_of
+
+    out = []
+    for role in roles:
+        if role != "teacher":
+            out.append((role, f"model.{role}", getattr(cfg.model, role)))
+            continue
+        for t in teachers_of(cfg):
+            out.append((role, "model.teacher" if t.section == "teacher" else f"{t.section}.model", t.model))
+    return out
+
+
+def _checked_architectures(cfg: RunConfig, roles: list[str]) -> list[tuple[str, str, str]]:
+    """Models that run in the trainer (student, reference) or in the embedded engine (a teacher)."""
+    from rlad_megatron.config import teacher_by_section
     from rlad_megatron.engines.factory import resolve_kind
 
-    return [role for role in roles if role != "teacher" or resolve_kind(cfg.teacher) == "embedded"]
+    def embedded(key: str) -> bool:  # key: model.teacher or teachers.<name>.model
+        section = "teacher" if key == "model.teacher" else key.removesuffix(".model")
+        return resolve_kind(teacher_by_section(cfg, section).engine) == "embedded"
+
+    return [(role, key, path) for role, key, path in model_folders(cfg, roles) if role != "teacher" or embedded(key)]
 
 
 def _architecture(path: str) -> tuple[int, int, int] | None:
@@ -184,7 +206,8 @@ def data_problems(cfg: RunConfig) -> list[str]:
         source = getattr(cfg.data, name)
         if source:
             try:
-                load_prompts(source, cfg.data, tokenizer, split=split, seed=cfg.seed)
+                teachers = list(cfg.teachers) if name == "train" else []  # rows routed to unknown teachers
+                load_prompts(source, cfg.data, tokenizer, split=split, seed=cfg.seed, teachers=teachers)
             except (ValueError, FileNotFoundError) as err:
                 problems.append(f"data.{name}={source!r}: {err}")
     return problems
@@ -225,14 +248,16 @@ def preflight(cfg: RunConfig):
     objective = build_objective(cfg.algorithm)
     problems: list[str] = []
     roles = required_models(cfg, objective)
-    for role in roles:
-        problems += model_folder_problems(role, getattr(cfg.model, role))
+    for role, key, path in model_folders(cfg, roles):
+        problems += model_folder_problems(role, path, key)
     if not problems:
-        for role in _checked_architectures(cfg, roles):
-            problems += architecture_problems(role, getattr(cfg.model, role))
+        for role, key, path in _checked_architectures(cfg, roles):
+            problems += architecture_problems(role, path, key)
     folders_ok = not problems  # the tokenizer and data checks load the folders with transformers
     if folders_ok and "teacher" in roles:
-        problems += tokenizer_problems(cfg.model.student, cfg.model.teacher)
+        for teacher in teachers_of(cfg):  # each teacher scores the student's ids: each must share its vocabulary
+            label = teacher.section if cfg.teachers else ""
+            problems += tokenizer_problems(cfg.model.student, teacher.model, label)
     if cfg.train.mode == "train_only" and not Path(cfg.train.rollout_dir or "-").is_dir():
         problems.append(
             f"train.mode=train_only needs train.rollout_dir to be a folder of saved rollouts "

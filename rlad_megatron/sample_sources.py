@@ -17,6 +17,8 @@ finished generating (train.stream_scoring), so the teacher works while the rollo
 A source runs on the loop's thread, or, with train.max_staleness=1, on rank 0's prefetch thread while the
 trainer works (train.py:start_prefetch): it touches only the engines, the sampler and the reward, never a
 collective.
+Several teachers (`teachers:`): each group goes to the engine of the teacher its record names
+(record["teacher"], set by the data loader); groups of different teachers are scored at the same time.
 Left out: partial rollouts carried across a weight sync.
 """
 
@@ -26,7 +28,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,57 @@ class SourceContext:
     reward_fn: Callable[[str, dict[str, Any]], Any]
     rollout_engine: Engine | None = None
     teacher_engine: Engine | None = None
+    """The teacher of a `teacher:` run."""
+    teacher_engines: dict[str, Engine] = field(default_factory=dict)
+    """Several teachers (`teachers:`): each teacher's engine by name (teacher_engine is then None)."""
+
+    def engines_by_teacher(self) -> dict[str, Engine]:
+        """{teacher name: engine}; the single teacher is named SINGLE_TEACHER ('')."""
+        from rlad_megatron.config import SINGLE_TEACHER
+
+        if self.teacher_engines:
+            return dict(self.teacher_engines)
+        return {SINGLE_TEACHER: self.teacher_engine} if self.teacher_engine is not None else {}
+
+
+def teacher_name(sample: Sample) -> str:
+    """The teacher that scores `sample`: record["teacher"] (several teachers), else the single one ('')."""
+    from rlad_megatron.config import SINGLE_TEACHER
+
+    return str(sample.record.get("teacher", SINGLE_TEACHER))
+
+
+def score_with_teachers(engines: dict[str, Any], samples: Sequence[Sample], top_k: int, drop_final_eos: bool) -> None:
+    """Teacher scores of `samples`, each by its own teacher: one `score_samples` call per teacher, the
+    teachers at the same time (one thread each; a single teacher runs on the calling thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rlad_megatron.teacher import score_samples
+
+    by_teacher: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_teacher.setdefault(teacher_name(sample), []).append(sample)
+    for name in by_teacher:
+        _check_teacher(engines, name)
+    if len(by_teacher) == 1:
+        [(name, group)] = by_teacher.items()
+        score_samples(engines[name], group, top_k=top_k, drop_final_eos=drop_final_eos)
+        return
+    with ThreadPoolExecutor(len(by_teacher), thread_name_prefix="rlad-teacher") as pool:
+        futures = [
+            pool.submit(score_samples, engines[name], group, top_k=top_k, drop_final_eos=drop_final_eos)
+            for name, group in by_teacher.items()
+        ]
+        for future in futures:
+            future.result()
+
+
+def _check_teacher(engines: dict[str, Any], name: str) -> None:
+    if name not in engines:
+        raise KeyError(
+            f"a sample names teacher {name!r} but the run's teachers are {sorted(engines)}; "
+            "the data loader routes each row to one of `teachers:` (data.teacher_field)"
+        )
 
 
 def sampling_params(cfg, seed: int):
@@ -153,7 +206,8 @@ class GroupScorer:
         from concurrent.futures import ThreadPoolExecutor
 
         self.ctx, self.streaming = ctx, streaming
-        self.teacher = bool(ctx.objective.needs_teacher and ctx.teacher_engine is not None)
+        self.engines = ctx.engines_by_teacher()
+        self.teacher = bool(ctx.objective.needs_teacher and self.engines)
         self.skip_zero_adv = bool(ctx.cfg.algorithm.dynamic_sampling and ctx.objective.uses_rewards)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="rlad-group-scorer")
         self.pending: list[Any] = []
@@ -171,10 +225,13 @@ class GroupScorer:
             self._teacher(group)
 
     def _teacher(self, group: Sequence[Sample]) -> None:
+        """One `score` call with the group's responses, to the group's own teacher (one prompt, one teacher)."""
         from rlad_megatron.teacher import score_samples
 
+        name = teacher_name(group[0])
+        _check_teacher(self.engines, name)
         score_samples(
-            self.ctx.teacher_engine,
+            self.engines[name],
             group,
             top_k=self.ctx.objective.teacher_top_k,
             drop_final_eos=self.ctx.cfg.algorithm.drop_final_eos_from_teacher,

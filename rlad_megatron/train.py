@@ -334,7 +334,25 @@ def sample_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> dict[str, float
         "response_length/max": lengths.max(),
         "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples])),
         "num_samples": float(len(samples)),
-    }
+    } | (per_teacher_metrics(cfg, samples) if cfg.teachers else {})
+
+
+def per_teacher_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> dict[str, float]:
+    """Several teachers: per teacher, its share of the samples, their mean reward and the mean teacher
+    log-prob per response token (when scored): teacher/<name>/frac, /reward_mean, /logprob_mean."""
+    from rlad_megatron.sample_sources import teacher_name
+
+    metrics: dict[str, float] = {}
+    for name in cfg.teachers:
+        mine = [s for s in samples if teacher_name(s) == name]
+        metrics[f"teacher/{name}/frac"] = len(mine) / len(samples)
+        if not mine:
+            continue
+        metrics[f"teacher/{name}/reward_mean"] = float(np.mean([s.reward for s in mine]))
+        scored = [lp for s in mine if s.teacher_logprobs is not None for lp in s.teacher_logprobs]
+        if scored:
+            metrics[f"teacher/{name}/logprob_mean"] = float(np.mean(scored))
+    return metrics
 
 
 def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, advantage_hook=None) -> dict[str, float]:

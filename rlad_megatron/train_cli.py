@@ -58,7 +58,7 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         f"run_dir          {cfg.run_dir}",
         f"algorithm        {a.name} (group_size={a.group_size}, clip={a.clip_low}/{a.clip_high}, alpha={a.alpha})",
         f"student          {cfg.model.student}",
-        f"teacher          {cfg.model.teacher if needs_teacher else '(not used)'}",
+        f"teacher          {_teachers_text(cfg) if needs_teacher else '(not used)'}",
         f"data             train={cfg.data.train} eval={cfg.data.eval or '(none)'}",
         f"reward           {cfg.reward.name}",
         (
@@ -71,7 +71,7 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
             f"SP={cfg.parallel.sequence_parallel} dist_opt={cfg.parallel.use_distributed_optimizer}"
         ),
         (
-            f"engines          rollout={cfg.rollout.kind} teacher={cfg.teacher.kind if needs_teacher else '-'} "
+            f"engines          rollout={cfg.rollout.kind} teacher={_teacher_kinds(cfg) if needs_teacher else '-'} "
             f"max_new_tokens={cfg.rollout.max_new_tokens} T={cfg.rollout.temperature}"
         ),
         (
@@ -85,6 +85,18 @@ def plan_text(cfg: RunConfig, objective=None) -> str:
         f"resume           {_resume_text(cfg)}",
     ]
     return "\n".join(lines)
+
+
+def _teachers_text(cfg: RunConfig) -> str:
+    if not cfg.teachers:
+        return cfg.model.teacher
+    default = f", default {cfg.data.teacher_default}" if cfg.data.teacher_default else ""
+    named = ", ".join(f"{name}={t.model}" for name, t in cfg.teachers.items())
+    return f"{named} (by row field {cfg.data.teacher_field or '-'}{default})"
+
+
+def _teacher_kinds(cfg: RunConfig) -> str:
+    return ",".join(f"{name}:{t.kind}" for name, t in cfg.teachers.items()) if cfg.teachers else cfg.teacher.kind
 
 
 def _resume_text(cfg: RunConfig) -> str:

@@ -5,6 +5,11 @@ than `data.max_prompt_length` tokens after templating). With `data.bad_rows=erro
 one `DatasetError` lists every bad row by file, row and field, with the fix; with `skip` bad
 rows are dropped and counted (`PromptDataset.bad_rows`).
 
+Several teachers (`teachers:`, `load_prompts(..., teachers=names)`): each row names its teacher in
+`data.teacher_field` (else `data.teacher_default`, else the only teacher); the record keeps the resolved
+name as `record["teacher"]`, and a row naming an unknown teacher is a bad row, found here, before any
+generation.
+
 Each kept row becomes `{"prompt_ids": [...], "record": {"prompt", "answer", "metadata", "id"}}`,
 ready for `rlad_megatron.types.Sample(prompt_ids=..., record=...)`. Procedural and reasoning-gym
 sources use their own field names (prompt / answer / metadata); the field mapping applies to files.
@@ -127,7 +132,37 @@ def validate_row(row: dict[str, Any], keys: dict[str, Any], source: str, number:
         if not isinstance(row[sk], str) or not row[sk].strip():
             return BadRow(source, number, sk, f"solution must be a non-empty string, got {type(row[sk]).__name__}")
         record["solution"] = row[sk]
+    if keys.get("teachers"):
+        teacher = teacher_of_row(row, keys, source, number)
+        if isinstance(teacher, BadRow):
+            return teacher
+        record["teacher"] = teacher
     return record
+
+
+def teacher_of_row(row: dict[str, Any], keys: dict[str, Any], source: str, number: int) -> str | BadRow:
+    """The teacher that scores this row: its `data.teacher_field`, else `data.teacher_default`, else the
+    only teacher; an unknown (or missing, with no default) teacher is a BadRow naming the fix."""
+    names, name_field, default = keys["teachers"], keys["teacher_field"], keys["teacher_default"]
+    value = row.get(name_field) if name_field else None
+    if value is None or value == "":
+        if default or len(names) == 1:
+            return str(default or names[0])
+        return BadRow(
+            source,
+            number,
+            name_field,
+            f"names no teacher and data.teacher_default is empty; give the row one of {list(names)} "
+            "or set data.teacher_default",
+        )
+    if not isinstance(value, str) or value not in names:
+        return BadRow(
+            source,
+            number,
+            name_field,
+            f"unknown teacher {value!r}; the teachers are {list(names)} (teachers: in the config)",
+        )
+    return value
 
 
 def _field_keys(source: str, data_cfg: Any) -> dict[str, Any]:
@@ -167,10 +202,19 @@ def _error_message(source: str, bad: list[BadRow], num_rows: int) -> str:
     return "\n".join(lines + [fix + "."])
 
 
-def load_prompts(source: str, data_cfg: Any, tokenizer: Any, *, split: str = "train", seed: int = 0) -> PromptDataset:
-    """Read, validate and tokenize every row of `source` (a DataConfig supplies mapping and policy)."""
+def load_prompts(
+    source: str, data_cfg: Any, tokenizer: Any, *, split: str = "train", seed: int = 0, teachers: Sequence[str] = ()
+) -> PromptDataset:
+    """Read, validate and tokenize every row of `source` (a DataConfig supplies mapping and policy).
+    `teachers`: the names of a several-teacher run; each record then gets its teacher as record["teacher"]."""
     _check_template(data_cfg, tokenizer)
     keys = _field_keys(source, data_cfg)
+    if teachers:
+        keys.update(
+            teachers=list(teachers),
+            teacher_field=getattr(data_cfg, "teacher_field", ""),
+            teacher_default=getattr(data_cfg, "teacher_default", ""),
+        )
     records, bad, num_rows = [], [], 0
     rows = iter_rows(
         source,

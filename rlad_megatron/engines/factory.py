@@ -89,12 +89,14 @@ def fleet_gpus(engine_cfg) -> int:
 def fleet_gpu_offsets(
     engines: Mapping[str, object], trainer_gpus: int | None = None, device_count: int | None = None
 ) -> dict[str, int]:
-    """{role: first GPU} for the fleets this trainer process launches (`engines`: role -> EngineConfig).
+    """{role: first GPU} for the fleets this trainer process launches (`engines`: role -> EngineConfig; the
+    roles are 'rollout' and the teachers' config sections, 'teacher' or 'teachers.<name>').
 
     The trainer's local ranks hold GPUs 0..W-1 (W = LOCAL_WORLD_SIZE, torchrun's; 1 without it), so the
-    fleets start after them: the teacher first, then the rollout fleet. Fleets not launched here (http,
-    embedded) take no GPU. Too few GPUs on the node is an error naming the sizes."""
-    sizes = {role: fleet_gpus(engines[role]) for role in ("teacher", "rollout") if role in engines}
+    fleets start after them: the teachers first (in config order), then the rollout fleet. Fleets not launched
+    here (http, embedded) take no GPU. Too few GPUs on the node is an error naming the sizes."""
+    order = [role for role in engines if role != "rollout"] + [role for role in engines if role == "rollout"]
+    sizes = {role: fleet_gpus(engines[role]) for role in order}
     if not any(sizes.values()):
         return {role: 0 for role in engines}
     first = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if trainer_gpus is None else trainer_gpus

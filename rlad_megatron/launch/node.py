@@ -45,13 +45,14 @@ from rlad_megatron.launch.topology import (
     Server,
     Topology,
     fingerprint,
+    fleet_engine,
+    fleet_names,
     metrics_port,
     plan_topology,
     trainer_overrides,
 )
 
 POLL_S = 2.0  # how often a node checks its children and (server-only nodes) the done-file
-FLEETS = ("rollout", "teacher")
 DEFAULT_BIND_HOST = "0.0.0.0"
 
 
@@ -86,8 +87,10 @@ def _server_flags(server_args: Mapping[str, object]) -> list[str]:
 
 
 def fleet_keys(cfg: RunConfig, env: Mapping[str, str]) -> dict[str, str]:
-    """{'rollout': key, 'teacher': key}: the config's key, else the one in `env[<fleet>.api_key_env]`, else ''."""
-    return {f: getattr(cfg, f).api_key or env.get(getattr(cfg, f).api_key_env, "") for f in FLEETS}
+    """{'rollout': key, 'teacher': key} (several teachers: 'teachers.<name>' each): the config's key, else the
+    one in `env[<fleet>.api_key_env]`, else ''."""
+    engines = {f: fleet_engine(cfg, f)[0] for f in fleet_names(cfg)}
+    return {f: e.api_key or env.get(e.api_key_env, "") for f, e in engines.items()}
 
 
 def auth_headers(key: str) -> dict[str, str]:
@@ -218,8 +221,8 @@ def node_commands(
     their key and no router."""
     keys, env = keys or {}, env or {}
     la, host, sglang = cfg.launch, bind_host(env), python or sglang_python(cfg, env)
-    models = {"rollout": cfg.model.student, "teacher": cfg.model.teacher}
-    args = {"rollout": cfg.rollout.server_args, "teacher": cfg.teacher.server_args}
+    models = {f: fleet_engine(cfg, f)[1] for f in fleet_names(cfg)}
+    args = {f: fleet_engine(cfg, f)[0].server_args for f in fleet_names(cfg)}
     server_python = sys.executable if la.server_impl == "rlad" else sglang  # rlad serve: this agent's environment
     weights_root = str(Path(cfg.run_dir).resolve())  # disk weight sync writes under it (rlad serve's allow-list)
     servers = [
@@ -317,7 +320,7 @@ def bind_host(env: Mapping[str, str]) -> str:
 
 def probe_timeout(cfg: RunConfig) -> float:
     """Seconds one health probe may take: the fleets' own setting (<fleet>.health_timeout_s)."""
-    return max(cfg.rollout.health_timeout_s, cfg.teacher.health_timeout_s)
+    return max(fleet_engine(cfg, f)[0].health_timeout_s for f in fleet_names(cfg))
 
 
 def _label(kind: str, command: Command) -> str:

@@ -5,7 +5,8 @@ architectures from each model folder's config.json (or the built-in table), and 
 memory per GPU for the student (configured layout, with and without the distributed optimizer and full
 recompute; the largest packed row is the token budget or one longest prompt + response, split over CP ranks;
 logits counted per log-prob chunk), for rollout and teacher servers (weights + KV cache at the configured batch and lengths), a
-recommended TP/PP/CP/DP for the student, and the estimated time of one RL step by phase. Formulas and constants
+recommended TP/PP/CP/DP for the student, and the estimated time of one RL step by phase (several teachers: each
+fleet sized on its own, scoring an even share of the batch at the same time as the others). Formulas and constants
 are in `capacity.py` and `hardware.py`. Mean prompt and response lengths are assumptions (flags) because the
 recipe holds only maxima; docs/scaling.md compares the estimates with published step times.
 """
@@ -18,10 +19,10 @@ import json
 import math
 import sys
 
-from rlad_megatron.config import RunConfig, load_config, parse_overrides
+from rlad_megatron.config import RunConfig, Teacher, load_config, parse_overrides, teachers_of
 from rlad_megatron.launch import capacity as cap
 from rlad_megatron.launch import hardware as hw
-from rlad_megatron.launch.topology import Topology, plan_topology
+from rlad_megatron.launch.topology import Topology, fleet_engine, plan_topology
 
 
 def _recompute(cfg: RunConfig) -> bool:
@@ -88,7 +89,7 @@ def _server_report(
 ) -> dict[str, float]:
     servers = topo.fleet(fleet)
     tp = servers[0].tp
-    engine = cfg.rollout if fleet == "rollout" else cfg.teacher
+    engine = fleet_engine(cfg, fleet)[0]
     # The HTTP client keeps at most max_concurrency requests in flight per fleet, spread over its servers.
     concurrent = min(math.ceil(num_seqs / len(servers)), max(1, engine.max_concurrency // len(servers)))
     fraction = float(engine.server_args.get("mem_fraction_static", hw.SGLANG_MEM_FRACTION))
@@ -186,23 +187,50 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
         times["teacher_score"] = cap.score_seconds(
             teacher, gpu, num_gpus=teacher_gpus, num_seqs=num_seqs, seq_len=seq_len
         )
+    named = [t for t in teachers_of(cfg) if cfg.teachers and topo.fleet(t.section)]
+    if named:
+        plan["teachers"], score = _teacher_reports(named, gpu, topo, cfg, max_seq, num_seqs, seq_len)
+        times["teacher_score"] = score
     times["total"] = sum(times.values())
     plan["seconds"] = times
+    teacher_fleets = [f for f in topo.routers if f == "teacher" or f.startswith("teachers.")]
     nodes = {
         "trainer": len(topo.trainer_nodes),
         "rollout": len({n for s in topo.fleet("rollout") for n in s.nodes}),
-        "teacher": len({n for s in topo.fleet("teacher") for n in s.nodes}),
+        "teacher": len({n for f in teacher_fleets for s in topo.fleet(f) for n in s.nodes}),
     }
     plan["overlap"] = overlap_report(times, cfg.train.prompts_per_step)
     # roles sharing a node (a one-node recipe) have no node split to recommend
     plan["node_split"] = (
         recommend_node_split(
-            times, nodes, cfg.train.prompts_per_step, lambda n: _student_fits(cfg, student, n, hbm, seq_len)
+            times,
+            nodes,
+            cfg.train.prompts_per_step,
+            lambda n: _student_fits(cfg, student, n, hbm, seq_len),
+            min_teacher_nodes=len(teacher_fleets),  # several teachers: one node each at least
         )
         if sum(nodes.values()) == topo.nodes
         else {}
     )
     return plan
+
+
+def _teacher_reports(
+    teachers: list[Teacher], gpu: hw.GPU, topo: Topology, cfg: RunConfig, max_seq: int, num_seqs: int, seq_len: float
+) -> tuple[dict[str, dict], float]:
+    """Several teachers: each fleet's servers and scoring time, assuming each scores an even share of the
+    step's sequences (the share of rows naming it is not known before the data is read); the fleets score
+    at the same time, so the step waits for the slowest."""
+    share = math.ceil(num_seqs / len(teachers))
+    reports, slowest = {}, 0.0
+    for t in teachers:
+        arch, source = cap.load_arch(t.model)
+        report: dict = _server_report(arch, gpu, topo, t.section, cfg, max_seq, share)
+        gpus = sum(s.tp for s in topo.fleet(t.section))
+        seconds = cap.score_seconds(arch, gpu, num_gpus=gpus, num_seqs=share, seq_len=seq_len)
+        reports[t.name] = {**report, "source": source, "params": arch.num_params, "score_seconds": seconds}
+        slowest = max(slowest, seconds)
+    return reports, slowest
 
 
 def _student_fits(cfg: RunConfig, student: cap.Arch, trainer_nodes: int, hbm: float, seq_len: float) -> bool:
@@ -237,11 +265,13 @@ def overlap_report(times: dict[str, float], prompts_per_step: int) -> dict:
     return out
 
 
-def recommend_node_split(times: dict[str, float], nodes: dict[str, int], prompts_per_step: int, trainer_fits) -> dict:
+def recommend_node_split(
+    times: dict[str, float], nodes: dict[str, int], prompts_per_step: int, trainer_fits, min_teacher_nodes: int = 1
+) -> dict:
     """The split of the same number of nodes between trainer, rollout and teacher with the shortest streaming
     step, assuming each phase's time scales inversely with its role's nodes (ideal scaling: an estimate; the
     weight sync is kept as is). Roles the recipe does not use stay at 0 nodes; the trainer needs enough nodes
-    for the student to fit."""
+    for the student to fit, and several teacher fleets (`min_teacher_nodes`) one node each at least."""
     total = sum(nodes.values())
     scale = {"generate": "rollout", "teacher_score": "teacher", "train": "trainer"}
     best: dict = {}
@@ -252,6 +282,8 @@ def recommend_node_split(times: dict[str, float], nodes: dict[str, int], prompts
             teacher = total - trainer - rollout
             split = {"trainer": trainer, "rollout": rollout, "teacher": teacher}
             if (teacher > 0) != (nodes["teacher"] > 0) or (rollout > 0) != (nodes["rollout"] > 0):
+                continue
+            if nodes["teacher"] and teacher < min_teacher_nodes:
                 continue
             scaled = {
                 k: v * nodes[scale[k]] / split[scale[k]] if k in scale and nodes[scale[k]] else v
@@ -293,15 +325,20 @@ def format_plan(plan: dict) -> str:
         if rec
         else "recommended student split: none fits; add trainer GPUs"
     )
-    for fleet in ("rollout", "teacher"):
-        if fleet in plan:
-            s = plan[fleet]
+    fleets = [(f, plan[f]) for f in ("rollout", "teacher") if f in plan]
+    fleets += [(f"teacher {name}", s) for name, s in plan.get("teachers", {}).items()]
+    for fleet, s in fleets:
+        if "score_seconds" in s:
             lines.append(
-                f"{fleet} server/GPU: {int(s['num_servers'])} server(s) tp {int(s['tp'])}: weights "
-                f"{_gib(s['weights']).strip()}, KV pool {_gib(s['kv_pool']).strip()} holds "
-                f"{int(s['seqs_at_once'])} full-length sequences, {int(s['concurrent'])} in flight per "
-                f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}"
+                f"{fleet}: {s['params'] / 1e9:.2f} B params (from {s['source']}), scores an even share "
+                f"of the batch in {s['score_seconds']:.1f} s"
             )
+        lines.append(
+            f"{fleet} server/GPU: {int(s['num_servers'])} server(s) tp {int(s['tp'])}: weights "
+            f"{_gib(s['weights']).strip()}, KV pool {_gib(s['kv_pool']).strip()} holds "
+            f"{int(s['seqs_at_once'])} full-length sequences, {int(s['concurrent'])} in flight per "
+            f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}"
+        )
     lines.append("estimated step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in plan["seconds"].items()))
     for mode, label in (("after_generation", "scoring after generation"), ("streaming", "streaming scoring")):
         o = plan["overlap"][mode]

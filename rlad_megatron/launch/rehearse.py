@@ -13,7 +13,8 @@ one rollout server mid-step (its node agent restarts it; the trainer's client re
 
 Swapped: SGLang -> `rlad serve` (same HTTP API), NCCL -> gloo, GPUs -> CPU processes, the recipe's models ->
 tiny random ones (same family, vocabulary, GQA ratio, tying), cluster nodes -> loopback addresses 127.0.0.x.
-Left out: containers, InfiniBand / NCCL settings, several trainer nodes, SIGUSR1 preemption (the requeue
+Left out: several teachers (`teachers:`, refused with a message), containers, InfiniBand / NCCL settings,
+several trainer nodes, SIGUSR1 preemption (the requeue
 path is entered through a failed attempt instead), GPU memory and speed (see `rlad plan`).
 """
 
@@ -128,7 +129,13 @@ def plan_job(recipe: str, user: list[str], out: Path, steps: int, kill_server: b
     from rlad_megatron.launch.topology import fleets_to_launch
 
     cfg0 = load_config(recipe, user)
-    want_teacher = fleets_to_launch(cfg0)[1]
+    if cfg0.teachers:
+        raise ValueError(
+            f"{recipe} has several teachers (`teachers:`), which rlad rehearse does not shrink yet (one tiny model "
+            "and one port range per teacher); rehearse it with one teacher (teacher: + model.teacher), and check "
+            "the several-teacher placement with `rlad plan` and `rlad render` (DRY_RUN=1)"
+        )
+    want_teacher = bool(fleets_to_launch(cfg0)[1])
     changes = shrink.without_user_fields(
         [
             shrink.Change("run_dir", cfg0.run_dir, str(out / "run"), "the rehearsal's own folder"),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlad_megatron.config import RunConfig, load_config, parse_overrides
-from rlad_megatron.launch.topology import fingerprint, plan_topology
+from rlad_megatron.launch.topology import fingerprint, fleet_engine, fleet_names, plan_topology
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
 
@@ -61,7 +61,7 @@ def _dq(text: str) -> str:
 
 def _refuse_embedded_keys(cfg: RunConfig, overrides: Sequence[str]) -> None:
     """The script is a file others may read: an API key must come from the environment at run time."""
-    names = {cfg.rollout.api_key_env, cfg.teacher.api_key_env}
+    names = {fleet_engine(cfg, f)[0].api_key_env for f in fleet_names(cfg)}
     keyed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].strip().endswith("api_key")]
     if keyed or names & set(cfg.launch.env):
         raise ValueError(

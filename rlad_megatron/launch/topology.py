@@ -1,18 +1,23 @@
 """Which node runs what: a pure function from a `RunConfig` to a `Topology`.
 
 Roles: the trainer (torchrun, Megatron ranks), the rollout fleet (student SGLang servers plus one router) and
-the teacher fleet (teacher SGLang servers plus one router). Rules:
+the teacher fleet (teacher SGLang servers plus one router), or with several teachers (`teachers:`) one fleet
+per teacher, named by its config section `teachers.<name>`. Rules:
 
-* One node: all roles share its GPUs (teacher first, then one rollout server, the trainer gets the rest).
-* Several nodes: every node has one role. Role node counts of 0 in `launch` are automatic: the teacher gets
-  the nodes one server needs (ceil(teacher_tp / gpus_per_node)), the rest is split between rollout
-  (floor half) and trainer (ceil half).
+* One node: all roles share its GPUs (the teachers first, one server each, then one rollout server, the
+  trainer gets the rest).
+* Several nodes: every node has one role. Role node counts of 0 in `launch` are automatic: each teacher gets
+  the nodes one of its servers needs (ceil(tp / gpus_per_node); `teachers.<name>.launch_nodes` /
+  `launch.teacher_nodes` when set), the rest is split between rollout (floor half) and trainer (ceil half).
+  Teacher fleets come first, in config order, then rollout, then trainer.
 * A server whose TP is at most gpus_per_node lives on one node (gpus_per_node / tp servers per node); a
   larger TP spans tp / gpus_per_node whole nodes (SGLang's --nnodes / --node-rank / --dist-init-addr).
 * A fleet is launched only when its engine kind is 'auto' or 'sglang' (and, for the teacher, when the
   algorithm uses one); kind 'http' means servers run elsewhere, 'embedded' means inside the trainer.
 
-* Ports: servers count up from launch.<fleet>_port on each node; a multi-node server's torch rendezvous
+* Ports: servers count up from launch.<fleet>_port on each node; the i-th of several teachers (from 0) starts
+  at launch.teacher_port + i x gpus_per_node and its router listens on launch.teacher_router_port + i; a
+  multi-node server's torch rendezvous
   uses its port + DIST_INIT_PORT_OFFSET; each router's Prometheus exporter uses its port +
   ROUTER_METRICS_PORT_OFFSET (sglang-router's default, 29000 for every router, makes the second router on a
   host fail).
@@ -29,7 +34,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rlad_megatron.config import RunConfig
+from rlad_megatron.config import EngineConfig, RunConfig, Teacher, teacher_by_section, teachers_of
 
 DIST_INIT_PORT_OFFSET = 50  # multi-node SGLang server: torch rendezvous port = server port + this
 ROUTER_METRICS_PORT_OFFSET = 100  # a router's Prometheus port = its own port + this
@@ -69,7 +74,7 @@ class Topology:
         out = []
         if node in self.trainer_nodes:
             out.append(f"trainer rank-node {self.trainer_nodes.index(node)} gpus {_span(self.trainer_gpus)}")
-        for fleet in ("teacher", "rollout"):
+        for fleet in dict.fromkeys(s.fleet for s in self.servers):  # teachers first, as placed
             here = [s for s in self.fleet(fleet) if node in s.nodes]
             if not here:
                 continue
@@ -109,11 +114,66 @@ def _span(gpus: Sequence[int]) -> str:
     return f"{gpus[0]}-{gpus[-1]}" if len(gpus) > 1 else str(gpus[0])
 
 
-def fleets_to_launch(cfg: RunConfig) -> tuple[bool, bool]:
-    """(launch a rollout fleet, launch a teacher fleet) for this config."""
+def fleets_to_launch(cfg: RunConfig) -> tuple[bool, list[Teacher]]:
+    """(launch a rollout fleet, the teachers whose fleets to launch) for this config."""
     rollout = cfg.rollout.kind in ("auto", "sglang")
-    teacher = cfg.teacher.kind in ("auto", "sglang") and _needs_teacher_engine(cfg)
-    return rollout, teacher
+    wanted = _needs_teacher_engine(cfg)
+    return rollout, [t for t in teachers_of(cfg) if wanted and t.engine.kind in ("auto", "sglang")]
+
+
+def fleet_engine(cfg: RunConfig, fleet: str) -> tuple[EngineConfig, str]:
+    """(engine settings, model folder) of the fleet named `fleet`: 'rollout', 'teacher' or 'teachers.<name>'."""
+    if fleet == "rollout":
+        return cfg.rollout, cfg.model.student
+    teacher = teacher_by_section(cfg, fleet)
+    return teacher.engine, teacher.model
+
+
+def fleet_names(cfg: RunConfig) -> list[str]:
+    """Every fleet a config can name: 'rollout' and each teacher's section."""
+    return ["rollout", *(t.section for t in teachers_of(cfg))]
+
+
+@dataclass(frozen=True)
+class FleetPlace:
+    """Where one fleet's ports start, and the config keys that set its TP / node count (for messages)."""
+
+    name: str
+    tp: int
+    port: int
+    router_port: int
+    tp_key: str
+    nodes_key: str
+
+
+def _places(cfg: RunConfig, want_rollout: bool, teachers: Sequence[Teacher]) -> list[FleetPlace]:
+    """The fleets to launch, teachers first (config order), then rollout."""
+    la = cfg.launch
+    out = []
+    for i, t in enumerate(teachers):
+        single = t.section == "teacher"
+        out.append(
+            FleetPlace(
+                t.section,
+                t.tp,
+                la.teacher_port + i * la.gpus_per_node,
+                la.teacher_router_port + i,
+                "launch.teacher_tp" if single else f"{t.section}.launch_tp (default launch.teacher_tp)",
+                "launch.teacher_nodes" if single else f"{t.section}.launch_nodes",
+            )
+        )
+    if want_rollout:
+        out.append(
+            FleetPlace(
+                "rollout",
+                la.rollout_tp,
+                la.rollout_port,
+                la.rollout_router_port,
+                "launch.rollout_tp",
+                "launch.rollout_nodes",
+            )
+        )
+    return out
 
 
 def _needs_teacher_engine(cfg: RunConfig) -> bool:
@@ -125,11 +185,12 @@ def _needs_teacher_engine(cfg: RunConfig) -> bool:
     return wants_teacher_engine(build_objective(cfg.algorithm), sample_source(cfg))
 
 
-def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: int, port: int) -> list[Server]:
+def _fleet_servers(place: FleetPlace, first_node: int, num_nodes: int, gpn: int) -> list[Server]:
+    fleet, tp, port = place.name, place.tp, place.port
     if tp <= gpn:
         if gpn % tp:
             raise ValueError(
-                f"launch.{fleet}_tp={tp} must divide launch.gpus_per_node={gpn} when the fleet has "
+                f"{place.tp_key}={tp} must divide launch.gpus_per_node={gpn} when the fleet has "
                 "whole nodes (or be a multiple of it)"
             )
         per_node = gpn // tp
@@ -139,11 +200,11 @@ def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: in
             for k in range(per_node)
         ]
     if tp % gpn:
-        raise ValueError(f"launch.{fleet}_tp={tp} is larger than launch.gpus_per_node={gpn} and must be a multiple")
+        raise ValueError(f"{place.tp_key}={tp} is larger than launch.gpus_per_node={gpn} and must be a multiple")
     span = tp // gpn
     if num_nodes % span:
         raise ValueError(
-            f"launch.{fleet}_nodes={num_nodes} must be a multiple of {span}: one {fleet} server with "
+            f"{place.nodes_key}={num_nodes} must be a multiple of {span}: one {fleet} server with "
             f"tp={tp} spans {span} nodes of {gpn} GPUs"
         )
     return [
@@ -152,70 +213,84 @@ def _fleet_servers(fleet: str, first_node: int, num_nodes: int, tp: int, gpn: in
     ]
 
 
-def _single_node(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> Topology:
-    la, gpn = cfg.launch, cfg.launch.gpus_per_node
+def _single_node(cfg: RunConfig, places: Sequence[FleetPlace]) -> Topology:
+    gpn = cfg.launch.gpus_per_node
     servers, next_gpu = [], 0
-    for fleet, wanted, tp, port in (
-        ("teacher", want_teacher, la.teacher_tp, la.teacher_port),
-        ("rollout", want_rollout, la.rollout_tp, la.rollout_port),
-    ):
-        if wanted:
-            servers.append(Server(fleet, (0,), tuple(range(next_gpu, next_gpu + tp)), port, tp))
-            next_gpu += tp
+    for place in places:
+        servers.append(Server(place.name, (0,), tuple(range(next_gpu, next_gpu + place.tp)), place.port, place.tp))
+        next_gpu += place.tp
     if next_gpu >= gpn:
-        used = " + ".join(f"{s.fleet}_tp={s.tp}" for s in servers)
+        used = " + ".join(f"{_tp_name(s.fleet)}={s.tp}" for s in servers)
         raise ValueError(
             f"one node of {gpn} GPUs cannot hold the servers ({used}) and the trainer: lower "
-            "launch.teacher_tp / launch.rollout_tp or use launch.nodes >= 3"
+            f"{_tp_keys(cfg, places)} or use launch.nodes >= 3"
         )
-    routers = {
-        s.fleet: (0, la.teacher_router_port if s.fleet == "teacher" else la.rollout_router_port) for s in servers
-    }
+    routers = {p.name: (0, p.router_port) for p in places}
     return Topology(1, gpn, (0,), tuple(range(next_gpu, gpn)), tuple(servers), routers)
 
 
-def _node_counts(cfg: RunConfig, want_rollout: bool, want_teacher: bool) -> tuple[int, int, int]:
-    """(trainer, rollout, teacher) node counts; explicit counts are kept, zeros are filled in."""
+def _tp_keys(cfg: RunConfig, places: Sequence[FleetPlace]) -> str:
+    if not cfg.teachers:
+        return "launch.teacher_tp / launch.rollout_tp"
+    return " / ".join(p.tp_key.split(" ")[0] for p in places)
+
+
+def _tp_name(fleet: str) -> str:
+    """How the one-node message names a fleet's TP: teacher_tp, rollout_tp, teachers.<name> tp."""
+    return f"{fleet} tp" if "." in fleet else f"{fleet}_tp"
+
+
+def _node_counts(cfg: RunConfig, want_rollout: bool, teachers: Sequence[Teacher]) -> tuple[int, int, list[int]]:
+    """(trainer, rollout, [nodes of each teacher fleet]); explicit counts are kept, zeros are filled in."""
     la = cfg.launch
-    teacher_min = math.ceil(la.teacher_tp / la.gpus_per_node) if want_teacher else 0
-    teacher = la.teacher_nodes or teacher_min
-    if want_teacher and teacher * la.gpus_per_node < la.teacher_tp:
-        raise ValueError(
-            f"too few GPUs for the teacher: launch.teacher_nodes={teacher} x {la.gpus_per_node} GPUs "
-            f"< launch.teacher_tp={la.teacher_tp}; raise teacher_nodes to {teacher_min} or lower teacher_tp"
-        )
-    rest = la.nodes - (teacher if want_teacher else 0)
+    counts = []
+    for t, place in zip(teachers, _places(cfg, False, teachers)):
+        need = math.ceil(t.tp / la.gpus_per_node)
+        count = t.nodes or need
+        if count * la.gpus_per_node < t.tp:
+            who = "the teacher" if t.section == "teacher" else f"teacher {t.name!r}"
+            raise ValueError(
+                f"too few GPUs for {who}: {place.nodes_key}={count} x {la.gpus_per_node} GPUs "
+                f"< {place.tp_key.split(' ')[0]}={t.tp}; raise {place.nodes_key} to {need} or lower its tp"
+            )
+        counts.append(count)
+    rest = la.nodes - sum(counts)
     rollout = (la.rollout_nodes or (rest - la.trainer_nodes if la.trainer_nodes else rest // 2)) if want_rollout else 0
     trainer = la.trainer_nodes or rest - rollout
-    if (
-        trainer < 1
-        or (want_rollout and rollout < 1)
-        or trainer + rollout + (teacher if want_teacher else 0) != la.nodes
-    ):
+    if trainer < 1 or (want_rollout and rollout < 1) or trainer + rollout + sum(counts) != la.nodes:
+        teacher_text = (
+            f"teacher={sum(counts)}"
+            if not cfg.teachers
+            else ", ".join(f"{t.section}={n}" for t, n in zip(teachers, counts)) or "teacher=0"
+        )
         raise ValueError(
             f"launch.nodes={la.nodes} cannot be split into trainer={trainer}, rollout={rollout}, "
-            f"teacher={teacher if want_teacher else 0} whole nodes; use launch.nodes=1 (shared node) "
+            f"{teacher_text} whole nodes; use launch.nodes=1 (shared node) "
             "or enough nodes for every role, and make the explicit counts add up"
         )
-    return trainer, rollout, teacher if want_teacher else 0
+    return trainer, rollout, counts
 
 
 def plan_topology(cfg: RunConfig) -> Topology:
     """Assign node roles, GPUs and ports for `cfg.launch` (see the module docstring for the rules)."""
-    want_rollout, want_teacher = fleets_to_launch(cfg)
+    want_rollout, teachers = fleets_to_launch(cfg)
     la = cfg.launch
-    if want_teacher and la.nodes == 1 and la.teacher_tp > la.gpus_per_node:
-        raise ValueError(
-            f"too few GPUs for the teacher: launch.teacher_tp={la.teacher_tp} > "
-            f"{la.gpus_per_node} GPUs on the only node; use more nodes or a smaller teacher_tp"
-        )
-    topo = (
-        _single_node(cfg, want_rollout, want_teacher)
-        if la.nodes == 1
-        else _multi_node(cfg, *_node_counts(cfg, want_rollout, want_teacher))
-    )
-    _check_server_impl(la.server_impl, topo)
-    _check_metrics_ports(topo, la.master_port)
+    places = _places(cfg, want_rollout, teachers)
+    for t, place in zip(teachers, places):
+        if la.nodes == 1 and t.tp > la.gpus_per_node:
+            who, key = ("the teacher", "teacher_tp") if t.section == "teacher" else (f"teacher {t.name!r}", "tp")
+            raise ValueError(
+                f"too few GPUs for {who}: {place.tp_key.split(' ')[0]}={t.tp} > "
+                f"{la.gpus_per_node} GPUs on the only node; use more nodes or a smaller {key}"
+            )
+    if la.nodes == 1:
+        topo = _single_node(cfg, places)
+    else:
+        trainer, rollout, teacher_nodes = _node_counts(cfg, want_rollout, teachers)
+        topo = _multi_node(cfg, places, trainer, [*teacher_nodes, *([rollout] if want_rollout else [])])
+    _check_server_impl(la.server_impl, topo, places)
+    _check_metrics_ports(topo, la.master_port, places)
+    _check_port_clashes(topo, la.master_port)
     world = len(topo.trainer_nodes) * len(topo.trainer_gpus)
     par = cfg.parallel
     model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
@@ -227,41 +302,74 @@ def plan_topology(cfg: RunConfig) -> Topology:
     return topo
 
 
-def _check_server_impl(impl: str, topo: Topology) -> None:
+def _check_server_impl(impl: str, topo: Topology, places: Sequence[FleetPlace]) -> None:
     big = [s for s in topo.servers if s.tp > 1]
     if impl == "rlad" and big:
+        key = {p.name: p.tp_key.split(" ")[0] for p in places}[big[0].fleet]
         raise ValueError(
             f"launch.server_impl=rlad runs each server as one CPU process (tp 1), but "
-            f"launch.{big[0].fleet}_tp={big[0].tp}; set launch.rollout_tp=1 and launch.teacher_tp=1, "
-            "or use launch.server_impl=sglang"
+            f"{key}={big[0].tp}; set launch.rollout_tp=1 and launch.teacher_tp=1 (and every "
+            "teachers.<name>.launch_tp to 0 or 1), or use launch.server_impl=sglang"
         )
 
 
-def _check_metrics_ports(topo: Topology, master_port: int) -> None:
+def _router_port_key(fleet: str, places: Sequence[FleetPlace]) -> str:
+    """The setting that moves a fleet's router port (several teachers: launch.teacher_router_port + i)."""
+    if fleet in ("rollout", "teacher"):
+        return f"launch.{fleet}_router_port"
+    index = [p.name for p in places if p.name != "rollout"].index(fleet)
+    return f"launch.teacher_router_port (+ {index} for {fleet})"
+
+
+def _check_metrics_ports(topo: Topology, master_port: int, places: Sequence[FleetPlace]) -> None:
     """A router's Prometheus port must not be a port something else on the job listens on."""
     taken = {master_port} | {p for s in topo.servers for p in (s.port, s.port + DIST_INIT_PORT_OFFSET)}
     taken |= {p for _, p in topo.routers.values()}
     for fleet, (_, port) in sorted(topo.routers.items()):
         if metrics_port(port) in taken or metrics_port(port) > 65535:
+            key = _router_port_key(fleet, places)
             raise ValueError(
-                f"the {fleet} router's Prometheus port launch.{fleet}_router_port + "
+                f"the {fleet} router's Prometheus port {key} + "
                 f"{ROUTER_METRICS_PORT_OFFSET} = {metrics_port(port)} is taken or out of range; "
-                f"move launch.{fleet}_router_port"
+                f"move {key.split(' ')[0]}"
             )
 
 
-def _multi_node(cfg: RunConfig, trainer: int, rollout: int, teacher: int) -> Topology:
+def _check_port_clashes(topo: Topology, master_port: int) -> None:
+    """No two listeners on one node share a port (several teachers' port ranges may run into each other or
+    into another fleet's)."""
+    listeners: dict[tuple[int, int], str] = {}
+
+    def claim(node: int, port: int, what: str) -> None:
+        other = listeners.setdefault((node, port), what)
+        if other != what:
+            raise ValueError(
+                f"port {port} on node {node} is used by both {other} and {what}; move launch.teacher_port / "
+                "launch.rollout_port / the router ports further apart (several teachers take "
+                "launch.teacher_port + i x gpus_per_node)"
+            )
+
+    for node in topo.trainer_nodes[:1]:
+        claim(node, master_port, "the trainer rendezvous")
+    for s in topo.servers:
+        claim(s.nodes[0], s.port, f"{s.fleet} server")
+        if len(s.nodes) > 1:
+            claim(s.nodes[0], s.port + DIST_INIT_PORT_OFFSET, f"{s.fleet} server rendezvous")
+    for fleet, (node, port) in topo.routers.items():
+        claim(node, port, f"{fleet} router")
+        claim(node, metrics_port(port), f"{fleet} router metrics")
+
+
+def _multi_node(cfg: RunConfig, places: Sequence[FleetPlace], trainer: int, counts: Sequence[int]) -> Topology:
+    """`counts`: nodes of each fleet in `places` (teachers, then rollout); the trainer gets the last nodes."""
     la, gpn = cfg.launch, cfg.launch.gpus_per_node
     servers: list[Server] = []
     routers: dict[str, tuple[int, int]] = {}
     first = 0
-    for fleet, count, tp, port, router_port in (
-        ("teacher", teacher, la.teacher_tp, la.teacher_port, la.teacher_router_port),
-        ("rollout", rollout, la.rollout_tp, la.rollout_port, la.rollout_router_port),
-    ):
+    for place, count in zip(places, counts):
         if count:
-            servers += _fleet_servers(fleet, first, count, tp, gpn, port)
-            routers[fleet] = (first, router_port)
+            servers += _fleet_servers(place, first, count, gpn)
+            routers[place.name] = (first, place.router_port)
             first += count
     return Topology(la.nodes, gpn, tuple(range(first, first + trainer)), tuple(range(gpn)), tuple(servers), routers)
 

@@ -125,3 +125,50 @@ def test_dynamic_sampling_scores_a_zero_advantage_group_only_when_it_is_kept_as_
     samples, _ = StudentRollouts().collect(ctx, step=1)
     assert [s.record["p"] for s in samples] == [1, 1, 1, 1]
     assert sorted(teacher.calls) == [[1, 1], [1, 1]]  # the dropped flat group never reached the teacher
+
+
+class MeetingTeacher:
+    """A teacher whose score calls wait (up to 5 s) until the other teacher is scoring too, then score every
+    token with its own value; records whether the other was met (both in flight at the same time)."""
+
+    def __init__(self, value: float, meeting: threading.Barrier):
+        self.value, self.meeting, self.met, self.prompts = value, meeting, [], []
+
+    def score(self, ids, starts, top_k=0):
+        try:
+            self.meeting.wait(timeout=5.0)
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+        self.prompts += [seq[0] for seq in ids]
+        return [ScoreOutput([self.value] * (len(seq) - st)) for seq, st in zip(ids, starts)]
+
+
+class AllAtOnceEngine:
+    def generate(self, prompt_ids, sampling, n=1, on_sample=None):
+        return [[GenerateOutput([5] * 3, [-0.5] * 3, "stop") for _ in range(n)] for _ in prompt_ids]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_two_teachers_score_their_own_groups_at_the_same_time(streaming):
+    from rlad_megatron.sample_sources import score_with_teachers
+
+    meeting = threading.Barrier(2)
+    math, code = MeetingTeacher(-1.0, meeting), MeetingTeacher(-2.0, meeting)
+    ctx = _ctx([1, 2], AllAtOnceEngine(), None, **{"train.stream_scoring": str(streaming).lower()})
+    ctx.teacher_engines = {"math": math, "code": code}
+    for item, name in zip(ctx.sampler.dataset, ("math", "code")):
+        item["record"]["teacher"] = name
+    samples, _ = StudentRollouts().collect(ctx, step=1)
+    assert (math.prompts, code.prompts) == ([1, 1], [2, 2])  # each group to the teacher its record names
+    assert math.met == code.met == [True]  # the two groups were scored concurrently, not one after the other
+    assert [s.teacher_logprobs[0] for s in samples] == [-1.0, -1.0, -2.0, -2.0]
+    # the loop's fallback for samples a source left unscored routes and overlaps the same way
+    for s in samples:
+        s.teacher_logprobs = None
+    score_with_teachers(ctx.engines_by_teacher(), samples, top_k=0, drop_final_eos=False)
+    assert math.met == code.met == [True, True]
+    assert [s.teacher_logprobs[0] for s in samples] == [-1.0, -1.0, -2.0, -2.0]
+    samples[0].record["teacher"] = "physics"
+    with pytest.raises(KeyError, match="a sample names teacher 'physics' but the run's teachers are"):
+        score_with_teachers(ctx.engines_by_teacher(), samples[:1], top_k=0, drop_final_eos=False)
