@@ -298,7 +298,9 @@ def build_source_context(cfg: RunConfig, objective: Objective, source: Source, *
         # fleets launched here go on GPUs after the trainer's local ranks, never on top of them or each other
         offsets = fleet_gpu_offsets({role: getattr(cfg, role) for role, want in wanted.items() if want})
         if wanted["rollout"]:
-            ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout", offsets["rollout"])
+            ctx.rollout_engine = build_engine(
+                cfg.rollout, cfg.model.student, "rollout", offsets["rollout"], record_routes=cfg.model.routing_replay
+            )
         if wanted["teacher"]:
             ctx.teacher_engine = build_engine(cfg.teacher, cfg.model.teacher, "teacher", offsets["teacher"])
     return ctx
@@ -315,10 +317,10 @@ def wants_teacher_engine(objective, source) -> bool:
     return bool((objective.needs_teacher and not source.scored) or source.needs_teacher)
 
 
-def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0):
+def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0, record_routes: bool = False):
     from rlad_megatron.engines import build_engine as build
 
-    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset)
+    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset, record_routes=record_routes)
 
 
 def eval_records(cfg: RunConfig) -> Sequence[dict[str, Any]]:

@@ -13,7 +13,8 @@ update by HF name (`load_tensors`) writes straight into the fused weight.
 Qwen3-MoE: every MLP is a routed block as in transformers: router logits, softmax over all
 experts in fp32, top-k, renormalised when `norm_topk_prob`, weights cast back to the model dtype;
 each expert's SwiGLU runs on the tokens routed to it. Experts are stored stacked (`[E, 2F, H]`,
-`[E, H, F]`), one view per HF expert tensor.
+`[E, H, F]`), one view per HF expert tensor. `Routes` records the experts of every token (MoE routing replay:
+the trainer replays them) or forces given ones (weights: the router's probabilities of them).
 
 Left out (refused by name): dynamic / longrope RoPE, partial rotary, sliding-window attention,
 o_proj / MLP biases, shared experts / dense layers inside MoE models; quantised checkpoints.

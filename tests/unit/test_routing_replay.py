@@ -172,3 +172,29 @@ def test_bad_input_names_the_problem(hf, samples, trainer, tmp_path):
 def test_routes_survive_the_jsonl_round_trip(samples):
     back = Sample.from_dict(samples[0].to_dict())
     assert back.routed_experts.dtype == np.int16 and np.array_equal(back.routed_experts, samples[0].routed_experts)
+
+
+def test_http_routes_follow_sglang_and_a_missing_field_names_the_server_flag(samples):
+    from rlad_megatron.engines.client import parse_generate_response
+    from rlad_megatron.engines.protocol import RequestError, encode_routed_experts, parse_generate
+
+    s = samples[0]
+    body = {
+        "output_ids": s.response_ids,
+        "meta_info": {
+            "finish_reason": {"type": "length", "length": len(s.response_ids)},
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(s.rollout_logprobs, s.response_ids)],
+            "routed_experts": encode_routed_experts(s.routed_experts),
+        },
+    }
+    out = parse_generate_response(body, 16, routes=(len(s.prompt_ids), 2, 2))
+    assert out.routed_experts.dtype == np.int16 and np.array_equal(out.routed_experts, s.routed_experts)
+    with pytest.raises(ValueError, match="expected 9 tokens x 2 layers x 2 experts"):
+        parse_generate_response(body, 16, routes=(len(s.prompt_ids) - 1, 2, 2))
+    del body["meta_info"]["routed_experts"]
+    with pytest.raises(ValueError, match="--enable-return-routed-experts"):
+        parse_generate_response(body, 16, routes=(len(s.prompt_ids), 2, 2))
+    (req,) = parse_generate({"input_ids": [1, 2, 3], "return_routed_experts": True}, 128, 64)
+    assert req.return_routed_experts and req.routed_experts_start_len == 0
+    with pytest.raises(RequestError, match=r"routed_experts_start_len=4 is out of range \[0, 3\]"):
+        parse_generate({"input_ids": [1, 2, 3], "routed_experts_start_len": 4}, 128, 64)

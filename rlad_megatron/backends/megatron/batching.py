@@ -345,6 +345,8 @@ def filler_batch(like: PackedBatch) -> PackedBatch:
     tensors = {k: v.clone() for k, v in like.tensors.items()}
     for key in ("mask", "seq_weights"):
         tensors[key].zero_()
+    if "routed_experts" in tensors:
+        tensors["routed_experts"].fill_(-1)  # no engine routes: not counted in the routing agreement
     return PackedBatch(
         tensors=tensors, cu_seqlens=like.cu_seqlens.clone(), max_seqlen=like.max_seqlen, sample_indices=[]
     )

@@ -32,6 +32,9 @@ the same global counts, so the step loss is the sum of shares over micro-batches
 (metrics are summed over the DP x CP group; Megatron's DDP sums gradients over DP x CP).
 Forward-only log-probs are all-gathered over the CP group and put back in row order.
 
+Routing replay (`model.routing_replay`, MoE students): the samples' engine routes travel as a packed
+column and every student forward runs inside `ReplayRouters.replaying` (backends/megatron/routing_replay.py).
+
 Left out: virtual pipeline stages, overlapping grad reduce / param gather with compute, fp16 loss scaling,
 context parallelism with pipeline parallelism.
 """
