@@ -10,8 +10,9 @@ top-k) at EP=1 and EP=2. Claims:
   Megatron's per-layer aux loss sees each rank's tokens separately, so it differs across EP;
 - the EP=2 HF export, written by both EP ranks, reloads bit-exact;
 - routing replay at EP=2 (each rank replays the experts of its own micro-batches before the allgather
-  dispatch): log-probs and loss of samples carrying random experts equal EP=1 within 1e-6, and the
-  replayed experts really change the log-probs.
+  dispatch) and at TP=2 with sequence parallelism (each TP rank replays its slice of the row): log-probs
+  and loss of samples carrying random experts equal EP=1 within 1e-6, and the replayed experts really
+  change the log-probs.
 """
 
 from __future__ import annotations
@@ -93,3 +94,11 @@ def test_moe_ep2_routing_replay_matches_ep1(measured):
     assert max(abs(a - b) for x, y in zip(ep1, ep2) for a, b in zip(x, y)) < 1e-6
     assert max(abs(a - b) for x, y in zip(ep1, natural) for a, b in zip(x, y)) > 1e-3
     assert abs(r["replay_loss_ep2"] - r["replay_loss_ep1"]) < 1e-6
+
+
+@pytest.mark.dist
+def test_moe_tp2_sequence_parallel_routing_replay_matches_ep1(measured):
+    _, r = measured
+    ep1, tp2 = r["replay_logprobs_ep1"], r["replay_logprobs_tp2sp"]
+    assert max(abs(a - b) for x, y in zip(ep1, tp2) for a, b in zip(x, y)) < 1e-6
+    assert abs(r["replay_loss_tp2sp"] - r["replay_loss_ep1"]) < 1e-6

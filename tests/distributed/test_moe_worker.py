@@ -7,8 +7,9 @@ argv: <work_dir>. The pytest side wrote a tiny random Qwen3-MoE HF model (4 expe
   2. EP=2 (DP=2, two experts per rank): logits on `IDS`, the trainer's DP/EP-split
      `forward_backward` loss and gradients (experts gathered over EP by their global names), and a
      `write_hf_folder` export to `<work_dir>/export/step_1` (each EP rank writes its own experts).
-  3. routing replay (`model.routing_replay`) at EP=1 and EP=2: samples carrying seeded random experts
-     (not the router's own): forward-only log-probs and the `forward_backward` loss.
+  3. routing replay (`model.routing_replay`) at EP=1, EP=2 and TP=2 with sequence parallelism: samples
+     carrying seeded random experts (not the router's own): forward-only log-probs and the
+     `forward_backward` loss.
 Rank 0 saves the results to `<work_dir>/result.pt`.
 """
 
@@ -24,15 +25,23 @@ from test_megatron_worker import inputs, make_cfg, make_samples, old_logprobs_fo
 IDS = [[5, 17, 42, 9, 77, 3, 61, 28, 14, 90, 33, 7], [64, 2, 8, 99, 41, 12, 56, 70, 21, 6, 38, 11]]
 
 
-def build(hf: Path, ep: int, routing_replay: bool = False):
+def build(hf: Path, ep: int, routing_replay: bool = False, tp: int = 1):
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.backends.megatron.checkpoint_convert import load_hf_weights
+    from rlad_megatron.backends.megatron.parallel import init_parallel
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
 
-    cfg = make_cfg()
+    cfg = make_cfg(tp=tp, sp=tp > 1)
     cfg.parallel.expert_model_parallel_size = ep
     cfg.model.routing_replay = routing_replay
-    return MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=hf, weight_loader=load_hf_weights)
+    parallel = init_parallel(cfg.parallel, cfg.seed)
+    return MegatronTrainer(
+        cfg,
+        build_objective(cfg.algorithm),
+        hf_config=hf,
+        parallel=parallel,
+        weight_loader=lambda chunks, folder: load_hf_weights(chunks, folder, tp_group=parallel.tp_group),
+    )
 
 
 def logits(trainer) -> torch.Tensor:
@@ -74,6 +83,9 @@ def replay_results(hf: Path, samples, adv, old, results: dict) -> None:
         tr = build(hf, ep=ep, routing_replay=True)
         results[f"replay_logprobs_ep{ep}"] = tr.compute_logprobs(routed)
         results[f"replay_loss_ep{ep}"] = tr.forward_backward(routed, adv, 0, old_logprobs=old)["loss"]
+    tr = build(hf, ep=1, routing_replay=True, tp=2)  # sequence parallel: each TP rank replays its slice of the row
+    results["replay_logprobs_tp2sp"] = tr.compute_logprobs(routed)
+    results["replay_loss_tp2sp"] = tr.forward_backward(routed, adv, 0, old_logprobs=old)["loss"]
 
 
 def main() -> None:
