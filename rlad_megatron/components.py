@@ -365,7 +365,9 @@ def build_source_context(cfg: RunConfig, objective: Objective, source: Source, *
         # fleets launched here go on GPUs after the trainer's local ranks, never on top of them or each other
         offsets = fleet_gpu_offsets(fleets)
         if "rollout" in fleets:
-            ctx.rollout_engine = build_engine(cfg.rollout, cfg.model.student, "rollout", offsets["rollout"])
+            ctx.rollout_engine = build_engine(
+                cfg.rollout, cfg.model.student, "rollout", offsets["rollout"], record_routes=cfg.model.routing_replay
+            )
         for t in teachers:
             engine = build_engine(t.engine, t.model, "teacher", offsets[t.section], name=t.name)
             if t.name == SINGLE_TEACHER:
@@ -386,12 +388,15 @@ def wants_teacher_engine(objective, source) -> bool:
     return bool((objective.needs_teacher and not source.scored) or source.needs_teacher)
 
 
-def build_engine(engine_cfg, model_dir: str, role: str, gpu_offset: int = 0, name: str = ""):
-    """`name`: a named teacher's name (its launched fleet logs to logs/teacher_<name>_fleet)."""
+def build_engine(
+    engine_cfg, model_dir: str, role: str, gpu_offset: int = 0, name: str = "", record_routes: bool = False
+):
+    """`name`: a named teacher's name (its launched fleet logs to logs/teacher_<name>_fleet); `record_routes`:
+    the rollout engine returns the experts it routed each token to (model.routing_replay)."""
     from rlad_megatron.engines import build_engine as build
 
     named = {"log_dir": f"logs/{role}_{name}_fleet"} if name else {}
-    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset, **named)
+    return build(engine_cfg, model_dir, role, gpu_offset=gpu_offset, record_routes=record_routes, **named)
 
 
 def eval_records(cfg: RunConfig) -> Sequence[dict[str, Any]]:

@@ -74,6 +74,10 @@ class ModelConfig:
     """The trainer computes output-layer logits and log-probs / entropy / top-k only at the positions that carry
     a loss, this many positions at a time (forward and backward), so fp32 logits never exist for more than
     `logprob_chunk_size x vocab / TP` entries. 0: logits for the whole packed row at once (the simple path)."""
+    routing_replay: bool = False
+    """MoE students: the rollout engine returns the top-k experts it routed every token to, and the trainer's
+    forwards (old log-probs and the training step) use those experts instead of its own top-k, so numerical
+    differences cannot make the two route a token differently (docs/megatron_backend.md, routing replay)."""
 
     def __post_init__(self) -> None:
         _check(self, "make_vocab_size_divisible_by", self.make_vocab_size_divisible_by >= 1, ">= 1")

@@ -125,6 +125,7 @@ def sampling_params(cfg, seed: int):
         max_new_tokens=r.max_new_tokens,
         stop_token_ids=tuple(r.stop_token_ids),
         seed=seed,
+        return_routed_experts=cfg.model.routing_replay,
     )
 
 
@@ -155,6 +156,7 @@ def generate_samples(
                 response_ids=list(out.response_ids),
                 rollout_logprobs=list(out.logprobs),
                 finish_reason=out.finish_reason,
+                routed_experts=out.routed_experts,
             )
             for out in outs
         ]

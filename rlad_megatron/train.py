@@ -360,11 +360,12 @@ def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, adva
     objective, trainer, cfg = run.objective, run.trainer, run.cfg
     with timer("logprobs"):
         old = trainer.compute_logprobs(samples, which="old") if objective.needs_old_logprobs else None
+        routing = trainer.routing_agreement() if old is not None else {}  # routing replay only
         ref = trainer.compute_logprobs(samples, which="ref") if objective.needs_ref else None
     advantages = compute_advantages(run, samples, old, step)
     if advantage_hook is not None:
         advantages = advantage_hook(step, advantages)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(routing)
     with timer("train"):
         for _epoch in range(cfg.train.ppo_epochs):
             for index in minibatches(samples, cfg.train.num_minibatches):

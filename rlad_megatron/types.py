@@ -49,6 +49,10 @@ class Sample:
     """GKD: teacher top-k token ids per response position, int32 [len(response_ids), k]."""
     teacher_topk_logprobs: np.ndarray | None = None
     """GKD: teacher log-probs of teacher_topk_ids, float32 [len(response_ids), k]."""
+    routed_experts: np.ndarray | None = None
+    """MoE routing replay (model.routing_replay): the top-k experts the rollout engine routed every fed token
+    to, int16 (int32 past 32767 experts) [len(prompt_ids) + len(response_ids) - 1, layers, k]; row p is the
+    token at position p of prompt + response (the last response token is never fed, so it has no row)."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -69,7 +73,7 @@ class Sample:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in TOPK_FIELDS:
+        for key in (*TOPK_FIELDS, "routed_experts"):
             if out[key] is not None:
                 out[key] = np.asarray(out[key]).tolist()
         return out
@@ -80,10 +84,21 @@ class Sample:
         for key, dtype in TOPK_FIELDS.items():
             if data.get(key) is not None:
                 data[key] = topk_array(data[key], dtype)
+        if data.get("routed_experts") is not None:
+            data["routed_experts"] = routed_experts_array(data["routed_experts"])
         return cls(**data)
 
 
 TOPK_FIELDS = {"teacher_topk_ids": np.int32, "teacher_topk_logprobs": np.float32}
+
+
+def routed_experts_array(rows) -> np.ndarray:
+    """[tokens, layers, k] int16 array (int32 when an id exceeds int16) from nested lists or an array."""
+    array = np.asarray(rows)
+    if array.ndim != 3:
+        raise ValueError(f"routed_experts must be [tokens, layers, k]; got shape {array.shape}")
+    dtype = np.int16 if array.size == 0 or array.max() <= np.iinfo(np.int16).max else np.int32
+    return array.astype(dtype, copy=False)
 
 
 def topk_array(rows, dtype) -> np.ndarray:

@@ -42,6 +42,9 @@ class SamplingParams:
     """Base seed; sample s of prompt i uses a seed derived from (seed, i, s). None: fresh randomness."""
     ignore_eos: bool = False
     """Do not stop on the model's EOS token(s) (stop_token_ids still stop)."""
+    return_routed_experts: bool = False
+    """MoE models: also return the experts each token was routed to (`GenerateOutput.routed_experts`). Not a
+    sampling knob: over HTTP it is SGLang's top-level `return_routed_experts` request field."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +75,10 @@ class GenerateOutput:
     """log-softmax(logits / temperature) of each response token, before top-p/top-k (module docstring)."""
     finish_reason: str
     """stop, length or abort."""
+    routed_experts: Any = None
+    """With `SamplingParams.return_routed_experts`: the top-k expert ids every MoE layer routed each input token
+    to, a numpy int16 (int32 past 32767 experts) array [len(prompt) + len(response) - 1, layers, k]: row p is
+    the token at position p (the last response token is never fed back, so it has no row), SGLang's layout."""
 
 
 @dataclass

@@ -40,7 +40,7 @@ from rlad_megatron.engines.base import (
     sample_seed,
 )
 from rlad_megatron.engines.fleet import AllServersDown, AllServersStale, ServerPool, StaleServer
-from rlad_megatron.engines.protocol import parse_finish_reason
+from rlad_megatron.engines.protocol import decode_routed_experts, parse_finish_reason
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -67,8 +67,11 @@ class HttpEngine:
         score_batch_size: int = 8,
         health_timeout_s: float = 30.0,
         context_length: int | None = None,
+        routes_shape: tuple[int, int] | None = None,
     ):
         self.context_length = context_length
+        self.routes_shape = routes_shape
+        """(MoE layers, experts per token) of the served model: needed to shape returned routed experts."""
         """The servers' context length (SGLang's context_len); when known, generate cuts max_new_tokens to what
         the context leaves and refuses over-long prompts before sending, as the embedded engine does."""
         self.pool = ServerPool(
@@ -218,7 +221,15 @@ class HttpEngine:
         if seed is not None:
             params["sampling_seed"] = seed
         payload = {"input_ids": prompt, "sampling_params": params, "return_logprob": True}
-        return await self._post("/generate", payload, sem, lambda b: parse_generate_response(b, sp.max_new_tokens))
+        routes = None
+        if sp.return_routed_experts:
+            if self.routes_shape is None:
+                raise ValueError("return_routed_experts needs the served model's (layers, k): pass routes_shape")
+            payload["return_routed_experts"] = True
+            routes = (len(prompt), *self.routes_shape)
+        return await self._post(
+            "/generate", payload, sem, lambda b: parse_generate_response(b, sp.max_new_tokens, routes)
+        )
 
     def score(self, ids: list[list[int]], response_start: list[int], top_k: int = 0) -> list[ScoreOutput]:
         check_prompts(ids)
@@ -377,8 +388,12 @@ class HttpEngine:
         self._thread.join(timeout=5)
 
 
-def parse_generate_response(body: dict[str, Any], max_new_tokens: int) -> GenerateOutput:
-    """One SGLang /generate answer -> GenerateOutput, checking it is complete and consistent."""
+def parse_generate_response(
+    body: dict[str, Any], max_new_tokens: int, routes: tuple[int, int, int] | None = None
+) -> GenerateOutput:
+    """One SGLang /generate answer -> GenerateOutput, checking it is complete and consistent.
+
+    `routes` = (prompt length, layers, k) when routed experts were asked for (meta_info.routed_experts)."""
     if isinstance(body, list):
         if len(body) != 1:
             raise ValueError(f"expected one output, got {len(body)}")
@@ -394,4 +409,13 @@ def parse_generate_response(body: dict[str, Any], max_new_tokens: int) -> Genera
         raise ValueError(f"server aborted the request: {meta.get('finish_reason')}")
     if len(ids) > max_new_tokens:
         raise ValueError(f"server returned {len(ids)} tokens for max_new_tokens={max_new_tokens}")
-    return GenerateOutput(ids, lps, reason)
+    out = GenerateOutput(ids, lps, reason)
+    if routes is not None:
+        if not meta.get("routed_experts"):
+            raise ValueError(
+                "server returned no routed_experts: start SGLang with --enable-return-routed-experts "
+                "(rlad serve returns them for MoE models)"
+            )
+        prompt_len, layers, topk = routes
+        out.routed_experts = decode_routed_experts(meta["routed_experts"], prompt_len + len(ids) - 1, layers, topk)
+    return out

@@ -40,6 +40,8 @@ from rlad_megatron.engines.base import (
 from rlad_megatron.engines.model import (
     DecoderModel,
     KVCache,
+    Routes,
+    compact_expert_ids,
     iter_safetensors,
     load_model,
     read_config,
@@ -89,6 +91,8 @@ class _Rows:
         self.stops = torch.full((cap, max_stops), -1, dtype=torch.int64)
         self.out_tok = torch.zeros(width, cap, dtype=torch.int64)
         self.out_lp = torch.zeros(width, cap)
+        self.out_routes: torch.Tensor | None = None
+        """[width, cap, layers, k] experts of each decode step's input token, once a row asks for them."""
         self._per_row = [
             self.next_tok,
             self.lens,
@@ -135,11 +139,21 @@ class _Rows:
         slots = (self.start_g[r] + torch.arange(k)) % self.width
         return self.out_tok[slots, r].tolist(), self.out_lp[slots, r].tolist()
 
+    def routes(self, r: int) -> torch.Tensor:
+        """Experts of the row's fed tokens: the prompt's (from its prefill), then every generated token but the
+        last (the decode step after sampling token j feeds it and writes slot start_g + 1 + j)."""
+        slots = (self.start_g[r] + 1 + torch.arange(int(self.ngen[r]) - 1)) % self.width
+        decoded = self.out_routes[slots, r] if self.out_routes is not None else None
+        prompt = self.work[r].meta["prompt_routes"]
+        return prompt if decoded is None else torch.cat([prompt, decoded])
+
     def move(self, src: int, dst: int) -> None:
         for t in self._per_row:
             t[dst] = t[src]
         self.out_tok[:, dst] = self.out_tok[:, src]
         self.out_lp[:, dst] = self.out_lp[:, src]
+        if self.out_routes is not None:
+            self.out_routes[:, dst] = self.out_routes[:, src]
         self.start_g[dst], self.end_g[dst] = self.start_g[src], self.end_g[src]
         self.work[dst], self.work[src] = self.work[src], None
 
@@ -215,6 +229,10 @@ class EmbeddedEngine:
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)))
         stops = request_rules.stop_tokens(sampling.stop_token_ids, self.spec.eos_token_ids, sampling.ignore_eos)
+        if sampling.return_routed_experts and not self.spec.num_experts:
+            raise ValueError(
+                f"return_routed_experts needs an MoE model; {self.model_dir} ({self.spec.model_type}) has no experts"
+            )
         return Work(list(prompt), sampling, int(seed), done, stops, tag)
 
     def run_batch(
@@ -278,9 +296,17 @@ class EmbeddedEngine:
         tokens = torch.zeros(len(live), T, dtype=torch.int64)
         for j, w in enumerate(live):
             tokens[j, : len(w.prompt_ids)] = torch.tensor(w.prompt_ids)
+        routes = Routes() if any(w.sampling.return_routed_experts for w in live) else None
         hidden = self.model.forward(
-            tokens, torch.arange(T).expand(len(live), T), cache, rows=torch.arange(sl.start, sl.stop)
+            tokens, torch.arange(T).expand(len(live), T), cache, rows=torch.arange(sl.start, sl.stop), routes=routes
         )
+        if routes is not None:
+            chosen = routes.stacked().to(torch.int16 if self.spec.num_experts <= 32767 else torch.int32)
+            for j, w in enumerate(live):
+                w.meta["prompt_routes"] = chosen[j, : len(w.prompt_ids)].clone()
+            if rows.out_routes is None:
+                layers_k = chosen.shape[-2:]
+                rows.out_routes = torch.zeros(rows.width, len(rows.work), *layers_k, dtype=chosen.dtype)
         last = hidden[torch.arange(len(live)), lengths - 1]
         return finished + self._sample_and_record(rows, cache, self.model.logits(last), sl.start, sl.stop)
 
@@ -288,7 +314,10 @@ class EmbeddedEngine:
         n = rows.n
         attn_len = rows.max_lens + 1
         rows.g += 1  # a new global step: every active row writes ring slot g % width
-        hidden = self.model.decode(rows.next_tok[:n], rows.lens[:n], cache, attn_len)
+        routes = Routes() if rows.out_routes is not None else None
+        hidden = self.model.decode(rows.next_tok[:n], rows.lens[:n], cache, attn_len, routes)
+        if routes is not None:
+            rows.out_routes[rows.g % rows.width, :n] = routes.stacked()
         rows.lens[:n] += 1
         rows.max_lens += 1
         return self._sample_and_record(rows, cache, self.model.logits(hidden), 0, n)
@@ -322,6 +351,8 @@ class EmbeddedEngine:
             w = rows.work[r]
             ids, lps = rows.outputs(r)
             out = GenerateOutput(ids, lps, "stop" if reasons[r] else "length")
+            if w.sampling.return_routed_experts:
+                out.routed_experts = compact_expert_ids(rows.routes(r), self.spec.num_experts)
             w.meta["matched"] = ids[-1] if reasons[r] else None
             self._release(rows, cache, r)
             w.done(w, out)

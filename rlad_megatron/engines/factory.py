@@ -136,6 +136,16 @@ def context_length(engine_cfg, model_dir: str) -> int | None:
     return int(value) if value else None
 
 
+def routes_shape(model_dir: str) -> tuple[int, int]:
+    """(MoE layers, experts per token) of the served model, to shape the routed experts servers return."""
+    from rlad_megatron.engines.model import read_config
+
+    config = read_config(model_dir)
+    if not config.get("num_experts_per_tok"):
+        raise ValueError(f"model.routing_replay needs an MoE model; {model_dir} has no num_experts_per_tok")
+    return int(config["num_hidden_layers"]), int(config["num_experts_per_tok"])
+
+
 def _client_kwargs(engine_cfg) -> dict:
     return {
         "max_concurrency": engine_cfg.max_concurrency,
@@ -159,8 +169,18 @@ class FleetEngine:
         self.fleet.stop()
 
 
-def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str = "", gpu_offset: int = 0):
-    """An Engine for `role` ('rollout' or 'teacher') serving the HF folder `model_dir`."""
+def build_engine(
+    engine_cfg,
+    model_dir: str,
+    role: str = "rollout",
+    log_dir: str = "",
+    gpu_offset: int = 0,
+    record_routes: bool = False,
+):
+    """An Engine for `role` ('rollout' or 'teacher') serving the HF folder `model_dir`.
+
+    `record_routes` (MoE routing replay): launched SGLang servers get --enable-return-routed-experts, and HTTP
+    clients learn the model's (layers, k) to shape the routes the servers return."""
     if role not in ROLES:
         raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
     kind = resolve_kind(engine_cfg)
@@ -181,16 +201,20 @@ def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str
             list(engine_cfg.urls),
             api_key=resolve_api_key(engine_cfg),
             context_length=context_length(engine_cfg, model_dir),
+            routes_shape=routes_shape(model_dir) if record_routes else None,
             **_client_kwargs(engine_cfg),
         )
     if kind == "sglang":
         from rlad_megatron.engines.sglang_fleet import SGLangFleet
 
         check_sglang(engine_cfg)
+        server_args = dict(engine_cfg.server_args)
+        if record_routes:
+            server_args["enable_return_routed_experts"] = True
         fleet = SGLangFleet(
             model_dir,
             engine_cfg.num_servers,
-            engine_cfg.server_args,
+            server_args,
             log_dir or os.path.join("logs", f"{role}_fleet"),
             host=engine_cfg.host,
             api_key=resolve_api_key(engine_cfg),
@@ -199,6 +223,7 @@ def build_engine(engine_cfg, model_dir: str, role: str = "rollout", log_dir: str
             startup_timeout_s=engine_cfg.startup_timeout_s,
             python=sglang_python(engine_cfg),
             context_length=context_length(engine_cfg, model_dir),
+            routes_shape=routes_shape(model_dir) if record_routes else None,
             **_client_kwargs(engine_cfg),
         )
         return FleetEngine(fleet.start())

@@ -13,7 +13,8 @@ update by HF name (`load_tensors`) writes straight into the fused weight.
 Qwen3-MoE: every MLP is a routed block as in transformers: router logits, softmax over all
 experts in fp32, top-k, renormalised when `norm_topk_prob`, weights cast back to the model dtype;
 each expert's SwiGLU runs on the tokens routed to it. Experts are stored stacked (`[E, 2F, H]`,
-`[E, H, F]`), one view per HF expert tensor.
+`[E, H, F]`), one view per HF expert tensor. `Routes` records the experts of every token (MoE routing replay:
+the trainer replays them) or forces given ones (weights: the router's probabilities of them).
 
 Left out (refused by name): dynamic / longrope RoPE, partial rotary, sliding-window attention,
 o_proj / MLP biases, shared experts / dense layers inside MoE models; quantised checkpoints.
@@ -115,6 +116,27 @@ def iter_safetensors(model_dir: str | Path) -> Iterable[tuple[str, torch.Tensor]
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield key, f.get_tensor(key)
+
+
+class Routes:
+    """MoE routing of one forward: `chosen` gets each MoE layer's expert ids, [..., k] over the token dims of
+    the call (layer order); `forced` ([..., layers, k], optional) makes the layers use those experts instead
+    of their own top-k. `stacked()` is [..., layers, k]."""
+
+    def __init__(self, forced: torch.Tensor | None = None):
+        self.forced = forced
+        self.chosen: list[torch.Tensor] = []
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.chosen, dim=-2)
+
+
+def compact_expert_ids(ids, num_experts: int):
+    """Expert ids as the smallest numpy integer type that holds them (int16 up to 32767 experts, else int32)."""
+    import numpy as np
+
+    dtype = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int32
+    return np.asarray(ids.cpu().numpy() if isinstance(ids, torch.Tensor) else ids, dtype=dtype)
 
 
 class DecoderModel:
@@ -256,12 +278,14 @@ class DecoderModel:
         positions: torch.Tensor,
         cache: KVCache | None = None,
         rows: torch.Tensor | None = None,
+        routes: Routes | None = None,
     ) -> torch.Tensor:
         """Prefill: hidden states after the final norm, [B, T, hidden].
 
         tokens, positions: [B, T] with positions 0..T-1 in every row. Causal attention within the
         T tokens (right padding is harmless: real tokens never attend later positions); K/V are
-        written to cache rows `rows` at positions 0..T-1 when a cache is given.
+        written to cache rows `rows` at positions 0..T-1 when a cache is given. `routes` (MoE only)
+        records the experts every token was routed to, or forces them (see `Routes`).
         """
         s = self.spec
         B, T = tokens.shape
@@ -281,19 +305,28 @@ class DecoderModel:
             x += F.linear(attn.reshape(B, T, self.q_size), L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
             if s.num_experts:
-                x += self._moe(L, h)
+                x += self._moe(L, h, li, routes)
                 continue
             inter = s.intermediate_size  # contiguous halves: elementwise ops on large strided views are slower
             gate, up = F.linear(h, L["gate_up"][:inter]), F.linear(h, L["gate_up"][inter:])
             x += F.linear(F.silu(gate).mul_(up), L["down"])
         return F.rms_norm(x, (s.hidden_size,), self.final_norm, s.eps)
 
-    def _moe(self, L: dict, h: torch.Tensor) -> torch.Tensor:
-        """Routed experts on h [..., hidden], HF Qwen3-MoE routing (see the module docstring)."""
+    def _moe(self, L: dict, h: torch.Tensor, layer: int, routes: Routes | None = None) -> torch.Tensor:
+        """Routed experts on h [..., hidden], HF Qwen3-MoE routing (see the module docstring).
+
+        With `routes.forced` the experts are the given ones and their weights the router's probabilities of
+        them (what Megatron's router replay does); `routes.chosen` receives the experts used."""
         s = self.spec
         flat = h.reshape(-1, s.hidden_size)
         probs = torch.softmax(F.linear(flat, L["router"]), dim=-1, dtype=torch.float32)
-        weights, chosen = torch.topk(probs, s.moe_topk, dim=-1)
+        if routes is not None and routes.forced is not None:
+            chosen = routes.forced[..., layer, :].reshape(-1, s.moe_topk).to(torch.int64)
+            weights = probs.gather(-1, chosen)
+        else:
+            weights, chosen = torch.topk(probs, s.moe_topk, dim=-1)
+        if routes is not None:
+            routes.chosen.append(chosen.view(*h.shape[:-1], s.moe_topk))
         if s.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(flat.dtype)
@@ -315,7 +348,9 @@ class DecoderModel:
         rotated = torch.cat((qk[..., D // 2 :], qk[..., : D // 2]), dim=-1).mul_(sin)
         return (qk * cos).add_(rotated)  # in place where possible: prefill is memory-bound
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn_len: int) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn_len: int, routes: Routes | None = None
+    ) -> torch.Tensor:
         """One decode step for rows [0, B) of the cache: hidden after the final norm, [B, hidden].
 
         tokens, positions: [B]. K/V are written at `positions`; attention covers cache[:, :attn_len]
@@ -346,7 +381,7 @@ class DecoderModel:
             x += F.linear(attn, L["o"])
             h = F.rms_norm(x, (s.hidden_size,), L["ln2"], s.eps)
             if s.num_experts:
-                x += self._moe(L, h)
+                x += self._moe(L, h, li, routes)
                 continue
             gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)  # one fused matmul for tiny decode steps
             x += F.linear(F.silu(gate).mul_(up), L["down"])

@@ -16,7 +16,9 @@ manager):
             "cached_tokens", "weight_version", "e2e_latency", and with return_logprob:
             "input_token_logprobs", "output_token_logprobs" as [logprob, token_id, text|None]
             triples, "input_top_logprobs" / "output_top_logprobs" (lists of triples per position)
-            when top_logprobs_num > 0}}. The first input entry has logprob None (SGLang pads it).
+            when top_logprobs_num > 0; with return_routed_experts (MoE models): "routed_experts", base64 of
+            int32 [len(input) + len(output) - 1 - routed_experts_start_len, layers, k], the experts every
+            fed token was routed to}}. The first input entry has logprob None (SGLang pads it).
   batch     with n > 1 SGLang repeats the whole batch n times: output k is prompt k % B, sample k // B.
 Errors are 4xx with {"error": {"message": ...}}, SGLang's shape. Unsupported SGLang features
 (stop strings, penalties, min_p, streaming, LoRA) are refused by name, never ignored.
@@ -51,6 +53,8 @@ TOP_LEVEL_KEYS = {
     "background",
     "return_bytes",
     "return_entropy",
+    "return_routed_experts",
+    "routed_experts_start_len",
 }
 # GenerateReqInput fields sglang-router fills in with their defaults: accepted only while they are off
 MUST_BE_OFF = ("stream", "return_hidden_states", "background", "return_bytes", "return_entropy")
@@ -106,6 +110,8 @@ class GenRequest:
     top_logprobs_num: int = 0
     rid: str | None = None
     max_new_tokens_given: bool = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
 
 
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
@@ -223,6 +229,7 @@ def parse_generate(
         req = GenRequest(list(p))
         _sampling(sp, req, vocab_size)
         _logprob_fields(body, req, vocab_size, i, len(prompts), single)
+        _routed_experts_fields(body, req)
         _apply_rules(req, max_context, allow_auto_truncate)
         reqs.append(req)
     if len({r.n for r in reqs}) > 1:
@@ -230,6 +237,16 @@ def parse_generate(
     if sum(r.n for r in reqs) > max_prompts:
         raise RequestError(f"{sum(r.n for r in reqs)} samples exceed the per-request limit {max_prompts}", status=413)
     return reqs
+
+
+def _routed_experts_fields(body: dict[str, Any], req: GenRequest) -> None:
+    """SGLang's return_routed_experts / routed_experts_start_len (in [0, prompt tokens], as its scheduler checks)."""
+    if body.get("return_routed_experts") is not None:
+        req.return_routed_experts = _bool(body["return_routed_experts"], "return_routed_experts")
+    if body.get("routed_experts_start_len") is not None:
+        req.routed_experts_start_len = _int(
+            body["routed_experts_start_len"], "routed_experts_start_len", 0, len(req.input_ids)
+        )
 
 
 def _prompts(body: dict[str, Any], vocab_size: int, tokenizer) -> tuple[bool, list[list[int]]]:
@@ -326,3 +343,27 @@ def parse_finish_reason(meta: dict[str, Any]) -> str:
     if kind not in ("stop", "length", "abort"):
         raise ValueError(f"unexpected finish_reason {fr!r} in server response")
     return kind
+
+
+def encode_routed_experts(routes: Any) -> str:
+    """[tokens, layers, k] expert ids -> SGLang's meta_info.routed_experts: base64 of the int32 bytes."""
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.ascontiguousarray(routes, dtype=np.int32).tobytes()).decode("ascii")
+
+
+def decode_routed_experts(text: str, tokens: int, layers: int, topk: int) -> Any:
+    """SGLang's base64 int32 routed experts -> an int16 (int32 past 32767) numpy array [tokens, layers, k]."""
+    import base64
+
+    import numpy as np
+
+    flat = np.frombuffer(base64.b64decode(text), dtype=np.int32)
+    if flat.size != tokens * layers * topk:
+        raise ValueError(
+            f"routed_experts holds {flat.size} ids; expected {tokens} tokens x {layers} layers x {topk} experts"
+        )
+    small = flat.size == 0 or int(flat.max()) <= np.iinfo(np.int16).max
+    return flat.reshape(tokens, layers, topk).astype(np.int16 if small else np.int32)

@@ -41,6 +41,7 @@ from rlad_megatron.engines.base import GenerateOutput, SamplingParams, sample_se
 from rlad_megatron.engines.protocol import (
     GenRequest,
     RequestError,
+    encode_routed_experts,
     finish_reason,
     parse_generate,
     triples,
@@ -158,7 +159,15 @@ class ServerState:
                 fut = loop.create_future()
                 futures.append(fut)
                 sp = SamplingParams(
-                    r.temperature, r.top_p, r.top_k, r.max_new_tokens, tuple(r.stop_token_ids), None, r.ignore_eos
+                    r.temperature,
+                    r.top_p,
+                    r.top_k,
+                    r.max_new_tokens,
+                    tuple(r.stop_token_ids),
+                    None,
+                    r.ignore_eos,
+                    # a dense model returns no routes, as SGLang without a routed-experts capturer
+                    return_routed_experts=r.return_routed_experts and bool(self.engine.spec.num_experts),
                 )
                 seed = r.seed if n == 1 else sample_seed(r.seed, 0, j)
 
@@ -209,6 +218,8 @@ class ServerState:
         }
         if r.return_logprob:
             await self._add_logprobs(meta, r, out, input_score)
+        if out.routed_experts is not None:
+            meta["routed_experts"] = encode_routed_experts(out.routed_experts[r.routed_experts_start_len :])
         text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         return {"text": text, "output_ids": ids, "meta_info": meta}
 

@@ -7,6 +7,9 @@ argv: <work_dir>. The pytest side wrote a tiny random Qwen3-MoE HF model (4 expe
   2. EP=2 (DP=2, two experts per rank): logits on `IDS`, the trainer's DP/EP-split
      `forward_backward` loss and gradients (experts gathered over EP by their global names), and a
      `write_hf_folder` export to `<work_dir>/export/step_1` (each EP rank writes its own experts).
+  3. routing replay (`model.routing_replay`) at EP=1, EP=2 and TP=2 with sequence parallelism: samples
+     carrying seeded random experts (not the router's own): forward-only log-probs and the
+     `forward_backward` loss.
 Rank 0 saves the results to `<work_dir>/result.pt`.
 """
 
@@ -22,14 +25,23 @@ from test_megatron_worker import inputs, make_cfg, make_samples, old_logprobs_fo
 IDS = [[5, 17, 42, 9, 77, 3, 61, 28, 14, 90, 33, 7], [64, 2, 8, 99, 41, 12, 56, 70, 21, 6, 38, 11]]
 
 
-def build(hf: Path, ep: int):
+def build(hf: Path, ep: int, routing_replay: bool = False, tp: int = 1):
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.backends.megatron.checkpoint_convert import load_hf_weights
+    from rlad_megatron.backends.megatron.parallel import init_parallel
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
 
-    cfg = make_cfg()
+    cfg = make_cfg(tp=tp, sp=tp > 1)
     cfg.parallel.expert_model_parallel_size = ep
-    return MegatronTrainer(cfg, build_objective(cfg.algorithm), hf_config=hf, weight_loader=load_hf_weights)
+    cfg.model.routing_replay = routing_replay
+    parallel = init_parallel(cfg.parallel, cfg.seed)
+    return MegatronTrainer(
+        cfg,
+        build_objective(cfg.algorithm),
+        hf_config=hf,
+        parallel=parallel,
+        weight_loader=lambda chunks, folder: load_hf_weights(chunks, folder, tp_group=parallel.tp_group),
+    )
 
 
 def logits(trainer) -> torch.Tensor:
@@ -50,6 +62,32 @@ def global_grads(trainer) -> dict[str, torch.Tensor]:
     return {k: v for part in parts for k, v in part.items()}
 
 
+def with_random_routes(samples, layers: int = 2, topk: int = 2, experts: int = 4):
+    """Copies of the samples carrying seeded random experts (the same on every rank) for every fed token."""
+    import dataclasses
+
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for s in samples:
+        rows = len(s.prompt_ids) + len(s.response_ids) - 1
+        routes = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(rows * layers)])
+        out.append(dataclasses.replace(s, routed_experts=routes.view(rows, layers, topk).numpy().astype(np.int16)))
+    return out
+
+
+def replay_results(hf: Path, samples, adv, old, results: dict) -> None:
+    routed = with_random_routes(samples)
+    for ep in (1, 2):
+        tr = build(hf, ep=ep, routing_replay=True)
+        results[f"replay_logprobs_ep{ep}"] = tr.compute_logprobs(routed)
+        results[f"replay_loss_ep{ep}"] = tr.forward_backward(routed, adv, 0, old_logprobs=old)["loss"]
+    tr = build(hf, ep=1, routing_replay=True, tp=2)  # sequence parallel: each TP rank replays its slice of the row
+    results["replay_logprobs_tp2sp"] = tr.compute_logprobs(routed)
+    results["replay_loss_tp2sp"] = tr.forward_backward(routed, adv, 0, old_logprobs=old)["loss"]
+
+
 def main() -> None:
     from rlad_megatron.backends.megatron.weight_export import write_hf_folder
 
@@ -60,6 +98,7 @@ def main() -> None:
     adv = inputs(samples)
 
     single = build(hf, ep=1)
+    results["natural_logprobs"] = single.compute_logprobs(samples)
     old = old_logprobs_for(single, samples)
     results["logits_ep1"] = logits(single)
     ref_loss, ref_grads, _ = reference_loss_and_grads(single, samples, adv, old)
@@ -85,6 +124,7 @@ def main() -> None:
     all_experts = [None] * dist.get_world_size()
     dist.all_gather_object(all_experts, results["local_experts"])
     results["experts_per_rank"] = all_experts
+    replay_results(hf, samples, adv, old, results)
     if dist.get_rank() == 0:
         torch.save(results, work / "result.pt")
     dist.barrier()

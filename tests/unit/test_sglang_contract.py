@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import contextlib
 import difflib
 import functools
@@ -848,6 +849,10 @@ def fake_generate(body: dict, weight_version: str) -> Any:
                     [[-0.5, t, None], *others] for t in prompt[start + 1 :]
                 ]
                 meta["output_top_logprobs"] = [[[-0.25, t, None], *others] for t in out]
+        if body.get("return_routed_experts"):  # base64 int32 [fed tokens, layers, k]; this fake: 2 layers, top-2
+            start = body.get("routed_experts_start_len", 0)
+            rows = len(prompt) + len(out) - 1 - start
+            meta["routed_experts"] = base64.b64encode(bytes(4 * rows * 2 * 2)).decode("ascii")
         outs.append({"text": "", "output_ids": out, "meta_info": meta})
     return outs[0] if not batch and n == 1 else outs
 
@@ -873,6 +878,19 @@ def drive_generate(rec: Recorder, tmp_path: Path) -> None:
         outs = engine.generate([[1, 2, 3], [4, 5]], sp, n=2)
         assert [len(o) for o in outs] == [2, 2] and outs[0][0].finish_reason == "stop"
         engine.generate([[1, 2]], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True))  # greedy, no seed
+    finally:
+        engine.close()
+
+
+def drive_generate_routed_experts(rec: Recorder, tmp_path: Path) -> None:
+    """MoE routing replay: return_routed_experts on /generate, the answer decoded to [fed tokens, layers, k]."""
+    from rlad_megatron.engines.base import SamplingParams
+    from rlad_megatron.engines.client import HttpEngine
+
+    engine = HttpEngine([rec.url], api_key=API_KEY, request_timeout_s=20.0, max_retries=1, routes_shape=(2, 2))
+    try:
+        (outs,) = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, seed=1, return_routed_experts=True))
+        assert outs[0].routed_experts.shape == (3 + len(outs[0].response_ids) - 1, 2, 2)
     finally:
         engine.close()
 
@@ -935,6 +953,7 @@ def drive_weight_sync(rec: Recorder, tmp_path: Path) -> None:
 
 DRIVERS: dict[str, Callable[[Recorder, Path], None]] = {
     "generate": drive_generate,
+    "generate_routed_experts": drive_generate_routed_experts,
     "score": drive_score,
     "update_weights_from_disk": drive_update_from_disk_and_rejoin,
     "wait_healthy": drive_wait_healthy,
@@ -1139,6 +1158,7 @@ def test_fleet_starts_sglang_with_real_flags(facts):
         "mem_fraction_static": 0.8,
         "enable_deterministic_inference": True,
         "disable_radix_cache": False,
+        "enable_return_routed_experts": True,  # what rollout.kind=sglang adds under model.routing_replay
     }
     argv = sglang_server_cmd("/models/m", 30000, "127.0.0.1", args, 2, api_key="k")
     assert "--tp-size" in argv and "--enable-deterministic-inference" in argv

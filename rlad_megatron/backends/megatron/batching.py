@@ -20,7 +20,9 @@ TP / PP rank of a DP replica computes the same packs).
 Batch keys follow `rlad_megatron.algorithms` (one spelling per concept): `tokens, position_ids,
 targets, mask, seq_weights` plus the per-token keys given by the caller (`advantages,
 old_logprobs, teacher_logprobs, ref_logprobs, rollout_logprobs`) and, for GKD,
-`teacher_topk_ids` / `teacher_topk_logprobs` `[1, T, K]`.
+`teacher_topk_ids` / `teacher_topk_logprobs` `[1, T, K]`; with routing replay (`routes=True`),
+`routed_experts` `[1, T, layers, k]` int16: the rollout engine's experts of the token at each input
+position (-1 on padding; backends/megatron/routing_replay.py).
 
 Context parallelism (CP ranks share one packed row): `pack_samples(pad_sequences_to=2 * CP)` pads
 every sequence to a multiple of 2*CP (the pad positions carry no loss and, being after the real
@@ -193,10 +195,12 @@ def pack_samples(
     pad_to_length: int = 0,
     topk: bool = False,
     pad_sequences_to: int = 1,
+    routes: bool = False,
 ) -> PackedBatch:
     """Pack samples into one row. `per_token[key][i]` holds one value per response token of sample i.
 
-    `pad_sequences_to`: every sequence is padded to a multiple of it (context parallelism)."""
+    `pad_sequences_to`: every sequence is padded to a multiple of it (context parallelism); `routes`: add
+    the samples' `routed_experts` as a per-position column."""
     per_token = per_token or {}
     lengths = [_round_up(sequence_length(s), pad_sequences_to) for s in samples]
     total = sum(lengths)
@@ -206,6 +210,7 @@ def pack_samples(
     cols = {k: torch.zeros(padded, dtype=torch.long) for k in ("tokens", "targets", "position_ids")}
     floats = {k: torch.zeros(padded) for k in ("mask", "seq_weights", *per_token)}
     topk_cols = _topk_buffers(samples, padded) if topk else {}
+    route_col = _routes_buffer(samples, padded) if routes else None
     spans, offset, bounds = [], 0, [0]
     for i, (sample, length) in enumerate(zip(samples, lengths)):
         _check_sample(i, sample)
@@ -223,12 +228,15 @@ def pack_samples(
         for key, values in per_token.items():
             _fill(floats[key], start, values[i], n_resp, key, i)
         _fill_topk(topk_cols, start, sample, n_resp)
+        if route_col is not None:
+            route_col[offset : offset + real] = torch.from_numpy(np.asarray(sample.routed_experts, dtype=np.int16))
         spans.append((start, start + n_resp))
         offset += length
         bounds.append(offset)
     if padded > offset:
         bounds.append(padded)  # the padding tail attends only to itself
-    tensors = {k: v.unsqueeze(0) for k, v in {**cols, **floats, **topk_cols}.items()}
+    extra = {"routed_experts": route_col} if route_col is not None else {}
+    tensors = {k: v.unsqueeze(0) for k, v in {**cols, **floats, **topk_cols, **extra}.items()}
     seqlens = [b - a for a, b in itertools.pairwise(bounds)]
     return PackedBatch(
         tensors=tensors,
@@ -264,6 +272,29 @@ def _topk_buffers(samples: Sequence[Sample], padded: int) -> dict[str, torch.Ten
     }
 
 
+def _routes_buffer(samples: Sequence[Sample], padded: int) -> torch.Tensor:
+    """A -1-filled int16 [padded, layers, k] column, after checking every sample carries routes of one shape
+    covering its fed tokens (prompt + response - 1)."""
+    shape = None
+    for i, sample in enumerate(samples):
+        got = sample.routed_experts
+        if got is None:
+            raise ValueError(
+                f"sample {i} has no routed_experts; model.routing_replay needs rollouts from an engine that returns "
+                "them (the embedded engine, rlad serve, or SGLang started with --enable-return-routed-experts)"
+            )
+        want = len(sample.prompt_ids) + len(sample.response_ids) - 1
+        if np.ndim(got) != 3 or len(got) != want or (shape is not None and np.shape(got)[1:] != shape):
+            raise ValueError(
+                f"sample {i}: routed_experts has shape {np.shape(got)}; expected [{want}, layers, k] "
+                f"(prompt + response - 1 tokens{'' if shape is None else f', layers and k {shape} as the others'})"
+            )
+        shape = np.shape(got)[1:]
+    if shape is not None and np.iinfo(np.int16).max < max(int(np.max(s.routed_experts, initial=0)) for s in samples):
+        raise ValueError("routed_experts ids exceed int16; more than 32767 experts are not supported")
+    return torch.full((padded, *(shape or (0, 0))), -1, dtype=torch.int16)
+
+
 def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp: int) -> None:
     if not cols:
         return
@@ -285,6 +316,7 @@ def make_micro_batches(
     topk: bool = False,
     pad_sequences_to: int = 1,
     pad_to_length: int = 0,
+    routes: bool = False,
 ) -> list[PackedBatch]:
     """Dynamic micro-batches by token budget; `sample_indices` refer to `samples`.
 
@@ -304,6 +336,7 @@ def make_micro_batches(
             pad_to_length=pad_len if uniform_length else 0,
             topk=topk,
             pad_sequences_to=pad_sequences_to,
+            routes=routes,
         )
         batch.sample_indices = list(indices)
         batches.append(batch)
@@ -315,6 +348,8 @@ def filler_batch(like: PackedBatch) -> PackedBatch:
     tensors = {k: v.clone() for k, v in like.tensors.items()}
     for key in ("mask", "seq_weights"):
         tensors[key].zero_()
+    if "routed_experts" in tensors:
+        tensors["routed_experts"].fill_(-1)  # no engine routes: not counted in the routing agreement
     return PackedBatch(
         tensors=tensors, cu_seqlens=like.cu_seqlens.clone(), max_seqlen=like.max_seqlen, sample_indices=[]
     )

@@ -207,6 +207,9 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
     )
     if model_type in MOE_MODEL_TYPES:
         fields.update(moe_settings(hf_config, parallel_cfg.expert_model_parallel_size))
+        fields["moe_enable_routing_replay"] = bool(model_cfg.routing_replay)
+    elif model_cfg.routing_replay:
+        raise ValueError(f"model.routing_replay=true needs an MoE student; {model_type} is dense: set it to false")
     elif parallel_cfg.expert_model_parallel_size != 1:
         raise ValueError(
             f"parallel.expert_model_parallel_size={parallel_cfg.expert_model_parallel_size} needs an MoE "
@@ -215,6 +218,11 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
     if _use_te(model_cfg) and model_cfg.fp8:
         fields.update(fp8=model_cfg.fp8, fp8_recipe="delayed")
     fields.update(model_cfg.megatron or {})
+    if model_cfg.routing_replay and fields.get("recompute_granularity"):
+        raise ValueError(
+            "model.routing_replay=true with activation recomputation (model.megatron.recompute_granularity) is not "
+            "supported: the recomputed forward would route on its own; drop recompute_granularity"
+        )
     config = TransformerConfig(**fields)
     if attention_factor != 1.0:
         for name, value in _yarn_concentration_fields(attention_factor).items():

@@ -32,6 +32,9 @@ the same global counts, so the step loss is the sum of shares over micro-batches
 (metrics are summed over the DP x CP group; Megatron's DDP sums gradients over DP x CP).
 Forward-only log-probs are all-gathered over the CP group and put back in row order.
 
+Routing replay (`model.routing_replay`, MoE students): the samples' engine routes travel as a packed
+column and every student forward runs inside `ReplayRouters.replaying` (backends/megatron/routing_replay.py).
+
 Left out: virtual pipeline stages, overlapping grad reduce / param gather with compute, fp16 loss scaling,
 context parallelism with pipeline parallelism.
 """
@@ -65,6 +68,7 @@ from rlad_megatron.backends.megatron.logprobs import (
 )
 from rlad_megatron.backends.megatron.model import build_model
 from rlad_megatron.backends.megatron.parallel import ParallelContext, init_parallel
+from rlad_megatron.backends.megatron.routing_replay import ReplayRouters, router_rows
 from rlad_megatron.types import Sample
 
 if TYPE_CHECKING:
@@ -111,6 +115,10 @@ class MegatronTrainer:
         self.config.finalize_model_grads_func = _finalize_without_token_scaling
         self.config.no_sync_func = self.model[0].no_sync
         self.num_updates = 0
+        self.replay_routers = (
+            {id(chunk): ReplayRouters(chunk) for chunk in self.model} if cfg.model.routing_replay else {}
+        )
+        """Routing replay (model.routing_replay): the student chunks' routers, by id of the DDP chunk."""
 
     # ---------------------------------------------------------------- construction
     def _build_reference(self, student_chunks: list, weight_loader) -> list:
@@ -185,7 +193,9 @@ class MegatronTrainer:
         )
 
     # ---------------------------------------------------------------- batches
-    def _micro_batches(self, samples: Sequence[Sample], per_token: dict[str, list], topk: bool = False):
+    def _micro_batches(
+        self, samples: Sequence[Sample], per_token: dict[str, list], topk: bool = False, routes: bool = False
+    ):
         """This DP rank's packed micro-batches, and the indices (into `samples`) of its share."""
         shard = split_for_data_parallel(samples, self.parallel.data_parallel_size)[self.parallel.dp_rank]
         if not shard:
@@ -213,6 +223,7 @@ class MegatronTrainer:
                 topk=topk,
                 pad_sequences_to=2 * cp if cp > 1 else 1,
                 pad_to_length=pad_to_length,
+                routes=routes,
             )
 
         batches = pack()
@@ -251,9 +262,29 @@ class MegatronTrainer:
             max_seqlen_q=batch.max_seqlen,
             max_seqlen_kv=batch.max_seqlen,
         )
-        with self._hidden_states_out(model):
+        replay = self.replay_routers.get(id(model)) if "routed_experts" in t else None
+        routing = contextlib.nullcontext() if replay is None else replay.replaying(self._router_rows(t))
+        with self._hidden_states_out(model), routing:
             output = model(t["tokens"], t["position_ids"], None, packed_seq_params=packed)
         return output, functools.partial(loss_fn, batch)
+
+    def _router_rows(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The engine's routes of the tokens this rank's routers see ([tokens, layers, k])."""
+        return router_rows(
+            tensors["routed_experts"][0],
+            self.parallel.tp_rank,
+            self.parallel.tensor_model_parallel_size,
+            self.config.sequence_parallel,
+        )
+
+    def routing_agreement(self) -> dict[str, float]:
+        """Routing replay: the share of (token, layer) pairs of the last `compute_logprobs(which="old")` whose
+        own top-k expert set equals the rollout engine's (over every rank); {} without routing replay."""
+        if not self.replay_routers:
+            return {}
+        counts = sum(r.counts for r in self.replay_routers.values()).to(self.parallel.device)
+        dist.all_reduce(counts)  # replicas (TP without SP) scale both counts alike: the ratio is unchanged
+        return {"routing/agreement": float(counts[0] / counts[1])} if counts[1] > 0 else {}
 
     def _chunked(self) -> bool:
         return self.cfg.model.logprob_chunk_size > 0
@@ -361,7 +392,10 @@ class MegatronTrainer:
         if which == "ref" and self.ref_model is None:
             raise ValueError("reference log-probs requested but the objective does not need a reference model")
         chunks = self.model if which == "old" else self.ref_model
-        batches, shard = self._micro_batches(samples, {})
+        replaying = bool(self.replay_routers) and which == "old"
+        batches, shard = self._micro_batches(samples, {}, routes=replaying)
+        for routers in self.replay_routers.values():
+            routers.counts.zero_()
         for chunk in chunks:
             chunk.eval()
         weight = self._output_weight(chunks) if self.parallel.is_last_stage else None
@@ -414,6 +448,7 @@ class MegatronTrainer:
     ):
         """THE adapter: objective `(loss share, metrics)` -> Megatron `(loss, num_tokens, reported)`."""
         tensors = dict(batch.tensors)
+        tensors.pop("routed_experts", None)  # consumed by the forward (routing replay), not by the objective
         tensors["mask"] = tensors["mask"].bool()
         if "teacher_mask" in tensors:
             tensors["teacher_mask"] = tensors["teacher_mask"].bool()
@@ -486,6 +521,7 @@ class MegatronTrainer:
                 samples, advantages_per_sample, {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs}
             ),
             topk,
+            routes=bool(self.replay_routers),
         )
         num_tokens, num_seqs = self._global_counts(samples, shard)
         for chunk in self.model:
