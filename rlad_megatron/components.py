@@ -467,6 +467,11 @@ def close(run: Run) -> None:
         if engine is not None:
             engine.close()
     if run is not None and run.trainer is not None:
-        from rlad_megatron.backends.megatron.parallel import destroy_parallel
+        release_trainer(run.trainer)
 
-        destroy_parallel(run.trainer.parallel)
+
+def release_trainer(trainer: MegatronTrainer) -> None:
+    """End the trainer's process groups (a run that failed while being built must not leave them behind)."""
+    from rlad_megatron.backends.megatron.parallel import destroy_parallel
+
+    destroy_parallel(trainer.parallel)

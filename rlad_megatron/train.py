@@ -556,10 +556,15 @@ def build_run(cfg: RunConfig) -> Run:
     objective = build_objective(cfg.algorithm)
     source = sample_source(cfg)
     trainer = components.build_trainer(cfg, objective) if cfg.train.mode != "rollout_only" else None
-    rank = components.rank()
-    if rank == 0:
-        save_config(cfg)
-    source_ctx = components.build_source_context(cfg, objective, source, with_engines=rank == 0)
-    run = Run(cfg=cfg, objective=objective, source_ctx=source_ctx, source=source, trainer=trainer, rank=rank)
-    run.eval_records = components.eval_records(cfg) if rank == 0 and cfg.train.mode == "full" else ()
+    try:
+        rank = components.rank()
+        if rank == 0:
+            save_config(cfg)
+        source_ctx = components.build_source_context(cfg, objective, source, with_engines=rank == 0)
+        run = Run(cfg=cfg, objective=objective, source_ctx=source_ctx, source=source, trainer=trainer, rank=rank)
+        run.eval_records = components.eval_records(cfg) if rank == 0 and cfg.train.mode == "full" else ()
+    except BaseException:  # e.g. a bad data row: free the process groups before the error leaves
+        if trainer is not None:
+            components.release_trainer(trainer)
+        raise
     return run

@@ -129,7 +129,9 @@ def test_the_training_context_builds_its_fleets_on_disjoint_gpus(tmp_path, monke
     )
     built = {}
     monkeypatch.setattr(
-        rollout_pkg, "build_engine", lambda engine_cfg, model, role, gpu_offset=0: built.setdefault(role, gpu_offset)
+        rollout_pkg,
+        "build_engine",
+        lambda engine_cfg, model, role, gpu_offset=0, **_: built.setdefault(role, gpu_offset),
     )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -162,7 +164,7 @@ def test_several_teacher_fleets_get_disjoint_gpus_in_config_order(tmp_path, monk
     )
     built = {}
 
-    def build(engine_cfg, model, role, gpu_offset=0, log_dir=""):
+    def build(engine_cfg, model, role, gpu_offset=0, log_dir="", record_routes=False):
         built[log_dir or role] = gpu_offset
         return object()
 
