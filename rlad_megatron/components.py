@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from rlad_megatron.algorithms.objectives import Objective
     from rlad_megatron.backends.megatron.trainer import MegatronTrainer
     from rlad_megatron.config import RunConfig
+    from rlad_megatron.engines.client import HttpEngine
     from rlad_megatron.train import Run
 
 
@@ -54,22 +55,24 @@ def broadcast_samples(samples: list[Sample] | None, this_rank: int, columns_want
     received column is a numpy view into them (`unpack_columns`; offsets from the lengths every rank already
     has); the rest keep their `AbsentColumn`s (lengths only). Rank 0 keeps its own samples as they are."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        assert samples is not None, "a single process is rank 0, which holds the samples"
         return samples
     if columns_wanted is None:
         return broadcast(samples, this_rank)
-    light = broadcast(without_columns(samples) if this_rank == 0 else None, this_rank)
+    light = broadcast(without_columns(samples) if samples is not None else None, this_rank)  # samples: rank 0
     wanted: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(wanted, columns_wanted(light))
     if this_rank == 0:
+        assert samples is not None, "rank 0 holds the samples"
         for dst in range(1, len(wanted)):
             for flat in pack_columns(samples, wanted[dst]).values():
                 dist.send(torch.from_numpy(flat).to(device or "cpu"), dst=dst)
         return samples
     received = {}
     for name, (dtype, shape) in column_layout(light, wanted[this_rank]).items():
-        flat = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=device)
-        dist.recv(flat, src=0)
-        received[name] = flat.cpu().numpy()
+        buffer = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, device=device)
+        dist.recv(buffer, src=0)
+        received[name] = buffer.cpu().numpy()
     unpack_columns(light, wanted[this_rank], received)
     return light
 
@@ -80,17 +83,13 @@ Selection = Mapping[str, Sequence[int]]
 
 def without_columns(samples: Sequence[Sample]) -> list[Sample]:
     """Copies of the samples whose per-token columns are `AbsentColumn`s of the same shape (None stays None)."""
-    return [
-        dataclasses.replace(
-            s,
-            **{
-                name: AbsentColumn(name, _shape(value))
-                for name in TOKEN_COLUMNS
-                if (value := getattr(s, name)) is not None
-            },
-        )
-        for s in samples
-    ]
+    return [dataclasses.replace(s, **_absent_columns(s)) for s in samples]
+
+
+def _absent_columns(s: Sample) -> dict[str, Any]:
+    return {
+        name: AbsentColumn(name, _shape(value)) for name in TOKEN_COLUMNS if (value := getattr(s, name)) is not None
+    }
 
 
 def _shape(column: Any) -> tuple[int, ...]:
@@ -129,10 +128,10 @@ def pack_columns(samples: Sequence[Sample], selection: Selection) -> dict[str, n
     """Each column of `column_layout(samples, selection)`: the rows of its selected samples, concatenated in
     selection order, as one contiguous array of the column's dtype (`TOKEN_COLUMNS`). Token ids out of the
     dtype's range are refused rather than wrapped."""
-    packed = {}
+    packed: dict[str, np.ndarray] = {}
     for name, (dtype, shape) in column_layout(samples, selection).items():
         parts = [_as_dtype(c, dtype, name) for c in _present(samples, selection[name], name) if len(c)]
-        flat = np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
+        flat: np.ndarray = np.ascontiguousarray(np.concatenate(parts), dtype=dtype)
         if flat.shape != shape:
             raise ValueError(f"{name}: packed shape {flat.shape}, the samples' lengths give {shape}")
         packed[name] = flat
@@ -195,7 +194,7 @@ def push_weights(run: Run, version: int) -> None:
     """
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
 
-    trainer, engine = run.trainer, run.source_ctx.rollout_engine
+    trainer, engine = run.active_trainer, run.source_ctx.rollout_engine
     in_process = engine_kind(run.cfg.rollout) == "embedded"
     if not in_process and run.cfg.rollout.sync == "distributed":
         sync_over_wire(run, version)
@@ -232,7 +231,9 @@ def sync_over_wire(run: Run, version: int) -> None:
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
     from rlad_megatron.engines.weight_sync import ServerCalls, StageSender, default_sync_host
 
-    c, cfg, engine = run.trainer.parallel, run.cfg.rollout, run.source_ctx.rollout_engine
+    # over the wire only to HTTP engines (fleets of servers): they track the sync membership and generation
+    engine = cast("HttpEngine | None", run.source_ctx.rollout_engine)
+    c, cfg = run.active_trainer.parallel, run.cfg.rollout
     if c.expert_model_parallel_size > 1:
         raise ValueError(
             "rollout.sync='distributed' sends each stage's buckets from one rank, which holds only its own "
@@ -260,10 +261,11 @@ def sync_over_wire(run: Run, version: int) -> None:
     # each hold a different server and wait for the other forever.
     for stage in range(c.pipeline_model_parallel_size):
         if c.dp_cp_rank == 0 and c.pp_rank == stage:
-            for bucket in export_hf_tensors(run.trainer.unwrapped_model(), tp_group=c.tp_group, to_first=True):
+            for bucket in export_hf_tensors(run.active_trainer.unwrapped_model(), tp_group=c.tp_group, to_first=True):
                 wire.send(bucket, version)  # only the TP rank 0 of the stage gets buckets
         _barrier()
     if c.rank == 0:
+        assert engine is not None  # rank 0 owns the engines
         wire.calls.post_all(members, "/end_weight_update", {})
         engine.synced(members, version, wire.calls.versions(members))
     wire.members = list(members)  # every rank remembers the membership, so all agree when it changes next
@@ -284,9 +286,9 @@ def save_hf(run: Run, root: Path, step: int) -> Path:
     """Collective: the live student as an HF folder `<root>/step_N` (`<root>/latest` points at it)."""
     from rlad_megatron.backends.megatron.weight_export import write_hf_folder
 
-    c = run.trainer.parallel
+    c = run.active_trainer.parallel
     return write_hf_folder(
-        run.trainer.unwrapped_model(),
+        run.active_trainer.unwrapped_model(),
         root,
         step,
         hf_config_dir=run.cfg.model.student,
@@ -301,7 +303,7 @@ def save_hf(run: Run, root: Path, step: int) -> Path:
 def save(run: Run, step: int, extra: dict[str, Any]) -> None:
     from rlad_megatron.backends.megatron.checkpoint import save_checkpoint
 
-    save_checkpoint(run.trainer, run.cfg.run_dir, step, extra, keep_last=run.cfg.checkpoint.keep_last)
+    save_checkpoint(run.active_trainer, run.cfg.run_dir, step, extra, keep_last=run.cfg.checkpoint.keep_last)
 
 
 def load(run: Run) -> tuple[int, dict[str, Any]] | None:

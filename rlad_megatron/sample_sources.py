@@ -166,8 +166,9 @@ def generate_samples(
             finished[i][s] = out
             if len(finished[i]) < n:
                 return
-            groups[i] = make_group(i, [finished[i][k] for k in range(n)])
-        scorer.submit(groups[i])
+            group = groups[i] = make_group(i, [finished[i][k] for k in range(n)])
+        assert scorer is not None  # on_sample is passed only when streaming, which needs a scorer
+        scorer.submit(group)
 
     streaming = scorer is not None and scorer.streaming
     outputs = engine.generate(
@@ -176,10 +177,10 @@ def generate_samples(
     generated_at = time.perf_counter()
     for i, outs in enumerate(outputs):
         if groups[i] is None:
-            groups[i] = make_group(i, outs)
+            group = groups[i] = make_group(i, outs)
             if scorer is not None:
-                scorer.submit(groups[i])
-    samples = [sample for group in groups for sample in group]
+                scorer.submit(group)
+    samples = [sample for group in groups if group is not None for sample in group]
     if scorer is None:
         reward(ctx, samples)
     else:

@@ -121,6 +121,13 @@ class Run:
     generator: ThreadPoolExecutor | None = None
     """The one background thread that runs prefetches."""
 
+    @property
+    def active_trainer(self) -> MegatronTrainer:
+        """The trainer, for code that runs only when there is one (not train.mode=rollout_only)."""
+        if self.trainer is None:
+            raise RuntimeError("train.mode=rollout_only builds no trainer, and this step needs one")
+        return self.trainer
+
 
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: RunConfig, *, resume: bool | None = None, advantage_hook=None) -> list[dict[str, float]]:
@@ -228,7 +235,7 @@ def columns_needed(run: Run, samples: Sequence[Sample]) -> dict[str, list[int]]:
     only, its share of the whole step when forward-only log-probs (old / ref) are computed over all samples."""
     from rlad_megatron.backends.megatron.batching import split_for_data_parallel
 
-    c = run.trainer.parallel
+    c = run.active_trainer.parallel
 
     def share(index: list[int]) -> list[int]:
         return [index[j] for j in split_for_data_parallel([samples[i] for i in index], c.data_parallel_size)[c.dp_rank]]
@@ -357,7 +364,7 @@ def per_teacher_metrics(cfg: RunConfig, samples: Sequence[Sample]) -> dict[str, 
 
 def optimize(run: Run, samples: list[Sample], step: int, timer: PhaseTimer, advantage_hook=None) -> dict[str, float]:
     """Steps 4-6: old / ref log-probs, advantages, ppo_epochs x num_minibatches optimizer steps."""
-    objective, trainer, cfg = run.objective, run.trainer, run.cfg
+    objective, trainer, cfg = run.objective, run.active_trainer, run.cfg
     with timer("logprobs"):
         old = trainer.compute_logprobs(samples, which="old") if objective.needs_old_logprobs else None
         routing = trainer.routing_agreement() if old is not None else {}  # routing replay only
@@ -465,7 +472,7 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
     }
 

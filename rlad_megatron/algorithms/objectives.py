@@ -58,7 +58,9 @@ from .trrd import trrd_loss
 
 __all__ = ["OBJECTIVES", "Objective", "build_objective", "zero_advantage_groups"]
 
-PerSeq = Sequence[torch.Tensor] | torch.Tensor
+PerSeq = Sequence[torch.Tensor | Sequence[float] | None] | torch.Tensor
+"""Per-response values: one tensor or list of floats per response (None: a response this process does not hold),
+or one packed 1-D tensor."""
 
 
 def _split(values: PerSeq | None, seq_lens: Sequence[int], name: str) -> list[torch.Tensor]:
