@@ -128,7 +128,7 @@ def main(out_path: str) -> None:
         torch.manual_seed(0)
         trainer = MegatronTrainer(cfg, objective, hf_config=tiny_hf_config("qwen3", vocab_size=VOCAB))
         rank = dist.get_rank()
-        run = types.SimpleNamespace(cfg=cfg, objective=objective, trainer=trainer, rank=rank)
+        run = types.SimpleNamespace(cfg=cfg, objective=objective, trainer=trainer, active_trainer=trainer, rank=rank)
         samples = make_samples() if rank == 0 else None
         light = components.broadcast_samples(
             samples, rank, columns_wanted=functools.partial(train.columns_needed, run), device=trainer.parallel.device
