@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlad_megatron.engines.factory import resolve_api_key, resolve_kind
 from rlad_megatron.sample_sources import Source, SourceContext
 from rlad_megatron.types import TOKEN_COLUMNS, AbsentColumn, Sample
 
@@ -195,7 +196,7 @@ def push_weights(run: Run, version: int) -> None:
     from rlad_megatron.backends.megatron.weight_export import export_hf_tensors
 
     trainer, engine = run.active_trainer, run.source_ctx.rollout_engine
-    in_process = engine_kind(run.cfg.rollout) == "embedded"
+    in_process = resolve_kind(run.cfg.rollout) == "embedded"
     if not in_process and run.cfg.rollout.sync == "distributed":
         sync_over_wire(run, version)
         return
@@ -214,12 +215,6 @@ def push_weights(run: Run, version: int) -> None:
     for bucket in export_hf_tensors(trainer.unwrapped_model(), tp_group=trainer.parallel.tp_group):
         if engine is not None:
             engine.update_weights(named_tensors=bucket, version=version)
-
-
-def engine_kind(engine_cfg) -> str:
-    from rlad_megatron.engines.factory import resolve_kind
-
-    return resolve_kind(engine_cfg)
 
 
 def sync_over_wire(run: Run, version: int) -> None:
@@ -269,12 +264,6 @@ def sync_over_wire(run: Run, version: int) -> None:
         wire.calls.post_all(members, "/end_weight_update", {})
         engine.synced(members, version, wire.calls.versions(members))
     wire.members = list(members)  # every rank remembers the membership, so all agree when it changes next
-
-
-def resolve_api_key(engine_cfg) -> str:
-    from rlad_megatron.engines.factory import resolve_api_key as resolve
-
-    return resolve(engine_cfg)
 
 
 def _barrier() -> None:

@@ -14,9 +14,10 @@ FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 def tiny_hf_config(family: str = "llama", **overrides: Any):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
-    base = dict(
+    cls: type[PretrainedConfig]
+    base: dict[str, Any] = dict(
         vocab_size=128,
         hidden_size=64,
         intermediate_size=128,

@@ -50,6 +50,7 @@ import torch
 
 from rlad_megatron import components
 from rlad_megatron.config import RunConfig, save_config, to_dict
+from rlad_megatron.engines.factory import resolve_kind
 from rlad_megatron.observe import NullObserver, Observer, PhaseTimer
 from rlad_megatron.sample_sources import (
     DatasetTraces,
@@ -533,7 +534,7 @@ def restore(run: Run, resume: bool | None) -> int:
     if found is None:
         if resume:
             raise ResumeError(f"--resume: no complete checkpoint in {run.cfg.run_dir}")
-        if run.trainer is not None and components.engine_kind(run.cfg.rollout) != "embedded":
+        if run.trainer is not None and resolve_kind(run.cfg.rollout) != "embedded":
             sync_weights(run, 0)  # servers that outlived an earlier run may hold its weights, not this student's
         return 0
     step, extra = found

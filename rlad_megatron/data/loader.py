@@ -215,7 +215,9 @@ def load_prompts(
             teacher_field=getattr(data_cfg, "teacher_field", ""),
             teacher_default=getattr(data_cfg, "teacher_default", ""),
         )
-    records, bad, num_rows = [], [], 0
+    records: list[dict[str, Any]] = []
+    bad: list[BadRow] = []
+    num_rows = 0
     rows = iter_rows(
         source,
         split=split,
@@ -229,7 +231,10 @@ def load_prompts(
         result = row if isinstance(row, BadRow) else validate_row(row, keys, where, number)
         if not isinstance(result, BadRow):
             result = _tokenize(result, data_cfg, tokenizer, where, number, keys["prompt"])
-        (bad if isinstance(result, BadRow) else records).append(result)
+        if isinstance(result, BadRow):
+            bad.append(result)
+        else:
+            records.append(result)
     if bad and data_cfg.bad_rows == "error":
         raise DatasetError(_error_message(source, bad, num_rows), bad)
     if not records:

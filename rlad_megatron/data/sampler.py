@@ -32,7 +32,7 @@ class PromptSampler:
         """The next n records (n >= 1), wrapping into the next epoch when needed."""
         if n < 1:
             raise ValueError(f"batch size must be >= 1, got {n}")
-        batch = []
+        batch: list[Any] = []
         while len(batch) < n:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0

@@ -160,7 +160,8 @@ class HttpEngine:
     async def _gather(self, keys: list[Any], coros) -> dict[Any, Any]:
         """Run one coroutine per key; return {key: result} or raise naming every lost key's cause."""
         results = await asyncio.gather(*coros, return_exceptions=True)
-        got, lost = {}, Counter()
+        got: dict[Any, Any] = {}
+        lost: Counter[str] = Counter()
         for key, res in zip(keys, results):
             if isinstance(res, BaseException):
                 lost[str(res).split("\n")[0][:300]] += 1

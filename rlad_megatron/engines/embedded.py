@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class Work:
     seed: int
     done: Callable[[Work, GenerateOutput], None]
     stop_ids: tuple[int, ...] = ()
-    tag: object = None
+    tag: Any = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -128,7 +129,7 @@ class _Rows:
 
     def refresh_flags(self) -> None:
         """Recompute the Python-side summaries of the active rows (after admitting or releasing)."""
-        active = self.work[: self.n]
+        active = [self.row_work(r) for r in range(self.n)]
         self.any_stops = any(w.stop_ids for w in active)
         self.all_greedy = all(w.sampling.temperature <= 0 for w in active)
         self.min_end_g = min(self.end_g[: self.n], default=0)
@@ -144,8 +145,14 @@ class _Rows:
         last (the decode step after sampling token j feeds it and writes slot start_g + 1 + j)."""
         slots = (self.start_g[r] + 1 + torch.arange(int(self.ngen[r]) - 1)) % self.width
         decoded = self.out_routes[slots, r] if self.out_routes is not None else None
-        prompt = self.work[r].meta["prompt_routes"]
+        prompt = self.row_work(r).meta["prompt_routes"]
         return prompt if decoded is None else torch.cat([prompt, decoded])
+
+    def row_work(self, r: int) -> Work:
+        work = self.work[r]
+        if work is None:
+            raise RuntimeError(f"batch row {r} is not active")
+        return work
 
     def move(self, src: int, dst: int) -> None:
         for t in self._per_row:
@@ -210,7 +217,7 @@ class EmbeddedEngine:
         )
 
         def take(limit: int, max_len: int) -> list[Work]:
-            got = []
+            got: list[Work] = []
             while pending and len(got) < limit and pending[0].max_len <= max_len:
                 got.append(pending.popleft())
             return got
@@ -316,7 +323,7 @@ class EmbeddedEngine:
         rows.g += 1  # a new global step: every active row writes ring slot g % width
         routes = Routes() if rows.out_routes is not None else None
         hidden = self.model.decode(rows.next_tok[:n], rows.lens[:n], cache, attn_len, routes)
-        if routes is not None:
+        if routes is not None and rows.out_routes is not None:
             rows.out_routes[rows.g % rows.width, :n] = routes.stacked()
         rows.lens[:n] += 1
         rows.max_lens += 1
@@ -427,7 +434,7 @@ class EmbeddedEngine:
         a = 0
         for i, c in zip(chunk, counts.tolist()):
             res = ScoreOutput(picked[a : a + c])
-            if top_ids is not None:
+            if top_ids is not None and top_vals is not None:
                 res.topk_ids, res.topk_logprobs = top_ids[a : a + c], top_vals[a : a + c]
             out[i] = res
             a += c
@@ -452,7 +459,7 @@ class EmbeddedEngine:
                 tensors = dict(iter_safetensors(path))  # read fully before touching the live weights
                 self.model.load_tensors(tensors.items(), strict=True)
                 self.model_dir = str(path)
-            else:
+            elif named_tensors is not None:
                 items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
                 self.model.load_tensors(items, strict=False)
             self.version = int(version)
@@ -467,7 +474,8 @@ class EmbeddedEngine:
 def _token_budget_chunks(lengths: list[int], budget: int) -> list[list[int]]:
     """Group sequence indices (sorted by length) so each padded chunk holds at most `budget` tokens."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks, cur = [], []
+    chunks: list[list[int]] = []
+    cur: list[int] = []
     for i in order:
         if cur and (len(cur) + 1) * lengths[i] > budget:
             chunks.append(cur)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,36 +145,37 @@ class DecoderModel:
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32):
         self.spec, self.dtype = spec, dtype
-        s, e = spec, {"dtype": dtype}
+        s = spec
         h, d = s.hidden_size, s.head_dim
         self.q_size, self.kv_size = s.num_heads * d, s.num_kv_heads * d
-        self.embed = torch.zeros(s.vocab_size, h, **e)
-        self.lm_head = self.embed if s.tie_embeddings else torch.zeros(s.vocab_size, h, **e)
-        self.final_norm = torch.ones(h, **e)
-        self.layers = []
+        self.embed = torch.zeros(s.vocab_size, h, dtype=dtype)
+        self.lm_head = self.embed if s.tie_embeddings else torch.zeros(s.vocab_size, h, dtype=dtype)
+        self.final_norm = torch.ones(h, dtype=dtype)
+        self.layers: list[dict[str, Any]] = []  # per layer: fused weight name -> tensor, or None where absent
         for _ in range(s.num_layers):
             qkv_out = self.q_size + 2 * self.kv_size
             self.layers.append(
                 {
-                    "ln1": torch.ones(h, **e),
-                    "ln2": torch.ones(h, **e),
-                    "qkv": torch.zeros(qkv_out, h, **e),
-                    "qkv_b": torch.zeros(qkv_out, **e) if s.qkv_bias else None,
-                    "o": torch.zeros(h, self.q_size, **e),
-                    "q_norm": torch.ones(d, **e) if s.qk_norm else None,
-                    "k_norm": torch.ones(d, **e) if s.qk_norm else None,
+                    "ln1": torch.ones(h, dtype=dtype),
+                    "ln2": torch.ones(h, dtype=dtype),
+                    "qkv": torch.zeros(qkv_out, h, dtype=dtype),
+                    "qkv_b": torch.zeros(qkv_out, dtype=dtype) if s.qkv_bias else None,
+                    "o": torch.zeros(h, self.q_size, dtype=dtype),
+                    "q_norm": torch.ones(d, dtype=dtype) if s.qk_norm else None,
+                    "k_norm": torch.ones(d, dtype=dtype) if s.qk_norm else None,
                 }
             )
             if s.num_experts:
                 E, mi = s.num_experts, s.moe_intermediate_size
                 self.layers[-1].update(
-                    router=torch.zeros(E, h, **e),
-                    experts_gate_up=torch.zeros(E, 2 * mi, h, **e),
-                    experts_down=torch.zeros(E, h, mi, **e),
+                    router=torch.zeros(E, h, dtype=dtype),
+                    experts_gate_up=torch.zeros(E, 2 * mi, h, dtype=dtype),
+                    experts_down=torch.zeros(E, h, mi, dtype=dtype),
                 )
             else:
                 self.layers[-1].update(
-                    gate_up=torch.zeros(2 * s.intermediate_size, h, **e), down=torch.zeros(h, s.intermediate_size, **e)
+                    gate_up=torch.zeros(2 * s.intermediate_size, h, dtype=dtype),
+                    down=torch.zeros(h, s.intermediate_size, dtype=dtype),
                 )
         self._views = self._hf_views()
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -290,6 +292,8 @@ class DecoderModel:
         s = self.spec
         B, T = tokens.shape
         H, K, D = s.num_heads, s.num_kv_heads, s.head_dim
+        if (cache is None) != (rows is None):
+            raise ValueError("prefill writes K/V only with both a cache and its `rows`")
         x = F.embedding(tokens, self.embed)
         cos, sin = self._rope(positions)
         for li, L in enumerate(self.layers):
@@ -299,7 +303,7 @@ class DecoderModel:
             v = qkv[..., self.q_size + self.kv_size :].view(B, T, K, D).transpose(1, 2)
             qk = self._rotate(L, qk, cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-            if cache is not None:
+            if cache is not None and rows is not None:
                 cache.write_prefill(li, rows, k, v)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
             x += F.linear(attn.reshape(B, T, self.q_size), L["o"])
@@ -425,8 +429,8 @@ class KVCache:
         self._v_base = heads * max_len  # [rows * K]: start of each (row, head) block of v
         self._k_base = (heads[:, None] * D + torch.arange(D)[None, :]) * max_len  # [rows * K, D]
         self._columns = torch.arange(max_len)
-        self._v_index: torch.Tensor | None = None
-        self._k_index: torch.Tensor | None = None
+        self._v_index = torch.empty(0, dtype=torch.long)  # set by each decode step (`decode_positions`)
+        self._k_index = torch.empty(0, dtype=torch.long)
 
     def write_prefill(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, K, T, D] at positions 0..T-1 of cache rows `rows`."""

@@ -27,6 +27,7 @@ Errors are 4xx with {"error": {"message": ...}}, SGLang's shape. Unsupported SGL
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,7 +324,7 @@ def _logprob_fields(body: dict[str, Any], req: GenRequest, vocab_size: int, i: i
     req.rid = rid
 
 
-def triples(logprobs: list[float | None], token_ids: list[int]) -> list[list]:
+def triples(logprobs: Sequence[float | None], token_ids: list[int]) -> list[list]:
     """SGLang's [logprob, token_id, text] triples (text is None: return_text_in_logprobs=False)."""
     return [[lp, int(t), None] for lp, t in zip(logprobs, token_ids)]
 

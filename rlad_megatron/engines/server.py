@@ -68,8 +68,8 @@ class Scheduler:
             self.queue.append(work)
             self.cv.notify()
 
-    def _take(self, limit: int, max_len: int) -> list:
-        got = []
+    def _take(self, limit: int, max_len: int) -> list[Any]:
+        got: list[Any] = []
         with self.cv:
             while not self.paused and self.queue and len(got) < limit and self.queue[0].max_len <= max_len:
                 got.append(self.queue.popleft())
@@ -259,7 +259,7 @@ class ServerState:
         version = body.get("weight_version")
         if version is not None and not isinstance(version, (str, int)):
             raise RequestError("weight_version must be a string")
-        new_version = int(version) if str(version).isdigit() else self.engine.version + 1
+        new_version = int(version) if version is not None and str(version).isdigit() else self.engine.version + 1
 
         def swap():
             self.engine.update_weights(path=path, version=new_version)

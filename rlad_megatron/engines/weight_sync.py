@@ -74,7 +74,13 @@ def init_custom_process_group(
         master_address, master_port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
     )
     pg, _ = c10d._new_process_group_helper(
-        world_size, rank, [], c10d.Backend(backend), c10d.PrefixStore(name, store), group_name=name, timeout=timeout
+        world_size,
+        rank,
+        [],
+        c10d.Backend(backend),
+        c10d.PrefixStore(name, store),
+        group_name=name,  # type: ignore[arg-type]  # torch 2.13 types it as GroupName, a NewType of str
+        timeout=timeout,
     )
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     return pg

@@ -121,7 +121,7 @@ def evaluate_checkpoint(cfg: Any, model_dir: Path, source: str, *, split: str, r
     from rlad_megatron.rewards import get_reward_fn, resolve_reward_name
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    records = load_prompts(source, cfg.data, tokenizer, split=split, seed=cfg.seed)
+    prompts = load_prompts(source, cfg.data, tokenizer, split=split, seed=cfg.seed)
     name = resolve_reward_name(reward_name, source)
     kwargs = dict(cfg.reward.kwargs)
     if name == "math":
@@ -135,7 +135,7 @@ def evaluate_checkpoint(cfg: Any, model_dir: Path, source: str, *, split: str, r
         result = evaluate(
             engine,
             tokenizer,
-            records,
+            prompts.records,
             reward_fn,
             k=cfg.eval.num_samples,
             sampling=sampling,
@@ -146,5 +146,5 @@ def evaluate_checkpoint(cfg: Any, model_dir: Path, source: str, *, split: str, r
         )
     finally:
         getattr(engine, "close", lambda: None)()
-    result.update(model=str(model_dir), data=source, split=split, reward=name, num_skipped_rows=records.num_skipped)
+    result.update(model=str(model_dir), data=source, split=split, reward=name, num_skipped_rows=prompts.num_skipped)
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 
@@ -70,11 +70,12 @@ def discover(env: Mapping[str, str] | None = None, default_port: int = 29500) ->
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)), "default")
 
 
-def ensure_torchrun_env(env: dict | None = None) -> DistEnv:
+def ensure_torchrun_env(env: MutableMapping[str, str] | None = None) -> DistEnv:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm when torchrun did not set them (ranks started by
     `srun --ntasks-per-node=G` directly), so env:// initialisation works either way. Outside Slurm and torchrun
     nothing is set, leaving single-process defaults (e.g. a free loopback port) to the caller."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     found = discover(env)
     if found.source == "slurm":
         for key, value in found.as_torchrun_env().items():
@@ -96,7 +97,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def _expand_ranges(spec: str) -> list[str]:
-    out = []
+    out: list[str] = []
     for item in spec.split(","):
         lo, _, hi = item.partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):

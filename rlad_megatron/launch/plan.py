@@ -80,8 +80,8 @@ def recommend_split(
                         options.append((int(recompute), tp * pp * cp, pp, cp, tp, dp))
     if not options:
         return None
-    recompute, _, pp, cp, tp, dp = min(options)
-    return tp, pp, cp, dp, bool(recompute)
+    needs_recompute, _, pp, cp, tp, dp = min(options)
+    return tp, pp, cp, dp, bool(needs_recompute)
 
 
 def _server_report(

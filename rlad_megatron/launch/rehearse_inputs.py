@@ -27,7 +27,7 @@ from rlad_megatron.launch.capacity import _table_key, load_arch
 # Fields of the published config.json files that KNOWN_ARCHS does not hold, per family of its entries
 # (huggingface.co/Qwen/Qwen3-*/config.json: rms_norm_eps 1e-06, rope_theta 1000000;
 #  huggingface.co/meta-llama/Meta-Llama-3-*/config.json: rms_norm_eps 1e-05, rope_theta 500000).
-FAMILY_FIELDS = {
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "qwen3": {"model_type": "qwen3", "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0},
     "llama-3": {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 500_000.0},
 }

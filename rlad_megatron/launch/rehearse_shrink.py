@@ -176,7 +176,8 @@ def port_changes(
     """Keep the recipe's ports where they are free on the emulated node addresses, else move the block.
 
     `hosts_of`: port field -> addresses that bind it; `counts`: port field -> consecutive ports it needs."""
-    out, taken = [], set()
+    out: list[Change] = []
+    taken: set[int] = set()
     for field, hosts in hosts_of.items():
         base = get(cfg, field)
         start = base

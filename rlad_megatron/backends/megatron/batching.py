@@ -35,8 +35,9 @@ grow along a sequence: this pairing balances them), sharding every per-token col
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,7 +190,7 @@ def shard_for_context_parallel(batch: PackedBatch, cp_size: int, cp_rank: int) -
 
 def pack_samples(
     samples: Sequence[Sample],
-    per_token: dict[str, Sequence[Sequence[float]]] | None = None,
+    per_token: Mapping[str, Sequence[Sequence[float]]] | None = None,
     *,
     pad_to_multiple: int = 1,
     pad_to_length: int = 0,
@@ -290,7 +291,9 @@ def _routes_buffer(samples: Sequence[Sample], padded: int) -> torch.Tensor:
                 f"(prompt + response - 1 tokens{'' if shape is None else f', layers and k {shape} as the others'})"
             )
         shape = np.shape(got)[1:]
-    if shape is not None and np.iinfo(np.int16).max < max(int(np.max(s.routed_experts, initial=0)) for s in samples):
+    if shape is not None and np.iinfo(np.int16).max < max(
+        int(np.max(s.routed_experts, initial=0)) for s in samples if s.routed_experts is not None
+    ):
         raise ValueError("routed_experts ids exceed int16; more than 32767 experts are not supported")
     return torch.full((padded, *(shape or (0, 0))), -1, dtype=torch.int16)
 
@@ -298,8 +301,8 @@ def _routes_buffer(samples: Sequence[Sample], padded: int) -> torch.Tensor:
 def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp: int) -> None:
     if not cols:
         return
-    ids = sample.teacher_topk_ids if sample.teacher_topk_ids is not None else []
-    lps = sample.teacher_topk_logprobs if sample.teacher_topk_logprobs is not None else []
+    ids: Any = sample.teacher_topk_ids if sample.teacher_topk_ids is not None else []
+    lps: Any = sample.teacher_topk_logprobs if sample.teacher_topk_logprobs is not None else []
     if len(ids) != n_resp or len(lps) != n_resp:
         raise ValueError(f"teacher top-k lists cover {len(ids)} positions for {n_resp} response tokens")
     cols["teacher_topk_ids"][start : start + n_resp] = torch.as_tensor(ids, dtype=torch.long)
@@ -308,7 +311,7 @@ def _fill_topk(cols: dict[str, torch.Tensor], start: int, sample: Sample, n_resp
 
 def make_micro_batches(
     samples: Sequence[Sample],
-    per_token: dict[str, Sequence[Sequence[float]]] | None,
+    per_token: Mapping[str, Sequence[Sequence[float]]] | None,
     micro_batch_tokens: int,
     *,
     pad_to_multiple: int = 1,

@@ -82,7 +82,7 @@ class _NullStream:
 
 
 def _patch_cuda_functions() -> None:
-    cuda = torch.cuda
+    cuda: Any = torch.cuda  # patched in place: its typed signatures are CUDA's
     cuda.current_device = lambda: torch.device("cpu")
     cuda.synchronize = lambda *a, **k: None
     cuda.manual_seed = lambda *a, **k: None
@@ -126,7 +126,7 @@ def _patch_module_torch() -> None:
     proxy = _torch_proxy()
     for name in _PROXIED_MODULES:
         module = importlib.import_module(name)
-        module.torch = proxy
+        module.torch = proxy  # type: ignore[attr-defined]
 
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
@@ -183,6 +183,9 @@ def _tracker_base() -> type:
 
 class _CpuForkMixin:
     """Same contract as Megatron's CudaRNGStatesTracker, with states of the CPU generator."""
+
+    seeds_: set[int]  # both set by the tracker's own reset()
+    states_: dict[str, torch.Tensor]
 
     def add(self, name: str, seed: int) -> None:
         self._is_initialized = True

@@ -125,15 +125,17 @@ def _torch_norm(config, hidden_size: int, eps: float) -> torch.nn.Module:
 class SPNorm:
     """Factory with Megatron's norm signature; parameters carry `.sequence_parallel`."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+    # A class whose __new__ returns the norm: Megatron's build_module calls classes but returns plain functions
+    # uncalled, so a factory function would not do.
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:  # type: ignore[misc]
         norm = _torch_norm(config, hidden_size, eps)
         for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # read by SP grad reduction
         return norm
 
 
 class QKNorm:
     """Per-head RMSNorm of queries/keys (Qwen3); replicated over TP, grads summed by name."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:  # type: ignore[misc]
         return _torch_norm(config, hidden_size, eps)

@@ -295,7 +295,7 @@ def layer_spec(config, use_te: bool, vp_stage=None):
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=SPNorm)
 
 
-def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[torch.nn.Module]:
+def build_model(hf_config_or_dir: Any, model_cfg, parallel_cfg) -> list[Any]:
     """Megatron model chunks (a list of one `GPTModel`) for this rank's pipeline stage.
 
     Needs `init_parallel` first. Each chunk has `.config` (TransformerConfig) and

@@ -24,6 +24,7 @@ engine's, over the tokens that have engine routes.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ class ReplayRouters:
         from megatron.core.transformer.moe.router import TopKRouter
 
         comparing = _comparing_replay_class()
-        self.layers: list[tuple[int, object]] = []
+        self.layers: list[tuple[int, Any]] = []  # (layer, its Megatron RouterReplay, imported lazily)
         for module in chunk.modules():
             if isinstance(module, TopKRouter) and module.router_replay is not None:
                 module.router_replay.__class__ = comparing  # same state, plus the agreement record

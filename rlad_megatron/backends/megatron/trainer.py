@@ -106,7 +106,7 @@ class MegatronTrainer:
         chunks = build_model(self.hf_source, cfg.model, cfg.parallel)
         if weight_loader is not None:
             weight_loader(chunks, self.hf_source)
-        self.config = chunks[0].config
+        self.config = chunks[0].config  # Megatron's TransformerConfig
         self.vocab_size = chunks[0].vocab_size_unpadded
         self.ref_model = self._build_reference(chunks, weight_loader) if objective.needs_ref else None
         self.model = self._wrap_ddp(chunks)
@@ -282,7 +282,7 @@ class MegatronTrainer:
         own top-k expert set equals the rollout engine's (over every rank); {} without routing replay."""
         if not self.replay_routers:
             return {}
-        counts = sum(r.counts for r in self.replay_routers.values()).to(self.parallel.device)
+        counts = torch.stack([r.counts for r in self.replay_routers.values()]).sum(0).to(self.parallel.device)
         dist.all_reduce(counts)  # replicas (TP without SP) scale both counts alike: the ratio is unchanged
         return {"routing/agreement": float(counts[0] / counts[1])} if counts[1] > 0 else {}
 
@@ -333,6 +333,8 @@ class MegatronTrainer:
             gather_from_sequence_parallel_region,
         )
 
+        if weight is None:
+            raise ValueError("chunked log-probs need the output-layer weight: only the last pipeline stage has it")
         hidden = output[0]  # [T or T/TP, H]
         if self.config.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, True, group=tp_group)
@@ -389,9 +391,12 @@ class MegatronTrainer:
         """
         if which not in ("old", "ref"):
             raise ValueError(f"which={which!r}; choose 'old' or 'ref'")
-        if which == "ref" and self.ref_model is None:
+        if which == "old":
+            chunks = self.model
+        elif self.ref_model is None:
             raise ValueError("reference log-probs requested but the objective does not need a reference model")
-        chunks = self.model if which == "old" else self.ref_model
+        else:
+            chunks = self.ref_model
         replaying = bool(self.replay_routers) and which == "old"
         batches, shard = self._micro_batches(samples, {}, routes=replaying)
         for routers in self.replay_routers.values():

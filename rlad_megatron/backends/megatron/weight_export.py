@@ -35,6 +35,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,8 +63,8 @@ TIED_OUTPUT_RULE = tables.Rule("output_layer.weight", ("model.embed_tokens.weigh
 NamedTensors = list[tuple[str, torch.Tensor]]
 
 
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
+def unwrap(chunk: Any) -> Any:
+    """The GPTModel inside DDP / Float16Module wrappers (typed Any: its Megatron attributes are untyped)."""
     while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
@@ -144,9 +145,13 @@ def gather_tp(param: torch.Tensor, kind: str, tp_group, to_first: bool = False) 
         return param.detach() if tp_rank == 0 or not to_first else None
     shard = param.detach().contiguous()  # gloo sends wrong data for non-contiguous tensors
     if to_first:
-        shards = [torch.empty_like(shard) for _ in range(tp)] if tp_rank == 0 else None
-        dist.gather(shard, shards, dst=dist.get_global_rank(tp_group, 0), group=tp_group)
-        return tp_merge(shards, kind) if tp_rank == 0 else None
+        first = dist.get_global_rank(tp_group, 0)
+        if tp_rank != 0:
+            dist.gather(shard, None, dst=first, group=tp_group)
+            return None
+        gathered = [torch.empty_like(shard) for _ in range(tp)]
+        dist.gather(shard, gathered, dst=first, group=tp_group)
+        return tp_merge(gathered, kind)
     shards = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(shards, shard, group=tp_group)
     return tp_merge(shards, kind)
@@ -328,7 +333,7 @@ def write_hf_folder(
         result = _export_stage(model_chunks, tmp, arch, tp_group, pp_group, dtype, max_shard_bytes, ep_rank)
     else:
         result = ({}, 0, None)
-    results = [result]
+    results: list[Any] = [result]
     if dist.is_initialized():
         results = [None] * dist.get_world_size()
         dist.all_gather_object(results, result)
