@@ -1,16 +1,20 @@
 """Off-policy overlap: training steps per second with `train.max_staleness=1` against the synchronous loop.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_async_overlap [--steps 6] [--repeats 2]
-     [--engine serve|embedded] [--json out.json]
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_async_overlap [--steps 8] [--repeats 3]
+     [--engine serve|embedded] [--hidden 384] [--json out.json]
 
-The same GRPO run (tiny Llama student, same prompts, group size, lengths and seed, so the same number of
-samples per step) twice per repeat, alternating `train.max_staleness=0` and `=1` so a burst of load on a
-shared machine hits both. The setting is the rehearsal's: the rollout engine is an `rlad serve` process
-(one torch thread) that receives the weights over the wire after every step (`rollout.sync=distributed`),
-the trainer is this process; the sizes (and `train.ppo_epochs=2`) are chosen so that generation and the
-optimizer phase cost about the same on an idle machine (the printed phase table says how close it came). `--engine embedded` keeps the engine in the trainer's
-process instead: then both halves share one process's cores and GIL, and the overlap can only use spare
-cores.
+The same GRPO run (small Llama student, same prompts, group size and seed; `rollout.ignore_eos` so every
+response is exactly max_new_tokens long and every step of both modes does the same work) twice per repeat,
+alternating `train.max_staleness=0` and `=1` so a burst of load on a shared machine hits both. The setting
+is the rehearsal's: the rollout engine is an `rlad serve` process (one torch thread) that receives the
+weights over the wire after every step (`rollout.sync=distributed`), the trainer is this process (one torch
+thread). The default sizes make generation and the optimizer phase cost the same order on an idle machine,
+with enough arithmetic per op that the trainer's matmuls (which release the GIL) dominate its Python
+overhead; the printed phase table says how the step split. At much smaller sizes (`--hidden 128`) the
+trainer is bound by Python dispatch, and its rollout-client thread and its training thread take turns on
+the GIL: the overlap then gains nothing, which says nothing about a cluster. `--engine embedded` keeps the
+engine in the trainer's process: both halves then share one process's GIL and the overlap can only use the
+spare core.
 
 Measured per run: steps per second between the end of step 1 and the end of the last step (wall clock, every
 phase included: generation or the wait for it, log-probs, optimizer step, weight sync, logging). Printed:
@@ -35,10 +39,10 @@ PHASES = ("generate", "logprobs+train", "prefetch_wait", "sync", "step")
 """Median seconds per step of each mode (`time/...` metrics; `generate` is only the wait with max_staleness=1)."""
 
 
-def _models(root: Path) -> Path:
+def _models(root: Path, hidden: int) -> Path:
     from rlad_megatron.tiny_models import save_tiny_model
 
-    size = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    size = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2)
     return save_tiny_model(root / "student", "llama", seed=1, num_hidden_layers=4, **size)
 
 
@@ -60,7 +64,7 @@ def _config(student: Path, run_dir: Path, staleness: int, rollout: list[str], ar
             f"train.prompts_per_step={args.prompts}",
             "train.lr=0.001",
             f"train.ppo_epochs={args.ppo_epochs}",
-            "reward.length_penalty=0.5",  # rewards spread within a group: every step has a real gradient
+            "rollout.ignore_eos=true",  # every response max_new_tokens long: every step of both modes costs the same
             f"train.max_staleness={staleness}",
             "checkpoint.interval=0",
             "checkpoint.save_hf=false",
@@ -94,7 +98,7 @@ def _run(cfg) -> tuple[float, list[dict[str, float]]]:
 def measure(args, root: Path) -> dict:
     from rlad_megatron.engines.fleet import embedded_server_cmd, free_port, launch_fleet
 
-    student = _models(root)
+    student = _models(root, args.hidden)
     procs = []
     if args.engine == "serve":
         port = free_port()
@@ -160,13 +164,14 @@ def table(stats: dict) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="steps per run (the rate is taken after step 1)")
-    ap.add_argument("--repeats", type=int, default=2, help="sync / async run pairs")
+    ap.add_argument("--steps", type=int, default=8, help="steps per run (the rate is taken after step 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="sync / async run pairs")
     ap.add_argument("--engine", choices=("serve", "embedded"), default="serve")
-    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=384, help="student hidden size (4 layers, FFN 2x hidden)")
+    ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--ppo-epochs", type=int, default=2, help="optimizer passes per step (sets the train cost)")
+    ap.add_argument("--max-new-tokens", type=int, default=80, help="every response's length (rollout.ignore_eos)")
+    ap.add_argument("--ppo-epochs", type=int, default=1, help="optimizer passes per step (sets the train cost)")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args()
     if args.steps < 3:

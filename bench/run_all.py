@@ -116,7 +116,7 @@ BENCHES = (
         "bench/bench_async_overlap.py",
         "Off-policy overlap: max_staleness=1 vs the synchronous loop",
         "`train.max_staleness=0` (generate, then train), same samples per step, alternating in the same run",
-        ("--steps", "6", "--repeats", "2"),
+        ("--steps", "8", "--repeats", "3"),
         ("--steps", "4", "--repeats", "1"),
         match=("off-policy overlap",),
         threads="1",

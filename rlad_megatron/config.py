@@ -310,6 +310,10 @@ class RolloutConfig(EngineConfig):
     """Response length budget."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop tokens besides the tokenizer's EOS."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens per response: no token (EOS or stop_token_ids) ends one (SGLang's
+    ignore_eos). For throughput benchmarks and rehearsals, where every step must cost the same; every response
+    then finishes by length (the teacher mask and EOS terms treat it as unfinished)."""
     sync: str = "distributed"
     """How new weights reach rollout servers (kinds http / sglang) after each step: 'distributed' (each
     pipeline stage broadcasts its HF-named tensors to every server over a process group, SGLang's

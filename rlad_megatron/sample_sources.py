@@ -124,6 +124,7 @@ def sampling_params(cfg, seed: int):
         top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         stop_token_ids=tuple(r.stop_token_ids),
+        ignore_eos=r.ignore_eos,
         seed=seed,
         return_routed_experts=cfg.model.routing_replay,
     )

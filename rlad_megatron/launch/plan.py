@@ -208,6 +208,7 @@ def make_plan(cfg: RunConfig, prompt_fill: float = 0.25, response_fill: float = 
             cfg.train.prompts_per_step,
             lambda n: _student_fits(cfg, student, n, hbm, seq_len),
             min_teacher_nodes=len(teacher_fleets),  # several teachers: one node each at least
+            off_policy=cfg.train.max_staleness > 0,
         )
         if sum(nodes.values()) == topo.nodes
         else {}
@@ -238,38 +239,56 @@ def _student_fits(cfg: RunConfig, student: cap.Arch, trainer_nodes: int, hbm: fl
     return recommend_split(student, cfg, gpus, cfg.launch.gpus_per_node, hbm, seq_len) is not None
 
 
-def step_seconds(times: dict[str, float], prompts_per_step: int, streaming: bool) -> float:
+def step_seconds(times: dict[str, float], prompts_per_step: int, streaming: bool, off_policy: bool = False) -> float:
     """One step's wall time. Without streaming the phases follow each other; with streaming scoring the teacher
     scores each prompt group while generation goes on, so generate + score take the longer of the two plus the
-    last group's scoring (1 / prompts_per_step of the teacher phase)."""
+    last group's scoring (1 / prompts_per_step of the teacher phase). `off_policy` (train.max_staleness=1):
+    the next step's samples are collected while this step trains, so the step takes the longer of the two,
+    then the weight sync (which waits for the collection to end)."""
     generate, teacher = times.get("generate", 0.0), times.get("teacher_score", 0.0)
-    rest = times.get("train", 0.0) + times.get("weight_sync", 0.0)
+    train, sync = times.get("train", 0.0), times.get("weight_sync", 0.0)
     if not streaming or not teacher:
-        return generate + teacher + rest
-    return max(generate, teacher) + teacher / max(prompts_per_step, 1) + rest
+        collect = generate + teacher
+    else:
+        collect = max(generate, teacher) + teacher / max(prompts_per_step, 1)
+    return (max(collect, train) if off_policy else collect + train) + sync
+
+
+OVERLAP_MODES = {
+    "after_generation": ("scoring after generation", False, False),
+    "streaming": ("streaming scoring", True, False),
+    "off_policy": ("streaming scoring + train.max_staleness=1", True, True),
+}
+"""mode -> (label, streaming scoring, generation of step N+1 during training of step N)."""
 
 
 def overlap_report(times: dict[str, float], prompts_per_step: int) -> dict:
     """Step time and each role's utilization (its busy seconds / step seconds), scoring after generation
-    (train.stream_scoring=false) and streaming. Busy: the trainer trains and sends weights, the rollout fleet
-    generates and receives weights, the teacher fleet scores."""
+    (train.stream_scoring=false), streaming, and streaming with off-policy overlap (train.max_staleness=1).
+    Busy: the trainer trains and sends weights, the rollout fleet generates and receives weights, the teacher
+    fleet scores."""
     busy = {
         "trainer": times.get("train", 0.0) + times.get("weight_sync", 0.0),
         "rollout": times.get("generate", 0.0) + times.get("weight_sync", 0.0),
         "teacher": times.get("teacher_score", 0.0),
     }
     out = {}
-    for mode, streaming in (("after_generation", False), ("streaming", True)):
-        step = step_seconds(times, prompts_per_step, streaming)
+    for mode, (_, streaming, off_policy) in OVERLAP_MODES.items():
+        step = step_seconds(times, prompts_per_step, streaming, off_policy)
         out[mode] = {"step": step, "utilization": {r: b / step for r, b in busy.items() if b}}
     return out
 
 
 def recommend_node_split(
-    times: dict[str, float], nodes: dict[str, int], prompts_per_step: int, trainer_fits, min_teacher_nodes: int = 1
+    times: dict[str, float],
+    nodes: dict[str, int],
+    prompts_per_step: int,
+    trainer_fits,
+    min_teacher_nodes: int = 1,
+    off_policy: bool = False,
 ) -> dict:
     """The split of the same number of nodes between trainer, rollout and teacher with the shortest streaming
-    step, assuming each phase's time scales inversely with its role's nodes (ideal scaling: an estimate; the
+    step (with off-policy overlap when the recipe sets train.max_staleness), assuming each phase's time scales inversely with its role's nodes (ideal scaling: an estimate; the
     weight sync is kept as is). Roles the recipe does not use stay at 0 nodes; the trainer needs enough nodes
     for the student to fit, and several teacher fleets (`min_teacher_nodes`) one node each at least."""
     total = sum(nodes.values())
@@ -290,9 +309,9 @@ def recommend_node_split(
                 for k, v in times.items()
                 if k != "total"
             }
-            step = step_seconds(scaled, prompts_per_step, True)
+            step = step_seconds(scaled, prompts_per_step, True, off_policy)
             if not best or step < best["step"]:
-                best = {"nodes": split, "step": step}
+                best = {"nodes": split, "step": step, "off_policy": off_policy}
     return best
 
 
@@ -340,14 +359,15 @@ def format_plan(plan: dict) -> str:
             f"server{'' if s['fits'] else ': DOES NOT FIT (weights leave no room for one sequence)'}"
         )
     lines.append("estimated step time: " + ", ".join(f"{k} {v:.1f} s" for k, v in plan["seconds"].items()))
-    for mode, label in (("after_generation", "scoring after generation"), ("streaming", "streaming scoring")):
+    for mode, (label, _, _) in OVERLAP_MODES.items():
         o = plan["overlap"][mode]
         use = ", ".join(f"{role} {u:.0%}" for role, u in o["utilization"].items())
         lines.append(f"step with {label}: {o['step']:.1f} s; utilization {use}")
     if plan.get("node_split"):
         split = plan["node_split"]
+        mode = "streaming scoring + train.max_staleness=1" if split.get("off_policy") else "streaming scoring"
         lines.append(
-            "recommended node split (streaming scoring, phases scaled by node count): "
+            f"recommended node split ({mode}, phases scaled by node count): "
             + " / ".join(f"{role} {n}" for role, n in split["nodes"].items())
             + f", step {split['step']:.1f} s"
         )
