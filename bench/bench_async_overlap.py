@@ -3,8 +3,11 @@
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_async_overlap [--steps 8] [--repeats 3]
      [--engine serve|embedded] [--hidden 384] [--json out.json]
 
-The same GRPO run (small Llama student, same prompts, group size and seed; `rollout.ignore_eos` so every
-response is exactly max_new_tokens long and every step of both modes does the same work) twice per repeat,
+The same RLAD run (small Llama student, same prompts, group size and seed; `rollout.ignore_eos` so every
+response is exactly max_new_tokens long and every step of both modes does the same work; a teacher that
+costs as much as generation without using this machine's cores: a tiny embedded teacher's real scores, then
+a wait per scored token, as a teacher fleet on GPUs of its own; `--teacher-ms-per-token 0` for GRPO without
+a teacher) twice per repeat,
 alternating `train.max_staleness=0` and `=1` so a burst of load on a shared machine hits both. The setting
 is the rehearsal's: the rollout engine is an `rlad serve` process (one torch thread) that receives the
 weights over the wire after every step (`rollout.sync=distributed`), the trainer is this process (one torch
@@ -34,28 +37,44 @@ import time
 import warnings
 from pathlib import Path
 
+from bench.bench_stream_scoring import RemoteTeacher
+
 TARGET = 1.3
-PHASES = ("generate", "logprobs+train", "prefetch_wait", "sync", "step")
+PHASES = ("generate", "score", "logprobs+train", "prefetch_wait", "sync", "step")
 """Median seconds per step of each mode (`time/...` metrics; `generate` is only the wait with max_staleness=1)."""
 
 
-def _models(root: Path, hidden: int) -> Path:
+def _models(root: Path, hidden: int) -> tuple[Path, Path]:
+    """The student, and a tiny teacher (same tokenizer) whose own arithmetic is small beside the student's."""
     from rlad_megatron.tiny_models import save_tiny_model
 
     size = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2)
-    return save_tiny_model(root / "student", "llama", seed=1, num_hidden_layers=4, **size)
+    student = save_tiny_model(root / "student", "llama", seed=1, num_hidden_layers=4, **size)
+    teacher = save_tiny_model(root / "teacher", "llama", seed=2, **dict(size, hidden_size=64, intermediate_size=128))
+    return student, teacher
 
 
-def _config(student: Path, run_dir: Path, staleness: int, rollout: list[str], args):
+class WaitingTeacher(RemoteTeacher):
+    """The embedded teacher's real scores, then a wait per scored token (a teacher fleet on its own GPUs: it
+    costs the step time, not the trainer's CPU); every other engine call goes to the embedded engine."""
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def _config(models: tuple[Path, Path], run_dir: Path, staleness: int, rollout: list[str], args):
     from rlad_megatron.config import load_config
 
+    student, teacher = models
+    with_teacher = [f"model.teacher={teacher}", "teacher.kind=embedded"] if args.teacher_ms_per_token else []
     return load_config(
         None,
         [
             f"run_dir={run_dir}",
             "seed=5",
             f"model.student={student}",
-            "algorithm.name=grpo",
+            f"algorithm.name={'rlad' if args.teacher_ms_per_token else 'grpo'}",
+            *with_teacher,
             f"algorithm.group_size={args.group_size}",
             f"rollout.max_new_tokens={args.max_new_tokens}",
             "data.train=task:addition",
@@ -75,30 +94,36 @@ def _config(student: Path, run_dir: Path, staleness: int, rollout: list[str], ar
     )
 
 
-def _run(cfg) -> tuple[float, list[dict[str, float]]]:
+def _run(cfg, teacher_s_per_token: float) -> tuple[float, list[dict[str, float]]]:
     """(steps per second after step 1, metric rows): the clock is read as each step is logged."""
-    from rlad_megatron import observe
+    from rlad_megatron import components, observe
     from rlad_megatron.train import train
 
     stamps: list[float] = []
-    original = observe.Observer.log_step
+    original, build_engine = observe.Observer.log_step, components.build_engine
 
     def log_step(self, step, metrics):
         stamps.append(time.perf_counter())
         return original(self, step, metrics)
 
+    def build_waiting_teacher(engine_cfg, model_dir, role, *args, **kwargs):
+        engine = build_engine(engine_cfg, model_dir, role, *args, **kwargs)
+        return WaitingTeacher(engine, teacher_s_per_token) if role == "teacher" else engine
+
     observe.Observer.log_step = log_step
+    components.build_engine = build_waiting_teacher
     try:
         rows = train(cfg, resume=False)
     finally:
-        observe.Observer.log_step = original
+        observe.Observer.log_step, components.build_engine = original, build_engine
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), rows
 
 
 def measure(args, root: Path) -> dict:
     from rlad_megatron.engines.fleet import embedded_server_cmd, free_port, launch_fleet
 
-    student = _models(root, args.hidden)
+    models = _models(root, args.hidden)
+    student = models[0]
     procs = []
     if args.engine == "serve":
         port = free_port()
@@ -118,8 +143,8 @@ def measure(args, root: Path) -> dict:
     try:
         for rep in range(args.repeats):
             for staleness in (0, 1):
-                cfg = _config(student, root / f"run_{rep}_{staleness}", staleness, rollout, args)
-                steps_per_s, rows = _run(cfg)
+                cfg = _config(models, root / f"run_{rep}_{staleness}", staleness, rollout, args)
+                steps_per_s, rows = _run(cfg, args.teacher_ms_per_token / 1000)
                 speeds[staleness].append(steps_per_s)
                 print(f"repeat {rep} max_staleness={staleness}: {steps_per_s:.3f} steps/s", flush=True)
                 for r in rows[1:-1]:  # the last step has no next step to wait for
@@ -136,6 +161,7 @@ def measure(args, root: Path) -> dict:
         "phases_s": {mode: {k: statistics.median(v) for k, v in by.items()} for mode, by in phases.items()},
         "samples_per_step": args.prompts * args.group_size,
         "engine": args.engine,
+        "teacher_ms_per_token": args.teacher_ms_per_token,
     }
 
 
@@ -143,7 +169,12 @@ def table(stats: dict) -> list[str]:
     p = {int(mode): v for mode, v in stats["phases_s"].items()}
     engine = "`rlad serve` process (weights over the wire)" if stats["engine"] == "serve" else "embedded, in-process"
     return [
-        f"Rollout engine: {engine}; {stats['samples_per_step']} samples per step in both modes.",
+        f"Rollout engine: {engine}; {stats['samples_per_step']} samples per step in both modes; "
+        + (
+            f"RLAD with a teacher waiting {stats['teacher_ms_per_token']} ms per scored token."
+            if stats["teacher_ms_per_token"]
+            else "GRPO, no teacher."
+        ),
         "",
         "| mode | steps/s (median) | runs |",
         "|---|---:|---|",
@@ -167,6 +198,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="steps per run (the rate is taken after step 1)")
     ap.add_argument("--repeats", type=int, default=3, help="sync / async run pairs")
     ap.add_argument("--engine", choices=("serve", "embedded"), default="serve")
+    ap.add_argument(
+        "--teacher-ms-per-token",
+        type=float,
+        default=0.6,
+        help="RLAD with a teacher that waits this long per scored token (0: GRPO, no teacher)",
+    )
     ap.add_argument("--hidden", type=int, default=384, help="student hidden size (4 layers, FFN 2x hidden)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=4)
