@@ -3,8 +3,8 @@
 `rlad convert hf-to-megatron` writes experts the way Megatron's `SequentialMLP` stores them: one key per
 linear layer with a layer axis and an expert axis (`decoder.layers.mlp.experts.experts.linear_fc1.weight`
 [L, E, 2F, H], gate and up rows as two chunks), an `_extra_state` object per (layer, expert), and the
-pre-MLP norm under both layer specs' keys. Claims, at EP=1 (one process) and EP=2 (two); the worker takes a TP
-size too, but TP=2 x EP=2 fails inside Megatron's MoE layer forward on CPU here (not yet investigated):
+pre-MLP norm under both layer specs' keys. Claims, at EP=1 (one process), EP=2 (two) and TP=2 x EP=2 (four, with
+sequence parallelism, which Megatron's MoE layer needs under TP):
 - Megatron loads the converted checkpoint and its logits equal transformers' within 1e-5;
 - the checkpoint Megatron itself saves has the same tensor keys and global shapes as the converted one;
 - `rlad convert megatron-to-hf` of Megatron's own checkpoint gives back the HF tensors bit for bit.
@@ -57,7 +57,7 @@ def _layout(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp,ep", [(1, 1), (1, 2)])
+@pytest.mark.parametrize("tp,ep", [(1, 1), (1, 2), (2, 2)])
 def test_converted_moe_checkpoint_loads_in_megatron_and_round_trips(converted, tp, ep):
     from test_moe_dist_ckpt_worker import IDS
     from transformers import AutoModelForCausalLM

@@ -26,7 +26,7 @@ def main() -> None:
     from rlad_megatron.config import ModelConfig, ParallelConfig
 
     work, tp, ep = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1)
     ctx = init_parallel(parallel, seed=1234)
     chunks = build_model(work / "hf", ModelConfig(transformer_impl="local", make_vocab_size_divisible_by=128), parallel)
     model = chunks[0]

@@ -93,6 +93,10 @@ def test_impossible_moe_layouts_raise():
         _config(tiny_hf_config("qwen3_moe", num_experts_per_tok=1))
     with pytest.raises(ValueError, match="needs an MoE student"):
         _config(tiny_hf_config("qwen3"), ep=2)
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=2 needs parallel.sequence_parallel=true"):
+        _config(tiny_hf_config("qwen3_moe"), tp=2)
+    with_sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    assert transformer_config_from_hf(tiny_hf_config("qwen3_moe"), ModelConfig(transformer_impl="local"), with_sp)
     with pytest.raises(ValueError, match="expert_model_parallel_size"):
         ParallelConfig(expert_model_parallel_size=0)
     with pytest.raises(ValueError, match="must divide the data-parallel size 2"):

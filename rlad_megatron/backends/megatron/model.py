@@ -166,6 +166,11 @@ def transformer_config_from_hf(hf_config, model_cfg, parallel_cfg):
     model_type = _check_family(hf_config)
     tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
     _check_layout(hf_config, tp, pp)
+    if num_moe_experts(hf_config) and tp > 1 and not parallel_cfg.sequence_parallel:
+        raise ValueError(
+            f"an MoE student at parallel.tensor_model_parallel_size={tp} needs parallel.sequence_parallel=true "
+            "(Megatron-Core's MoE layer refuses tensor parallelism without sequence parallelism in training)"
+        )
     dtype = _DTYPES[model_cfg.params_dtype]
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     _, attention_factor = rope_settings(hf_config)
