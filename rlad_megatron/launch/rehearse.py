@@ -275,6 +275,8 @@ def checks(job: Plan, attempts: list[report.Attempt], args: argparse.Namespace, 
         report.check_exit(last, False),
         report.check_steps(rows, steps),
     ]
+    if job.cfg.train.max_staleness:
+        out.append(report.check_staleness(rows, job.cfg.train.max_staleness))
     if "rollout" in topo.routers:
         out.append(report.check_logprobs(rows))
         out += [

@@ -116,7 +116,11 @@ def check_steps(rows: Sequence[dict[str, Any]], steps: int) -> Check:
 
 
 def check_logprobs(rows: Sequence[dict[str, Any]], tol: float = LOGPROB_TOL) -> Check:
-    gaps = {int(r["step"]): logprob_gap(r) for r in rows}
+    """Servers and trainer agree on the log-probs of the same weights. Steps trained on samples from the previous
+    weights (train.max_staleness=1: `staleness/max` > 0) are left out: their rollout log-probs are the previous
+    policy's by design (the truncated importance weights account for them)."""
+    off_policy = [int(r["step"]) for r in rows if r.get("staleness/max")]
+    gaps = {int(r["step"]): logprob_gap(r) for r in rows if int(r["step"]) not in off_policy}
     missing = [s for s, g in gaps.items() if g is None]
     if missing or not gaps:
         return Check(
@@ -131,7 +135,21 @@ def check_logprobs(rows: Sequence[dict[str, Any]], tol: float = LOGPROB_TOL) -> 
         "rollout log-probs",
         worst <= tol,
         f"max |rollout - trainer log-prob| {worst:.2e} (tolerance {tol:.0e}), per step "
-        + ", ".join(f"{s}: {g:.1e}" for s, g in gaps.items()),
+        + ", ".join(f"{s}: {g:.1e}" for s, g in gaps.items())
+        + (f"; steps {off_policy} trained on the previous weights' samples, left out" if off_policy else ""),
+    )
+
+
+def check_staleness(rows: Sequence[dict[str, Any]], max_staleness: int) -> Check:
+    """train.max_staleness: every step trained on samples at most that many weight versions old, and some step
+    on samples generated while the previous step trained (the overlap happened)."""
+    lags = {int(r["step"]): r.get("staleness/max") for r in rows}
+    ok = all(v is not None and v <= max_staleness for v in lags.values()) and max_staleness in lags.values()
+    return Check(
+        "off-policy overlap",
+        ok,
+        f"staleness/max per step {lags}: each at most train.max_staleness={max_staleness}, and at least one "
+        "step trained on samples generated during the previous step",
     )
 
 

@@ -105,6 +105,16 @@ def test_killed_trainer_resumes_on_requeue_and_matches_the_uninterrupted_run(kk,
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (want["step"], key)
 
 
+def test_off_policy_overlap_job_passes_every_check(tmp_path):
+    out = tmp_path / "kk_overlap"
+    report = rehearse(out, KK, "train.prompts_per_step=1", "train.max_staleness=1", "--steps", "3")
+    ok = checks(report)
+    assert report["ok"] and all(ok.values()) and "off-policy overlap" in ok
+    rows = train_rows(out)
+    assert [r["staleness/max"] for r in rows] == [0.0, 1.0, 1.0]  # steps 2 and 3 were generated during 1 and 2
+    assert all(r["tis/weight_mean"] > 0 for r in rows[1:])  # truncated importance weights on the stale steps
+
+
 def test_context_parallel_job_over_three_emulated_nodes(math_with_server_killed):
     report = json.loads((math_with_server_killed / "rehearsal.json").read_text())
     ok = checks(report)
