@@ -288,9 +288,10 @@ def recommend_node_split(
     off_policy: bool = False,
 ) -> dict:
     """The split of the same number of nodes between trainer, rollout and teacher with the shortest streaming
-    step (with off-policy overlap when the recipe sets train.max_staleness), assuming each phase's time scales inversely with its role's nodes (ideal scaling: an estimate; the
-    weight sync is kept as is). Roles the recipe does not use stay at 0 nodes; the trainer needs enough nodes
-    for the student to fit, and several teacher fleets (`min_teacher_nodes`) one node each at least."""
+    step (with off-policy overlap when the recipe sets train.max_staleness), assuming each phase's time scales
+    inversely with its role's nodes (ideal scaling: an estimate; the weight sync is kept as is). Roles the
+    recipe does not use stay at 0 nodes; the trainer needs enough nodes for the student to fit, and several
+    teacher fleets (`min_teacher_nodes`) one node each at least."""
     total = sum(nodes.values())
     scale = {"generate": "rollout", "teacher_score": "teacher", "train": "trainer"}
     best: dict = {}

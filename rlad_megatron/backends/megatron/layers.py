@@ -129,8 +129,8 @@ class SPNorm:
     # uncalled, so a factory function would not do.
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:  # type: ignore[misc]
         norm = _torch_norm(config, hidden_size, eps)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # read by SP grad reduction
+        for param in norm.parameters():  # `.sequence_parallel` is read by Megatron's SP gradient reduction
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
         return norm
 
 
