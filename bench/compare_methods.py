@@ -427,8 +427,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("some jobs did not finish; rerun the same command to retry them", file=sys.stderr)
     from bench.comparison_report import write_report
 
-    write_report(results, size, args.size, args.doc, args.img or args.doc.parent / "img" / "method_comparison")
+    write_report(
+        results,
+        size,
+        args.size,
+        args.doc,
+        args.img or args.doc.parent / "img" / "method_comparison",
+        _report_command(args),
+    )
     return 0
+
+
+def _report_command(args: argparse.Namespace) -> str:
+    """The command that rebuilds this report, with the flags that differ from the defaults."""
+
+    def rel(path: Path) -> str:
+        path = path.resolve()
+        return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+    parts = ["python -m bench.compare_methods", f"--size {args.size}"]
+    if args.results.resolve() != RESULTS:
+        parts.append(f"--results {rel(args.results)}")
+    if args.doc.resolve() != REPO / "docs" / "method_comparison.md":
+        parts.append(f"--doc {rel(args.doc)}")
+    return " ".join(parts + ["--report"])
 
 
 if __name__ == "__main__":

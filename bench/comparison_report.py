@@ -236,15 +236,11 @@ def _plot(data: dict, size, path: Path) -> bool:
     return True
 
 
-def write_report(results: Path, size, size_name: str, doc: Path, img: Path) -> str:
+def write_report(results: Path, size, size_name: str, doc: Path, img: Path, command: str = "") -> str:
     """Rebuild the generated block of `doc` from the JSON files under `results`; returns the block."""
     data = load(results)
-    lines = [
-        BEGIN,
-        f"<!-- rebuilt by `python -m bench.compare_methods --size {size_name} --report` from "
-        f"bench/comparison_results/{size_name}/; do not edit by hand -->",
-        "",
-    ]
+    command = command or f"python -m bench.compare_methods --size {size_name} --report"
+    lines = [BEGIN, f"<!-- rebuilt by `{command}` from the per-run results; do not edit by hand -->", ""]
     lines += _setup_lines(data, size)
     rows = method_rows(data, size)
     if not rows:
