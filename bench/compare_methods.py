@@ -399,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--report", action="store_true", help="only rebuild tables and plots from the results")
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "method_comparison.md", help="doc to splice into")
-    ap.add_argument("--img", type=Path, default=None, help="plot folder (default: <doc folder>/img/method_comparison)")
+    ap.add_argument(
+        "--img", type=Path, default=None, help="plot folder (default: <doc folder>/img/<doc name without .md>)"
+    )
     args = ap.parse_args(argv)
     size = resolve_size(args.size, args.change)
     results, work = args.results / args.size, args.work / args.size
@@ -432,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size,
         args.size,
         args.doc,
-        args.img or args.doc.parent / "img" / "method_comparison",
+        args.img or args.doc.parent / "img" / args.doc.stem,
         _report_command(args),
     )
     return 0
@@ -450,6 +452,8 @@ def _report_command(args: argparse.Namespace) -> str:
         parts.append(f"--results {rel(args.results)}")
     if args.doc.resolve() != REPO / "docs" / "method_comparison.md":
         parts.append(f"--doc {rel(args.doc)}")
+    if args.img is not None:
+        parts.append(f"--img {rel(args.img)}")
     return " ".join(parts + ["--report"])
 
 
