@@ -366,7 +366,7 @@ def format_plan(plan: dict) -> str:
         lines.append(f"step with {label}: {o['step']:.1f} s; utilization {use}")
     if plan.get("node_split"):
         split = plan["node_split"]
-        mode = "streaming scoring + train.max_staleness=1" if split.get("off_policy") else "streaming scoring"
+        mode = OVERLAP_MODES["off_policy" if split.get("off_policy") else "streaming"][0]
         lines.append(
             f"recommended node split ({mode}, phases scaled by node count): "
             + " / ".join(f"{role} {n}" for role, n in split["nodes"].items())

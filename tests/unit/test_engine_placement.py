@@ -107,61 +107,17 @@ def test_fleets_not_launched_here_take_no_gpu():
     assert fleet_gpu_offsets(engines) == {"rollout": 0, "teacher": 0}  # no device count asked on this CPU box
 
 
-def test_the_training_context_builds_its_fleets_on_disjoint_gpus(tmp_path, monkeypatch):
+def _build_on_8_gpus(tmp_path, monkeypatch, overrides: list[str]):
+    """(a builder of the run's source context, {fleet log dir or role: first GPU} it filled) for `overrides`
+    (`<model>`: a tiny model), with fake engines on an 8-GPU node whose first 4 GPUs are the trainer's ranks."""
     from rlad_megatron import components
     from rlad_megatron.algorithms.objectives import build_objective
     from rlad_megatron.tiny_models import save_tiny_model
     from rlad_megatron.train import sample_source
 
     save_tiny_model(tmp_path / "m", "qwen3")
-    cfg = load_config(
-        None,
-        [
-            f"model.student={tmp_path / 'm'}",
-            f"model.teacher={tmp_path / 'm'}",
-            "data.train=task:addition",
-            "data.task_kwargs={size: 16}",
-            "rollout.kind=sglang",
-            "rollout.num_servers=2",
-            "teacher.kind=sglang",
-            "teacher.server_args={tp_size: 2}",
-        ],
-    )
-    built = {}
-    monkeypatch.setattr(
-        rollout_pkg,
-        "build_engine",
-        lambda engine_cfg, model, role, gpu_offset=0, **_: built.setdefault(role, gpu_offset),
-    )
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    components.build_source_context(cfg, build_objective(cfg.algorithm), sample_source(cfg), with_engines=True)
-    assert built == {"teacher": 4, "rollout": 6}  # trainer 0-3, teacher 4-5, rollout 6-7
-
-
-def test_several_teacher_fleets_get_disjoint_gpus_in_config_order(tmp_path, monkeypatch):
-    from rlad_megatron import components
-    from rlad_megatron.algorithms.objectives import build_objective
-    from rlad_megatron.tiny_models import save_tiny_model
-    from rlad_megatron.train import sample_source
-
-    save_tiny_model(tmp_path / "m", "qwen3")
-    cfg = load_config(
-        None,
-        [
-            f"model.student={tmp_path / 'm'}",
-            f"teachers.math.model={tmp_path / 'm'}",
-            "teachers.math.kind=sglang",
-            "teachers.math.server_args={tp_size: 2}",
-            f"teachers.code.model={tmp_path / 'm'}",
-            "teachers.code.kind=sglang",
-            "data.teacher_field=domain",
-            "data.teacher_default=code",
-            "data.train=task:addition",
-            "data.task_kwargs={size: 16}",
-            "rollout.kind=sglang",
-        ],
-    )
+    base = [f"model.student={tmp_path / 'm'}", "data.train=task:addition", "data.task_kwargs={size: 16}"]
+    cfg = load_config(None, base + [o.replace("<model>", str(tmp_path / "m")) for o in overrides])
     built = {}
 
     def build(engine_cfg, model, role, gpu_offset=0, log_dir="", record_routes=False):
@@ -171,10 +127,50 @@ def test_several_teacher_fleets_get_disjoint_gpus_in_config_order(tmp_path, monk
     monkeypatch.setattr(rollout_pkg, "build_engine", build)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    ctx = components.build_source_context(cfg, build_objective(cfg.algorithm), sample_source(cfg), with_engines=True)
+
+    def context():
+        return components.build_source_context(
+            cfg, build_objective(cfg.algorithm), sample_source(cfg), with_engines=True
+        )
+
+    return context, built
+
+
+def test_the_training_context_builds_its_fleets_on_disjoint_gpus(tmp_path, monkeypatch):
+    context, built = _build_on_8_gpus(
+        tmp_path,
+        monkeypatch,
+        [
+            "model.teacher=<model>",
+            "rollout.kind=sglang",
+            "rollout.num_servers=2",
+            "teacher.kind=sglang",
+            "teacher.server_args={tp_size: 2}",
+        ],
+    )
+    context()
+    assert built == {"teacher": 4, "rollout": 6}  # trainer 0-3, teacher 4-5, rollout 6-7
+
+
+def test_several_teacher_fleets_get_disjoint_gpus_in_config_order(tmp_path, monkeypatch):
+    context, built = _build_on_8_gpus(
+        tmp_path,
+        monkeypatch,
+        [
+            "teachers.math.model=<model>",
+            "teachers.math.kind=sglang",
+            "teachers.math.server_args={tp_size: 2}",
+            "teachers.code.model=<model>",
+            "teachers.code.kind=sglang",
+            "data.teacher_field=domain",
+            "data.teacher_default=code",
+            "rollout.kind=sglang",
+        ],
+    )
+    ctx = context()
     # trainer 0-3, math 4-5, code 6, rollout 7
     assert built == {"logs/teacher_math_fleet": 4, "logs/teacher_code_fleet": 6, "rollout": 7}
     assert sorted(ctx.teacher_engines) == ["code", "math"] and ctx.teacher_engine is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 7)
     with pytest.raises(ValueError, match=r"teachers.math 2 \+ teachers.code 1 \+ rollout 1"):
-        components.build_source_context(cfg, build_objective(cfg.algorithm), sample_source(cfg), with_engines=True)
+        context()
